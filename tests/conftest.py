@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models saved once per session, adapters with random (non-identity) vectors.
+
+Area-specific fixtures live in the test modules that use them.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(model_type, task=None) -> path of a tiny saved model (built once per session)."""
+    from ia3_export.tiny import save_tiny
+
+    cache = {}
+
+    def make(model_type: str, task: str | None = None) -> str:
+        key = (model_type, task)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{model_type}-{task or 'default'}") / "model"
+            cache[key] = save_tiny(str(path), model_type, task)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, model_dir):
+    """adapter_dir(model_type, task=None, seed=1, **config) -> a PEFT-format adapter with random vectors."""
+    from ia3_export.config import IA3Config
+    from ia3_export.model import IA3Model
+    from ia3_export.loading import load_base_model
+    from ia3_export.tiny import randomize_adapter
+
+    cache = {}
+
+    def make(model_type: str, task: str | None = None, seed: int = 1, **config) -> str:
+        key = (model_type, task, seed, tuple(sorted(config.items())))
+        if key not in cache:
+            model = IA3Model(load_base_model(model_dir(model_type, task)), IA3Config(**config))
+            randomize_adapter(model, "default", seed=seed)
+            path = tmp_path_factory.mktemp(f"adapter-{model_type}-{seed}") / f"adapter{seed}"
+            cache[key] = model.save_adapter(str(path))
+        return cache[key]
+
+    return make
