@@ -112,6 +112,9 @@ def tiny_tokenizer():
 
 def save_tiny(path: str, model_type: str, task: str | None = None, seed: int = 0, **overrides) -> str:
     """Build a tiny model and save it (safetensors + config + tokenizer) to `path`."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     model = tiny_model(model_type, task, seed, **overrides)
     model.save_pretrained(path)
     tokenizer = tiny_tokenizer()
