@@ -32,7 +32,54 @@ def adapter_summary(path: str) -> dict:
     }
 
 
+def export_summary(path: str) -> dict:
+    """An exported folder, from its manifest alone (no model load): mode, graphs, vectors, adapters."""
+    import os
+
+    from .runtime.folder import open_folder
+
+    folder = open_folder(path)
+    m = folder.manifest
+    adapters = [{"name": a["name"], "file": a.get("file"), "source_sha256": a.get("sha256"),
+                 "present": bool(a.get("file")) and os.path.isfile(os.path.join(folder.path, a["file"]))}
+                for a in m.get("adapters") or []]
+    vectors = folder.vectors
+    return {
+        "path": folder.path, "mode": folder.mode, "task": m.get("task"), "model_type": m.get("model_type"),
+        "dtype": m.get("dtype"), "opset": m.get("opset"), "exporter": m.get("exporter"),
+        "graphs": {k: {"file": g.get("file"), "inputs": len(g.get("inputs") or []), "outputs": len(g.get("outputs") or []),
+                       "bytes": os.path.getsize(folder.graph_file(k))} for k, g in folder.graphs.items()},
+        "cache": m.get("cache"), "num_vectors": len(vectors), "vector_values": sum(v.dim for v in vectors.values()),
+        "feedforward_vectors": sum(v.feedforward for v in vectors.values()),
+        "adapters": adapters, "tokens": m.get("tokens"), "versions": m.get("versions"),
+    }
+
+
+def _export_lines(s: dict) -> list[str]:
+    lines = [f"exported folder: {s['path']}",
+             f"mode: {s['mode']}   task: {s['task']}   model_type: {s['model_type']}   dtype: {s['dtype']}   "
+             f"opset: {s['opset']}   exporter: {s['exporter']}"]
+    for name, g in s["graphs"].items():
+        lines.append(f"graph {name}: {g['file']} ({g['bytes'] / 1e6:.1f} MB, {g['inputs']} inputs, {g['outputs']} outputs)")
+    if s["cache"]:
+        c = s["cache"]
+        lines.append(f"kv cache: {c.get('num_layers')} layers x {c.get('num_kv_heads')} heads x {c.get('head_dim')}")
+    lines.append(f"vector inputs: {s['num_vectors']} ({s['vector_values']:,} values, {s['feedforward_vectors']} feed-forward)")
+    for a in s["adapters"]:
+        where = "folded into the weights" if not a["file"] else a["file"] + ("" if a["present"] else " [MISSING]")
+        lines.append(f"adapter {a['name']}: {where} (source sha256 {str(a['source_sha256'])[:12]})")
+    lines.append(f"tokens: {s['tokens']}")
+    return lines
+
+
 def inspect_path(path: str, as_json: bool = False) -> str:
+    import os
+
+    from .manifest import MANIFEST_NAME
+
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        summary = export_summary(path)
+        return json.dumps(summary, indent=2) if as_json else "\n".join(_export_lines(summary))
     summary = adapter_summary(path)
     if as_json:
         return json.dumps(summary, indent=2)

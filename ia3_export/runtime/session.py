@@ -1,0 +1,265 @@
+"""An exported folder on ONNX Runtime, with adapters that switch without touching the weights.
+
+Every graph runs through one persistent IOBinding, on the CPU and on CUDA alike: adapter vectors
+are OrtValues placed on the device once, at load, and a switch only re-binds them
+(`bind_ortvalue_input`), so nothing is copied from the host. (`run_with_iobinding` ignores
+RunOptions adapters, which is why adapters are bound, not passed as `LoraAdapter`s.) The KV cache
+stays on the device between generation steps for the same reason.
+
+A session is not thread-safe: it holds one binding per graph. Use one session per worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import IA3Error
+from . import adapters as adapter_io
+from .folder import ExportedFolder, open_folder
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ADAPTER_IDS = "adapter_ids"
+
+
+class Graph:
+    """One InferenceSession with its IOBinding; inputs not re-bound keep their last value."""
+
+    def __init__(self, path: str, provider: str, options=None, provider_options: dict | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
+        if options is None:  # quiet: vectors are initializers AND inputs on purpose, ORT warns about each
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+        try:
+            providers = [(PROVIDERS[provider], provider_options)] if provider_options else [PROVIDERS[provider]]
+            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as e:  # ORT raises bare RuntimeErrors (Fail, InvalidGraph, NoSuchFile)
+            raise IA3Error(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]}); re-export the model") from None
+        self.device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
+        self.binding = self.session.io_binding()
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.initializer_inputs = {i.name: i for i in self.session.get_overridable_initializers()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self._held: dict[str, object] = {}  # bound values (and CPU arrays they borrow) kept alive
+
+    def to_device(self, array: np.ndarray):
+        """An OrtValue on this graph's device (on the CPU it borrows `array`: keep that alive)."""
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self.device)
+
+    def bind(self, name: str, value, keep_alive=None) -> None:
+        """Bind an input (numpy array or OrtValue); `keep_alive` is whatever its memory depends on."""
+        if isinstance(value, np.ndarray):
+            keep_alive = np.ascontiguousarray(value)
+            value = self.to_device(keep_alive)
+        self._held[name] = (value, keep_alive)
+        self.binding.bind_ortvalue_input(name, value)
+
+    def is_bound(self, name: str) -> bool:
+        return name in self._held
+
+    def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
+        """Bind `feeds` (numpy arrays or OrtValues), run, return output name -> OrtValue on the device."""
+        for name, value in feeds.items():
+            self.bind(name, value)
+        outputs = outputs or self.outputs
+        self.binding.clear_binding_outputs()
+        for name in outputs:
+            self.binding.bind_output(name, *self.device)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:
+            raise IA3Error(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
+        return dict(zip(outputs, self.binding.get_outputs()))
+
+
+@dataclasses.dataclass
+class Adapter:
+    """A loaded adapter: its checked vectors on the host and, for swappable exports, on the device."""
+
+    name: str
+    source: str
+    vectors: dict[str, np.ndarray]
+    values: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)  # graph -> input -> (OrtValue, array)
+
+
+class IA3Session:
+    """Open an exported folder (merged, swappable or bank) on `cpu` or `cuda` and run it with adapters."""
+
+    def __init__(self, folder: str | ExportedFolder, provider: str = "cpu", session_options=None,
+                 provider_options: dict | None = None):
+        self.folder = folder if isinstance(folder, ExportedFolder) else open_folder(folder)
+        self.provider = _check_provider(provider)
+        self.graphs = {name: Graph(self.folder.graph_file(name), self.provider, session_options, provider_options)
+                       for name in self.folder.graphs}
+        self._check_graph_inputs()
+        self.adapters: dict[str, Adapter] = {}
+        self.active: str | None = None
+        self._identity = self._place("(none)", "", adapter_io.complete({}, self.folder))
+        if self.mode == "swappable":
+            self._bind_vectors(self._identity)
+        elif self.mode == "bank":
+            self._rebuild_banks()
+
+    @property
+    def mode(self) -> str:
+        return self.folder.mode
+
+    # -- adapters ------------------------------------------------------------------------------
+    def load_adapter(self, source: str, name: str | None = None) -> str:
+        """Load a PEFT folder, an .onnx_adapter file or a name shipped in the folder; returns its name."""
+        if self.mode == "merged":
+            raise IA3Error(f"{self.folder.path} is a merged export (its adapter is folded into the weights); "
+                           "export with --mode swappable or --mode bank to load adapters")
+        default, path, vectors = adapter_io.load_vectors(self.folder, source)
+        name = adapter_io.check_name(name or default)
+        self.adapters[name] = self._place(name, path, adapter_io.complete(vectors, self.folder))
+        if self.mode == "bank":
+            self._rebuild_banks()
+        elif self.active == name:
+            self._bind_vectors(self.adapters[name])
+        return name
+
+    def load_shipped_adapters(self) -> list[str]:
+        """Load every adapter listed in the folder's manifest."""
+        return [self.load_adapter(name) for name in self.folder.adapters] if self.mode != "merged" else []
+
+    def unload_adapter(self, name: str) -> None:
+        self._require(name)
+        del self.adapters[name]
+        if self.active == name:
+            self.set_adapter(None)
+        if self.mode == "bank":
+            self._rebuild_banks()
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` (or no adapter: the base model) the active one. Swappable: re-binds device
+        vectors, no host copy. Bank: picks the row used when a run names no adapters."""
+        if name is not None:
+            self._require(name)
+        if self.mode == "swappable" and name != self.active:
+            self._bind_vectors(self.adapters[name] if name else self._identity)
+        self.active = name
+
+    def _require(self, name: str) -> None:
+        if name not in self.adapters:
+            if self.mode == "merged":
+                raise IA3Error(f"{self.folder.path} is a merged export; it has no adapters to activate")
+            loaded = ", ".join(sorted(self.adapters)) or "none"
+            raise IA3Error(f"adapter {name!r} is not loaded (loaded: {loaded}); load it with load_adapter first")
+
+    def _place(self, name: str, source: str, vectors: dict[str, np.ndarray]) -> Adapter:
+        adapter = Adapter(name, source, vectors)
+        if self.mode == "swappable":
+            for vector, spec in self.folder.vectors.items():
+                array = vectors[vector]
+                value = self.graphs[spec.graph].to_device(array)
+                adapter.values.setdefault(spec.graph, {})[vector] = (value, array)
+        return adapter
+
+    def _bind_vectors(self, adapter: Adapter) -> None:
+        for graph, values in adapter.values.items():
+            bind = self.graphs[graph].bind
+            for vector, (value, array) in values.items():
+                bind(vector, value, array)
+
+    def _rebuild_banks(self) -> None:
+        """Bank rows: 0 is the base model (ones), then each loaded adapter in load order."""
+        rows = [self._identity, *self.adapters.values()]
+        self._rows = {a.name: i for i, a in enumerate(rows)}
+        self._rows[None] = 0
+        for vector, spec in self.folder.vectors.items():
+            self.graphs[spec.graph].bind(vector, np.stack([a.vectors[vector] for a in rows]))
+
+    def adapter_rows(self, names: list[str | None]) -> np.ndarray:
+        """Bank rows for per-row adapter names (None: the base model)."""
+        for name in names:
+            if name is not None:
+                self._require(name)
+        return np.array([self._rows[n] for n in names], dtype=np.int64)
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, feeds: dict, graph: str | None = None, adapters: list[str | None] | None = None,
+            outputs: list[str] | None = None, as_numpy: bool = True) -> dict:
+        """Run one graph. `adapters` names an adapter per batch row (bank exports mix them; swappable
+        ones need them all equal); without it the active adapter applies."""
+        graph = graph or next(iter(self.graphs))
+        g = self.graphs[graph]
+        feeds = dict(feeds)
+        self._apply_adapters(g, feeds, adapters)
+        missing = [n for n in g.inputs if n not in feeds and not g.is_bound(n)]
+        if missing:
+            raise IA3Error(f"input {missing[0]} of graph {graph!r} was not given; the model takes {', '.join(g.inputs)}")
+        results = g.run(feeds, outputs)
+        return {k: v.numpy() for k, v in results.items()} if as_numpy else results
+
+    def _apply_adapters(self, g: Graph, feeds: dict, adapters) -> None:
+        if adapters is not None and self.mode != "bank":
+            names = set(adapters)
+            if len(names) > 1:
+                raise IA3Error(f"a {self.mode} export runs one adapter per batch, got {len(names)}; export with "
+                               "--mode bank to mix adapters in one batch, or group requests by adapter")
+            self.set_adapter(names.pop() if names else None)
+        if self.mode == "bank" and ADAPTER_IDS in g.inputs and ADAPTER_IDS not in feeds:
+            batch = _batch_size(feeds)
+            names = adapters if adapters is not None else [self.active] * batch
+            if len(names) != batch:
+                raise IA3Error(f"{len(names)} adapter names for a batch of {batch}; give one per row")
+            feeds[ADAPTER_IDS] = self.adapter_rows(list(names))
+
+    def _check_graph_inputs(self) -> None:
+        for vector, spec in self.folder.vectors.items():
+            g = self.graphs.get(spec.graph)
+            if g is None or (vector not in g.inputs and vector not in g.initializer_inputs):
+                raise IA3Error(f"{self.folder.path}: the manifest lists vector {vector} but graph {spec.graph!r} has "
+                               "no such input; re-export the model")
+
+    # -- generation ----------------------------------------------------------------------------
+    def tokenizer(self):
+        from .tokenizer import TextTokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = TextTokenizer(self.folder.path)
+        return self._tokenizer
+
+    def generate(self, prompt: str, adapter: str | None = None, **options) -> str:
+        """Generate a continuation of one prompt (options: see `generation.GenerationOptions`)."""
+        return self.generate_batch([(prompt, adapter)], **options)[0]
+
+    def generate_batch(self, requests: list[tuple[str, str | None]], **options) -> list[str]:
+        """Generate for (prompt, adapter name) requests: one batch in bank mode; grouped by adapter
+        otherwise (a swappable export runs one adapter at a time)."""
+        from .generation import GenerationOptions, generate_ids
+
+        tok = self.tokenizer()
+        opts = GenerationOptions(**options)
+        prompts = [tok.encode(p) for p, _ in requests]
+        names = [a for _, a in requests]
+        if self.mode == "bank":
+            outs = generate_ids(self, prompts, names, opts)
+        else:
+            outs = [None] * len(requests)
+            for name in dict.fromkeys(names):
+                rows = [i for i, n in enumerate(names) if n == name]
+                for i, ids in zip(rows, generate_ids(self, [prompts[i] for i in rows], [name] * len(rows), opts)):
+                    outs[i] = ids
+        return [tok.decode(ids) for ids in outs]
+
+
+def _batch_size(feeds: dict) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        if name in feeds:
+            return int(feeds[name].shape()[0] if callable(getattr(feeds[name], "shape", None)) else feeds[name].shape[0])
+    raise IA3Error("cannot tell the batch size: feed input_ids, or pass adapter_ids yourself")
+
+
+def _check_provider(provider: str) -> str:
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise IA3Error(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise IA3Error(f"this onnxruntime has no {PROVIDERS[provider]} (it offers {', '.join(ort.get_available_providers())}); "
+                       "install onnxruntime-gpu (pip install 'ia3-export[gpu]') or use --provider cpu")
+    return provider
