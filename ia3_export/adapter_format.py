@@ -94,6 +94,23 @@ def read_adapter(path: str) -> AdapterFile:
     return adapter
 
 
+def write_adapter(path: str, config: IA3Config, tensors: dict, force: bool = False) -> str:
+    """Write a PEFT adapter folder atomically. `tensors` are numpy arrays (torch-free) or torch
+    tensors (needed for bfloat16 heads), under PEFT's keys."""
+    from .atomic import atomic_output_dir
+
+    with atomic_output_dir(path, force=force) as tmp:
+        weights = os.path.join(tmp, WEIGHTS_NAME)
+        if any(type(v).__module__.startswith("torch") for v in tensors.values()):
+            from safetensors.torch import save_file
+        else:
+            from safetensors.numpy import save_file
+        save_file(tensors, weights, metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
+    return path
+
+
 def _check_tensors(adapter: AdapterFile, weights_path: str) -> None:
     if not adapter.tensors:
         raise IA3Error(f"{weights_path} holds no tensors")

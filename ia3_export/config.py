@@ -42,10 +42,12 @@ PEFT_DIFFERENCES: dict[str, str] = {
     "opt": "PEFT scales q_proj, k_proj (not values)",
     "bert": "PEFT's list `output.dense` also scales the attention output projection's input",
     "roberta": "PEFT's list `output.dense` also scales the attention output projection's input",
-    "qwen3": "PEFT has no default",
-    "gemma2": "PEFT has no default",
+    "qwen3": "PEFT scales q_proj, v_proj (not keys)",
+    "gemma2": "PEFT scales q_proj, v_proj (not keys)",
     "phi3": "PEFT has no default",
 }
+
+ALL_LINEAR = "all-linear"  # every Linear/Conv1D except the output embeddings and task heads
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS")
 # PEFT adds these heads to modules_to_save for classification tasks.
@@ -74,11 +76,25 @@ class IA3Config:
                 setattr(self, field, sorted(value))
             elif value is not None and not isinstance(value, (list, str)):
                 raise IA3Error(f"{field} must be a list of names or a regex string, got {type(value).__name__}")
+        if isinstance(self.modules_to_save, str):  # one name, not its letters
+            self.modules_to_save = [self.modules_to_save]
+        elif isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+
+    @property
+    def all_linear(self) -> bool:
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
 
     def resolved(self, model_type: str) -> "IA3Config":
-        """Fill in the per-architecture defaults that were left out."""
+        """Fill in the per-architecture defaults that were left out.
+
+        As in PEFT, feedforward_modules left out takes the architecture's default even when
+        target_modules is given, so the same config scales the same way in both tools.
+        """
         if self.target_modules is not None:
-            ff = self.feedforward_modules if self.feedforward_modules is not None else []
+            ff = self.feedforward_modules
+            if ff is None:
+                ff = DEFAULT_TARGETS[model_type][1] if model_type in DEFAULT_TARGETS else []
             return dataclasses.replace(self, feedforward_modules=ff)
         if model_type not in DEFAULT_TARGETS:
             raise IA3Error(

@@ -31,9 +31,15 @@ def features(layer: nn.Module) -> tuple[int, int]:
 
 
 def broadcast_to(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A [dim] vector broadcasts as is; a per-row [batch, dim] one gets the middle axes of x."""
-    if vector.dim() == 1:
+    """A [dim] vector broadcasts as is; a per-row [batch, dim] one gets the middle axes of x.
+
+    One already shaped for x ([batch, 1, dim]) is left as is: a traced reshape would add shape ops."""
+    if vector.dim() == 1 or vector.dim() == x.dim():
         return vector.to(x.dtype)
+    if x.dim() == 2 and vector.dim() > 1:  # tokens flattened to [batch*seq, dim] (OPT's feed-forward)
+        rows, dim = vector.shape[0], vector.shape[-1]
+        per_row = x.shape[0] // rows
+        return vector.to(x.dtype).reshape(rows, 1, dim).expand(rows, per_row, dim).reshape(x.shape[0], dim)
     return vector.to(x.dtype).reshape(vector.shape[0], *([1] * (x.dim() - 2)), vector.shape[-1])
 
 
@@ -49,6 +55,18 @@ class IA3Layer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.folded: list[str] = []
         self.external: tuple[torch.Tensor, bool] | None = None  # set while tracing an export
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)` / `.half()` cast the base weights but keep the vectors float32:
+        a vector near 1 loses its small updates in 16-bit."""
+        before = {name: p.data for name, p in self.ia3_l.items()}
+        super()._apply(fn, recurse)
+        for name, p in self.ia3_l.items():
+            if p.dtype != before[name].dtype:  # undo the cast from the original values, keep the move
+                p.data = before[name].to(p.device)
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
 
     @property
     def weight(self) -> torch.Tensor:  # models such as T5 read `.weight` of their projections

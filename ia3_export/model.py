@@ -6,8 +6,7 @@ adapters move between this tool and PEFT unchanged.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
+import dataclasses
 from typing import Iterable
 
 import numpy as np
@@ -15,8 +14,7 @@ import torch
 from torch import nn
 
 from . import adapter_format as fmt
-from .atomic import atomic_output_dir
-from .config import IA3Config, candidate_names, describe, matches
+from .config import HEADS_FOR_TASK, IA3Config, candidate_names, describe, matches
 from .errors import IA3Error
 from .layers import WRAPPABLE, IA3Layer, SavedModule
 
@@ -43,26 +41,46 @@ class IA3Model(nn.Module):
         return {n: m for n, m in self.model.named_modules() if isinstance(m, SavedModule)}
 
     def _plain_modules(self) -> Iterable[tuple[str, nn.Module]]:
-        """Modules under their original names, skipping the insides of our wrappers."""
-        inner = (".base_layer", ".original_module", ".copies.")
-        for name, module in self.model.named_modules():
-            if name and not any(part in name for part in inner):
-                yield name, module
+        """Modules under their original names; our wrappers stand for what they wrap.
+
+        A module shared under two names (tied embeddings) comes once, as in named_modules().
+        """
+        seen = set()
+
+        def walk(prefix: str, module: nn.Module):
+            for child_name, child in module.named_children():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                name = f"{prefix}{child_name}"
+                yield name, child
+                if not isinstance(child, (IA3Layer, SavedModule)):
+                    yield from walk(name + ".", child)
+
+        yield from walk("", self.model)
 
     def _replace(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
 
-    def _targets(self, config: IA3Config) -> dict[str, bool]:
-        """Module path -> feed-forward flag for every module the config targets."""
+    def _targets(self, config: IA3Config, heads: list[str], check_feedforward: bool = True) -> dict[str, bool]:
+        """Module path -> feed-forward flag for every module the config targets.
+
+        As in PEFT, modules inside task heads (modules_to_save) are never targeted, and
+        "all-linear" also leaves out the output embeddings.
+        """
         output_layer = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        found, linear_names = {}, []
+        found, linear_names, candidates = {}, [], []
         for name, module in self._plain_modules():
             base = module.base_layer if isinstance(module, IA3Layer) else module
             if isinstance(base, WRAPPABLE):
                 linear_names.append(name)
-            if config.target_modules == "all-linear":
+            if any(name == h or name.startswith(h + ".") for h in heads):
+                continue  # a head trains in full; PEFT never targets inside one either
+            if isinstance(base, WRAPPABLE):
+                candidates.append(name)
+            if config.all_linear:
                 hit = isinstance(base, WRAPPABLE) and base is not output_layer
             else:
                 hit = matches(name, config.target_modules)
@@ -74,9 +92,9 @@ class IA3Model(nn.Module):
                     "Narrow target_modules so it is not matched"
                 )
             found[name] = matches(name, config.feedforward_modules, suffix_needs_dot=False)
-        stray = [n for n in linear_names if n not in found and matches(n, config.feedforward_modules, suffix_needs_dot=False)
+        stray = [n for n in candidates if n not in found and matches(n, config.feedforward_modules, suffix_needs_dot=False)
                  and not matches(n, config.exclude_modules)]
-        if stray and config.target_modules != "all-linear":
+        if stray and check_feedforward and not config.all_linear:
             raise IA3Error(
                 f"feedforward_modules [{describe(config.feedforward_modules)}] match {stray[0]}, which is not a target; "
                 "every feed-forward module must also be in target_modules"
@@ -89,14 +107,21 @@ class IA3Model(nn.Module):
         return found
 
     # -- adapters --------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: IA3Config) -> None:
-        """Wrap the targeted layers (once) and give each a vector for this adapter."""
+    def add_adapter(self, name: str, config: IA3Config, strict: bool = True) -> None:
+        """Wrap the targeted layers (once) and give each a vector for this adapter.
+
+        strict=False skips the checks on feedforward_modules (a subset of target_modules, no
+        stray matches), for adapters PEFT wrote: it saves "all-linear" expanded into full module
+        names beside feedforward_modules such as ["down_proj"], a file PEFT itself cannot reload.
+        """
         if name in self.configs:
             raise IA3Error(f"an adapter named {name!r} already exists; delete it or pick another name")
+        if strict:
+            _check_feedforward_subset(config)  # before defaults are filled in, as PEFT does
+        explicit_ff = config.feedforward_modules is not None
         config = config.resolved(self.model_type)
-        _check_feedforward_subset(config)
-        targets = self._targets(config)
         heads = self._heads(config)
+        targets = self._targets(config, heads, check_feedforward=strict and explicit_ff)
         for path, feedforward in targets.items():
             layer = self.model.get_submodule(path)
             if not isinstance(layer, IA3Layer):
@@ -113,10 +138,15 @@ class IA3Model(nn.Module):
         self.set_adapter(self.active_adapters)
 
     def _heads(self, config: IA3Config) -> list[str]:
-        """Module paths of modules_to_save (explicit ones must exist; implicit task heads may not)."""
+        """Module paths of modules_to_save (explicit ones must exist; the task's usual heads may not).
+
+        PEFT writes both `classifier` and `score` into a SEQ_CLS adapter's modules_to_save, though
+        a model has one of them: those two stay optional even when listed.
+        """
         wanted = config.heads_to_save()
         paths = [n for n, _ in self._plain_modules() if any(n == w or n.endswith("." + w) for w in wanted)]
-        for explicit in config.modules_to_save or []:
+        optional = HEADS_FOR_TASK.get(config.task_type or "", [])
+        for explicit in [m for m in config.modules_to_save or [] if m not in optional]:
             if not any(p == explicit or p.endswith("." + explicit) for p in paths):
                 raise IA3Error(f"modules_to_save entry {explicit!r} names no module of this {self.model_type} model")
         return paths
@@ -152,12 +182,16 @@ class IA3Model(nn.Module):
         self._require(name)
         if any(name in layer.folded for layer in self.ia3_layers().values()):
             raise IA3Error(f"adapter {name!r} is folded into the weights; unfold it before deleting it")
-        for layer in self.ia3_layers().values():
+        for path, layer in self.ia3_layers().items():
             if name in layer.ia3_l:
                 layer.delete_adapter(name)
-        for saved in self.saved_modules().values():
+            if not layer.ia3_l and not layer.folded:  # nothing left: put the plain layer back
+                self._replace(path, layer.base_layer)
+        for path, saved in self.saved_modules().items():
             if name in saved.copies:
                 del saved.copies[name]
+            if not saved.copies:
+                self._replace(path, saved.original_module)
         del self.configs[name]
         self.set_adapter(tuple(a for a in self.active_adapters if a != name))
 
@@ -190,24 +224,22 @@ class IA3Model(nn.Module):
 
     def save_adapter(self, path: str, name: str | None = None, force: bool = False) -> str:
         """Write a PEFT adapter folder (atomically)."""
-        from safetensors.torch import save_file
-
         name = name or self._only_adapter()
+        self._require(name)
         config = self.configs[name]
         has_conv1d = any(layer.is_conv1d and name in layer.ia3_l for layer in self.ia3_layers().values())
-        config_dict = config.to_peft_dict() | {"fan_in_fan_out": has_conv1d or config.fan_in_fan_out}
+        config = dataclasses.replace(config, fan_in_fan_out=has_conv1d or config.fan_in_fan_out)
         state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
-        with atomic_output_dir(path, force=force) as tmp:
-            save_file(state, os.path.join(tmp, fmt.WEIGHTS_NAME), metadata={"format": "pt"})
-            with open(os.path.join(tmp, fmt.CONFIG_NAME), "w") as f:
-                json.dump(config_dict, f, indent=2, sort_keys=True)
-        return path
+        return fmt.write_adapter(path, config, state, force=force)
 
     def load_adapter(self, source: str | fmt.AdapterFile, name: str | None = None, activate: bool = True) -> str:
         """Load a PEFT adapter folder; any mismatch with this model is an error naming the key."""
         adapter = fmt.read_adapter(source) if isinstance(source, str) else source
         name = name or adapter.name
-        self.add_adapter(name, adapter.config)
+        try:
+            self.add_adapter(name, adapter.config, strict=False)
+        except IA3Error as e:
+            raise IA3Error(f"{adapter.path or 'the adapter'}: {e}") from None
         try:
             self._load_tensors(name, adapter)
         except BaseException:
@@ -223,8 +255,8 @@ class IA3Model(nn.Module):
         for key in adapter.tensors:
             if key not in expected:
                 raise IA3Error(
-                    f"{where}: key {key} names no IA3 target of this {self.model_type} model with this config; "
-                    "was the adapter trained for another model?"
+                    f"{where}: key {key} names no IA3 target or saved module of this {self.model_type} model "
+                    "under the adapter's own config; was the adapter trained for another model?"
                 )
         for key, target in expected.items():
             if key not in adapter.tensors:
@@ -288,9 +320,10 @@ class IA3Model(nn.Module):
         """Fold the adapters and return the plain transformers model (this wrapper is spent)."""
         names = self._names(names)
         self.set_adapter(names)
+        heads = {path: saved.chosen() for path, saved in self.saved_modules().items()}  # may refuse: before folding
         self.fold(names)
-        for path, saved in self.saved_modules().items():
-            self._replace(path, saved.chosen())
+        for path, head in heads.items():
+            self._replace(path, head)
         for path, layer in self.ia3_layers().items():
             self._replace(path, layer.base_layer)
         self.model.requires_grad_(False)

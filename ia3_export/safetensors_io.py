@@ -51,11 +51,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def _tensor(path: str, name: str, info, data: bytes) -> np.ndarray:
     try:
         dtype_name, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        dtype = _DTYPES[dtype_name]
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (0 <= start <= end):
+        if not all(_is_count(d) for d in shape) or not (_is_count(start) and _is_count(end) and start <= end):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise IA3Error(f"{path}: corrupted safetensors entry for {name!r}") from None
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        raise IA3Error(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this reader does not support "
+                       f"({', '.join(_DTYPES)}); re-save it as float32")
+    dtype = _DTYPES[dtype_name]
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if end > len(data) or end - start != count * np.dtype(dtype).itemsize:
         raise IA3Error(
@@ -66,3 +69,7 @@ def _tensor(path: str, name: str, info, data: bytes) -> np.ndarray:
     if dtype_name == "BF16":
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array.copy()
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
