@@ -51,8 +51,12 @@ def auto_class_name(config: dict) -> str:
     return "AutoModel"
 
 
-def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, trust_remote_code: bool = False):
-    """The model in eval mode, loaded from safetensors only (pickled weights are refused)."""
+def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, trust_remote_code: bool = False,
+                    **config_overrides):
+    """The model in eval mode, loaded from safetensors only (pickled weights are refused).
+
+    config_overrides (e.g. num_labels, id2label for a new classification head) go to from_pretrained.
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -66,7 +70,7 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
             "save_pretrained(..., safe_serialization=True) from a trusted environment"
         )
     cls = getattr(transformers, auto_class or auto_class_name(config))
-    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:

@@ -1,0 +1,79 @@
+"""Bad training input: one line naming the file (and line) and the fix, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from ia3_export.cli import main
+
+
+@pytest.fixture(scope="module")
+def bert(model_dir):
+    return model_dir("bert", "feature-extraction")
+
+
+def write(path, text) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = "".join(json.dumps({"text": f"row {i}", "label": ["a", "b"][i % 2]}) + "\n" for i in range(6))
+
+CASES = {
+    "missing file": (lambda d: str(d / "nope.jsonl"), None, "nope.jsonl does not exist"),
+    "malformed json": (lambda d: write(d / "bad.jsonl", GOOD + '{"text": "x", "label": \n'), None, "bad.jsonl:7: not valid JSON"),
+    "not an object": (lambda d: write(d / "list.jsonl", GOOD + "[1, 2]\n"), None, "list.jsonl:7: expected a JSON object"),
+    "row without field": (lambda d: write(d / "nolabel.jsonl", GOOD + '{"text": "x"}\n'), None,
+                          "nolabel.jsonl:7: the row needs 'text' + 'label' for text-classification (its fields: text)"),
+    "csv row without field": (lambda d: write(d / "rows.csv", "text,label\nhello,a\nworld,\n"), None, "rows.csv:3: the row needs"),
+    "empty": (lambda d: write(d / "empty.jsonl", "\n\n"), None, "empty.jsonl: no rows; the data set is empty"),
+    "eval label unknown": (lambda d: write(d / "train.jsonl", GOOD),
+                           lambda d: write(d / "eval.jsonl", json.dumps({"text": "x", "label": "c"}) + "\n"),
+                           "eval.jsonl:1: label 'c' does not occur in the training data (labels: a, b)"),
+    "one label": (lambda d: write(d / "one.jsonl", "".join(json.dumps({"text": t, "label": "a"}) + "\n" for t in "xyz")),
+                  None, "only one label ('a')"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_data_is_refused(case, bert, tmp_path):
+    make_data, make_eval, message = CASES[case]
+    args = ["train", bert, "--data", make_data(tmp_path), "--task", "text-classification", "--out", str(tmp_path / "out")]
+    if make_eval:
+        args += ["--eval-data", make_eval(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
+def test_model_without_tokenizer_is_refused(bert, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(bert, model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model / name).exists():
+            os.remove(model / name)
+    data = write(tmp_path / "d.jsonl", GOOD)
+    result = CliRunner().invoke(main, ["train", str(model), "--data", data, "--task", "text-classification", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert f"{model} has no tokenizer" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_field_for_the_task(bert, tmp_path):
+    data = write(tmp_path / "d.jsonl", GOOD)
+    result = CliRunner().invoke(main, ["train", bert, "--data", data, "--task", "text2text-generation", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "d.jsonl:1: the row needs 'source' + 'target' for text2text-generation" in result.output
+
+
+def test_existing_output_is_kept(bert, tmp_path):
+    data = write(tmp_path / "d.jsonl", GOOD)
+    (tmp_path / "out").mkdir()
+    result = CliRunner().invoke(main, ["train", bert, "--data", data, "--task", "text-classification", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "already exists" in result.output
