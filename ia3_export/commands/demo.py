@@ -5,8 +5,9 @@ import click
 @click.command("demo")
 @click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo writes its models, adapters and exports.")
-def command(workdir):
+@click.option("--quick", is_flag=True, help="Fewer training epochs (what CI runs).")
+def command(workdir, quick):
     """Train, fold, export and check on the embedded default model and data."""
     from ..demo import run_demo
 
-    run_demo(workdir)
+    run_demo(workdir, quick=quick)

@@ -1,0 +1,111 @@
+"""The export tasks (optimum's names): which model class, which wrapper, which graph inputs/outputs.
+
+A declarative table, so a graph's names and dynamic axes live in one place and validation,
+the manifest and the exporter all read the same description.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import IA3Error
+from ..loading import auto_class_name
+
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox")
+ENCODERS = ("bert", "roberta")
+SEQ2SEQ = ("t5", "bart")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # decoder | encoder | seq2seq
+    auto_class: str
+    output: str
+    cache: bool
+    model_types: tuple[str, ...]
+
+
+TASKS = {t.name: t for t in (
+    Task("text-generation-with-past", "decoder", "AutoModelForCausalLM", "logits", True, DECODERS),
+    Task("text-generation", "decoder", "AutoModelForCausalLM", "logits", False, DECODERS),
+    Task("text-classification", "encoder", "AutoModelForSequenceClassification", "logits", False, ENCODERS + DECODERS),
+    Task("feature-extraction", "encoder", "AutoModel", "last_hidden_state", False, ENCODERS + DECODERS),
+    Task("text2text-generation-with-past", "seq2seq", "AutoModelForSeq2SeqLM", "logits", True, SEQ2SEQ),
+)}
+
+_TASK_FOR_AUTO_CLASS = {
+    "AutoModelForCausalLM": "text-generation-with-past",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForSeq2SeqLM": "text2text-generation-with-past",
+    "AutoModel": "feature-extraction",
+}
+
+
+def resolve_task(task: str | None, config: dict, where: str) -> Task:
+    """The task asked for, or the one the config's architecture implies; checked against the model type."""
+    model_type = config["model_type"]
+    if task is None:
+        auto = auto_class_name(config)
+        if auto not in _TASK_FOR_AUTO_CLASS:
+            raise IA3Error(f"{where}: cannot export a {config.get('architectures')} model; pass --task (one of {', '.join(TASKS)})")
+        task = _TASK_FOR_AUTO_CLASS[auto]
+        if auto == "AutoModel" and model_type in SEQ2SEQ:
+            task = "text2text-generation-with-past"
+    if task not in TASKS:
+        raise IA3Error(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    spec = TASKS[task]
+    if model_type not in spec.model_types:
+        raise IA3Error(
+            f"task {task} is not supported for model type {model_type!r} ({where}); "
+            f"supported types: {', '.join(spec.model_types)}"
+        )
+    return spec
+
+
+def cache_names(num_layers: int, prefix: str) -> list[str]:
+    """`past_key_values.{i}.key/value` (inputs) or `present.{i}.key/value` (outputs), layer by layer."""
+    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+@dataclasses.dataclass
+class GraphSpec:
+    """One ONNX graph: file, input/output names (base inputs first, then vector inputs), dynamic axes."""
+
+    key: str  # "model" | "encoder" | "decoder"
+    file: str
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def graph_specs(task: Task, num_layers: int, token_type_ids: bool) -> list[GraphSpec]:
+    """Names and dynamic axes of the base graph(s) of a task (vector inputs are added by the exporter)."""
+    seq = {0: "batch_size", 1: "sequence_length"}
+    if task.kind == "decoder":
+        inputs = ["input_ids", "attention_mask", "position_ids"]
+        axes = {"input_ids": seq, "position_ids": seq, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                "logits": seq}
+        outputs = ["logits"]
+        if task.cache:
+            past, present = cache_names(num_layers, "past_key_values"), cache_names(num_layers, "present")
+            inputs += past
+            outputs += present
+            axes |= {n: {0: "batch_size", 2: "past_sequence_length"} for n in past}
+            axes |= {n: {0: "batch_size", 2: "total_sequence_length"} for n in present}
+        return [GraphSpec("model", "model.onnx", inputs, outputs, axes)]
+    if task.kind == "encoder":
+        inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_type_ids else [])
+        axes = {n: seq for n in inputs}
+        axes[task.output] = seq if task.output == "last_hidden_state" else {0: "batch_size"}
+        return [GraphSpec("model", "model.onnx", inputs, [task.output], axes)]
+    enc_seq = {0: "batch_size", 1: "encoder_sequence_length"}
+    encoder = GraphSpec("encoder", "encoder_model.onnx", ["input_ids", "attention_mask"], ["last_hidden_state"],
+                        {"input_ids": enc_seq, "attention_mask": enc_seq, "last_hidden_state": enc_seq})
+    past, present = cache_names(num_layers, "past_key_values"), cache_names(num_layers, "present")
+    dec_seq = {0: "batch_size", 1: "decoder_sequence_length"}
+    axes = {"input_ids": dec_seq, "encoder_hidden_states": enc_seq, "encoder_attention_mask": enc_seq, "logits": dec_seq}
+    axes |= {n: {0: "batch_size", 2: "past_decoder_sequence_length"} for n in past}
+    axes |= {n: {0: "batch_size", 2: "total_decoder_sequence_length"} for n in present}
+    decoder = GraphSpec("decoder", "decoder_model.onnx",
+                        ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *past], ["logits", *present], axes)
+    return [encoder, decoder]

@@ -1,0 +1,96 @@
+"""optimum loads our merged exports: ORTModelForCausalLM (greedy generate equals PEFT's tokens)
+and ORTModelForSequenceClassification (logits equal PEFT's, trained head included).
+
+Models and adapters are made here with PEFT itself; the exports by IA3_EXPORT_CLI (the main
+venv's `ia3-export`, transformers 5.x) or in this process when IA3_EXPORT_CLI=inprocess.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from ia3_export.tiny import save_tiny
+
+EXPORT_CLI = os.environ.get("IA3_EXPORT_CLI", "inprocess")
+
+
+def peft_adapter(model_dir: str, out: str, auto_class: str, task_type: str | None) -> str:
+    """A PEFT IA3 adapter with random (non-identity) vectors, saved by PEFT."""
+    import transformers
+    from peft import IA3Config, get_peft_model
+
+    base = getattr(transformers, auto_class).from_pretrained(model_dir)
+    model = get_peft_model(base, IA3Config(task_type=task_type))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * (2 * torch.rand(p.shape, generator=generator) - 1))
+            elif "modules_to_save" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(out)
+    return out
+
+
+def export(model_dir: str, adapter: str, out: str) -> str:
+    if EXPORT_CLI == "inprocess":
+        from ia3_export.export import export_model
+
+        export_model(model_dir, out, adapters=[adapter])
+    else:
+        subprocess.run([EXPORT_CLI, "export", model_dir, "--adapter", adapter, "--out", out], check=True)
+    return out
+
+
+def reference(model_dir: str, adapter: str, auto_class: str):
+    import transformers
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(getattr(transformers, auto_class).from_pretrained(model_dir), adapter).eval()
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    root = tmp_path_factory.mktemp("causal")
+    model_dir = save_tiny(str(root / "model"), "llama")
+    adapter = peft_adapter(model_dir, str(root / "adapter"), "AutoModelForCausalLM", "CAUSAL_LM")
+    return model_dir, adapter, export(model_dir, adapter, str(root / "onnx"))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seqcls")
+    model_dir = save_tiny(str(root / "model"), "bert", "seq-cls")
+    adapter = peft_adapter(model_dir, str(root / "adapter"), "AutoModelForSequenceClassification", "SEQ_CLS")
+    return model_dir, adapter, export(model_dir, adapter, str(root / "onnx"))
+
+
+def test_ort_model_for_causal_lm_generates_peft_tokens(causal):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model_dir, adapter, onnx_dir = causal
+    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
+    assert ort_model.use_cache
+    ids = torch.tensor([[0, 0, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26]])
+    mask = (ids != 0).long()
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    want = reference(model_dir, adapter, "AutoModelForCausalLM").generate(**kwargs)
+    got = ort_model.generate(**kwargs)
+    assert got.tolist() == want.tolist()
+
+
+def test_ort_model_for_sequence_classification_matches_peft(classifier):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    model_dir, adapter, onnx_dir = classifier
+    ort_model = ORTModelForSequenceClassification.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+    got = ort_model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).logits
+    with torch.no_grad():
+        want = reference(model_dir, adapter, "AutoModelForSequenceClassification")(input_ids=ids, attention_mask=mask).logits
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-4, rtol=0)
