@@ -36,8 +36,11 @@ class Comparison:
         return dataclasses.asdict(self)
 
 
-def compare(name: str, reference, actual, atol: float, rtol: float) -> Comparison:
-    """Compare two arrays; shape mismatches and non-finite values fail with a note, never raise."""
+def compare(name: str, reference, actual, atol: float, rtol: float, where=None) -> Comparison:
+    """Compare two arrays; shape mismatches and non-finite values fail with a note, never raise.
+
+    `where` (boolean, broadcastable to the shape) limits the comparison to those positions, e.g. real
+    tokens: values at padded positions are undefined and neither fail nor count as the worst."""
     ref = np.asarray(reference, dtype=np.float64)
     got = np.asarray(actual, dtype=np.float64)
     if ref.shape != got.shape:
@@ -48,9 +51,14 @@ def compare(name: str, reference, actual, atol: float, rtol: float) -> Compariso
     diff = np.abs(got - ref)
     diff = np.where(np.isnan(diff) & ~(np.isnan(got) & np.isnan(ref)), np.inf, np.nan_to_num(diff, nan=0.0))
     excess = diff - (atol + rtol * np.abs(ref))
-    worst = np.unravel_index(int(np.argmax(np.where(np.isfinite(excess), excess, np.inf))), ref.shape)
+    ranked = np.where(np.isfinite(excess), excess, np.inf)
     rel = diff / np.maximum(np.abs(ref), 1e-12)
-    note = "" if np.isfinite(got).all() or not np.isfinite(ref).all() else "non-finite values in the output"
+    compared = np.ones(ref.shape, dtype=bool) if where is None else np.broadcast_to(np.asarray(where, dtype=bool), ref.shape)
+    if where is not None:  # positions outside `where`: no difference, never the worst
+        diff, rel = np.where(compared, diff, 0.0), np.where(compared, rel, 0.0)
+        excess, ranked = np.where(compared, excess, -np.inf), np.where(compared, ranked, -np.inf)
+    worst = np.unravel_index(int(np.argmax(ranked)), ref.shape)
+    note = "" if np.isfinite(got[compared]).all() or not np.isfinite(ref[compared]).all() else "non-finite values in the output"
     return Comparison(
         name=name, shape=tuple(ref.shape), max_abs=float(diff.max()), max_rel=float(rel.max()),
         worst_index=tuple(int(i) for i in worst), reference_at_worst=float(ref[worst]), actual_at_worst=float(got[worst]),

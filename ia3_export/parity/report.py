@@ -1,0 +1,151 @@
+"""A parity run's results: per-output comparisons, greedy-token checks, and their JSON / JUnit forms.
+
+JUnit XML is what CI systems (GitHub, GitLab, Jenkins) render as test results, so every
+comparison is one test case there: a failing output shows up by name without reading logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import xml.etree.ElementTree as ET
+
+from ..atomic import atomic_output_file
+from ..compare import Comparison
+
+REFERENCE_NAMES = {"fp64": "float64", "fp32": "float32"}
+
+
+@dataclasses.dataclass
+class OutputCheck:
+    """One output of one graph, for one input case and one assignment of adapters to rows."""
+
+    graph: str
+    case: str
+    scenario: str
+    comparison: Comparison
+
+    @property
+    def output(self) -> str:
+        return self.comparison.name
+
+    @property
+    def excess(self) -> float:
+        """How far the worst position is past its bound (<= 0 passes); for ranking failures."""
+        c = self.comparison
+        return c.max_abs - (c.atol + c.rtol * abs(c.reference_at_worst))
+
+    def line(self) -> str:
+        return f"{self.graph} [{self.case}; {self.scenario}] {self.comparison.line()}"
+
+    def as_dict(self) -> dict:
+        return {"graph": self.graph, "case": self.case, "scenario": self.scenario, **self.comparison.as_dict()}
+
+
+@dataclasses.dataclass
+class GreedyCheck:
+    """Greedy tokens over N steps: ONNX Runtime vs the reference, for one prompt row."""
+
+    scenario: str
+    row: int
+    adapter: str | None
+    reference: list[int]
+    actual: list[int]
+    passed: bool
+    note: str = ""
+
+    def line(self) -> str:
+        verdict = "ok  " if self.passed else "FAIL"
+        same = "identical" if self.reference == self.actual else "differ"
+        return (f"{verdict} greedy [{self.scenario}] row {self.row} ({self.adapter or 'no adapter'}): "
+                f"{len(self.reference)} tokens {same}" + (f"; {self.note}" if self.note else ""))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    folder: str
+    mode: str
+    task: str
+    model_type: str
+    provider: str
+    dtype: str
+    reference_dtype: str
+    tf32: bool | None
+    atol: float
+    rtol: float
+    tolerance_note: str
+    outputs: list[OutputCheck] = dataclasses.field(default_factory=list)
+    greedy: list[GreedyCheck] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.comparison.passed for o in self.outputs) and all(g.passed for g in self.greedy)
+
+    def failures(self) -> list[OutputCheck | GreedyCheck]:
+        failed = sorted((o for o in self.outputs if not o.comparison.passed), key=lambda o: -o.excess)
+        return [*failed, *(g for g in self.greedy if not g.passed)]
+
+    def worst_per_output(self) -> list[OutputCheck]:
+        """For each (graph, output): the check closest to (or furthest past) its bound."""
+        worst: dict[tuple[str, str], OutputCheck] = {}
+        for o in self.outputs:
+            key = (o.graph, o.output)
+            if key not in worst or o.excess > worst[key].excess:
+                worst[key] = o
+        return list(worst.values())
+
+    def header(self) -> str:
+        tf32 = "" if self.tf32 is None else f", TF32 {'on' if self.tf32 else 'off'}"
+        return (f"parity: {self.model_type} {self.mode} export ({self.task}, {self.dtype}) on {self.provider}{tf32} "
+                f"vs a {REFERENCE_NAMES.get(self.reference_dtype, self.reference_dtype)} PyTorch reference; atol {self.atol:g}, rtol {self.rtol:g}")
+
+    def summary(self) -> str:
+        n_out, n_greedy = len(self.outputs), len(self.greedy)
+        bad_out = sum(not o.comparison.passed for o in self.outputs)
+        bad_greedy = sum(not g.passed for g in self.greedy)
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{verdict}: {n_out - bad_out}/{n_out} output comparisons and {n_greedy - bad_greedy}/{n_greedy} "
+                f"greedy-token checks passed")
+
+    def as_dict(self) -> dict:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("outputs", "greedy")}
+        return {**fields, "passed": self.passed,
+                "worst_per_output": [o.as_dict() for o in self.worst_per_output()],
+                "outputs": [o.as_dict() for o in self.outputs], "greedy": [g.as_dict() for g in self.greedy]}
+
+    def write_json(self, path: str, force: bool = False) -> None:
+        with atomic_output_file(path, force=force) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(_jsonable(self.as_dict()), f, indent=2)
+                f.write("\n")
+
+    def write_junit(self, path: str, force: bool = False) -> None:
+        suite = ET.Element("testsuite", name=f"ia3-export parity {self.model_type} {self.mode} {self.provider}",
+                           tests=str(len(self.outputs) + len(self.greedy)), failures=str(len(self.failures())))
+        for o in self.outputs:
+            case = ET.SubElement(suite, "testcase", classname=f"parity.{o.graph}.{o.output}",
+                                 name=f"{o.case}; {o.scenario}")
+            if not o.comparison.passed:
+                ET.SubElement(case, "failure", message=o.comparison.line())
+        for g in self.greedy:
+            case = ET.SubElement(suite, "testcase", classname="parity.greedy", name=f"{g.scenario}; row {g.row}")
+            if not g.passed:
+                ET.SubElement(case, "failure", message=g.line())
+        root = ET.Element("testsuites")
+        root.append(suite)
+        with atomic_output_file(path, force=force) as tmp:
+            ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+
+
+def _jsonable(value):
+    """inf/nan are not JSON: written as strings so every reader can load the report."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
