@@ -175,10 +175,15 @@ def run(folder: str, provider: str, out: str, workers: int, steps: int, archs, m
     entries = [e for e in read_matrix(folder) if e["arch"] in archs and e["mode"] in modes and e["dtype"] in dtypes]
     start = time.perf_counter()
     rows = []
+    os.makedirs(out, exist_ok=True)
+    partial = open(os.path.join(out, "gpu_parity_rows.jsonl"), "w", encoding="utf-8")  # survives a time-out
     for row in _run_all(folder, entries, provider, workers, steps):
         rows.append(row)
+        partial.write(json.dumps({k: v for k, v in row.items() if k != "report"}, default=str) + "\n")
+        partial.flush()
         print(f"{'ok  ' if row['passed'] else 'FAIL'} {row['arch']:9s} {row['mode']:9s} {row['dtype']} "
               f"tf32={row['tf32']}: {row.get('error') or row['summary']}", flush=True)
+    partial.close()
     order = {(a, m, d): i for i, (a, m, d) in enumerate((e["arch"], e["mode"], e["dtype"]) for e in entries)}
     rows.sort(key=lambda r: (order[(r["arch"], r["mode"], r["dtype"])], r["tf32"] is False))
     environment = _environment(provider)
