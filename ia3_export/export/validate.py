@@ -109,9 +109,28 @@ def cpu_session(path: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def compare_outputs(label: str, names: list[str], reference, actual, dtype: str) -> list[Comparison]:
+def compare_outputs(label: str, names: list[str], reference, actual, dtype: str, feeds: dict | None = None) -> list[Comparison]:
+    """Compare each output; with `feeds`, only at real (unpadded) token positions."""
     atol, rtol = TOLERANCES[dtype]
-    return [compare(f"{label}: {n}", r, a, atol, rtol) for n, r, a in zip(names, reference, actual)]
+    return [compare(f"{label}: {n}", r, a, atol, rtol, where=real_positions(n, feeds, np.shape(r)))
+            for n, r, a in zip(names, reference, actual)]
+
+
+def real_positions(output: str, feeds: dict | None, shape: tuple) -> np.ndarray | None:
+    """Where an output holds real tokens, from the attention mask; None where every position counts.
+
+    Padded positions compute attention over nothing: their values are arbitrary (and differ
+    between PyTorch and ONNX Runtime in fp16), so they are no evidence either way.
+    """
+    mask = None if feeds is None else feeds.get("attention_mask")
+    if mask is None or len(shape) < 3:
+        return None
+    mask = mask.astype(bool)
+    if output.startswith("present.") and shape[2] == mask.shape[1]:  # [batch, heads, past + new, head_dim]
+        return mask[:, None, :, None]
+    if not output.startswith("present.") and shape[1] <= mask.shape[1]:  # [batch, new tokens, ...]
+        return mask[:, -shape[1]:].reshape(mask.shape[0], shape[1], *([1] * (len(shape) - 2)))
+    return None
 
 
 def raise_on_failure(comparisons: list[Comparison], what: str) -> None:
@@ -160,12 +179,14 @@ def validate_graph(graph: GraphSpec, task: Task, shape: ModelShape, wrapper, ses
     results = []
     for label, feeds in sample_feeds(graph, task, shape):
         if mode == "merged" or not paths:
-            results += compare_outputs(label, graph.outputs, torch_outputs(wrapper, names, feeds), ort_outputs(session, feeds), dtype)
+            results += compare_outputs(label, graph.outputs, torch_outputs(wrapper, names, feeds), ort_outputs(session, feeds), dtype,
+                                       feeds)
             continue
         with running(ia3, None):  # nothing fed: the base model
             results += compare_outputs(f"{label}, no adapter", graph.outputs, torch_outputs(wrapper, names, feeds),
                                        ort_outputs(session, feeds if mode == "swappable" else
-                                                   feeds | {"adapter_ids": np.zeros(len(feeds["input_ids"]), np.int64)}), dtype)
+                                                   feeds | {"adapter_ids": np.zeros(len(feeds["input_ids"]), np.int64)}), dtype,
+                                       feeds)
         if mode == "swappable":
             results += _swappable_cases(label, graph, wrapper, session, ia3, paths, adapters, feeds, names, dtype)
         else:
@@ -187,12 +208,12 @@ def _swappable_cases(label, graph, wrapper, session, ia3, paths, adapters, feeds
         with running(ia3, adapter):
             reference = torch_outputs(wrapper, names, feeds)
         fed = adapter_vectors(ia3, adapter, paths, dtype)
-        results += compare_outputs(f"{label}, adapter {adapter}", graph.outputs, reference, ort_outputs(session, feeds | fed), dtype)
+        results += compare_outputs(f"{label}, adapter {adapter}", graph.outputs, reference, ort_outputs(session, feeds | fed), dtype, feeds)
     vector_names = [vector_name(p) for p in paths]
     random = _random_vectors(paths, vector_names, wrapper.vectors.dims, dtype)
     results += compare_outputs(f"{label}, random vectors", graph.outputs,
                                torch_outputs(wrapper, names + vector_names, feeds | random),
-                               ort_outputs(session, feeds | random), dtype)
+                               ort_outputs(session, feeds | random), dtype, feeds)
     return results
 
 
@@ -206,7 +227,7 @@ def _bank_cases(label, graph, wrapper, session, ia3, paths, adapters, feeds, nam
         banks = _random_vectors(paths, vector_names, wrapper.vectors.dims, dtype, rows=3)
         fed = feeds | {"adapter_ids": ids} | banks
         return compare_outputs(f"{label}, random bank", graph.outputs, torch_outputs(wrapper, names + ["adapter_ids"] + vector_names, fed),
-                               ort_outputs(session, fed), dtype)
+                               ort_outputs(session, fed), dtype, feeds)
     # Row 0 of every bank is ones (no adapter); row k+1 is adapters[k]. Row b of the batch uses b % (n+1).
     per_adapter = [adapter_vectors(ia3, a, paths, dtype) for a in adapters]
     banks = {}
@@ -221,5 +242,5 @@ def _bank_cases(label, graph, wrapper, session, ia3, paths, adapters, feeds, nam
         with running(ia3, adapter):
             reference = torch_outputs(wrapper, names, rows(feeds, b))
         results += compare_outputs(f"{label}, bank row {b} ({adapter or 'no adapter'})", graph.outputs,
-                                   reference, [g[b:b + 1] for g in got], dtype)
+                                   reference, [g[b:b + 1] for g in got], dtype, rows(feeds, b))
     return results
