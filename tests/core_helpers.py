@@ -9,9 +9,6 @@ import torch
 
 SEQ2SEQ = ("t5", "bart")
 
-# Tiny models run 3-30x faster on one thread on a shared machine (thread contention dominates).
-torch.set_num_threads(1)
-
 
 def sample_inputs(model_type: str, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     ids = torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(7))
