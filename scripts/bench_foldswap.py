@@ -170,7 +170,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
                                                       for t in targets],
                               [helper.make_tensor_value_info("shapes", TensorProto.INT64, [2 * len(weights)])])
     with open(os.path.join(folder, "model.onnx"), "wb") as f:
-        f.write(helper.make_model(model, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+        f.write(helper.make_model(model, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString())
     vectors = [{"name": f"{t.path}.ia3_l", "graph": "fold", "dim": dims[t.path], "feedforward": t.feedforward} for t in targets]
     write_manifest(folder, new_manifest(
         mode="foldswap", task="feature-extraction", model_type="llama", dtype=dtype, opset=18, exporter="bench",

@@ -172,7 +172,9 @@ def build_fold_graph(targets: list[FoldTarget], dims: dict, dtype: str, opset: i
             nodes.append(helper.make_node("Mul", [f"{name}.base", source], [name]))
             outputs.append(helper.make_tensor_value_info(name, elem, shape))
     graph = helper.make_graph(nodes, "ia3_fold", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ia3-export")
+    # IR version 8, as torch's exporter writes: onnx's newest default (14) is refused by ORT 1.31 (seen on the GPU)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ia3-export",
+                             ir_version=8)
 
 
 def base_values(layers: dict, dtype: str):
