@@ -68,12 +68,12 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model = load_base_model(model_dir, auto_class=spec.auto_class,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
-    _use_eager_attention(model)
-    ia3, vectors = _prepare(model, mode, adapter_files, target_modules, feedforward_modules)
+    use_eager_attention(model)
+    ia3, vectors = prepare_ia3(model, mode, adapter_files, target_modules, feedforward_modules)
     hf_model = ia3.model if ia3 is not None else ia3_merged(model, adapter_files)
-    shape = _probe(hf_model, spec, dtype)
+    shape = probe_shape(hf_model, spec, dtype)
     specs = graph_specs(spec, shape.num_layers, token_type_ids=config["model_type"] == "bert")
-    parts = _wrappers(hf_model, spec, shape, vectors, specs)
+    parts = graph_wrappers(hf_model, spec, shape, vectors, specs)
 
     graphs, vector_entries, comparisons = {}, [], []
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -92,16 +92,16 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
             for p in part.paths if part else []:
                 vector_entries.append({"name": vector_name(p), "graph": graph.key, "dim": part.dims[p],
                                        "feedforward": part.feedforward[p]})
-        adapter_entries = _write_adapters(tmp, mode, ia3, vectors, adapter_files, dtype)
+        adapter_entries = write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype)
         shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
-        if "generation_config.json" not in copy_side_files(model_dir, tmp) and _generates(spec):
+        if "generation_config.json" not in copy_side_files(model_dir, tmp) and generates(spec):
             hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
         manifest = new_manifest(
             mode=mode, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=opset, exporter=exporter,
-            graphs=graphs, vectors=vector_entries, adapters=adapter_entries, tokens=_tokens(hf_model),
+            graphs=graphs, vectors=vector_entries, adapters=adapter_entries, tokens=special_tokens(hf_model),
             cache={"graph": specs[-1].key, "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
                    "head_dim": shape.head_dim} if spec.cache else None,
-            versions=_versions(),
+            versions=package_versions(),
             validation={"comparisons": len(comparisons), "max_abs": max((c.max_abs for c in comparisons), default=0.0),
                         "tolerance": {"atol": comparisons[0].atol, "rtol": comparisons[0].rtol} if comparisons else None},
         )
@@ -123,7 +123,7 @@ def _check_options(mode, dtype, opset, exporter, adapters, target_modules, feedf
                        "a merged export folds the adapters given with --adapter")
 
 
-def _use_eager_attention(model) -> None:
+def use_eager_attention(model) -> None:
     """Trace the eager attention: the TorchScript exporter's SDPA turns fp16 graphs partly fp32."""
     if hasattr(model, "set_attn_implementation"):
         try:
@@ -147,7 +147,7 @@ def ia3_merged(model, adapter_files):
     return ia3.merge_and_unload()
 
 
-def _prepare(model, mode, adapter_files, target_modules, feedforward_modules):
+def prepare_ia3(model, mode, adapter_files, target_modules, feedforward_modules):
     """(IA3Model, VectorInputs) for swappable/bank exports; (None, None) for merged."""
     if mode == "merged":
         return None, None
@@ -179,7 +179,7 @@ def _prepare(model, mode, adapter_files, target_modules, feedforward_modules):
     return ia3, VectorInputs(ia3, paths, feedforward, dims, bank=mode == "bank")
 
 
-def _probe(model, spec: Task, dtype: str) -> ModelShape:
+def probe_shape(model, spec: Task, dtype: str) -> ModelShape:
     """Cache layout and sizes, read from one forward pass (no per-architecture config parsing)."""
     import torch
 
@@ -200,7 +200,7 @@ def _probe(model, spec: Task, dtype: str) -> ModelShape:
     return shape
 
 
-def _wrappers(model, spec: Task, shape: ModelShape, vectors: VectorInputs | None, specs) -> dict:
+def graph_wrappers(model, spec: Task, shape: ModelShape, vectors: VectorInputs | None, specs) -> dict:
     """graph key -> (wrapper module in eval mode, the VectorInputs it takes or None).
 
     Eval mode matters: torch.onnx.export restores the wrapper's own mode after tracing, which
@@ -265,7 +265,7 @@ def _trace(wrapper, graph, part, shape, spec, inputs, path, opset, exporter, tmp
     return files
 
 
-def _write_adapters(tmp, mode, ia3, vectors, adapter_files, dtype) -> list[dict]:
+def write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype) -> list[dict]:
     """adapters/<name>.onnx_adapter per adapter (swappable, bank); the manifest's adapter list."""
     from ..adapter_format import WEIGHTS_NAME
     from ..onnx_adapter import SUFFIX, write_onnx_adapter
@@ -278,11 +278,11 @@ def _write_adapters(tmp, mode, ia3, vectors, adapter_files, dtype) -> list[dict]
             file = f"adapters/{a.name}{SUFFIX}"
             os.makedirs(os.path.join(tmp, "adapters"), exist_ok=True)
             write_onnx_adapter(os.path.join(tmp, file), adapter_vectors(ia3, a.name, vectors.paths, dtype))
-        entries.append({"name": a.name, "file": file, "sha256": _sha256(os.path.join(a.path, WEIGHTS_NAME))})
+        entries.append({"name": a.name, "file": file, "sha256": sha256_file(os.path.join(a.path, WEIGHTS_NAME))})
     return entries
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -290,11 +290,11 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _generates(spec: Task) -> bool:
+def generates(spec: Task) -> bool:
     return spec.kind in ("decoder", "seq2seq")
 
 
-def _tokens(model) -> dict:
+def special_tokens(model) -> dict:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     gen = getattr(model, "generation_config", None)
@@ -307,7 +307,7 @@ def _tokens(model) -> dict:
             "decoder_start": pick("decoder_start_token_id")}
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     import onnx
     import onnxruntime
     import torch

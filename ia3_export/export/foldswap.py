@@ -212,12 +212,12 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model = load_base_model(model_dir, auto_class=spec.auto_class,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
-    build._use_eager_attention(model)
-    ia3, vectors = build._prepare(model, "swappable", adapter_files, target_modules, feedforward_modules)
+    build.use_eager_attention(model)
+    ia3, vectors = build.prepare_ia3(model, "swappable", adapter_files, target_modules, feedforward_modules)
     hf_model = ia3.model
-    shape = build._probe(hf_model, spec, dtype)
+    shape = build.probe_shape(hf_model, spec, dtype)
     specs = graph_specs(spec, shape.num_layers, token_type_ids=config["model_type"] == "bert")
-    parts = build._wrappers(hf_model, spec, shape, vectors, specs)
+    parts = build.graph_wrappers(hf_model, spec, shape, vectors, specs)
     targets = fold_targets(ia3, parts)
     layers = ia3.ia3_layers()
     names = [a.name for a in adapter_files]
@@ -247,16 +247,16 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
                            "feedforward": t.feedforward} for t in targets]
         weight_entries = [{"name": n, "graph": t.graph, "vector": vector_name(t.path), "shape": t.shape(n)}
                           for t in targets for n in t.tensors]
-        adapter_entries = build._write_adapters(tmp, "swappable", ia3, vectors, adapter_files, dtype)
+        adapter_entries = build.write_adapter_files(tmp, "swappable", ia3, vectors, adapter_files, dtype)
         shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
-        if "generation_config.json" not in copy_side_files(model_dir, tmp) and build._generates(spec):
+        if "generation_config.json" not in copy_side_files(model_dir, tmp) and build.generates(spec):
             hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
         manifest = new_manifest(
             mode=MODE, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=opset, exporter=exporter,
-            graphs=graphs, vectors=vector_entries, adapters=adapter_entries, tokens=build._tokens(hf_model),
+            graphs=graphs, vectors=vector_entries, adapters=adapter_entries, tokens=build.special_tokens(hf_model),
             cache={"graph": specs[-1].key, "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
                    "head_dim": shape.head_dim} if spec.cache else None,
-            versions=build._versions(), weights=weight_entries,
+            versions=build.package_versions(), weights=weight_entries,
             validation={"comparisons": len(comparisons), "max_abs": max((c.max_abs for c in comparisons), default=0.0),
                         "tolerance": {"atol": comparisons[0].atol, "rtol": comparisons[0].rtol} if comparisons else None},
         )

@@ -87,7 +87,7 @@ class Reference:
         import torch
 
         from .. import adapter_format as fmt
-        from ..export.build import _probe, _use_eager_attention, _wrappers
+        from ..export.build import probe_shape, use_eager_attention, graph_wrappers
         from ..export.tasks import TASKS, graph_specs
         from ..loading import load_base_model, read_model_config
         from ..model import IA3Model
@@ -108,7 +108,7 @@ class Reference:
         self.float_type = np.float64 if reference_dtype == "fp64" else np.float32
         model = load_base_model(model_dir, auto_class=self.task.auto_class,
                                 dtype=torch.float64 if reference_dtype == "fp64" else torch.float32)
-        _use_eager_attention(model)
+        use_eager_attention(model)
         self.ia3 = None
         if self.adapters:
             self.ia3 = IA3Model(model)
@@ -116,10 +116,10 @@ class Reference:
                 self.ia3.load_adapter(a, name=a.name, activate=False)
             self.ia3.set_adapter(self.names if self.mode == "merged" else ())
         self.model = self.ia3.model if self.ia3 is not None else model
-        self.shape = _probe(self.model, self.task, manifest["dtype"])
+        self.shape = probe_shape(self.model, self.task, manifest["dtype"])
         base_inputs = manifest["graphs"][next(iter(manifest["graphs"]))]["inputs"]
         self.graphs = graph_specs(self.task, self.shape.num_layers, token_type_ids="token_type_ids" in base_inputs)
-        self.wrappers = {key: wrapper for key, (wrapper, _) in _wrappers(self.model, self.task, self.shape, None,
+        self.wrappers = {key: wrapper for key, (wrapper, _) in graph_wrappers(self.model, self.task, self.shape, None,
                                                                           self.graphs).items()}
 
     @property
@@ -131,10 +131,10 @@ class Reference:
         if self.mode != "merged":
             return
         from ..adapter_format import WEIGHTS_NAME
-        from ..export.build import _sha256
+        from ..export.build import sha256_file
 
         folded = {a["sha256"]: a["name"] for a in self.folder.manifest.get("adapters") or [] if a.get("sha256")}
-        given = {_sha256(os.path.join(a.path, WEIGHTS_NAME)): a.name for a in self.adapters}
+        given = {sha256_file(os.path.join(a.path, WEIGHTS_NAME)): a.name for a in self.adapters}
         if set(folded) != set(given):
             want = ", ".join(sorted(folded.values())) or "none"
             got = ", ".join(sorted(given.values())) or "none"
@@ -147,13 +147,13 @@ class Reference:
         if self.mode == "merged":
             return {}
         from ..adapter_format import WEIGHTS_NAME
-        from ..export.build import _sha256
+        from ..export.build import sha256_file
 
         shipped = {a["name"]: a for a in self.folder.manifest.get("adapters") or [] if a.get("file")}
         sources = {}
         for a in self.adapters:
             entry = shipped.get(a.name)
-            same = entry is not None and entry.get("sha256") == _sha256(os.path.join(a.path, WEIGHTS_NAME))
+            same = entry is not None and entry.get("sha256") == sha256_file(os.path.join(a.path, WEIGHTS_NAME))
             sources[a.name] = os.path.join(self.folder.path, entry["file"]) if same else a.path
         return sources
 
