@@ -128,6 +128,15 @@ def generator_stage(workdir: str, report: Report, quick: bool) -> dict:
     expected = [s[key] for s in lm["samples"] for key in ("base", "adapter")]
     matches = sum(a == b for a, b in zip(outputs, expected))
     report.add("bank export: one batch, adapter per row", f"{matches}/{len(expected)} rows equal PyTorch", matches == len(expected))
+    foldswap = os.path.join(workdir, "tiny-lm-foldswap")
+    export_model(lm["base_dir"], foldswap, mode="foldswap", adapters=[lm["adapter_dir"]], force=True)
+    session = IA3Session(foldswap)
+    name = session.load_shipped_adapters()[0]
+    outputs = [session.generate(s["prompt"], adapter=adapter, max_new_tokens=12)
+               for s in lm["samples"] for adapter in (None, name)]
+    matches = sum(a == b for a, b in zip(outputs, expected))
+    report.add("foldswap export: weights re-folded on switch", f"{matches}/{len(expected)} generations equal PyTorch",
+               matches == len(expected))
     parity = check_parity(lm["base_dir"], swappable, adapters=[lm["adapter_dir"]])
     worst = max((c.comparison.max_abs for c in parity.outputs), default=0.0)
     report.add("parity vs float64 PyTorch (ORT CPU)",
