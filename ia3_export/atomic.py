@@ -32,8 +32,9 @@ def atomic_output_dir(path: str, force: bool = False):
     try:
         yield tmp
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _native_write_error(e, path)
         raise
 
 
@@ -52,10 +53,24 @@ def atomic_output_file(path: str, force: bool = False):
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        _native_write_error(e, path)
         raise
+
+
+# How writers in native code (safetensors' Rust I/O, ONNX Runtime) word a failed write.
+_WRITE_FAILURES = ("I/O error", "No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _native_write_error(error: BaseException, path: str) -> None:
+    """A full disk inside a native writer arrives as that library's own exception (e.g.
+    SafetensorError), not OSError: turn it into the one-line error an OSError would give."""
+    text = str(error)
+    if not isinstance(error, (OSError, IA3Error)) and any(f in text for f in _WRITE_FAILURES):
+        raise IA3Error(f"cannot write {path}: {text.splitlines()[0][:200]}; check free space, quotas and "
+                       "permissions") from None
 
 
 def _replace(tmp: str, path: str) -> None:

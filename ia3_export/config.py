@@ -76,10 +76,14 @@ class IA3Config:
                 setattr(self, field, sorted(value))
             elif value is not None and not isinstance(value, (list, str)):
                 raise IA3Error(f"{field} must be a list of names or a regex string, got {type(value).__name__}")
+            _check_patterns(field, getattr(self, field))
         if isinstance(self.modules_to_save, str):  # one name, not its letters
             self.modules_to_save = [self.modules_to_save]
         elif isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+        if self.modules_to_save is not None and not (
+                isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)):
+            raise IA3Error(f"modules_to_save must list module names as strings, got {self.modules_to_save!r}")
 
     @property
     def all_linear(self) -> bool:
@@ -139,7 +143,23 @@ class IA3Config:
         if peft_type != "IA3":
             raise IA3Error(f"{source}: peft_type is {peft_type!r}, not 'IA3'; this tool reads IA3 adapters only")
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in fields})
+        except IA3Error as e:  # name the file the bad value came from
+            raise IA3Error(f"{source}: {e}") from None
+
+
+def _check_patterns(field: str, value: Targets) -> None:
+    """A regex must compile and a list must hold names, so a bad config fails here, in one line,
+    not as a re.error or TypeError while matching module names."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise IA3Error(f"{field} {value!r} is not a valid regular expression ({e}); fix it or give a list of "
+                           "module names") from None
+    elif isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise IA3Error(f"{field} must list module names as strings, got {value!r}")
 
 
 def matches(name: str, patterns: Targets, *, suffix_needs_dot: bool = True) -> bool:

@@ -77,7 +77,18 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
         model = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise IA3Error(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None
+    check_finite_weights(model, model_dir)
     return model.eval()
+
+
+def check_finite_weights(model, model_dir: str) -> None:
+    """NaN or inf in a weight would flow silently into every merged, exported or trained output."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise IA3Error(f"{model_dir}: weight {name} holds NaN or inf values; the checkpoint is corrupted, "
+                           "re-save or re-download the model")
 
 
 def copy_side_files(model_dir: str, out_dir: str) -> list[str]:

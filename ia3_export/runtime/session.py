@@ -1,29 +1,36 @@
 """An exported folder on ONNX Runtime, with adapters that switch without touching the weights.
 
-Every graph runs through one persistent IOBinding, on the CPU and on CUDA alike: adapter vectors
-are OrtValues placed on the device once, at load, and a switch only re-binds them
+Every graph runs through a persistent IOBinding (one per thread), on the CPU and on CUDA alike:
+adapter vectors are OrtValues placed on the device once, at load, and a switch only re-binds them
 (`bind_ortvalue_input`), so nothing is copied from the host. (`run_with_iobinding` ignores
 RunOptions adapters, which is why adapters are bound, not passed as `LoraAdapter`s.) The KV cache
 stays on the device between generation steps for the same reason.
 
-A session is not thread-safe: it holds one binding per graph. Use one session per worker.
+A session is thread-safe: one session serves requests from several threads, each with its own
+adapter. Every thread gets its own IOBinding per graph (ORT's `run_with_iobinding` is safe to call
+concurrently with distinct bindings) and re-binds an adapter's device vectors only when its binding
+holds another adapter; loading, unloading and bank rebuilds are serialized by a lock and publish
+immutable snapshots, so a run never sees half of a change. Measured against one lock around
+bind+run in scripts/bench_concurrency.py (docs/errors.md, "Concurrency").
 """
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 
 from ..errors import IA3Error
 from . import adapters as adapter_io
 from .folder import ExportedFolder, open_folder
+from .foldswap import MODE as FOLDSWAP
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ADAPTER_IDS = "adapter_ids"
 
 
 class Graph:
-    """One InferenceSession with its IOBinding; inputs not re-bound keep their last value."""
+    """One InferenceSession; each thread has its own IOBinding, whose inputs keep their last value."""
 
     def __init__(self, path: str, provider: str, options=None, provider_options: dict | None = None):
         import onnxruntime as ort
@@ -38,40 +45,84 @@ class Graph:
         except Exception as e:  # ORT raises bare RuntimeErrors (Fail, InvalidGraph, NoSuchFile)
             raise IA3Error(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]}); re-export the model") from None
         self.device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
-        self.binding = self.session.io_binding()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.initializer_inputs = {i.name: i for i in self.session.get_overridable_initializers()}
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self._held: dict[str, object] = {}  # bound values (and CPU arrays they borrow) kept alive
+        self._local = threading.local()
+
+    def _state(self) -> "_ThreadBinding":
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ThreadBinding(self.session.io_binding())
+        return state
+
+    @property
+    def binding(self):
+        """The calling thread's IOBinding."""
+        return self._state().binding
 
     def to_device(self, array: np.ndarray):
         """An OrtValue on this graph's device (on the CPU it borrows `array`: keep that alive)."""
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self.device)
 
     def bind(self, name: str, value, keep_alive=None) -> None:
-        """Bind an input (numpy array or OrtValue); `keep_alive` is whatever its memory depends on."""
+        """Bind an input (numpy array or OrtValue) on this thread's binding; `keep_alive` is whatever
+        its memory depends on."""
         if isinstance(value, np.ndarray):
             keep_alive = np.ascontiguousarray(value)
             value = self.to_device(keep_alive)
-        self._held[name] = (value, keep_alive)
-        self.binding.bind_ortvalue_input(name, value)
+        state = self._state()
+        state.held[name] = (value, keep_alive)
+        state.binding.bind_ortvalue_input(name, value)
+        if name in state.set_names:  # a fed value replaces part of the bound set
+            state.set_key = None
+
+    def bind_set(self, key, values: dict[str, tuple]) -> None:
+        """Bind a set of device values (an adapter's vectors, a bank snapshot) on this thread's binding,
+        unless it already holds exactly this set: a switch costs nothing when nothing changed."""
+        state = self._state()
+        if state.set_key is key:
+            return
+        for name, (value, keep_alive) in values.items():
+            state.held[name] = (value, keep_alive)
+            state.binding.bind_ortvalue_input(name, value)
+        state.set_key, state.set_names = key, frozenset(values)
 
     def is_bound(self, name: str) -> bool:
-        return name in self._held
+        return name in self._state().held
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
         """Bind `feeds` (numpy arrays or OrtValues), run, return output name -> OrtValue on the device."""
         for name, value in feeds.items():
             self.bind(name, value)
+        binding = self.binding
         outputs = outputs or self.outputs
-        self.binding.clear_binding_outputs()
+        binding.clear_binding_outputs()
         for name in outputs:
-            self.binding.bind_output(name, *self.device)
+            binding.bind_output(name, *self.device)
         try:
-            self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(binding)
         except Exception as e:
             raise IA3Error(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
-        return dict(zip(outputs, self.binding.get_outputs()))
+        return dict(zip(outputs, binding.get_outputs()))
+
+
+@dataclasses.dataclass
+class _ThreadBinding:
+    """One thread's binding of one graph, the values it borrows, and which bound set it holds."""
+
+    binding: object
+    held: dict = dataclasses.field(default_factory=dict)
+    set_key: object = None
+    set_names: frozenset = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bank:
+    """An immutable bank snapshot: adapter name -> row, and graph -> input -> (OrtValue, array)."""
+
+    rows: dict
+    values: dict
 
 
 @dataclasses.dataclass
@@ -96,9 +147,17 @@ class IA3Session:
         self._check_graph_inputs()
         self.adapters: dict[str, Adapter] = {}
         self.active: str | None = None
+        self._lock = threading.RLock()  # serializes load/unload/set_adapter; runs never take it
+        self._fold = None
+        if self.mode == FOLDSWAP:  # this session's working copy of the targeted weights
+            from .foldswap import WeightFold
+
+            self._fold = WeightFold(self.folder, self.graphs)
         self._identity = self._place("(none)", "", adapter_io.complete({}, self.folder))
         if self.mode == "swappable":
             self._bind_vectors(self._identity)
+        elif self._fold is not None:
+            self._fold.switch(self._identity)
         elif self.mode == "bank":
             self._rebuild_banks()
 
@@ -114,11 +173,13 @@ class IA3Session:
                            "export with --mode swappable or --mode bank to load adapters")
         default, path, vectors = adapter_io.load_vectors(self.folder, source)
         name = adapter_io.check_name(name or default)
-        self.adapters[name] = self._place(name, path, adapter_io.complete(vectors, self.folder))
-        if self.mode == "bank":
-            self._rebuild_banks()
-        elif self.active == name:
-            self._bind_vectors(self.adapters[name])
+        adapter = self._place(name, path, adapter_io.complete(vectors, self.folder))
+        with self._lock:
+            self.adapters[name] = adapter  # runs already going keep the adapter object they picked
+            if self.mode == "bank":
+                self._rebuild_banks()
+            elif self.active == name:
+                self._bind_vectors(adapter)
         return name
 
     def load_shipped_adapters(self) -> list[str]:
@@ -126,21 +187,25 @@ class IA3Session:
         return [self.load_adapter(name) for name in self.folder.adapters] if self.mode != "merged" else []
 
     def unload_adapter(self, name: str) -> None:
-        self._require(name)
-        del self.adapters[name]
-        if self.active == name:
-            self.set_adapter(None)
-        if self.mode == "bank":
-            self._rebuild_banks()
+        with self._lock:
+            self._require(name)
+            del self.adapters[name]
+            if self.active == name:
+                self.set_adapter(None)
+            if self.mode == "bank":
+                self._rebuild_banks()
 
     def set_adapter(self, name: str | None) -> None:
-        """Make `name` (or no adapter: the base model) the active one. Swappable: re-binds device
-        vectors, no host copy. Bank: picks the row used when a run names no adapters."""
-        if name is not None:
-            self._require(name)
-        if self.mode == "swappable" and name != self.active:
-            self._bind_vectors(self.adapters[name] if name else self._identity)
-        self.active = name
+        """Make `name` (or no adapter: the base model) the one used by runs that name none. Swappable:
+        re-binds device vectors on this thread's bindings, no host copy. Bank: picks the default row."""
+        with self._lock:
+            if name is not None:
+                self._require(name)
+            self.active = name
+            if self.mode == "swappable":
+                self._bind_vectors(self.adapters[name] if name else self._identity)
+            elif self._fold is not None:  # fold now, so the next run does not pay for it
+                self._fold.switch(self.adapters[name] if name else self._identity)
 
     def _require(self, name: str) -> None:
         if name not in self.adapters:
@@ -151,7 +216,7 @@ class IA3Session:
 
     def _place(self, name: str, source: str, vectors: dict[str, np.ndarray]) -> Adapter:
         adapter = Adapter(name, source, vectors)
-        if self.mode == "swappable":
+        if self.mode in ("swappable", FOLDSWAP):
             for vector, spec in self.folder.vectors.items():
                 array = vectors[vector]
                 value = self.graphs[spec.graph].to_device(array)
@@ -159,54 +224,74 @@ class IA3Session:
         return adapter
 
     def _bind_vectors(self, adapter: Adapter) -> None:
-        for graph, values in adapter.values.items():
-            bind = self.graphs[graph].bind
-            for vector, (value, array) in values.items():
-                bind(vector, value, array)
+        """Bind an adapter's device vectors on the calling thread's bindings (a no-op if already bound)."""
+        for graph, g in self.graphs.items():
+            g.bind_set(adapter, adapter.values.get(graph, {}))
 
     def _rebuild_banks(self) -> None:
-        """Bank rows: 0 is the base model (ones), then each loaded adapter in load order."""
+        """Bank rows: 0 is the base model (ones), then each loaded adapter in load order. Published as
+        one new snapshot, so a concurrent run uses either the old banks or the new ones, never a mix."""
         rows = [self._identity, *self.adapters.values()]
-        self._rows = {a.name: i for i, a in enumerate(rows)}
-        self._rows[None] = 0
+        values: dict[str, dict] = {}
         for vector, spec in self.folder.vectors.items():
-            self.graphs[spec.graph].bind(vector, np.stack([a.vectors[vector] for a in rows]))
+            array = np.stack([a.vectors[vector] for a in rows])
+            values.setdefault(spec.graph, {})[vector] = (self.graphs[spec.graph].to_device(array), array)
+        self._bank = _Bank({**{a.name: i for i, a in enumerate(rows)}, None: 0}, values)
 
-    def adapter_rows(self, names: list[str | None]) -> np.ndarray:
+    def adapter_rows(self, names: list[str | None], bank: _Bank | None = None) -> np.ndarray:
         """Bank rows for per-row adapter names (None: the base model)."""
+        bank = bank or self._bank
         for name in names:
-            if name is not None:
+            if name not in bank.rows or name == self._identity.name:
                 self._require(name)
-        return np.array([self._rows[n] for n in names], dtype=np.int64)
+                raise IA3Error(f"adapter {name!r} was loaded while this batch started; run it again")
+        return np.array([bank.rows[n] for n in names], dtype=np.int64)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, feeds: dict, graph: str | None = None, adapters: list[str | None] | None = None,
             outputs: list[str] | None = None, as_numpy: bool = True) -> dict:
         """Run one graph. `adapters` names an adapter per batch row (bank exports mix them; swappable
-        ones need them all equal); without it the active adapter applies."""
+        ones need them all equal); without it the active adapter applies. Safe to call from several
+        threads at once; `adapters` applies to this run only."""
         graph = graph or next(iter(self.graphs))
         g = self.graphs[graph]
         feeds = dict(feeds)
-        self._apply_adapters(g, feeds, adapters)
+        adapter = self._apply_adapters(graph, g, feeds, adapters)
         missing = [n for n in g.inputs if n not in feeds and not g.is_bound(n)]
         if missing:
             raise IA3Error(f"input {missing[0]} of graph {graph!r} was not given; the model takes {', '.join(g.inputs)}")
-        results = g.run(feeds, outputs)
+        if self._fold is not None and adapter is not None:  # foldswap: no re-fold while this run reads the weights
+            with self._fold.holding(adapter):
+                results = g.run(feeds, outputs)
+        else:
+            results = g.run(feeds, outputs)
         return {k: v.numpy() for k, v in results.items()} if as_numpy else results
 
-    def _apply_adapters(self, g: Graph, feeds: dict, adapters) -> None:
-        if adapters is not None and self.mode != "bank":
-            names = set(adapters)
+    def _apply_adapters(self, graph: str, g: Graph, feeds: dict, adapters) -> None:
+        """Bind this run's adapter state on the calling thread's binding (nothing if it is already bound)."""
+        if self.mode in ("swappable", FOLDSWAP) or (self.mode == "merged" and adapters is not None):
+            names = set(adapters) if adapters is not None else {self.active}
             if len(names) > 1:
                 raise IA3Error(f"a {self.mode} export runs one adapter per batch, got {len(names)}; export with "
                                "--mode bank to mix adapters in one batch, or group requests by adapter")
-            self.set_adapter(names.pop() if names else None)
-        if self.mode == "bank" and ADAPTER_IDS in g.inputs and ADAPTER_IDS not in feeds:
-            batch = _batch_size(feeds)
-            names = adapters if adapters is not None else [self.active] * batch
-            if len(names) != batch:
-                raise IA3Error(f"{len(names)} adapter names for a batch of {batch}; give one per row")
-            feeds[ADAPTER_IDS] = self.adapter_rows(list(names))
+            name = names.pop() if names else None
+            adapter = self.adapters.get(name) if name is not None else self._identity
+            if adapter is None:
+                self._require(name)
+            if self.mode == "swappable":
+                g.bind_set(adapter, adapter.values.get(graph, {}))
+            elif self._fold is not None:
+                self._fold.bind_weights(graph, g)
+                return adapter
+        elif self.mode == "bank":
+            bank = self._bank  # one snapshot for the ids and the banks
+            g.bind_set(bank, bank.values.get(graph, {}))
+            if ADAPTER_IDS in g.inputs and ADAPTER_IDS not in feeds:
+                batch = _batch_size(feeds)
+                names = adapters if adapters is not None else [self.active] * batch
+                if len(names) != batch:
+                    raise IA3Error(f"{len(names)} adapter names for a batch of {batch}; give one per row")
+                feeds[ADAPTER_IDS] = self.adapter_rows(list(names), bank)
 
     def _check_graph_inputs(self) -> None:
         for vector, spec in self.folder.vectors.items():
@@ -219,8 +304,9 @@ class IA3Session:
     def tokenizer(self):
         from .tokenizer import TextTokenizer
 
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = TextTokenizer(self.folder.path)
+        with self._lock:
+            if not hasattr(self, "_tokenizer"):
+                self._tokenizer = TextTokenizer(self.folder.path)
         return self._tokenizer
 
     def generate(self, prompt: str, adapter: str | None = None, **options) -> str:

@@ -47,7 +47,7 @@ def read_rows(path: str, task: str) -> list[Row]:
     for row in rows:
         if not any(all(_present(row.fields, f) for f in fields) for fields in choices):
             need = " or ".join(" + ".join(f"'{f}'" for f in fields) for fields in choices)
-            have = ", ".join(sorted(row.fields)) or "none"
+            have = ", ".join(k if k.isprintable() else repr(k) for k in sorted(row.fields)) or "none"  # one line
             raise IA3Error(f"{row.where}: the row needs {need} for {task} (its fields: {have})")
     return rows
 
