@@ -152,6 +152,22 @@ def test_generate_batch_text_and_grouping(llama):
         s.run({"input_ids": np.zeros((2, 1), np.int64)}, adapters=["adapter1", "adapter2"])
 
 
+@pytest.mark.parametrize("mode", ["swappable", "bank"])
+def test_generate_uses_the_active_adapter_unless_told_otherwise(llama, mode):
+    from ia3_export.runtime.tokenizer import TextTokenizer
+
+    s = session(llama[mode], llama["a1"])
+    tok = TextTokenizer(llama[mode])
+    prompt = "the cat sat on"
+    want_adapter = tok.decode(peft_greedy(llama["base"], llama["a1"], [tok.encode(prompt)], 6)[0])
+    want_base = tok.decode(peft_greedy(llama["base"], None, [tok.encode(prompt)], 6)[0])
+    assert s.generate(prompt, max_new_tokens=6) == want_base  # nothing active yet
+    s.set_adapter("adapter1")
+    assert s.generate(prompt, max_new_tokens=6) == want_adapter
+    assert s.generate(prompt, adapter=None, max_new_tokens=6) == want_base  # None: the base model, explicitly
+    assert want_adapter != want_base
+
+
 def test_adapter_mismatches_and_names_are_refused(llama, adapter_dir, tmp_path):
     from ia3_export.onnx_adapter import write_onnx_adapter
     from ia3_export.runtime.adapters import check_name

@@ -29,6 +29,9 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ADAPTER_IDS = "adapter_ids"
 
 
+ACTIVE = type("ActiveAdapter", (), {"__repr__": lambda self: "ACTIVE"})()  # "whichever set_adapter chose"
+
+
 class Graph:
     """One InferenceSession; each thread has its own IOBinding, whose inputs keep their last value."""
 
@@ -267,8 +270,9 @@ class IA3Session:
             results = g.run(feeds, outputs)
         return {k: v.numpy() for k, v in results.items()} if as_numpy else results
 
-    def _apply_adapters(self, graph: str, g: Graph, feeds: dict, adapters) -> None:
-        """Bind this run's adapter state on the calling thread's binding (nothing if it is already bound)."""
+    def _apply_adapters(self, graph: str, g: Graph, feeds: dict, adapters) -> Adapter | None:
+        """Bind this run's adapter state on the calling thread's binding (nothing if it is already bound);
+        foldswap returns the adapter whose fold the run must hold."""
         if self.mode in ("swappable", FOLDSWAP) or (self.mode == "merged" and adapters is not None):
             names = set(adapters) if adapters is not None else {self.active}
             if len(names) > 1:
@@ -309,8 +313,9 @@ class IA3Session:
                 self._tokenizer = TextTokenizer(self.folder.path)
         return self._tokenizer
 
-    def generate(self, prompt: str, adapter: str | None = None, **options) -> str:
-        """Generate a continuation of one prompt (options: see `generation.GenerationOptions`)."""
+    def generate(self, prompt: str, adapter: str | None = ACTIVE, **options) -> str:
+        """Generate a continuation of one prompt with `adapter` (None: the base model; left out: the
+        one set_adapter chose). Options: see `generation.GenerationOptions`."""
         return self.generate_batch([(prompt, adapter)], **options)[0]
 
     def generate_batch(self, requests: list[tuple[str, str | None]], **options) -> list[str]:
@@ -321,7 +326,7 @@ class IA3Session:
         tok = self.tokenizer()
         opts = GenerationOptions(**options)
         prompts = [tok.encode(p) for p, _ in requests]
-        names = [a for _, a in requests]
+        names = [self.active if a is ACTIVE else a for _, a in requests]
         if self.mode == "bank":
             outs = generate_ids(self, prompts, names, opts)
         else:
