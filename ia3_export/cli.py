@@ -49,8 +49,8 @@ class LazyGroup(click.Group):
         except Exception as e:  # one line, never a traceback, for every expected failure
             from .errors import IA3Error
 
-            if isinstance(e, IA3Error):
-                click.echo(f"error: {e}", err=True)
+            if isinstance(e, IA3Error):  # one line, even if a message quotes multi-line text
+                click.echo("error: " + " ".join(str(e).split()), err=True)
                 sys.exit(e.exit_code)
             if isinstance(e, OSError):
                 click.echo(f"error: {e.filename or ''}: {e.strerror or e}; check the path, permissions and free space", err=True)

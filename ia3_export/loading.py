@@ -73,10 +73,14 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # a new task head is expected, not worth a load report
     try:
         model = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise IA3Error(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     check_finite_weights(model, model_dir)
     return model.eval()
 
