@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import IA3Config
 from .errors import IA3Error
+from .jsonfile import read_json
 from .safetensors_io import read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -82,11 +83,7 @@ def read_adapter(path: str) -> AdapterFile:
                 "from a trusted environment"
             )
         raise IA3Error(f"{path} has no {WEIGHTS_NAME}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IA3Error(f"{config_path}: not valid JSON ({e})") from None
+    data = read_json(config_path)
     config = IA3Config.from_peft_dict(data, source=config_path)
     tensors = read_safetensors(weights_path)
     adapter = AdapterFile(config=config, tensors=tensors, path=path)

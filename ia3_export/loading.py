@@ -5,11 +5,11 @@ the same message.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 from .errors import IA3Error
+from .jsonfile import read_json
 
 # What a model's `architectures` entry says -> the Auto class that rebuilds that head.
 HEAD_SUFFIXES = {
@@ -33,11 +33,7 @@ def read_model_config(model_dir: str) -> dict:
         raise IA3Error(f"model folder {model_dir} does not exist")
     if not os.path.isfile(path):
         raise IA3Error(f"{model_dir} has no config.json; pass a transformers model folder (save_pretrained output)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IA3Error(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise IA3Error(f"{path}: no model_type; is it a transformers config?")
     return config

@@ -9,6 +9,7 @@ import json
 import os
 
 from .errors import IA3Error
+from .jsonfile import read_json
 
 MANIFEST_NAME = "ia3_export.json"
 FORMAT = "ia3-export"
@@ -48,11 +49,7 @@ def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise IA3Error(f"{folder} has no {MANIFEST_NAME}; is it a folder written by `ia3-export export`?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IA3Error(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IA3Error(f"{path}: not an ia3-export manifest (format is not {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]

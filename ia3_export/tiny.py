@@ -6,7 +6,6 @@ training and tokenizer-copying paths are exercised for real.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 

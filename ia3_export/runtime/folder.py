@@ -6,10 +6,10 @@ a folder without loading its weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from ..errors import IA3Error
+from ..jsonfile import read_json
 from ..manifest import MANIFEST_NAME, MODES, NUMPY_DTYPES, graph_path, read_manifest
 
 
@@ -88,11 +88,7 @@ class ExportedFolder:
         path = os.path.join(self.path, name)
         if not os.path.isfile(path):
             return {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise IA3Error(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
         return data if isinstance(data, dict) else {}
 
 
