@@ -14,7 +14,6 @@ import argparse
 import concurrent.futures
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import random
@@ -24,6 +23,7 @@ import threading
 import time
 
 import numpy as np
+from benchlib import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,11 +102,7 @@ def main() -> None:
     out = {"args": vars(args) | {"work": work}, "results": results,
            "env": {"onnxruntime": ort.__version__, "cpus": os.cpu_count(), "python": platform.python_version(),
                    "load_avg": os.getloadavg(), "when": datetime.datetime.now(datetime.timezone.utc).isoformat()}}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_concurrency.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    write_result(args.out, "bench_concurrency", out, stamp=False)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import time
 
 import numpy as np
+from benchlib import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the GPU machine runs from a copy of the repo
@@ -469,11 +470,7 @@ def main():
     if args.prepare:
         return prepare(args.prepare, args)
     result = run(args.run, args)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_foldswap-{args.provider}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    write_result(args.out, f"bench_foldswap-{args.provider}", result, stamp=False)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ generated token from a cold start (open folder, load adapter, generate one token
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import statistics
@@ -18,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,11 +80,7 @@ def main():
         print(f"{name:<28} {r['median_s'] * 1e3:8.1f} ms  (min {r['min_s'] * 1e3:.1f}, max {r['max_s'] * 1e3:.1f})")
     if not optimum:
         print("optimum-cli: not installed here")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_startup-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print("wrote", path)
+    write_result(args.out, "bench_startup", results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ hits them alike) and the median of the rounds is reported, with the spread. JSON
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+from benchlib import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEVEN_B = {"layers": 32, "k_proj": 1024, "v_proj": 1024, "down_proj": 14336}  # Llama-2/Mistral-7B-shaped IA3 set
@@ -218,11 +218,7 @@ def main():
     results["throughput_8_requests_8_adapters"] = t
     print("throughput", json.dumps(t, indent=1), flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_swap-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print("wrote", path)
+    write_result(args.out, "bench_swap", results)
 
 
 if __name__ == "__main__":
