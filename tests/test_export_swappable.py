@@ -87,8 +87,10 @@ def bank_feeds(folder: str, adapters: list[str]) -> dict[str, np.ndarray]:
     """Row 0 of every bank: ones (no adapter); row k+1: adapters[k] (ones where it has no vector)."""
     m = manifest(folder)
     per = [adapter_vectors(folder, a) for a in adapters]
-    return {v["name"]: np.stack([np.ones(v["dim"], np.float32)] + [p.get(v["name"], np.ones(v["dim"], np.float32)) for p in per])
-            for v in m["vectors"]}
+    ones = {v["name"]: np.ones(v["dim"], np.float32) for v in m["vectors"]}
+    for p in per:  # a bank export ships one-row banks [1, dim]
+        assert all(value.shape == (1, ones[name].size) for name, value in p.items())
+    return {name: np.stack([one] + [p.get(name, one[None]).reshape(-1) for p in per]) for name, one in ones.items()}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt", "bert"])  # opt: tokens flattened before fc2

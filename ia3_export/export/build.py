@@ -277,7 +277,10 @@ def write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype) -> list[d
         if mode != "merged":
             file = f"adapters/{a.name}{SUFFIX}"
             os.makedirs(os.path.join(tmp, "adapters"), exist_ok=True)
-            write_onnx_adapter(os.path.join(tmp, file), adapter_vectors(ia3, a.name, vectors.paths, dtype))
+            tensors = adapter_vectors(ia3, a.name, vectors.paths, dtype)
+            if mode == "bank":  # a one-row bank, as `convert` writes: ORT's own adapter API then runs it (ids 0)
+                tensors = {name: value[None, :] for name, value in tensors.items()}
+            write_onnx_adapter(os.path.join(tmp, file), tensors)
         entries.append({"name": a.name, "file": file, "sha256": sha256_file(os.path.join(a.path, WEIGHTS_NAME))})
     return entries
 
