@@ -155,8 +155,7 @@ class IA3Model(nn.Module):
         """Activate one adapter or several (their vectors multiply); only active ones train."""
         names = (names,) if isinstance(names, str) else tuple(names)
         for n in names:
-            if n not in self.configs:
-                raise IA3Error(f"no adapter named {n!r}; loaded adapters: {', '.join(self.configs) or 'none'}")
+            self._require(n)
         self.active_adapters = names
         for module in [*self.ia3_layers().values(), *self.saved_modules().values()]:
             module.active = names
