@@ -64,3 +64,21 @@ def peft_greedy(model_dir: str, adapter: str | None, prompts, max_new_tokens: in
         new = out[0, len(p):].tolist() if not model.config.is_encoder_decoder else out[0, 1:].tolist()
         outs.append(new[:new.index(eos) + 1] if eos in new else new)
     return outs
+
+
+def open_session(folder, *adapters):
+    """An IA3Session on the folder with the given adapters loaded (names from their folders)."""
+    from ia3_export.runtime import IA3Session
+
+    s = IA3Session(folder)
+    for a in adapters:
+        s.load_adapter(a)
+    return s
+
+
+def prefill_feeds(s, ids, mask):
+    """First-step decoder feeds: position ids from the mask and an empty (past length 0) cache."""
+    from ia3_export.runtime.generation import empty_cache, position_ids
+
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
+            **empty_cache(s.graphs["model"], len(ids), "float32", s.folder.cache)}

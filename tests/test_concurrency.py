@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from runtime_helpers import export_once, padded
+from runtime_helpers import export_once, open_session, padded, prefill_feeds
 
 THREADS = 4
 REQUESTS = 12  # per thread; a bounded soak (the long one is scripts/bench_concurrency.py)
@@ -21,22 +21,6 @@ def llama(tmp_path_factory, model_dir, adapter_dir):
     a1, a2, a3 = (adapter_dir("llama", seed=s) for s in (1, 2, 3))
     return {"a1": a1, "a2": a2, "a3": a3,
             **{mode: export_once(tmp_path_factory, base, mode, [a1, a2]) for mode in ("swappable", "bank")}}
-
-
-def open_session(folder, *adapters):
-    from ia3_export.runtime import IA3Session
-
-    s = IA3Session(folder)
-    for a in adapters:
-        s.load_adapter(a)
-    return s
-
-
-def feeds(s, ids, mask):
-    from ia3_export.runtime.generation import empty_cache, position_ids
-
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-            **empty_cache(s.graphs["model"], len(ids), "float32", s.folder.cache)}
 
 
 def requests(mode: str) -> list[tuple]:
@@ -54,7 +38,7 @@ def answer(s, request):
     kind, adapters = request
     ids, mask = padded()
     if kind == "logits":
-        return s.run(feeds(s, ids, mask), adapters=adapters)["logits"]
+        return s.run(prefill_feeds(s, ids, mask), adapters=adapters)["logits"]
     rows = ["adapter1", "adapter2"] if adapters == "mixed" else [adapters, adapters]
     return np.array(generate_ids(s, [[5, 6, 7, 8], [9, 10, 11, 12]], rows, GenerationOptions(max_new_tokens=5)))
 
@@ -113,19 +97,19 @@ def test_each_thread_keeps_its_own_binding(llama):
     """A switch on one thread does not move another thread's bound adapter (per-thread IOBinding)."""
     s = open_session(llama["swappable"], llama["a1"], llama["a2"])
     ids, mask = padded()
-    reference = {n: s.run(feeds(s, ids, mask), adapters=[n, n])["logits"] for n in ("adapter1", "adapter2")}
+    reference = {n: s.run(prefill_feeds(s, ids, mask), adapters=[n, n])["logits"] for n in ("adapter1", "adapter2")}
     ready, switched, out = threading.Event(), threading.Event(), {}
 
     def other():
         s.set_adapter("adapter1")  # binds adapter1 on THIS thread
         ready.set()
         switched.wait(30)
-        out["other"] = s.run(feeds(s, ids, mask), adapters=["adapter1", "adapter1"])["logits"]
+        out["other"] = s.run(prefill_feeds(s, ids, mask), adapters=["adapter1", "adapter1"])["logits"]
 
     t = threading.Thread(target=other)
     t.start()
     ready.wait(30)
-    out["main"] = s.run(feeds(s, ids, mask), adapters=["adapter2", "adapter2"])["logits"]
+    out["main"] = s.run(prefill_feeds(s, ids, mask), adapters=["adapter2", "adapter2"])["logits"]
     switched.set()
     t.join(30)
     np.testing.assert_allclose(out["main"], reference["adapter2"], atol=1e-6)

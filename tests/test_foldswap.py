@@ -11,7 +11,7 @@ import pytest
 
 from ia3_export.compare import compare
 from ia3_export.errors import IA3Error
-from runtime_helpers import PROMPTS, export_once, padded, peft_greedy, peft_logits
+from runtime_helpers import PROMPTS, export_once, open_session, padded, peft_greedy, peft_logits, prefill_feeds
 
 MERGED_ATOL = 1e-5  # issue 9: fp32 CPU, equal to the merged export of the same adapter
 PEFT_ATOL = 1e-4
@@ -46,22 +46,6 @@ def llama(tmp_path_factory, model_dir, adapter_dir):
             "merged_a2": export_once(tmp_path_factory, base, "merged", [a2])}
 
 
-def session(folder, *adapters):
-    from ia3_export.runtime import IA3Session
-
-    s = IA3Session(folder)
-    for a in adapters:
-        s.load_adapter(a)
-    return s
-
-
-def feeds_for(s, ids, mask):
-    from ia3_export.runtime.generation import empty_cache, position_ids
-
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-            **empty_cache(s.graphs["model"], len(ids), "float32", s.folder.cache)}
-
-
 def assert_close(name, reference, actual, mask, atol):
     keep = mask.astype(bool)
     result = compare(name, reference[keep], actual[keep], atol=atol, rtol=atol)
@@ -69,10 +53,10 @@ def assert_close(name, reference, actual, mask, atol):
 
 
 def test_equals_merged_and_peft_per_adapter_switching_back_and_forth(llama):
-    s = session(llama["foldswap"], llama["a1"], llama["a2"], llama["zeros"])
+    s = open_session(llama["foldswap"], llama["a1"], llama["a2"], llama["zeros"])
     ids, mask = padded()
-    feeds = feeds_for(s, ids, mask)
-    merged = {name: session(llama[folder]).run(feeds)["logits"]
+    feeds = prefill_feeds(s, ids, mask)
+    merged = {name: open_session(llama[folder]).run(feeds)["logits"]
               for name, folder in ((None, "merged"), ("adapter1", "merged_a1"), ("adapter2", "merged_a2"))}
     peft = {None: peft_logits(llama["base"], None, ids, mask), "adapter1": peft_logits(llama["base"], llama["a1"], ids, mask),
             "zeros": peft_logits(llama["base"], llama["zeros"], ids, mask)}
@@ -87,10 +71,10 @@ def test_equals_merged_and_peft_per_adapter_switching_back_and_forth(llama):
 
 
 def test_runs_as_the_base_model_when_opened_and_generates_like_transformers(llama):
-    s = session(llama["foldswap"])
+    s = open_session(llama["foldswap"])
     ids, mask = padded()
-    feeds = feeds_for(s, ids, mask)
-    assert_close("opened", session(llama["merged"]).run(feeds)["logits"], s.run(feeds)["logits"], mask, MERGED_ATOL)
+    feeds = prefill_feeds(s, ids, mask)
+    assert_close("opened", open_session(llama["merged"]).run(feeds)["logits"], s.run(feeds)["logits"], mask, MERGED_ATOL)
     from ia3_export.runtime import GenerationOptions, generate_ids
 
     s.load_shipped_adapters()
@@ -103,22 +87,22 @@ def test_an_onnx_adapter_file_selects_the_same_weights_as_its_peft_folder(llama,
 
     path = str(tmp_path / "a2.onnx_adapter")
     convert_adapter(llama["a2"], llama["foldswap"], path)
-    s = session(llama["foldswap"], path)
+    s = open_session(llama["foldswap"], path)
     ids, mask = padded()
-    feeds = feeds_for(s, ids, mask)
+    feeds = prefill_feeds(s, ids, mask)
     s.set_adapter("a2")
-    assert_close("onnx_adapter", session(llama["merged_a2"]).run(feeds)["logits"], s.run(feeds)["logits"], mask,
+    assert_close("onnx_adapter", open_session(llama["merged_a2"]).run(feeds)["logits"], s.run(feeds)["logits"], mask,
                  MERGED_ATOL)
 
 
 def test_threads_with_different_adapters_never_read_a_working_copy_folded_for_another(llama):
     """Two threads hammer ONE session, each with its own adapter: every run must equal that adapter's
     merged export, although each run may need a re-fold of the shared working copy."""
-    s = session(llama["foldswap"], llama["a1"], llama["a2"])
+    s = open_session(llama["foldswap"], llama["a1"], llama["a2"])
     ids, mask = padded()
-    feeds = feeds_for(s, ids, mask)
-    expected = {"adapter1": session(llama["merged_a1"]).run(feeds)["logits"],
-                "adapter2": session(llama["merged_a2"]).run(feeds)["logits"]}
+    feeds = prefill_feeds(s, ids, mask)
+    expected = {"adapter1": open_session(llama["merged_a1"]).run(feeds)["logits"],
+                "adapter2": open_session(llama["merged_a2"]).run(feeds)["logits"]}
     errors = []
 
     def worker(name):
@@ -137,7 +121,7 @@ def test_threads_with_different_adapters_never_read_a_working_copy_folded_for_an
 
 
 def test_a_switch_waits_for_runs_reading_the_working_copy(llama):
-    s = session(llama["foldswap"], llama["a1"], llama["a2"])
+    s = open_session(llama["foldswap"], llama["a1"], llama["a2"])
     s.set_adapter("adapter1")
     first = s.adapters["adapter1"]
     switch = threading.Thread(target=s.set_adapter, args=("adapter2",))
@@ -151,12 +135,12 @@ def test_a_switch_waits_for_runs_reading_the_working_copy(llama):
 
 
 def test_sessions_have_their_own_working_copy(llama):
-    one, two = session(llama["foldswap"], llama["a1"]), session(llama["foldswap"], llama["a2"])
+    one, two = open_session(llama["foldswap"], llama["a1"]), open_session(llama["foldswap"], llama["a2"])
     ids, mask = padded()
-    feeds = feeds_for(one, ids, mask)
+    feeds = prefill_feeds(one, ids, mask)
     one.set_adapter("adapter1")
     two.set_adapter("adapter2")  # must not change what `one` reads
-    assert_close("session one", session(llama["merged_a1"]).run(feeds)["logits"], one.run(feeds)["logits"], mask,
+    assert_close("session one", open_session(llama["merged_a1"]).run(feeds)["logits"], one.run(feeds)["logits"], mask,
                  MERGED_ATOL)
 
 
@@ -190,12 +174,12 @@ def test_gpt2_conv1d_with_bias_equals_merged(tmp_path_factory, model_dir, adapte
     from ia3_export.manifest import read_manifest
 
     assert any(w["name"].endswith("c_attn.bias") for w in read_manifest(folder)["weights"])
-    s = session(folder)
+    s = open_session(folder)
     s.load_shipped_adapters()
     s.set_adapter("adapter1")
     ids, mask = padded()
-    feeds = feeds_for(s, ids, mask)
-    assert_close("gpt2", session(merged).run(feeds)["logits"], s.run(feeds)["logits"], mask, MERGED_ATOL)
+    feeds = prefill_feeds(s, ids, mask)
+    assert_close("gpt2", open_session(merged).run(feeds)["logits"], s.run(feeds)["logits"], mask, MERGED_ATOL)
 
 
 def test_refuses_what_it_cannot_export_or_load(llama, tmp_path, adapter_dir):
@@ -204,7 +188,7 @@ def test_refuses_what_it_cannot_export_or_load(llama, tmp_path, adapter_dir):
     with pytest.raises(IA3Error, match="torchscript"):
         export_model(llama["base"], str(tmp_path / "x"), mode="foldswap", exporter="dynamo")
     assert not os.path.exists(tmp_path / "x")
-    s = session(llama["foldswap"])
+    s = open_session(llama["foldswap"])
     other = adapter_dir("llama", seed=3, target_modules=r".*\.q_proj")
     with pytest.raises(IA3Error, match="not a vector input"):
         s.load_adapter(other)

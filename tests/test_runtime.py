@@ -2,14 +2,13 @@
 ONNX Runtime's own adapter API, and per-row runs for bank batches (fp32, CPU)."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from ia3_export.compare import compare
 from ia3_export.errors import IA3Error
-from runtime_helpers import PROMPTS, export_once, padded, peft_greedy, peft_logits
+from runtime_helpers import PROMPTS, export_once, open_session, padded, peft_greedy, peft_logits, prefill_feeds
 
 ATOL = 1e-4
 
@@ -26,22 +25,6 @@ def llama(tmp_path_factory, model_dir, adapter_dir):
     }
 
 
-def session(folder, *adapters):
-    from ia3_export.runtime import IA3Session
-
-    s = IA3Session(folder)
-    for a in adapters:
-        s.load_adapter(a)
-    return s
-
-
-def prefill_feeds(s, ids, mask):
-    from ia3_export.runtime.generation import empty_cache, position_ids
-
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-            **empty_cache(s.graphs["model"], len(ids), "float32", s.folder.cache)}
-
-
 def assert_close(name, reference, actual, mask):
     result = compare(name, reference[mask.astype(bool)], actual[mask.astype(bool)], atol=ATOL, rtol=ATOL)
     assert result.passed, result.line()
@@ -49,7 +32,7 @@ def assert_close(name, reference, actual, mask):
 
 @pytest.mark.parametrize("mode", ["swappable", "bank"])
 def test_logits_match_peft_per_adapter_and_switch_back(llama, mode):
-    s = session(llama[mode], llama["a1"], llama["a2"])
+    s = open_session(llama[mode], llama["a1"], llama["a2"])
     ids, mask = padded()
     feeds = prefill_feeds(s, ids, mask)
     references = {name: peft_logits(llama["base"], llama[name] if name else None, ids, mask) for name in (None, "a1", "a2")}
@@ -60,7 +43,7 @@ def test_logits_match_peft_per_adapter_and_switch_back(llama, mode):
 
 
 def test_merged_folder_matches_peft_and_takes_no_adapters(llama):
-    s = session(llama["merged"])
+    s = open_session(llama["merged"])
     ids, mask = padded()
     assert_close("merged", peft_logits(llama["base"], llama["a1"], ids, mask), s.run(prefill_feeds(s, ids, mask))["logits"], mask)
     with pytest.raises(IA3Error, match="merged export"):
@@ -69,7 +52,7 @@ def test_merged_folder_matches_peft_and_takes_no_adapters(llama):
 
 @pytest.mark.parametrize("past", [0, 3])
 def test_bank_mixed_batch_equals_per_row_runs(llama, past):
-    s = session(llama["bank"], llama["a1"], llama["a2"])
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
     rng = np.random.default_rng(0)
     names = ["adapter1", "adapter2", None]
     ids = rng.integers(3, 300, (3, 4))
@@ -90,7 +73,7 @@ def test_bank_mixed_batch_equals_per_row_runs(llama, past):
 
 
 def test_bank_rows_follow_loading_and_unloading(llama):
-    s = session(llama["bank"], llama["a1"], llama["a2"])
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
     ids, mask = padded()
     feeds = prefill_feeds(s, ids, mask)
     before = s.run(feeds, adapters=["adapter2", "adapter2"])["logits"]
@@ -102,7 +85,7 @@ def test_bank_rows_follow_loading_and_unloading(llama):
 
 
 def test_shipped_adapter_equals_peft_folder(llama):
-    s = session(llama["swappable"])
+    s = open_session(llama["swappable"])
     assert s.load_shipped_adapters() == ["adapter1", "adapter2"]
     ids, mask = padded()
     feeds = prefill_feeds(s, ids, mask)
@@ -117,7 +100,7 @@ def test_shipped_adapter_equals_peft_folder(llama):
 def test_greedy_generation_matches_transformers_per_adapter(llama, mode):
     from ia3_export.runtime import GenerationOptions, generate_ids
 
-    s = session(llama[mode], llama["a1"], llama["a2"])
+    s = open_session(llama[mode], llama["a1"], llama["a2"])
     options = GenerationOptions(max_new_tokens=8)
     if mode == "bank":  # one batch, a different adapter per row, left-padded
         got = generate_ids(s, PROMPTS, ["adapter1", "adapter2"], options)
@@ -131,7 +114,7 @@ def test_greedy_generation_matches_transformers_per_adapter(llama, mode):
 def test_generation_stops_at_eos_and_samples_reproducibly(llama):
     from ia3_export.runtime import GenerationOptions, generate_ids
 
-    s = session(llama["swappable"], llama["a1"])
+    s = open_session(llama["swappable"], llama["a1"])
     greedy = generate_ids(s, PROMPTS, None, GenerationOptions(max_new_tokens=6))
     tiny_nucleus = generate_ids(s, PROMPTS, None, GenerationOptions(max_new_tokens=6, do_sample=True, top_p=1e-9, seed=1))
     assert tiny_nucleus == greedy  # a nucleus of one token is the argmax
@@ -144,7 +127,7 @@ def test_generation_stops_at_eos_and_samples_reproducibly(llama):
 
 
 def test_generate_batch_text_and_grouping(llama):
-    s = session(llama["swappable"], llama["a1"], llama["a2"])
+    s = open_session(llama["swappable"], llama["a1"], llama["a2"])
     texts = s.generate_batch([("hello", "adapter1"), ("hi", "adapter2"), ("hey", "adapter1")], max_new_tokens=4)
     singles = [s.generate(p, adapter=a, max_new_tokens=4) for p, a in [("hello", "adapter1"), ("hi", "adapter2"), ("hey", "adapter1")]]
     assert texts == singles
@@ -156,7 +139,7 @@ def test_generate_batch_text_and_grouping(llama):
 def test_generate_uses_the_active_adapter_unless_told_otherwise(llama, mode):
     from ia3_export.runtime.tokenizer import TextTokenizer
 
-    s = session(llama[mode], llama["a1"])
+    s = open_session(llama[mode], llama["a1"])
     tok = TextTokenizer(llama[mode])
     prompt = "the cat sat on"
     want_adapter = tok.decode(peft_greedy(llama["base"], llama["a1"], [tok.encode(prompt)], 6)[0])
@@ -172,7 +155,7 @@ def test_adapter_mismatches_and_names_are_refused(llama, adapter_dir, tmp_path):
     from ia3_export.onnx_adapter import write_onnx_adapter
     from ia3_export.runtime.adapters import check_name
 
-    s = session(llama["swappable"])
+    s = open_session(llama["swappable"])
     other_targets = adapter_dir("llama", seed=3, target_modules=("q_proj", "v_proj"), feedforward_modules=())
     with pytest.raises(IA3Error, match=r"q_proj\.ia3_l is not a vector input .* other target_modules"):
         s.load_adapter(other_targets)
@@ -196,7 +179,7 @@ def test_seq2seq_greedy_generation_matches_transformers(tmp_path_factory, model_
     from ia3_export.runtime import GenerationOptions, generate_ids
 
     base, a1 = model_dir("t5"), adapter_dir("t5", seed=1)
-    s = session(export_once(tmp_path_factory, base, "swappable", [a1]), a1)
+    s = open_session(export_once(tmp_path_factory, base, "swappable", [a1]), a1)
     prompts = [[5, 6, 7, 8, 9, 2], [11, 12, 2]]  # right-padded into one encoder batch
     assert generate_ids(s, prompts, ["adapter1"] * 2, GenerationOptions(max_new_tokens=6)) == peft_greedy(base, a1, prompts, 6)
 
@@ -209,6 +192,6 @@ def test_generate_command(llama):
     run = lambda *args: CliRunner().invoke(main, ["generate", *args])  # noqa: E731
     result = run(llama["bank"], "--adapter", "adapter2", "--prompt", "hello", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
-    assert result.output == session(llama["bank"], llama["a2"]).generate("hello", adapter="adapter2", max_new_tokens=5) + "\n"
+    assert result.output == open_session(llama["bank"], llama["a2"]).generate("hello", adapter="adapter2", max_new_tokens=5) + "\n"
     result = run(llama["merged"], "--adapter", llama["a2"], "--prompt", "hello")
     assert result.exit_code == 2 and "merged export" in result.output
