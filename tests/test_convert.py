@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ia3_export.cli import main
-from runtime_helpers import export_once, padded
+from runtime_helpers import export_once, padded, prefill_feeds
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,6 @@ def test_converted_file_works_with_onnxruntime_own_adapter_api(exports, mode, tm
     from ia3_export.adapter_format import read_adapter
     from ia3_export.onnx_adapter import read_onnx_adapter
     from ia3_export.runtime import IA3Session
-    from ia3_export.runtime.generation import empty_cache, position_ids
 
     out = str(tmp_path / "a1.onnx_adapter")
     result = convert(exports["a1"], "--model", exports[mode], "--out", out)
@@ -41,8 +40,7 @@ def test_converted_file_works_with_onnxruntime_own_adapter_api(exports, mode, tm
     ours = IA3Session(exports[mode])
     ours.set_adapter(ours.load_adapter(exports["a1"]))
     ids, mask = padded()
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-             **empty_cache(ours.graphs["model"], 2, "float32", ours.folder.cache)}
+    feeds = prefill_feeds(ours, ids, mask)
     expected = ours.run(feeds)["logits"]
 
     adapter = ort.LoraAdapter()
