@@ -7,6 +7,7 @@ bad usage or input, 1 for a check that failed.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
