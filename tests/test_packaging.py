@@ -67,3 +67,19 @@ def _resolved(requirement: str) -> set[str]:
 def test_each_install_resolves_exactly_one_onnxruntime(extras, runtime):
     names = _resolved(f"{WHEEL}[{extras}]")
     assert {n for n in names if n.startswith("onnxruntime")} == {runtime}, sorted(names)
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "convert", "parity"])
+def test_help_names_every_export_mode(command):
+    """Each command that reads or writes an exported folder names all four modes in its help."""
+    from ia3_export.manifest import MODES
+
+    text = run_cli(command, "--help").stdout
+    assert all(mode in text for mode in MODES), (command, [m for m in MODES if m not in text])
+
+
+def test_runtime_session_docstring_names_every_mode():
+    from ia3_export.manifest import MODES
+    from ia3_export.runtime import IA3Session
+
+    assert all(mode in IA3Session.__doc__ for mode in MODES)
