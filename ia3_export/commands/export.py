@@ -1,6 +1,8 @@
 """`ia3-export export MODEL_DIR --out ONNX_DIR --mode merged|swappable|bank|foldswap [--adapter DIR]...`."""
 import click
 
+from . import progress_option
+
 TASKS = ["text-generation-with-past", "text-generation", "text-classification", "feature-extraction",
          "text2text-generation-with-past"]
 
@@ -33,6 +35,7 @@ def _modules(value):
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter (see docs/export.md for the measured comparison).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@progress_option
 def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter, force):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..export import export_model

@@ -1,6 +1,8 @@
 """`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]...`: exit 0 pass, 1 fail, 2 bad usage/input."""
 import click
 
+from . import progress_option
+
 
 @click.command("parity")
 @click.argument("model_dir", type=click.Path(file_okay=False))
@@ -21,6 +23,7 @@ import click
               help="Write the full report as JSON (replaced if it exists, as pytest's --junitxml is).")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
               help="Write JUnit XML (one test case per output comparison) for CI (replaced if it exists).")
+@progress_option
 def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol, tf32, greedy_steps, json_path,
             junit_path):
     """Check an exported folder against its PyTorch model (adapters unmerged) on ONNX Runtime."""
