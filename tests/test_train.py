@@ -183,6 +183,8 @@ def test_tiny_causal_lm_example_learns_to_say_the_sound(tmp_path):
     assert result["metrics"]["eval_loss"] < result["metrics"]["eval_loss_before"]
     held_out = {s["prompt"]: s["adapter"] for s in result["samples"]}
     assert held_out["the frog "] == "croaks." and held_out["the sheep "] == "bleats."
+    base = {s["prompt"]: s["base"] for s in result["samples"]}  # the base says the colour, held-out animals too
+    assert base["the frog "] == "is green." and base["the sheep "] == "is cream."
     with open(os.path.join(result["adapter_dir"], "adapter_config.json")) as f:
         assert json.load(f)["base_model_name_or_path"] == result["base_dir"]
     assert sorted(os.listdir(tmp_path)) == ["toy"]
