@@ -1,12 +1,10 @@
 """`ia3-export demo` fails loudly: a failed stage shows in the table's last line and the exit code.
 
-The installed console script runs with a `sitecustomize` on PYTHONPATH (Python imports it at
-start-up) that breaks the fold for real and swaps the slow MiniLM and toy-LM stages for one that
-raises, so the check is seconds, not the full demo's minutes.
+The installed console script runs with a preload (run_cli's `sitecustomize`) that breaks the fold
+for real and swaps the slow MiniLM and toy-LM stages for one that raises, so the check takes
+seconds, not the full demo's minutes.
 """
 from __future__ import annotations
-
-import textwrap
 
 from cli_helpers import assert_one_line_error, run_cli
 
@@ -38,9 +36,7 @@ demo.STAGES = (demo.core_stage, exporter_stage)
 
 
 def test_failed_stages_show_in_the_last_line_and_the_exit_code(tmp_path):
-    (tmp_path / "patch").mkdir()
-    (tmp_path / "patch" / "sitecustomize.py").write_text(textwrap.dedent(BREAKAGE))
-    result = run_cli("demo", "--workdir", tmp_path / "demo", env={"PYTHONPATH": str(tmp_path / "patch")})
+    result = run_cli("demo", "--workdir", tmp_path / "demo", preload=BREAKAGE)
     line = assert_one_line_error(result, 1, "the demo failed 2 of 4 stages (fold into weights, exporter stage)")
     table = result.stdout.strip().splitlines()
     assert table[-1].split()[:2] == ["total", "FAIL"], table
@@ -52,9 +48,7 @@ def test_failed_stages_show_in_the_last_line_and_the_exit_code(tmp_path):
 
 def test_a_passing_demo_says_so_in_the_last_line(tmp_path):
     """The same script with only the (real, unbroken) core stage: exit 0, `total ok`."""
-    (tmp_path / "patch").mkdir()
-    (tmp_path / "patch" / "sitecustomize.py").write_text("import ia3_export.demo as d\nd.STAGES = (d.core_stage,)\n")
-    result = run_cli("demo", "--workdir", tmp_path / "demo", env={"PYTHONPATH": str(tmp_path / "patch")})
+    result = run_cli("demo", "--workdir", tmp_path / "demo", preload="import ia3_export.demo as d\nd.STAGES = (d.core_stage,)\n")
     assert result.exit_code == 0, result.output
     last = result.stdout.strip().splitlines()[-1]
     assert last.split()[:2] == ["total", "ok"] and "all 3 stages passed;" in last, last
