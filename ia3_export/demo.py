@@ -166,9 +166,11 @@ def run_demo(workdir: str, quick: bool = False) -> Report:
     for stage in STAGES:
         try:
             stage(workdir, report, quick)
+        except ImportError:  # a missing extra is a set-up problem: the CLI names what to install
+            raise
         except Exception as e:  # a smoke test reports every stage, so one broken stage stops no other
             traceback.print_exc(file=sys.stdout)
-            report.add(stage.__name__.replace("_", " "), f"stopped: {type(e).__name__}: {e}", False)
+            report.add(stage.__name__.replace("_", " "), f"stopped: {type(e).__name__}: {' '.join(str(e).split())}", False)
     failed, stages = report.failed, len(report.rows)
     report.add_total(f"{time.perf_counter() - start:.1f} s, outputs in {workdir}")
     print()
