@@ -72,6 +72,16 @@ def generate_ids(session, prompts: list[list[int]], adapters: list[str | None] |
     return _generate_decoder(session, prompts, adapters, options)
 
 
+def max_positions(config: dict) -> int | None:
+    """The most positions a model takes (config.json's max_position_embeddings, GPT-2's n_positions);
+    None where the config sets no limit (T5's relative positions)."""
+    text = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(text.get(key), int) and not isinstance(text.get(key), bool):
+            return text[key]
+    return None
+
+
 def _left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad, dtype=np.int64)
