@@ -313,10 +313,33 @@ class IA3Session:
                 self._tokenizer = TextTokenizer(self.folder.path)
         return self._tokenizer
 
-    def generate(self, prompt: str, adapter: str | None = ACTIVE, **options) -> str:
+    def generate(self, prompt: str, adapter: str | None = ACTIVE, stream: bool = False, **options):
         """Generate a continuation of one prompt with `adapter` (None: the base model; left out: the
-        one set_adapter chose). Options: see `generation.GenerationOptions`."""
+        one set_adapter chose). Options: see `generation.GenerationOptions`. With stream=True, an
+        iterator of text pieces as the tokens come (see `stream`)."""
+        if stream:
+            return self.stream(prompt, adapter, **options)
         return self.generate_batch([(prompt, adapter)], **options)[0]
+
+    def stream(self, prompt: str, adapter: str | None = ACTIVE, **options):
+        """Yield the continuation of one prompt in text pieces, each as soon as its tokens are chosen;
+        a piece never splits a UTF-8 character, and the pieces join to `generate`'s text."""
+        from .generation import GenerationOptions, TextStream, iter_tokens
+
+        tok = self.tokenizer()
+        name = self.active if adapter is ACTIVE else adapter
+        steps = iter_tokens(self, [tok.encode(prompt)], [name], GenerationOptions(**options), tok.decode)
+
+        def pieces():
+            text = TextStream(tok.decode)
+            for step in steps:
+                piece = text.push(step[0])
+                if piece:
+                    yield piece
+            rest = text.finish()
+            if rest:
+                yield rest
+        return pieces()
 
     def generate_batch(self, requests: list[tuple[str, str | None]], **options) -> list[str]:
         """Generate for (prompt, adapter name) requests: one batch in bank mode; grouped by adapter
@@ -328,12 +351,13 @@ class IA3Session:
         prompts = [tok.encode(p) for p, _ in requests]
         names = [self.active if a is ACTIVE else a for _, a in requests]
         if self.mode == "bank":
-            outs = generate_ids(self, prompts, names, opts)
+            outs = generate_ids(self, prompts, names, opts, tok.decode)
         else:
             outs = [None] * len(requests)
             for name in dict.fromkeys(names):
                 rows = [i for i, n in enumerate(names) if n == name]
-                for i, ids in zip(rows, generate_ids(self, [prompts[i] for i in rows], [name] * len(rows), opts)):
+                for i, ids in zip(rows, generate_ids(self, [prompts[i] for i in rows], [name] * len(rows), opts,
+                                                     tok.decode)):
                     outs[i] = ids
         return [tok.decode(ids) for ids in outs]
 
