@@ -148,44 +148,50 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
         raise IA3Error(f"{session.folder.path} is a {session.folder.task or 'non-generative'} export; generation "
                        "needs a causal-lm or seq2seq-lm export")
     steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq)
-    rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode)
+    rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
     loop = _seq2seq_logits if seq2seq else _decoder_logits
-    return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options), session.folder.pad_id())
+    return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
 
 
-def _steps(logits_loop, rows, choose, pad) -> Iterator[dict[int, int]]:
+def _steps(logits_loop, rows, choose) -> Iterator[dict[int, int]]:
     """Drive a loop that yields last-position logits and receives the next tokens (pad for finished rows)."""
     try:
         logits = next(logits_loop)
         while True:
-            token = np.where(rows.done, pad, choose(logits))
-            yield rows.advance(token)
-            if rows.done.all():
+            emitted, tokens = rows.advance(choose(logits))
+            yield emitted
+            if not rows.live:
                 return
-            logits = logits_loop.send(token)
+            logits = logits_loop.send(tokens)
     except StopIteration:
         return
 
 
 class _Rows:
-    """Which rows still generate: a row ends after EOS or once its text contains a stop string."""
+    """Which rows still generate: a row ends after EOS or once its text contains a stop string. Plain
+    Python on purpose: batches are small and this runs once per token."""
 
-    def __init__(self, batch: int, eos: set[int], stops: list[str] | None, decode):
-        self.done = np.zeros(batch, dtype=bool)
-        self.eos = np.array(sorted(eos), dtype=np.int64)
+    def __init__(self, batch: int, eos: set[int], stops: list[str] | None, decode, pad: int):
+        self.live, self.eos, self.pad = list(range(batch)), eos, pad
         self.stops, self.decode = stops or [], decode
-        self.tokens = [[] for _ in range(batch)] if self.stops else None
+        self.tokens = [[] for _ in range(batch)]
 
-    def advance(self, token: np.ndarray) -> dict[int, int]:
-        live = np.flatnonzero(~self.done)
-        emitted = {int(r): int(token[r]) for r in live}
-        self.done |= np.isin(token, self.eos)
-        for r in live if self.stops else ():
-            self.tokens[r].append(int(token[r]))
-            text = self.decode(self.tokens[r])
-            if any(stop in text for stop in self.stops):
-                self.done[r] = True
-        return emitted
+    def advance(self, chosen: np.ndarray) -> tuple[dict[int, int], list[int]]:
+        """({row: token} for the rows that were live, the tokens to feed next: pad for finished rows)."""
+        chosen = chosen.tolist()
+        emitted, feed, live = {}, [self.pad] * len(chosen), []
+        for r in self.live:
+            token = emitted[r] = feed[r] = chosen[r]
+            if token in self.eos or (self.stops and self._stopped(r, token)):
+                continue
+            live.append(r)
+        self.live = live
+        return emitted, feed
+
+    def _stopped(self, row: int, token: int) -> bool:
+        self.tokens[row].append(token)
+        text = self.decode(self.tokens[row])
+        return any(stop in text for stop in self.stops)
 
 
 def max_positions(config: dict) -> int | None:
@@ -270,7 +276,7 @@ def _decoder_logits(session, prompts, adapters, steps):
     next_position = mask.sum(-1, keepdims=True)  # transformers' rule for the token after each prompt
     for step in range(steps):
         results = session.run(feeds, graph="model", adapters=adapters, outputs=outputs, as_numpy=False)
-        token = (yield results["logits"].numpy()[:, -1, :])[:, None].astype(np.int64)
+        token = np.array((yield results["logits"].numpy()[:, -1, :]), dtype=np.int64)[:, None]
         if step == steps - 1:
             return
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
@@ -312,7 +318,7 @@ def _seq2seq_logits(session, prompts, adapters, steps):
     outputs = [decoder.outputs[0], *cache]
     for step in range(steps):
         results = session.run(feeds, graph="decoder", adapters=adapters, outputs=outputs, as_numpy=False)
-        token = (yield results[outputs[0]].numpy()[:, -1, :])[:, None].astype(np.int64)
+        token = np.array((yield results[outputs[0]].numpy()[:, -1, :]), dtype=np.int64)[:, None]
         if step == steps - 1:
             return
         tokens = np.concatenate([tokens, token], axis=1)
