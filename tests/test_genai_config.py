@@ -62,3 +62,24 @@ def test_bank_and_foldswap_say_why_genai_cannot_serve_them(tmp_path_factory, mod
 def test_encoder_export_is_not_for_genai(tmp_path_factory, model_dir):
     folder = export_once(tmp_path_factory, model_dir("bert"), "merged", [])
     assert "text-generation-with-past" in read(folder, "ia3_export.json")["genai"]["reason"]
+
+
+def test_export_time_check_runs_genai_and_fails_on_a_config_it_cannot_serve(tmp_path_factory, tmp_path, model_dir,
+                                                                           adapter_dir):
+    """Where onnxruntime_genai is importable, export loads the folder with it and compares greedy tokens;
+    a config that does not describe the graph is a failed check (exit 1), naming genai."""
+    import shutil
+
+    pytest.importorskip("onnxruntime_genai")
+    from ia3_export.errors import CheckFailed
+    from ia3_export.export.genai import validate_with_genai
+
+    folder = export_once(tmp_path_factory, model_dir("llama"), "merged", [adapter_dir("llama")])
+    manifest = read(folder, "ia3_export.json")
+    assert validate_with_genai(folder, manifest) == __import__("onnxruntime_genai").__version__
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    genai = read(broken, "genai_config.json")
+    genai["model"]["decoder"]["outputs"]["present_key_names"] = "present_%d_key"  # not the graph's names
+    (broken / "genai_config.json").write_text(json.dumps(genai))
+    with pytest.raises(CheckFailed, match="onnxruntime-genai 0.18.0 cannot serve this export"):
+        validate_with_genai(str(broken), manifest)
