@@ -8,6 +8,7 @@ whole: one vector per module is all PEFT's format can hold, so the query slice i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Iterable
 
@@ -171,9 +172,31 @@ def matches(name: str, patterns: Targets, *, suffix_needs_dot: bool = True) -> b
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return linear_regex(patterns).fullmatch(name) is not None
     sep = "." if suffix_needs_dot else ""
     return any(name == p or name.endswith(sep + p) for p in patterns)
+
+
+@functools.lru_cache(maxsize=64)
+def linear_regex(pattern: str):
+    """`pattern` compiled by RE2, whose matching time is linear in the name's length.
+
+    Python's `re` backtracks: `(.*.*)*X` against one module name never finishes, and the pattern
+    comes from an adapter_config.json anyone can write. On ASCII names (module names are) RE2
+    gives `re.fullmatch`'s answer for every pattern it accepts; the constructs that need
+    backtracking (look-arounds, back-references) it refuses, and so do we, naming the pattern.
+    RE2 ships with the export extra, with torch: only the core matches module names.
+    """
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the IA3Error below is the one line the user sees
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise IA3Error(f"target pattern {pattern!r} cannot be matched in linear time ({why}); rewrite it without "
+                       "look-arounds or back-references, or list the module names") from None
 
 
 def describe(patterns: Targets) -> str:
