@@ -168,7 +168,7 @@ class Reference:
         for a in self.adapters:
             entry = shipped.get(a.name)
             same = entry is not None and entry.get("sha256") == sha256_file(os.path.join(a.path, WEIGHTS_NAME))
-            sources[a.name] = os.path.join(self.folder.path, entry["file"]) if same else a.path
+            sources[a.name] = os.path.join(self.folder.path, entry["file"]) if same else os.path.abspath(a.path)
         return sources
 
     def scenarios(self, batch: int, index: int) -> list[tuple[str, list[str | None]]]:
