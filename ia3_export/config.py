@@ -163,6 +163,9 @@ def _check_patterns(field: str, value: Targets) -> None:
         raise IA3Error(f"{field} must list module names as strings, got {value!r}")
 
 
+MATCH_SECONDS = 0.25  # one module name against one pattern: microseconds unless it backtracks badly
+
+
 def matches(name: str, patterns: Targets, *, suffix_needs_dot: bool = True) -> bool:
     """PEFT's matching: a string is a full regex match; a list matches a name or `.name` suffix.
 
@@ -172,31 +175,37 @@ def matches(name: str, patterns: Targets, *, suffix_needs_dot: bool = True) -> b
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return linear_regex(patterns).fullmatch(name) is not None
+        return fullmatch(patterns, name)
     sep = "." if suffix_needs_dot else ""
     return any(name == p or name.endswith(sep + p) for p in patterns)
 
 
-@functools.lru_cache(maxsize=64)
-def linear_regex(pattern: str):
-    """`pattern` compiled by RE2, whose matching time is linear in the name's length.
+def fullmatch(pattern: str, name: str) -> bool:
+    """`re.fullmatch(pattern, name)`, bounded in time.
 
-    Python's `re` backtracks: `(.*.*)*X` against one module name never finishes, and the pattern
-    comes from an adapter_config.json anyone can write. On ASCII names (module names are) RE2
-    gives `re.fullmatch`'s answer for every pattern it accepts; the constructs that need
-    backtracking (look-arounds, back-references) it refuses, and so do we, naming the pattern.
-    RE2 ships with the export extra, with torch: only the core matches module names.
+    Python's `re` backtracks without limit: `(.*.*)*X` against one module name never finishes,
+    and the pattern comes from an adapter_config.json anyone can write. The `regex` package (a
+    dependency of transformers, so wherever the core runs) reads the same syntax with the same
+    meaning, look-arounds included, cuts most such patterns short, and stops at a time limit;
+    a pattern that reaches it is refused, naming it.
     """
-    import re2
+    import regex
 
-    options = re2.Options()
-    options.log_errors = False  # the IA3Error below is the one line the user sees
     try:
-        return re2.compile(pattern, options)
-    except re2.error as e:
-        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise IA3Error(f"target pattern {pattern!r} cannot be matched in linear time ({why}); rewrite it without "
-                       "look-arounds or back-references, or list the module names") from None
+        return _compiled(pattern).fullmatch(name, timeout=MATCH_SECONDS) is not None
+    except TimeoutError:
+        raise IA3Error(f"target pattern {pattern!r} took over {MATCH_SECONDS} s on the module name {name!r} "
+                       "(catastrophic backtracking); simplify it or list the module names") from None
+    except regex.error as e:
+        raise IA3Error(f"target pattern {pattern!r} is not a valid regular expression ({e}); fix it or give a list "
+                       "of module names") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str):
+    import regex
+
+    return regex.compile(pattern)
 
 
 def describe(patterns: Targets) -> str:
