@@ -273,3 +273,20 @@ def test_name_for_always_gives_an_accepted_name():
         assert check_name(name_for(os.path.join("/tmp", folder))) == name_for(folder)
     assert name_for("/tmp/ok.v1") == "ok.v1" and name_for("x/a.onnx_adapter") == "a"
     assert len(name_for("x" * 300)) == 128
+
+
+def test_a_nan_loss_stops_training_in_the_api(model_dir, train_data, tmp_path):
+    """A final norm weight that is finite but overflows the logits (3e38) gives a NaN loss at step 1:
+    CheckFailed for Python callers too, and nothing on disk."""
+    from safetensors.numpy import load_file, save_file
+
+    from ia3_export.errors import CheckFailed
+    from ia3_export.train import train
+
+    model = shutil.copytree(model_dir("llama"), tmp_path / "model")
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v * np.float32(3e38) if k == "model.norm.weight" else v for k, v in weights.items()},
+              str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckFailed, match=r"training diverged at step 1 \(the loss is nan\), so no adapter was written;"):
+        train(str(model), train_data, "text-generation", str(tmp_path / "out"), quiet=True, max_steps=2)
+    assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -344,8 +344,8 @@ class _Run:
     def _check_finite(self, step: int, loss: float, params: list[torch.Tensor]) -> None:
         """A NaN or infinite loss or vector means the run diverged: stop before that step is logged,
         checkpointed or written, so no adapter of NaNs appears and the last good checkpoint stays."""
-        if math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in params):
-            return
+        if math.isfinite(loss) and bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return  # one device sync for all the vectors
         what = f"the loss is {loss}" if not math.isfinite(loss) else "the vectors became non-finite"
         kept = f" (checkpoints so far stay in {self.checkpoints})" if os.path.isdir(self.checkpoints) else ""
         raise CheckFailed(f"training diverged at step {step} ({what}), so no adapter was written{kept}; "
