@@ -16,7 +16,7 @@ from ia3_export.errors import IA3Error
 CATASTROPHIC = "(.*.*)*X"  # Python's re backtracks exponentially on every name without an X
 
 
-# -- regex targets: linear time, re.fullmatch's answers --------------------------------------------
+# -- regex targets: bounded time, re.fullmatch's answers -----------------------------------------
 def test_catastrophic_pattern_in_adapter_config_is_refused_fast(model_dir, adapter_dir, tmp_path):
     """An adapter_config.json anyone can write must not hang `merge` (it did: re.fullmatch never returned)."""
     adapter = tmp_path / "evil"
@@ -37,7 +37,7 @@ def test_catastrophic_target_modules_option_on_train_is_refused_fast(model_dir, 
     assert_one_line_error(result, 2, "matched no module")
 
 
-def test_backtracking_pattern_that_matches_gives_the_right_targets(model_dir):
+def test_backtracking_pattern_that_matches_gives_the_right_targets():
     """Names ending in k_proj/v_proj match at once under re; every other name backtracks forever.
     Now every name is answered at once, with exactly the targets of the plain list."""
     from ia3_export.config import IA3Config
