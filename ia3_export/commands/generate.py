@@ -6,7 +6,8 @@ import click
 @click.argument("onnx_dir", type=click.Path())
 @click.option("--prompt", required=True, multiple=True, help="Prompt text (repeat for a batch).")
 @click.option("--adapter", default=None,
-              help="Adapter: a name shipped in the folder, an .onnx_adapter file or a PEFT adapter folder.")
+              help="Adapter: a name shipped in the folder, or a path (with a '/', e.g. ./my-adapter) to a PEFT "
+                   "adapter folder, or an .onnx_adapter file. A bare name is always a shipped one.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int,
               help="Cut to the positions the model has left after the prompt (a note on stderr says so).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

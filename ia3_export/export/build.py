@@ -50,7 +50,9 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     adapter_files = [fmt.read_adapter(p) for p in adapters]
     names = [a.name for a in adapter_files]
     if len(set(names)) != len(names):
-        raise IA3Error("two adapters have the same folder name; the folder name is the adapter's name, so rename one")
+        twice = next(n for n in names if names.count(n) > 1)
+        raise IA3Error(f"two adapters get the name {twice!r} (an adapter's name is its folder name, with characters "
+                       "other than letters, digits, '_', '-', '.' replaced by '_'); rename one folder")
     if mode != "merged":
         for a in adapter_files:
             if a.saved_tensors():
