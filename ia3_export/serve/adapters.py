@@ -26,6 +26,11 @@ class AdapterPool:
         with self._lock:
             return sorted(n for n in self.session.adapters if n not in self._leaving)
 
+    def in_use(self) -> dict[str, int]:
+        """Adapter name -> requests running with it now (a removed adapter drains until this is 0)."""
+        with self._lock:
+            return dict(self._in_use)
+
     def add(self, source: str, name: str | None = None) -> str:
         """Load a PEFT folder, an .onnx_adapter file or a name shipped in the folder; returns its name."""
         name = check_name(name) if name else resolve(self.session.folder, source)[0]

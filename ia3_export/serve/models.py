@@ -105,12 +105,16 @@ class Served:
         except IA3Error as e:  # token ids still work
             self.tokenizer, self._no_tokenizer = None, str(e)
 
-    def run(self, requests, parse, plan, execute, respond) -> list[dict]:
+    def run(self, requests, inputs, parse, plan, execute, respond) -> list[dict]:
         """Check each request, run the runnable ones in planned batches, answer every one."""
         rows = []
+        required = [p.name for p in inputs if not p.optional]
         for request in requests:
             row = Row()
             try:
+                missing = [name for name in required if name not in request]
+                if missing:  # Triton lets a request without a required input through
+                    raise IA3Error(f"missing input `{missing[0]}`; every request sends {', '.join(required)}")
                 parse(row, request)
                 self.pool.acquire(row.adapter)
             except IA3Error as e:
@@ -191,7 +195,7 @@ class Generate:
 
     def __call__(self, requests) -> list[dict]:
         s = self.served
-        return s.run(requests, self._parse, lambda rows: s.groups(rows, alone=lambda r: r.options.do_sample),
+        return s.run(requests, self.inputs, self._parse, lambda rows: s.groups(rows, alone=lambda r: r.options.do_sample),
                      self._execute, self._respond)
 
     def _parse(self, row: Row, request) -> None:
@@ -232,7 +236,7 @@ class Classify:
 
     def __call__(self, requests) -> list[dict]:
         s = self.served
-        return s.run(requests, s.parse_prompt, s.groups, self._execute, self._respond)
+        return s.run(requests, self.inputs, s.parse_prompt, s.groups, self._execute, self._respond)
 
     def _execute(self, rows: list[Row]) -> list[np.ndarray]:
         width = max(len(r.ids) for r in rows)
@@ -281,7 +285,7 @@ class Adapters:
         name = _string(request, "name") if "name" in request else ""
         source = _string(request, "source") if "source" in request else ""
         if action == "list":
-            return {"adapters": pool.names(), "mode": self.served.session.mode}
+            return {"adapters": pool.names(), "in_use": pool.in_use(), "mode": self.served.session.mode}
         if action == "load":
             if not source:
                 raise IA3Error("action load needs `source`: a PEFT folder or .onnx_adapter file on the server, "

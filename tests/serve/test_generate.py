@@ -112,4 +112,4 @@ def test_merged_export_serves_the_base_only(start_server, reference):
         assert answer.outputs["output_ids"] == reference("llama-merged").generate([5, 6, 7], None, 4)
         with pytest.raises(ServeError, match="adapter 'llama-a1' is not loaded"):
             client.generate(input_ids=[5, 6, 7], adapter=A1, max_new_tokens=4)
-        assert client.adapters("list") == {"adapters": [], "mode": "merged"}
+        assert client.adapters("list") == {"adapters": [], "in_use": {}, "mode": "merged"}
