@@ -21,6 +21,7 @@ import pytest
 SERVE_DIR = os.environ.get("IA3_SERVE_DIR")
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXE = os.path.join(os.path.dirname(sys.executable), "ia3-export")
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for cli_helpers
 START_TIMEOUT_S = 120
 
 
