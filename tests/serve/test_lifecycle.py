@@ -8,14 +8,16 @@ import socket
 import time
 
 from cli_helpers import assert_one_line_error, run_cli
-from conftest import RunningServer, concurrently, folder
+from conftest import concurrently, folder
 from test_generate import A1, A2, ask
+
+from ia3_export.serve.process import ServerProcess
 
 
 def test_sigterm_drains_and_stops_cleanly(tmp_path, reference):
     # requests wait in Triton's queue for up to 1.5 s: the SIGTERM lands while all of them are in flight
-    server = RunningServer(folder("llama-bank"), str(tmp_path / "server.log"), "--max-batch", "16",
-                           "--max-queue-delay-us", "1500000", "--drain-timeout", "20")
+    server = ServerProcess(folder("llama-bank"), "--max-batch", "16", "--max-queue-delay-us", "1500000",
+                           "--drain-timeout", "20", log_path=str(tmp_path / "server.log"))
     try:
         processes = server.children()
         assert len(processes) >= 3  # the command, tritonserver, backend stubs
@@ -24,6 +26,7 @@ def test_sigterm_drains_and_stops_cleanly(tmp_path, reference):
         calls.append(lambda: (time.sleep(0.5), server.process.send_signal(signal.SIGTERM)))
         answers = concurrently(calls)[:-1]
         code = server.process.wait(60)
+        left = [p for p in processes if os.path.exists(f"/proc/{p}")]
     finally:
         server.kill()
     ref = reference("llama-bank")
@@ -31,7 +34,7 @@ def test_sigterm_drains_and_stops_cleanly(tmp_path, reference):
         assert not isinstance(answer, Exception), answer
         assert answer.outputs["output_ids"] == ref.generate(request["input_ids"], request["adapter"], 30)
     assert code == 0, server.log[-2000:]
-    assert [p for p in processes if os.path.exists(f"/proc/{p}")] == []
+    assert left == []
     assert not os.path.exists(server.workspace)
 
 
