@@ -52,3 +52,31 @@ def test_classify_faults(bert_bank):
             c.classify(text="fine", adapter="bert-a3")
         assert c.adapters("load", source=folder("bert-a3")) == {"loaded": "bert-a3"}
         assert c.classify(text="fine", adapter="bert-a3").outputs["label"].startswith("LABEL_")
+
+
+def test_real_minilm_with_its_padding_tokenizer(start_server, reference):
+    """MiniLM-L6's tokenizer.json pads every text to 128 tokens: the server drops that padding so texts
+    batch at their own lengths; the reference runs each text alone exactly as its tokenizer encodes
+    it (128 tokens with the tokenizer's own attention mask)."""
+    from tokenizers import Tokenizer
+
+    server = start_server(folder("minilm-bank"), "--max-batch", "4", "--max-queue-delay-us", "300000",
+                          "--drain-timeout", "10")
+    texts = ["great film", "the plot was dull and far too long", "ok", "I would watch it again, twice!"]
+    adapters = ["minilm-a1", None, None, "minilm-a1"]
+
+    def classify(text, adapter):
+        with ServeClient(server.url) as c:
+            return c.classify(text=text, adapter=adapter)
+
+    answers = concurrently([lambda t=t, a=a: classify(t, a) for t, a in zip(texts, adapters)])
+    assert [a.batch_size for a in answers] == [4] * 4
+    session = reference("minilm-bank").session
+    tokenizer = Tokenizer.from_file(folder("minilm-bank", "tokenizer.json"))
+    for text, adapter, answer in zip(texts, adapters, answers):
+        encoding = tokenizer.encode(text)
+        assert len(encoding.ids) == 128
+        ids, mask = np.array([encoding.ids]), np.array([encoding.attention_mask])
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        expected = session.run(feeds, adapters=[adapter])["logits"][0]
+        np.testing.assert_allclose(answer.outputs["logits"], expected, rtol=1e-4, atol=1e-5)
