@@ -105,45 +105,6 @@ class Served:
         except IA3Error as e:  # token ids still work
             self.tokenizer, self._no_tokenizer = None, str(e)
 
-    def run(self, requests, inputs, parse, plan, execute, respond) -> list[dict]:
-        """Check each request, run the runnable ones in planned batches, answer every one."""
-        rows = []
-        required = [p.name for p in inputs if not p.optional]
-        for request in requests:
-            row = Row()
-            try:
-                missing = [name for name in required if name not in request]
-                if missing:  # Triton lets a request without a required input through
-                    raise IA3Error(f"missing input `{missing[0]}`; every request sends {', '.join(required)}")
-                parse(row, request)
-                self.pool.acquire(row.adapter)
-            except IA3Error as e:
-                row.error, row.adapter = _one_line(e), None
-            rows.append(row)
-        ready = [r for r in rows if not r.error]
-        batches = plan(ready)
-        try:
-            for batch in batches:
-                self._execute(batch, execute)
-        finally:
-            for row in ready:
-                self.pool.release(row.adapter)
-        self.stats.record(len(rows), sum(bool(r.error) for r in rows), batches)
-        return [{**respond(r), "error": _bytes(r.error), "batch_size": np.array([[r.batch_size]], np.int32)} for r in rows]
-
-    def _execute(self, batch: list[Row], execute) -> None:
-        try:
-            answers = execute(batch)
-        except IA3Error as e:
-            if len(batch) == 1:
-                batch[0].error = _one_line(e)
-                return
-            for row in batch:  # find the culprit: the others still get their answer
-                self._execute([row], execute)
-            return
-        for row, answer in zip(batch, answers):
-            row.answer, row.batch_size = answer, len(batch)
-
     def parse_prompt(self, row: Row, request, reserve: int = 0) -> None:
         """Prompt ids (from `text` or `input_ids`) and adapter; `reserve` tokens must fit after the prompt."""
         has_text, has_ids = "text" in request, "input_ids" in request
@@ -181,7 +142,70 @@ class Served:
         return [*together.values(), *([row] for row in rows if alone(row))]
 
 
-class Generate:
+class ServedModel:
+    """One Triton model: check each request, run the runnable ones in planned batches, answer every
+    one. Subclasses say how to read a request, batch rows, run a batch and write an answer."""
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+
+    def __init__(self, served: Served):
+        self.served = served
+
+    def __call__(self, requests) -> list[dict]:
+        rows = []
+        required = [p.name for p in self.inputs if not p.optional]
+        for request in requests:
+            row = Row()
+            try:
+                missing = [name for name in required if name not in request]
+                if missing:  # Triton lets a request without a required input through
+                    raise IA3Error(f"missing input `{missing[0]}`; every request sends {', '.join(required)}")
+                self.parse(row, request)
+                self.served.pool.acquire(row.adapter)
+            except IA3Error as e:
+                row.error, row.adapter = _one_line(e), None
+            rows.append(row)
+        ready = [r for r in rows if not r.error]
+        batches = self.plan(ready)
+        try:
+            for batch in batches:
+                self._run(batch)
+        finally:
+            for row in ready:
+                self.served.pool.release(row.adapter)
+        self.served.stats.record(len(rows), sum(bool(r.error) for r in rows), batches)
+        return [{**self.respond(r), "error": _bytes(r.error), "batch_size": np.array([[r.batch_size]], np.int32)}
+                for r in rows]
+
+    def _run(self, batch: list[Row]) -> None:
+        try:
+            answers = self.execute(batch)
+        except IA3Error as e:
+            if len(batch) == 1:
+                batch[0].error = _one_line(e)
+                return
+            for row in batch:  # find the culprit: the others still get their answer
+                self._run([row])
+            return
+        for row, answer in zip(batch, answers):
+            row.answer, row.batch_size = answer, len(batch)
+
+    def parse(self, row: Row, request) -> None:
+        self.served.parse_prompt(row, request)
+
+    def plan(self, rows: list[Row]) -> list[list[Row]]:
+        return self.served.groups(rows)
+
+    def execute(self, rows: list[Row]) -> list:
+        raise NotImplementedError
+
+    def respond(self, row: Row) -> dict:
+        raise NotImplementedError
+
+
+class Generate(ServedModel):
     """`generate`: text or token ids in, new text and token ids out (decoder and seq2seq exports)."""
 
     name = "generate"
@@ -190,15 +214,7 @@ class Generate:
               Port("seed", np.int64, optional=True))
     outputs = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), *STATUS_OUTPUTS)
 
-    def __init__(self, served: Served):
-        self.served = served
-
-    def __call__(self, requests) -> list[dict]:
-        s = self.served
-        return s.run(requests, self.inputs, self._parse, lambda rows: s.groups(rows, alone=lambda r: r.options.do_sample),
-                     self._execute, self._respond)
-
-    def _parse(self, row: Row, request) -> None:
+    def parse(self, row: Row, request) -> None:
         seed = _number(request, "seed", -1, int)
         row.options = GenerationOptions(
             max_new_tokens=_number(request, "max_new_tokens", None, int), do_sample=_number(request, "do_sample", False, bool),
@@ -206,13 +222,16 @@ class Generate:
             seed=seed if seed >= 0 else None)
         self.served.parse_prompt(row, request, reserve=row.options.max_new_tokens)
 
-    def _execute(self, rows: list[Row]) -> list[list[int]]:
+    def plan(self, rows: list[Row]) -> list[list[Row]]:
+        return self.served.groups(rows, alone=lambda row: row.options.do_sample)
+
+    def execute(self, rows: list[Row]) -> list[list[int]]:
         """One generate_ids call; greedy rows run to the longest max_new_tokens and are cut to their own."""
         options = dataclasses.replace(rows[0].options, max_new_tokens=max(r.options.max_new_tokens for r in rows))
         outs = generate_ids(self.served.session, [r.ids for r in rows], [r.adapter for r in rows], options)
         return [ids[:r.options.max_new_tokens] for ids, r in zip(outs, rows)]
 
-    def _respond(self, row: Row) -> dict:
+    def respond(self, row: Row) -> dict:
         if row.answer is None:  # an error: no tokens (pytriton cannot send empty arrays)
             return {"text": _bytes("")}
         tokenizer = self.served.tokenizer
@@ -220,7 +239,7 @@ class Generate:
         return {"text": _bytes(text), "output_ids": np.array([row.answer], dtype=np.int64)}
 
 
-class Classify:
+class Classify(ServedModel):
     """`classify`: one forward pass of a text-classification export; logits and the top label out."""
 
     name = "classify"
@@ -228,17 +247,13 @@ class Classify:
     outputs = (Port("logits", np.float32, (-1,)), Port("label", BYTES), *STATUS_OUTPUTS)
 
     def __init__(self, served: Served):
-        self.served = served
+        super().__init__(served)
         graph = served.session.graphs["model"]
         self._token_types = "token_type_ids" in graph.inputs
         self._labels = served.config.get("id2label") or {}
         self._pad = served.session.folder.pad_id()
 
-    def __call__(self, requests) -> list[dict]:
-        s = self.served
-        return s.run(requests, self.inputs, s.parse_prompt, s.groups, self._execute, self._respond)
-
-    def _execute(self, rows: list[Row]) -> list[np.ndarray]:
+    def execute(self, rows: list[Row]) -> list[np.ndarray]:
         width = max(len(r.ids) for r in rows)
         ids = np.full((len(rows), width), self._pad, dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -250,7 +265,7 @@ class Classify:
         logits = self.served.session.run(feeds, graph="model", adapters=[r.adapter for r in rows], outputs=["logits"])
         return list(logits["logits"].astype(np.float32))
 
-    def _respond(self, row: Row) -> dict:
+    def respond(self, row: Row) -> dict:
         if row.answer is None:  # an error: no logits (pytriton cannot send empty arrays)
             return {"label": _bytes("")}
         top = str(int(row.answer.argmax()))

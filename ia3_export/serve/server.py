@@ -12,11 +12,14 @@ import dataclasses
 import os
 import signal
 import socket
+import sys
 import sysconfig
 import threading
 
 from ..errors import CheckFailed, IA3Error
 from .models import Adapters, Served, model_for
+
+START_ATTEMPTS = 3
 
 
 @dataclasses.dataclass
@@ -74,14 +77,33 @@ class Server:
         return str(self._workspace.path) if self.triton is not None else None
 
     def start(self) -> "Server":
-        """Start tritonserver and bind the models; returns when they are ready."""
+        """Start tritonserver and bind the models; returns when they are ready.
+
+        With several instances, pytriton's instances fetch their configuration from the first one
+        through a Unix socket, and under load one may connect between the socket's bind and listen
+        (ConnectionRefusedError: the model fails to load; seen on this 2-core machine). Such a start is
+        tried again, up to START_ATTEMPTS times."""
+        c = self.config
+        _check_ports(c.address, {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port})
+        _python_library_on_path()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_triton()
+            except Exception as e:  # pytriton raises TimeoutError/RuntimeError; the server's log is above
+                self.stop()
+                reason = " ".join(str(e).split())
+                if c.instances == 1 or "ConnectionRefusedError" not in reason or attempt == START_ATTEMPTS:
+                    raise CheckFailed(f"Triton Inference Server did not start ({reason[:300]}); "
+                                      "check the ports and the log above") from None
+                print(f"ia3-export serve: an instance missed pytriton's handshake; starting again ({attempt + 1}/"
+                      f"{START_ATTEMPTS})", file=sys.stderr)
+
+    def _start_triton(self) -> "Server":
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton, TritonConfig
         from pytriton.utils.workspace import Workspace
 
         c = self.config
-        _check_ports(c.address, {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port})
-        _python_library_on_path()
         self._workspace = Workspace()
         self.triton = Triton(workspace=self._workspace, config=TritonConfig(
             http_address=c.address, http_port=c.http_port, grpc_address=c.address, grpc_port=c.grpc_port,
@@ -93,12 +115,7 @@ class Server:
             self.triton.bind(model_name=cls.name, infer_func=functions, inputs=_tensors(cls.inputs),
                              outputs=_tensors(cls.outputs),
                              config=ModelConfig(max_batch_size=max_batch, batcher=batcher))
-        try:
-            self.triton.run()
-        except Exception as e:  # pytriton raises TimeoutError/RuntimeError with the server's log elsewhere
-            self.stop()
-            raise CheckFailed(f"Triton Inference Server did not start ({' '.join(str(e).split())[:300]}); "
-                              "check the ports and the log above") from None
+        self.triton.run()
         return self
 
     def stop(self) -> None:
