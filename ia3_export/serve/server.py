@@ -38,11 +38,11 @@ class ServeConfig:
     drain_timeout_s: int = 30
 
     def __post_init__(self):
-        for option, value, low in (("max_batch", self.max_batch, 1), ("instances", self.instances, 1),
-                                   ("max_queue_delay_us", self.max_queue_delay_us, 0),
-                                   ("drain_timeout_s", self.drain_timeout_s, 1)):
+        for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
+                                   ("--max-queue-delay-us", self.max_queue_delay_us, 0),
+                                   ("--drain-timeout", self.drain_timeout_s, 1)):
             if value < low:
-                raise IA3Error(f"--{option.replace('_', '-')} must be at least {low}, got {value}")
+                raise IA3Error(f"{option} must be at least {low}, got {value}")
         ports = {"http-port": self.http_port, "grpc-port": self.grpc_port, "metrics-port": self.metrics_port}
         if len(set(ports.values())) != len(ports):
             raise IA3Error(f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}")
@@ -58,6 +58,7 @@ class Server:
 
         if importlib.util.find_spec("pytriton") is None:
             raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve]'")
+        _check_ports(config)  # before loading a model that may take a while
         self.config = config
         self.session = IA3Session(config.onnx_dir, provider=config.provider)
         self.served = Served(self.session, config.max_tokens)
@@ -84,7 +85,7 @@ class Server:
         (ConnectionRefusedError: the model fails to load; seen on this 2-core machine). Such a start is
         tried again, up to START_ATTEMPTS times."""
         c = self.config
-        _check_ports(c.address, {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port})
+        _check_ports(c)
         _python_library_on_path()
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
@@ -152,9 +153,10 @@ def _tensors(ports) -> list:
     return [Tensor(name=p.name, dtype=p.dtype, shape=p.shape, optional=p.optional) for p in ports]
 
 
-def _check_ports(address: str, ports: dict[str, int]) -> None:
+def _check_ports(c: ServeConfig) -> None:
     """Fail with one line before starting anything when a port is taken (tritonserver would only log it)."""
-    for option, port in ports.items():
+    address = c.address
+    for option, port in {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port}.items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
