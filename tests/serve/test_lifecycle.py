@@ -11,7 +11,7 @@ from cli_helpers import assert_one_line_error, run_cli
 from conftest import concurrently, folder
 from test_generate import A1, A2, ask
 
-from ia3_export.serve.process import ServerProcess
+from ia3_export.serve.process import ServerProcess, free_ports
 
 
 def test_sigterm_drains_and_stops_cleanly(tmp_path, reference):
@@ -48,8 +48,11 @@ def test_port_in_use_fails_with_one_line():
 
 
 def test_bad_start_options_fail_with_one_line(tmp_path):
-    assert_one_line_error(run_cli("serve", folder("llama-bank"), "--max-batch", "0"), 2, "--max-batch must be at least 1")
-    assert_one_line_error(run_cli("serve", folder("llama-bank"), "--grpc-port", "8000"), 2,
+    http, grpc, metrics = free_ports(3)
+    ports = ["--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics]  # not whatever holds 8000-8002
+    assert_one_line_error(run_cli("serve", folder("llama-bank"), *ports, "--max-batch", "0"), 2,
+                          "--max-batch must be at least 1")
+    assert_one_line_error(run_cli("serve", folder("llama-bank"), "--http-port", http, "--grpc-port", http), 2,
                           "--http-port, --grpc-port and --metrics-port must differ")
-    assert_one_line_error(run_cli("serve", str(tmp_path / "nothing")), 2, "does not exist")
-    assert_one_line_error(run_cli("serve", folder("llama-bank"), "--adapter", folder("bert-a1")), 2, "bert-a1")
+    assert_one_line_error(run_cli("serve", str(tmp_path / "nothing"), *ports), 2, "does not exist")
+    assert_one_line_error(run_cli("serve", folder("llama-bank"), *ports, "--adapter", folder("bert-a1")), 2, "bert-a1")
