@@ -19,8 +19,8 @@ COMMANDS = {
     "demo": ("demo", "Run the main job end to end on the embedded default model and data."),
     "train": ("train", "Train an IA3 adapter; writes a PEFT adapter folder."),
     "merge": ("merge", "Fold an adapter into the weights and save a plain transformers model."),
-    "inspect": ("inspect", "Describe an adapter folder or an exported ONNX folder."),
-    "export": ("export", "Export to ONNX: merged, swappable (vectors as inputs) or bank (per-row adapters)."),
+    "inspect": ("inspect", "Describe an adapter folder, an .onnx_adapter file or an exported ONNX folder."),
+    "export": ("export", "Export to ONNX: merged, swappable (vectors as inputs), bank (per-row adapters) or foldswap."),
     "convert": ("convert", "Convert a PEFT adapter to ONNX Runtime's .onnx_adapter for an exported model."),
     "generate": ("generate", "Generate text with an exported model on ONNX Runtime."),
     "parity": ("parity", "Check an exported model against PyTorch on ONNX Runtime (CPU or CUDA)."),
@@ -46,6 +46,11 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        from . import ort
+
+        clash = ort.clash_message(ort.installed()) if ctx.protected_args else None
+        if clash:
+            click.echo(f"warning: {clash}", err=True)
         try:
             return super().invoke(ctx)
         except Exception as e:  # one line, never a traceback, for every expected failure
@@ -56,6 +61,9 @@ class LazyGroup(click.Group):
                 sys.exit(e.exit_code)
             if isinstance(e, OSError):
                 click.echo(f"error: {e.filename or ''}: {e.strerror or e}; check the path, permissions and free space", err=True)
+                sys.exit(2)
+            if isinstance(e, ImportError) and e.name == "onnxruntime":
+                click.echo(f"error: {ort.missing_message(e)}", err=True)
                 sys.exit(2)
             if isinstance(e, ImportError) and e.name in _EXTRAS:
                 click.echo(f"error: this command needs {e.name}; install it with: pip install 'ia3-export[{_EXTRAS[e.name]}]'", err=True)
