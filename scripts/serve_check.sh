@@ -15,7 +15,10 @@ if [ -z "$dir" ]; then
   "$full_python" tests/serve/prepare.py "$dir"
 fi
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
-"$venv/bin/python" -m pip install -q ".[serve]" pytest
+# the wheel users install, with the serve and CPU ONNX Runtime extras (built now unless scripts/test.sh already did)
+wheel=${IA3_WHEEL:-$root/$(bash scripts/build_wheel.sh | tail -1)}
+"$venv/bin/python" -m pip install -q "$wheel[serve,cpu]" pytest
+"$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
 "$venv/bin/python" - <<'PY'
 import importlib.util, sys
 heavy = [m for m in ("torch", "transformers", "onnx", "peft") if importlib.util.find_spec(m)]

@@ -223,7 +223,20 @@ class Generate(ServedModel):
         self.served.parse_prompt(row, request, reserve=row.options.max_new_tokens)
 
     def plan(self, rows: list[Row]) -> list[list[Row]]:
-        return self.served.groups(rows, alone=lambda row: row.options.do_sample)
+        return [fitted for group in self.served.groups(rows, alone=lambda row: row.options.do_sample)
+                for fitted in self._fit(group)]
+
+    def _fit(self, rows: list[Row]) -> list[list[Row]]:
+        """Split a batch whose longest prompt plus largest max_new_tokens would pass the model's positions
+        (generation budgets the batch as a whole and would cut every row); each row fits on its own."""
+        limit, batches = self.served.max_tokens, [[]]
+        for row in rows:
+            batch = batches[-1] + [row]
+            if limit and batches[-1] and max(len(r.ids) for r in batch) + max(r.options.max_new_tokens for r in batch) > limit:
+                batches.append([row])
+            else:
+                batches[-1] = batch
+        return [b for b in batches if b]
 
     def execute(self, rows: list[Row]) -> list[list[int]]:
         """One generate_ids call; greedy rows run to the longest max_new_tokens and are cut to their own."""

@@ -57,7 +57,7 @@ class Server:
         from ..runtime import IA3Session
 
         if importlib.util.find_spec("pytriton") is None:
-            raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve]'")
+            raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve,cpu]'")
         _check_ports(config)  # before loading a model that may take a while
         self.config = config
         self.session = IA3Session(config.onnx_dir, provider=config.provider)

@@ -53,6 +53,20 @@ def test_text_prompts_of_different_lengths_batch(llama_bank, reference):
     assert [a.batch_size for a in answers] == [8] * 8
 
 
+def test_rows_that_fit_alone_but_not_together_still_equal_alone(llama_bank, reference):
+    """A long prompt with few new tokens and a shorter one with many (one token bucket, so one Triton
+    batch): each fits the model's 128 positions, together (60 + 90) they do not, so they run as two
+    ONNX Runtime batches, neither cut short."""
+    requests = [{"input_ids": [5 + i for i in range(60)], "adapter": A1, "max_new_tokens": 4},
+                {"input_ids": [9 + i for i in range(34)], "adapter": A2, "max_new_tokens": 90}]
+    answers = concurrently([lambda r=r: ask(llama_bank.url, **r) for r in requests])
+    ref = reference("llama-bank")
+    for request, answer in zip(requests, answers):
+        assert not isinstance(answer, Exception), answer
+        assert answer.outputs["output_ids"] == ref.generate(request["input_ids"], request["adapter"], request["max_new_tokens"])
+    assert [a.batch_size for a in answers] == [1, 1]
+
+
 def test_swappable_export_groups_by_adapter(start_server, reference):
     server = start_server(folder("llama-swappable"), "--max-batch", "8", "--max-queue-delay-us", "300000",
                           "--instances", "2", "--drain-timeout", "10")
