@@ -133,35 +133,35 @@ def test_export_without_task_carries_the_head_and_the_names(made):
 
 
 def test_parity_takes_the_head_from_the_adapter(made):
+    """The reference is built with the adapter's 3-label head (transformers' default would be 2)."""
+    from ia3_export.parity import check_parity
+
     assert made["export"].exit_code == 0, made["export"].output
-    result = run_cli("parity", made["base"], made["onnx"], "--adapter", made["adapter"])
-    assert result.exit_code == 0, result.output
-    assert "PASS" in result.output.upper()
+    report = check_parity(made["base"], made["onnx"], [made["adapter"]], greedy_steps=0)
+    assert report.passed and report.outputs, report.summary()
 
 
 @pytest.mark.parametrize("mode", ["swappable", "foldswap"])
 def test_every_export_mode_names_the_classifier_head(made, mode, tmp_path):
-    """--task text-classification on a bare encoder: the export's config.json says what the graph is."""
-    out = tmp_path / mode
-    result = run_cli("export", made["base"], "--mode", mode, "--task", "text-classification", "--out", out)
-    assert result.exit_code == 0, result.output
-    assert_names_the_head(out, ["LABEL_0", "LABEL_1"])  # a new head: transformers' default 2 labels
+    """task text-classification on a bare encoder: the export's config.json says what the graph is."""
+    from ia3_export.export import export_model
+
+    export_model(made["base"], str(tmp_path / mode), mode=mode, task="text-classification")
+    assert_names_the_head(tmp_path / mode, ["LABEL_0", "LABEL_1"])  # a new head: transformers' default 2 labels
 
 
 def test_without_labels_json_the_base_names_or_the_head_size_are_used(made, tmp_path):
     """No labels.json: the base config's id2label when its size matches the head, else LABEL_i."""
+    from ia3_export.merge import merge_to_folder
+
     bare = str(tmp_path / "bare")
     shutil.copytree(made["adapter"], bare)
     os.remove(os.path.join(bare, "labels.json"))
-    out = tmp_path / "a"
-    result = run_cli("merge", made["base"], bare, "--out", out)
-    assert result.exit_code == 0, result.output
-    assert_names_the_head(out, ["LABEL_0", "LABEL_1", "LABEL_2"])
+    merge_to_folder(made["base"], [bare], str(tmp_path / "a"))
+    assert_names_the_head(tmp_path / "a", ["LABEL_0", "LABEL_1", "LABEL_2"])
     assert made["merge"].exit_code == 0, made["merge"].output
-    out = tmp_path / "b"
-    result = run_cli("merge", made["merged"], bare, "--out", out)  # a base whose config names the labels
-    assert result.exit_code == 0, result.output
-    assert_names_the_head(out)
+    merge_to_folder(made["merged"], [bare], str(tmp_path / "b"))  # a base whose config names the labels
+    assert_names_the_head(tmp_path / "b")
 
 
 @pytest.mark.parametrize("command", ["merge", "export"])
@@ -182,9 +182,10 @@ def test_adapters_of_different_tasks_are_refused_together(made, tmp_path):
 
 
 def test_convert_and_parity_refuse_an_adapter_of_another_task(made, tmp_path):
+    from ia3_export.export import export_model
+
     onnx_dir = tmp_path / "swappable"
-    result = run_cli("export", made["base"], "--mode", "swappable", "--out", onnx_dir)  # BertModel: feature-extraction
-    assert result.exit_code == 0, result.output
+    assert export_model(made["base"], str(onnx_dir), mode="swappable")["task"] == "feature-extraction"  # BertModel
     lm = save_adapter(made["base"], str(tmp_path / "lm"), "CAUSAL_LM")
     features = save_adapter(made["base"], str(tmp_path / "features"), "FEATURE_EXTRACTION")
     out = tmp_path / "lm.onnx_adapter"
