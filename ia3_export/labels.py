@@ -36,8 +36,8 @@ def write_labels(folder: str, names: list[str]) -> str:
 
 def read_labels(adapter_dir: str) -> list[str] | None:
     """The names in an adapter folder's labels.json, by class id; None when there is no such file."""
-    path = os.path.join(adapter_dir, LABELS_NAME)
-    if not adapter_dir or not os.path.isfile(path):
+    path = os.path.join(adapter_dir or "", LABELS_NAME)
+    if not adapter_dir or not os.path.isfile(path):  # an adapter built in memory has no folder
         return None
     data = read_json(path)
     id2label = data.get("id2label") if isinstance(data, dict) else None
@@ -66,7 +66,7 @@ def label_config(adapters: list, base_config: dict) -> dict:
     for adapter in adapters:
         own, rows = read_labels(adapter.path), head_outputs(adapter)
         if own is not None and rows is not None and len(own) != rows:
-            raise IA3Error(f"{os.path.join(adapter.path, LABELS_NAME)} names {len(own)} labels but the adapter's head "
+            raise IA3Error(f"{os.path.join(adapter.path, LABELS_NAME)}: names {len(own)} labels but the adapter's head "
                            f"has {rows} outputs; fix or delete {LABELS_NAME}")
         if own is not None and names is not None and own != names:
             raise IA3Error(f"adapters {source} and {adapter.path} name different labels ({', '.join(names)} vs "

@@ -83,7 +83,7 @@ def adapters_task_type(adapters: list) -> tuple[str | None, str | None]:
 
 
 def check_task(task: str, task_type: str | None, adapter_path: str | None, source: str = "--task",
-               hint: str = "drop --task to use the adapter's") -> None:
+               hint: str = "drop --task to load the head the adapter was trained with") -> None:
     """A task must build the head its adapter was trained with (PEFT's task_type), or be refused."""
     if task_type and TASK_HEADS.get(task) != TASK_TYPE_HEADS[task_type]:
         raise IA3Error(f"{source} {task} contradicts task_type {task_type} of the adapter {adapter_path}; {hint}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -190,9 +191,26 @@ def test_convert_and_parity_refuse_an_adapter_of_another_task(made, tmp_path):
     features = save_adapter(made["base"], str(tmp_path / "features"), "FEATURE_EXTRACTION")
     out = tmp_path / "lm.onnx_adapter"
     result = run_cli("convert", lm, "--model", onnx_dir, "--out", out)
-    assert_one_line_error(result, 2, "is exported for feature-extraction contradicts task_type CAUSAL_LM")
+    assert_one_line_error(result, 2, "the export's task feature-extraction contradicts task_type CAUSAL_LM")
     assert not out.exists()
     result = run_cli("convert", features, "--model", onnx_dir, "--out", tmp_path / "features.onnx_adapter")
     assert result.exit_code == 0, result.output  # the same vectors, the export's own task: accepted
     result = run_cli("parity", made["base"], made["onnx"], "--adapter", lm)
     assert_one_line_error(result, 2, "contradicts task_type CAUSAL_LM")
+
+
+@pytest.mark.parametrize("labels,message", [
+    ({"id2label": {"0": "negative", "1": "positive"}}, "names 2 labels but the adapter's head has 3 outputs"),
+    ({"id2label": {"0": "a", "2": "b", "3": "c"}}, "keys must be the class ids 0..2"),
+    ({"id2label": {"0": "a", "1": "a", "2": "b"}}, "distinct non-empty strings"),
+    (["negative"], 'expected {"id2label"'),
+])
+def test_a_bad_labels_json_is_refused_naming_the_file(made, tmp_path, labels, message):
+    from ia3_export.errors import IA3Error
+    from ia3_export.merge import merge_to_folder
+
+    adapter = shutil.copytree(made["adapter"], tmp_path / "adapter")
+    (adapter / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(IA3Error, match=re.escape(f"{adapter}/labels.json: ") + f".*{re.escape(message)}"):
+        merge_to_folder(made["base"], [str(adapter)], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

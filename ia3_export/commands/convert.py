@@ -18,6 +18,6 @@ def command(adapter_dir, model_dir, out, force):
     from ..runtime.folder import open_folder
 
     check_task(open_folder(model_dir).task, read_adapter(adapter_dir).config.task_type, adapter_dir,
-               source=f"{model_dir} is exported for", hint="convert an adapter trained for that task")
+               source="the export's task", hint=f"convert an adapter trained for the task {model_dir} was exported for")
     info = convert_adapter(adapter_dir, model_dir, out, force=force)
     click.echo(f"wrote {info['out']}: {info['vectors']} of the model's {info['model_vectors']} vectors, {info['dtype']}")

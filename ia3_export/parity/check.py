@@ -119,8 +119,8 @@ class Reference:
             raise IA3Error(f"{folder.path}: unknown task {manifest['task']!r} in the manifest; re-export the model")
         self.folder, self.mode, self.task = folder, folder.mode, TASKS[manifest["task"]]
         self.adapters = [fmt.read_adapter(p) for p in adapter_dirs]
-        check_task(manifest["task"], *adapters_task_type(self.adapters), source=f"{folder.path} is exported for",
-                   hint="check it with the adapters it was exported for")
+        check_task(manifest["task"], *adapters_task_type(self.adapters), source="the export's task",
+                   hint=f"check {folder.path} with adapters trained for its task")
         self.names = [a.name for a in self.adapters]
         if len(set(self.names)) != len(self.names):
             raise IA3Error("two --adapter folders have the same name; the folder name is the adapter's name, so rename one")
