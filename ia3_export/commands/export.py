@@ -27,7 +27,7 @@ def _modules(value):
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
               help="A PEFT IA3 adapter folder (repeatable). merged: folded (their product); swappable/bank/foldswap: "
                    "written to adapters/<folder name>.onnx_adapter.")
-@click.option("--task", type=click.Choice(TASKS), default=None, help="optimum's task name; inferred from config.json.")
+@click.option("--task", type=click.Choice(TASKS), default=None, help="optimum's task name; default: the adapters' task_type, else MODEL_DIR's config.json.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--target-modules", default=None,

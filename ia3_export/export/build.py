@@ -17,7 +17,7 @@ import warnings
 from .. import __version__
 from ..atomic import atomic_output_dir, check_output
 from ..errors import IA3Error
-from ..loading import copy_side_files, load_base_model, read_model_config
+from ..loading import copy_side_files, load_task_model, read_model_config, write_config
 from ..manifest import DTYPES, MODES, new_manifest, write_manifest
 from ..progress import stage
 from . import graph as onnx_graph
@@ -46,8 +46,8 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
         raise IA3Error("--out is the model folder itself; export to a new folder")
     check_output(out_dir, force)
     config = read_model_config(model_dir)
-    spec = resolve_task(task, config, model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
+    spec = resolve_task(task, config, model_dir, adapter_files)
     names = [a.name for a in adapter_files]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -71,7 +71,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     stage(f"loading {model_dir} ({spec.name}, {mode}, {dtype})")
-    model = load_base_model(model_dir, auto_class=spec.auto_class,
+    model = load_task_model(model_dir, spec.auto_class, adapter_files,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
     use_eager_attention(model)
     ia3, vectors = prepare_ia3(model, mode, adapter_files, target_modules, feedforward_modules)
@@ -100,7 +100,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
                 vector_entries.append({"name": vector_name(p), "graph": graph.key, "dim": part.dims[p],
                                        "feedforward": part.feedforward[p]})
         adapter_entries = write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype)
-        shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
+        write_config(tmp, hf_model, model_dir)
         if "generation_config.json" not in copy_side_files(model_dir, tmp) and generates(spec):
             hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
         manifest = new_manifest(

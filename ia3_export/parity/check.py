@@ -107,7 +107,7 @@ class Reference:
         from .. import adapter_format as fmt
         from ..export.build import probe_shape, use_eager_attention, graph_wrappers
         from ..export.tasks import TASKS, graph_specs
-        from ..loading import load_base_model, read_model_config
+        from ..loading import adapters_task_type, check_task, load_task_model, read_model_config
         from ..model import IA3Model
 
         manifest = folder.manifest
@@ -119,12 +119,14 @@ class Reference:
             raise IA3Error(f"{folder.path}: unknown task {manifest['task']!r} in the manifest; re-export the model")
         self.folder, self.mode, self.task = folder, folder.mode, TASKS[manifest["task"]]
         self.adapters = [fmt.read_adapter(p) for p in adapter_dirs]
+        check_task(manifest["task"], *adapters_task_type(self.adapters), source="the export's task",
+                   hint=f"check {folder.path} with adapters trained for its task")
         self.names = [a.name for a in self.adapters]
         if len(set(self.names)) != len(self.names):
             raise IA3Error("two --adapter folders have the same name; the folder name is the adapter's name, so rename one")
         self._check_folded()
         self.float_type = np.float64 if reference_dtype == "fp64" else np.float32
-        model = load_base_model(model_dir, auto_class=self.task.auto_class,
+        model = load_task_model(model_dir, self.task.auto_class, self.adapters,
                                 dtype=torch.float64 if reference_dtype == "fp64" else torch.float32)
         use_eager_attention(model)
         self.ia3 = None

@@ -27,6 +27,7 @@ import torch
 from ..atomic import atomic_output_dir, check_output
 from ..config import IA3Config
 from ..errors import CheckFailed, IA3Error
+from ..labels import write_labels
 from ..loading import has_tokenizer, load_base_model, read_model_config
 from ..model import IA3Model
 from . import data as D
@@ -421,6 +422,8 @@ class _Run:
     def _write(self, log: list[dict], metrics: dict) -> None:
         with atomic_output_dir(self.out, force=True) as tmp:
             self.model.save_adapter(tmp, force=True)
+            if self.labels is not None:  # the class names beside PEFT's files (ia3_export.labels)
+                write_labels(tmp, self.labels)
             with open(os.path.join(tmp, LOG_NAME), "w") as f:
                 for record in log:
                     f.write(json.dumps(record) + "\n")
