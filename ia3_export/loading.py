@@ -100,13 +100,13 @@ def head_class(task: str | None, adapters: list, config: dict) -> str:
     return TASK_TYPE_HEADS[task_type] if task_type else auto_class_name(config)
 
 
-def load_task_model(model_dir: str, auto_class: str, adapters: list = (), dtype=None):
+def load_task_model(model_dir: str, auto_class: str, adapters: list = (), dtype=None, trust_remote_code: bool = False):
     """load_base_model with the head the adapters trained: a classifier gets their num_labels and names
     (labels.json, see ia3_export.labels), so the head's shape and the saved config match the adapter."""
     from .labels import label_config
 
     overrides = label_config(list(adapters), read_model_config(model_dir)) if auto_class in LABELLED_HEADS else {}
-    return load_base_model(model_dir, auto_class, dtype=dtype, **overrides)
+    return load_base_model(model_dir, auto_class, dtype=dtype, trust_remote_code=trust_remote_code, **overrides)
 
 
 def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, trust_remote_code: bool = False,
@@ -114,6 +114,8 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
     """The model in eval mode, loaded from safetensors only (pickled weights are refused).
 
     config_overrides (e.g. num_labels, id2label for a new classification head) go to from_pretrained.
+    A folder whose architecture only its own code defines is refused unless trust_remote_code
+    (check_remote_code); a known model_type loads transformers' own class, as transformers does.
     """
     import transformers
 
@@ -127,6 +129,7 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
             f"{model_dir} has no .safetensors weights{hint}; re-save the model with "
             "save_pretrained(..., safe_serialization=True) from a trusted environment"
         )
+    check_remote_code(model_dir, config, trust_remote_code)
     cls = getattr(transformers, auto_class or auto_class_name(config))
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:
@@ -141,6 +144,16 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
         transformers.utils.logging.set_verbosity(verbosity)
     check_finite_weights(model, model_dir)
     return model.eval()
+
+
+def check_remote_code(model_dir: str, config: dict, trust_remote_code: bool) -> None:
+    """Refuse, before anything reads the folder with transformers, an architecture that only the folder's
+    own code defines (`auto_map`, a model_type transformers does not know): loading it would run it."""
+    from transformers import CONFIG_MAPPING
+
+    if config.get("auto_map") and not trust_remote_code and config["model_type"] not in CONFIG_MAPPING:
+        raise IA3Error(f"{model_dir} ships its own model code (auto_map in config.json), which loading would run; "
+                       "pass --trust-remote-code (trust_remote_code=True) only if you trust that folder")
 
 
 def check_finite_weights(model, model_dir: str) -> None:

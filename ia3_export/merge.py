@@ -9,7 +9,8 @@ from .loading import copy_side_files, head_class, load_task_model, read_model_co
 from .progress import stage
 
 
-def load_with_adapters(model_dir: str, adapter_dirs: list[str], task: str | None = None, dtype=None):
+def load_with_adapters(model_dir: str, adapter_dirs: list[str], task: str | None = None, dtype=None,
+                       trust_remote_code: bool = False):
     """The base model with each adapter loaded (and all of them active).
 
     The head is the task's (see `loading.head_class`): --task, else the adapters' task_type, else
@@ -23,7 +24,7 @@ def load_with_adapters(model_dir: str, adapter_dirs: list[str], task: str | None
         if names.count(name) > 1:
             raise IA3Error(f"two adapters are named {name!r}; give the folders different names")
     auto_class = head_class(task, adapters, read_model_config(model_dir))
-    model = IA3Model(load_task_model(model_dir, auto_class, adapters, dtype=dtype))
+    model = IA3Model(load_task_model(model_dir, auto_class, adapters, dtype=dtype, trust_remote_code=trust_remote_code))
     for adapter in adapters:
         model.load_adapter(adapter, name=adapter.name, activate=False)
     model.set_adapter(names)
@@ -31,13 +32,13 @@ def load_with_adapters(model_dir: str, adapter_dirs: list[str], task: str | None
 
 
 def merge_to_folder(model_dir: str, adapter_dirs: list[str], out_dir: str, force: bool = False,
-                    task: str | None = None) -> str:
+                    task: str | None = None, trust_remote_code: bool = False) -> str:
     """Fold the adapters and write a plain transformers model (atomically); returns a report."""
     if os.path.abspath(out_dir) == os.path.abspath(model_dir):
         raise IA3Error("--out is the model folder itself; write the merged model to a new folder")
     check_output(out_dir, force)
     stage(f"loading {model_dir} with {len(adapter_dirs)} adapter(s)")
-    model = load_with_adapters(model_dir, adapter_dirs, task)
+    model = load_with_adapters(model_dir, adapter_dirs, task, trust_remote_code=trust_remote_code)
     names = list(model.active_adapters)
     layers = sum(1 for layer in model.ia3_layers().values() if any(n in layer.ia3_l for n in names))
     merged = model.merge_and_unload()

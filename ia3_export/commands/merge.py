@@ -2,7 +2,7 @@
 import click
 
 from ..loading import TASK_HEADS
-from . import progress_option
+from . import progress_option, trust_remote_code_option
 
 TASKS = [t for t in TASK_HEADS if not t.endswith("-with-past")]
 
@@ -14,10 +14,12 @@ TASKS = [t for t in TASK_HEADS if not t.endswith("-with-past")]
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="The head to load; default: the adapters' task_type, else MODEL_DIR's config.json.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@trust_remote_code_option
 @progress_option
-def command(model_dir, adapter_dirs, out_dir, task, force):
+def command(model_dir, adapter_dirs, out_dir, task, force, trust_remote_code):
     """Fold one or more adapters (their product) into MODEL_DIR's weights and save a plain model."""
     from ..merge import merge_to_folder
 
-    report = merge_to_folder(model_dir, list(adapter_dirs), out_dir, force=force, task=task)
+    report = merge_to_folder(model_dir, list(adapter_dirs), out_dir, force=force, task=task,
+                             trust_remote_code=trust_remote_code)
     click.echo(report)

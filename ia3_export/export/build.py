@@ -37,7 +37,7 @@ TARGETS_ONLY = "__targets__"  # pseudo adapter holding --target-modules (vectors
 def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters: list[str] = (),
                  task: str | None = None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                  target_modules: list[str] | str | None = None, feedforward_modules: list[str] | str | None = None,
-                 exporter: str = "torchscript", force: bool = False) -> dict:
+                 exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False) -> dict:
     """Export and validate; returns the manifest written as `ia3_export.json`."""
     from .. import adapter_format as fmt
 
@@ -65,13 +65,13 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
 
         return export_foldswap(model_dir, out_dir, spec=spec, config=config, adapter_files=adapter_files, dtype=dtype,
                                opset=opset, target_modules=target_modules, feedforward_modules=feedforward_modules,
-                               exporter=exporter, force=force)
+                               exporter=exporter, force=force, trust_remote_code=trust_remote_code)
 
     import torch
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     stage(f"loading {model_dir} ({spec.name}, {mode}, {dtype})")
-    model = load_task_model(model_dir, spec.auto_class, adapter_files,
+    model = load_task_model(model_dir, spec.auto_class, adapter_files, trust_remote_code=trust_remote_code,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
     use_eager_attention(model)
     ia3, vectors = prepare_ia3(model, mode, adapter_files, target_modules, feedforward_modules)

@@ -195,7 +195,8 @@ def fold_numpy(fold_session, vectors: dict) -> dict[str, np.ndarray]:
 
 # -- the export -------------------------------------------------------------------------------
 def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter_files: list, dtype: str,
-                    opset: int, target_modules, feedforward_modules, exporter: str, force: bool) -> dict:
+                    opset: int, target_modules, feedforward_modules, exporter: str, force: bool,
+                    trust_remote_code: bool = False) -> dict:
     """Called by `export_model` for mode `foldswap` once the common checks have passed."""
     import logging
 
@@ -211,7 +212,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
     if exporter != "torchscript":
         raise IA3Error(f"a {MODE} export is traced with the torchscript exporter; drop --exporter {exporter}")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model = load_task_model(model_dir, spec.auto_class, adapter_files,
+    model = load_task_model(model_dir, spec.auto_class, adapter_files, trust_remote_code=trust_remote_code,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
     build.use_eager_attention(model)
     ia3, vectors = build.prepare_ia3(model, "swappable", adapter_files, target_modules, feedforward_modules)
