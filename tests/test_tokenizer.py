@@ -138,3 +138,30 @@ def test_generate_command_prints_what_transformers_generates(tmp_path):
     result = run_cli("generate", out, "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "8")
     assert result.exit_code == 0, result.output
     assert result.stdout == "".join(text + "\n" for text in expected)
+
+
+@pytest.mark.parametrize("style,cls", [("llama", "LlamaTokenizer"), ("t5", "T5Tokenizer")])
+def test_export_writes_the_tokenizer_transformers_builds(tmp_path, style, cls):
+    """A model-specific tokenizer class makes transformers 5 rebuild the pipeline from the vocabulary
+    (repeated and leading spaces then split differently from tokenizer.json as stored): the export
+    writes the pipeline transformers uses, so the runtime on the export tokenizes as transformers on
+    the model folder."""
+    from transformers import AutoTokenizer
+
+    from ia3_export.runtime.tokenizer import TextTokenizer
+    from ia3_export.tiny import save_tiny
+
+    model_dir = save_tiny(str(tmp_path / "llama"), "llama")
+    save_styled(model_dir, style, False, tokenizer_class=cls)
+    texts = TEXTS + [" x", "a   b    c", "hello\n\nworld"]
+    reference = AutoTokenizer.from_pretrained(model_dir)
+    stored = TextTokenizer(model_dir)
+    assert any(stored.encode(t) != reference(t)["input_ids"] for t in texts)  # what makes this test bite
+    result = run_cli("export", model_dir, "--out", tmp_path / "onnx", "--mode", "merged")
+    assert result.exit_code == 0, result.output
+    ours = TextTokenizer(str(tmp_path / "onnx"))
+    for text in texts:
+        ids = reference(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "onnx"))(texts[1])["input_ids"] == reference(texts[1])["input_ids"]

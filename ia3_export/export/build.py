@@ -17,7 +17,7 @@ import warnings
 from .. import __version__
 from ..atomic import atomic_output_dir, check_output
 from ..errors import IA3Error
-from ..loading import copy_side_files, load_task_model, read_model_config, write_config
+from ..loading import copy_side_files, has_tokenizer, load_task_model, read_model_config, write_config
 from ..manifest import DTYPES, MODES, new_manifest, write_manifest
 from ..progress import stage
 from . import graph as onnx_graph
@@ -100,9 +100,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
                 vector_entries.append({"name": vector_name(p), "graph": graph.key, "dim": part.dims[p],
                                        "feedforward": part.feedforward[p]})
         adapter_entries = write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype)
-        write_config(tmp, hf_model, model_dir)
-        if "generation_config.json" not in copy_side_files(model_dir, tmp) and generates(spec):
-            hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
+        write_side_files(model_dir, tmp, hf_model, spec)
         manifest = new_manifest(
             mode=mode, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=opset, exporter=exporter,
             graphs=graphs, vectors=vector_entries, adapters=adapter_entries, tokens=special_tokens(hf_model),
@@ -292,6 +290,37 @@ def write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype) -> list[d
             write_onnx_adapter(os.path.join(tmp, file), tensors)
         entries.append({"name": a.name, "file": file, "sha256": sha256_file(os.path.join(a.path, WEIGHTS_NAME))})
     return entries
+
+
+def write_side_files(model_dir: str, out: str, hf_model, spec: Task) -> None:
+    """What serving reads beside the graphs: config.json naming the exported head, the tokenizer and
+    generation files, and tokenizer.json as transformers builds it for model_dir."""
+    write_config(out, hf_model, model_dir)
+    if "generation_config.json" not in copy_side_files(model_dir, out) and generates(spec):
+        hf_model.generation_config.to_json_file(os.path.join(out, "generation_config.json"))
+    write_runtime_tokenizer(model_dir, out)
+
+
+def write_runtime_tokenizer(model_dir: str, out: str) -> None:
+    """tokenizer.json holding the pipeline transformers' AutoTokenizer uses for model_dir, without
+    stored padding or truncation. A model-specific class in tokenizer_config.json (LlamaTokenizer,
+    T5Tokenizer) makes transformers 5 rebuild the pipeline from the vocabulary rather than read
+    tokenizer.json as it is, so the copied file can split text differently; the torch-free runtime
+    reads this one and so tokenizes as transformers does."""
+    if not has_tokenizer(model_dir):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        backend = AutoTokenizer.from_pretrained(model_dir).backend_tokenizer
+    except (OSError, ValueError, AttributeError):  # no fast tokenizer: the copied files are all there is
+        return
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(backend.to_str())  # a copy: the loaded tokenizer keeps its settings
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(os.path.join(out, "tokenizer.json"))
 
 
 def sha256_file(path: str) -> str:

@@ -201,7 +201,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
     import logging
 
     from ..atomic import atomic_output_dir
-    from ..loading import copy_side_files, load_task_model, write_config
+    from ..loading import load_task_model
     from ..manifest import new_manifest, write_manifest
     from . import build
     from . import graph as onnx_graph
@@ -252,9 +252,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
         weight_entries = [{"name": n, "graph": t.graph, "vector": vector_name(t.path), "shape": t.shape(n)}
                           for t in targets for n in t.tensors]
         adapter_entries = build.write_adapter_files(tmp, "swappable", ia3, vectors, adapter_files, dtype)
-        write_config(tmp, hf_model, model_dir)
-        if "generation_config.json" not in copy_side_files(model_dir, tmp) and build.generates(spec):
-            hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
+        build.write_side_files(model_dir, tmp, hf_model, spec)
         manifest = new_manifest(
             mode=MODE, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=opset, exporter=exporter,
             graphs=graphs, vectors=vector_entries, adapters=adapter_entries, tokens=build.special_tokens(hf_model),
