@@ -128,9 +128,8 @@ class Served:
         row.adapter = _string(request, "adapter") or None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids without the padding a tokenizer.json may add (batches pad by themselves)."""
-        encoding = self.tokenizer.tokenizer.encode(text)
-        return [i for i, keep in zip(encoding.ids, encoding.attention_mask) if keep]
+        """Token ids as transformers gives them (no stored padding: batches pad by themselves)."""
+        return self.tokenizer.encode(text)
 
     def groups(self, rows: list[Row], alone=lambda row: False) -> list[list[Row]]:
         """ONNX Runtime batches: all rows together on a bank export, else one batch per adapter;

@@ -55,9 +55,9 @@ def test_classify_faults(bert_bank):
 
 
 def test_real_minilm_with_its_padding_tokenizer(start_server, reference):
-    """MiniLM-L6's tokenizer.json pads every text to 128 tokens: the server drops that padding so texts
-    batch at their own lengths; the reference runs each text alone exactly as its tokenizer encodes
-    it (128 tokens with the tokenizer's own attention mask)."""
+    """MiniLM-L6's own tokenizer.json pads every text to 128 tokens; the export's holds transformers'
+    pipeline without that padding, so texts batch at their own lengths; the reference runs each text
+    alone as that tokenizer encodes it."""
     from tokenizers import Tokenizer
 
     server = start_server(folder("minilm-bank"), "--max-batch", "4", "--max-queue-delay-us", "300000",
@@ -75,7 +75,7 @@ def test_real_minilm_with_its_padding_tokenizer(start_server, reference):
     tokenizer = Tokenizer.from_file(folder("minilm-bank", "tokenizer.json"))
     for text, adapter, answer in zip(texts, adapters, answers):
         encoding = tokenizer.encode(text)
-        assert len(encoding.ids) == 128
+        assert tokenizer.padding is None and len(encoding.ids) < 16
         ids, mask = np.array([encoding.ids]), np.array([encoding.attention_mask])
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         expected = session.run(feeds, adapters=[adapter])["logits"][0]
