@@ -189,7 +189,7 @@ def test_reader_widens_bfloat16(tmp_path):
     (lambda p: open(p, "r+b").truncate(4), "not a safetensors file"),
     (lambda p: open(p, "r+b").truncate(20), "corrupted safetensors header \\(declares \\d+ bytes, file has 20\\)"),
     (lambda p: open(p, "r+b").write((10**12).to_bytes(8, "little")), "corrupted safetensors header \\(declares 1000000000000 bytes"),
-    (lambda p: open(p, "r+b").write(b"\x00" * 8 + b"{"), "corrupted safetensors header \\(not a JSON object\\)"),
+    (lambda p: open(p, "r+b").write(b"\x00" * 8 + b"{"), "corrupted safetensors header"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "data_offsets": [0, 4000]})), "tensor 'a' needs 24 bytes at 0..4000"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "shape": [2, 30]})), "tensor 'a' needs 240 bytes"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "data_offsets": [0.5, 24]})), "corrupted safetensors entry for 'a'"),
