@@ -93,7 +93,8 @@ def _entry(path: str, name: str, info, data_bytes: int) -> Entry:
     needed = entry.count * ITEMSIZE[dtype]  # Python integers: a forged shape cannot overflow and wrap
     if needed > data_bytes or entry.end > data_bytes or entry.end - entry.start != needed:
         raise IA3Error(f"{path}: tensor {shown(name)} needs {needed} bytes at {entry.start}..{entry.end} but the file holds "
-                       f"{data_bytes} data bytes (shape {list(shape)} of {dtype}; truncated or corrupted file)")
+                       f"{data_bytes} data bytes (truncated or corrupted file); its header declares shape {list(shape)} "
+                       f"of {dtype}, re-save or re-download it")
     return entry
 
 

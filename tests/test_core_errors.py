@@ -195,7 +195,7 @@ def test_reader_widens_bfloat16(tmp_path):
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "data_offsets": [0.5, 24]})), "corrupted safetensors entry for 'a'"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "shape": [-2, 3]})), "corrupted safetensors entry for 'a'"),
     (lambda p: rewrite_header(p, lambda h: h.update(a="x")), "corrupted safetensors entry for 'a'"),
-    (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "dtype": "F8_E4M3"})), "tensor 'a' has dtype 'F8_E4M3', which this reader does not support"),
+    (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "dtype": "F8_E4M3", "shape": [4, 6]})), "tensor 'a' has dtype 'F8_E4M3', which this reader does not support"),
 ], ids=["truncated", "shorter-than-8", "header-beyond-file", "huge-header", "bad-json", "offsets-beyond",
         "shape-vs-bytes", "float-offset", "negative-shape", "not-an-entry", "unsupported-dtype"])
 def test_corrupted_safetensors(good_file, corrupt, message):
