@@ -40,8 +40,8 @@ def parse_json(text: str | bytes, where: str):
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8-sig")
-        depth = nesting_depth(text)
-        if depth > MAX_DEPTH:
+        # fewer openings than the limit cannot nest deeper (most rows): no scan needed
+        if text.count("[") + text.count("{") > MAX_DEPTH and (depth := nesting_depth(text)) > MAX_DEPTH:
             raise IA3Error(f"{where}: JSON nested {depth} levels deep (at most {MAX_DEPTH} are read); "
                            "the file is corrupted or hostile, re-create it")
         return json.loads(text)
