@@ -347,13 +347,11 @@ def depth_bomb(draw) -> str:
     return '{"format": "ia3-export", "graphs": ' + inner + "}"
 
 
-ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4,
-            "I64": 8, "F64": 8}
-
-
 @st.composite
 def safetensors_files(draw) -> bytes:
     """A safetensors file: consistent entries first, then 0-3 forgeries of the header or the data."""
+    from ia3_export.safetensors_io import ITEMSIZE
+
     entries, offset = {}, 0
     for i in range(draw(st.integers(0, 4))):
         dtype = draw(st.sampled_from(sorted(ITEMSIZE)))
@@ -374,7 +372,7 @@ def safetensors_files(draw) -> bytes:
         elif op == "offsets" and isinstance(entry, dict):
             entry["data_offsets"] = draw(st.lists(HOSTILE_INTS | st.integers(-8, 2**64), min_size=0, max_size=3) | JSON)
         elif op == "dtype" and isinstance(entry, dict):
-            entry["dtype"] = draw(st.sampled_from([*ITEMSIZE, "F8_E5M2", "U64", "C64", "F4", "f32"]) | JSON)
+            entry["dtype"] = draw(st.sampled_from([*ITEMSIZE, "F4", "f32"]) | JSON)
         elif op == "overlap" and isinstance(entry, dict):
             header[name + ".again"] = dict(entry)
         elif op == "hole":

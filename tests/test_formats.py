@@ -25,6 +25,9 @@ from ia3_export.errors import IA3Error
 MANIFEST, WEIGHTS, CONFIG = "ia3_export.json", "adapter_model.safetensors", "adapter_config.json"
 KEY = "base_model.model.model.layers.0.self_attn.k_proj.ia3_l"
 MEMORY_LIMIT = 1024**3  # a generate run needs well under 1 GiB of address space; every bomb asks for more
+# glibc reserves 64 MB of address space per malloc arena (one per thread, 8 per core): capped, so the
+# limit measures allocations on a many-core machine too
+LIMITED_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "2"}
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
@@ -34,7 +37,7 @@ def run_limited(*args, memory: int = MEMORY_LIMIT) -> CliResult:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
     done = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300, preexec_fn=cap,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env=LIMITED_ENV)
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 
@@ -42,7 +45,8 @@ def python_limited(code: str, memory: int = MEMORY_LIMIT) -> subprocess.Complete
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, preexec_fn=cap)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, preexec_fn=cap,
+                          env=LIMITED_ENV)
 
 
 def one_line(error: pytest.ExceptionInfo, *parts: str) -> str:
