@@ -264,7 +264,9 @@ class Targets:
         from ia3_export.safetensors_io import read_safetensors
 
         path = os.path.join(self.work, "fuzz.safetensors")
-        _write(path, data.draw(safetensors_files()))
+        raw, zeros = data.draw(safetensors_files())
+        _write(path, raw)
+        os.truncate(path, len(raw) + zeros)  # zero bytes added by the file system, not held by hypothesis
         clean(lambda: _agrees_with_safetensors(path, read_safetensors(path)))
 
 
@@ -348,8 +350,10 @@ def depth_bomb(draw) -> str:
 
 
 @st.composite
-def safetensors_files(draw) -> bytes:
-    """A safetensors file: consistent entries first, then 0-3 forgeries of the header or the data."""
+def safetensors_files(draw) -> tuple[bytes, int]:
+    """A safetensors file: consistent entries first, then 0-3 forgeries of the header or the data.
+    Returns the bytes and a count of zero bytes to append (large values drawn here stay in
+    hypothesis's memory, so the bomb's 4 MB of zeros are appended when the file is written)."""
     from ia3_export.safetensors_io import ITEMSIZE
 
     entries, offset = {}, 0
@@ -359,7 +363,7 @@ def safetensors_files(draw) -> bytes:
         size = math.prod(shape) * ITEMSIZE[dtype]
         entries[draw(NAMES) + str(i)] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
-    data = draw(st.binary(min_size=offset, max_size=offset))
+    data, zeros = draw(st.binary(min_size=offset, max_size=offset)), 0
     header: dict = dict(entries)
     names = sorted(entries)
     for _ in range(draw(st.integers(0, 3))):
@@ -390,11 +394,11 @@ def safetensors_files(draw) -> bytes:
         elif op == "overlap_bomb":  # 400 entries on one 4 MB range: 1.6 GB if each were copied
             header = {f"bomb{i}": {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [0, 4 * 1024**2]}
                       for i in range(400)}
-            data = bytes(4 * 1024**2)
+            data, zeros = b"", 4 * 1024**2
         elif op == "bomb":  # a huge declared tensor over a small file
             header = {"big": {"dtype": "F32", "shape": [draw(HOSTILE_INTS), 1024], "data_offsets": [0, len(data)]}}
     text = depth_bomb(draw) if draw(st.integers(0, 20)) == 0 else json.dumps(header)
-    return len(text.encode()).to_bytes(8, "little") + text.encode() + data
+    return len(text.encode()).to_bytes(8, "little") + text.encode() + data, zeros
 
 
 TARGETS = {"adapter": "adapter", "onnx_adapter": "onnx_adapter", "data": "training_data", "manifest": "manifest",
@@ -449,6 +453,12 @@ def prepare(targets: Targets, names: list[str]) -> None:
             getattr(targets, attribute)
 
 
+def mapped_bytes() -> int:
+    """The address space this process maps now (VmSize)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
 def limit_memory(headroom_mb: int) -> int:
     """Cap this process's address space at what it maps now plus headroom_mb (RLIMIT_AS): an
     allocation a forged header asks for raises MemoryError (a failed case) instead of swapping the
@@ -461,9 +471,7 @@ def limit_memory(headroom_mb: int) -> int:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
     except OSError:  # not glibc: no arenas to cap
         pass
-    with open("/proc/self/status") as f:
-        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    cap = mapped + headroom_mb * 1024**2
+    cap = mapped_bytes() + headroom_mb * 1024**2
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     return cap
 
@@ -492,7 +500,8 @@ def main() -> int:
     for target in names:
         t = time.perf_counter()
         run(targets, target, args.examples, args.seed)
-        print(f"{target}: {args.examples} cases, all clean ({time.perf_counter() - t:.0f} s)", flush=True)
+        print(f"{target}: {args.examples} cases, all clean ({time.perf_counter() - t:.0f} s, "
+              f"address space {mapped_bytes() / 1024**3:.2f} GiB)", flush=True)
     return 0
 
 
