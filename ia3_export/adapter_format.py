@@ -69,8 +69,9 @@ def vector_key(path: str) -> str:
     return f"{PREFIX}{path}{VECTOR_SUFFIX}"
 
 
-def read_adapter(path: str) -> AdapterFile:
-    """Read and check a PEFT IA3 adapter folder; every problem is an IA3Error naming the file."""
+def read_adapter(path: str, max_bytes: int | None = None) -> AdapterFile:
+    """Read and check a PEFT IA3 adapter folder; every problem is an IA3Error naming the file.
+    `max_bytes` caps the tensor data a caller can use (checked against the header before reading)."""
     if not os.path.isdir(path):
         raise IA3Error(f"adapter folder {path} does not exist (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     config_path = os.path.join(path, CONFIG_NAME)
@@ -87,7 +88,7 @@ def read_adapter(path: str) -> AdapterFile:
         raise IA3Error(f"{path} has no {WEIGHTS_NAME}")
     data = read_json(config_path)
     config = IA3Config.from_peft_dict(data, source=config_path)
-    tensors = read_safetensors(weights_path)
+    tensors = read_safetensors(weights_path, max_bytes)
     adapter = AdapterFile(config=config, tensors=tensors, path=path)
     _check_tensors(adapter, weights_path)
     return adapter

@@ -13,6 +13,7 @@ import re
 from typing import Iterable
 
 from .errors import IA3Error
+from .jsonfile import shown
 
 Targets = list[str] | str | None
 
@@ -156,10 +157,22 @@ class IA3Config:
         if peft_type != "IA3":
             raise IA3Error(f"{source}: peft_type is {peft_type!r}, not 'IA3'; this tool reads IA3 adapters only")
         fields = {f.name for f in dataclasses.fields(cls)}
+        for name, kinds in _FIELD_TYPES.items():
+            if data.get(name) is not None and not isinstance(data[name], kinds):
+                expected = " or ".join(k.__name__ for k in kinds)
+                raise IA3Error(f"{source}: {name} must be {expected}, got {shown(data[name])}; fix the adapter config")
         try:
             return cls(**{k: v for k, v in data.items() if k in fields})
         except IA3Error as e:  # name the file the bad value came from
             raise IA3Error(f"{source}: {e}") from None
+
+
+# Untrusted adapter_config.json fields -> the JSON types they may hold (null means the default).
+_FIELD_TYPES = {
+    "task_type": (str,), "fan_in_fan_out": (bool,), "init_ia3_weights": (bool,),
+    "base_model_name_or_path": (str,), "modules_to_save": (list, str),
+    "target_modules": (list, str), "feedforward_modules": (list, str), "exclude_modules": (list, str),
+}
 
 
 def _check_patterns(field: str, value: Targets) -> None:

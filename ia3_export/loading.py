@@ -10,7 +10,8 @@ import os
 import shutil
 
 from .errors import IA3Error
-from .jsonfile import read_json
+from .jsonfile import read_json, shown
+from .safetensors_io import read_header
 
 # What a model's `architectures` entry says -> the Auto class that rebuilds that head.
 HEAD_SUFFIXES = {
@@ -41,6 +42,9 @@ TASK_HEADS = {
     "question-answering": "AutoModelForQuestionAnswering",
 }
 LABELLED_HEADS = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification")
+# JSON files in a model folder that transformers reads with Python's (recursive) json module.
+TRANSFORMERS_JSON = ("generation_config.json", "model.safetensors.index.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "preprocessor_config.json")
 # Files copied beside a merged model or an ONNX export (never weights).
 SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,7 +62,24 @@ def read_model_config(model_dir: str) -> dict:
     config = read_json(path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise IA3Error(f"{path}: no model_type; is it a transformers config?")
+    if not isinstance(config["model_type"], str):
+        raise IA3Error(f"{path}: model_type is {shown(config['model_type'])}, expected a string; fix the config")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise IA3Error(f"{path}: architectures is {shown(architectures)}, expected a list of class names; fix the config")
     return config
+
+
+def check_model_files(model_dir: str) -> None:
+    """What transformers will parse, checked first by our readers, so a hostile folder is one clear
+    error, not a traceback from inside transformers: every safetensors header against its file's
+    size (a truncated download), and the JSON files it reads with Python's recursive parser."""
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name.endswith(".safetensors"):
+            read_header(path)
+        elif name in TRANSFORMERS_JSON and os.path.isfile(path):
+            read_json(path)
 
 
 def auto_class_name(config: dict) -> str:
@@ -130,6 +151,7 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
             "save_pretrained(..., safe_serialization=True) from a trusted environment"
         )
     check_remote_code(model_dir, config, trust_remote_code)
+    check_model_files(model_dir)
     cls = getattr(transformers, auto_class or auto_class_name(config))
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:

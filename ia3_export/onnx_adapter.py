@@ -6,6 +6,8 @@ Torch-free: the serving install converts adapters too.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .atomic import atomic_output_file
@@ -33,10 +35,18 @@ def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_versio
     return path
 
 
-def read_onnx_adapter(path: str) -> dict[str, np.ndarray]:
-    """The tensors of an .onnx_adapter file (copied out of ORT's buffers)."""
+def read_onnx_adapter(path: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The tensors of an .onnx_adapter file (copied out of ORT's buffers). ORT reads the whole file,
+    so `max_bytes` (what the model's vectors can need) is checked against its size first."""
     import onnxruntime as ort
 
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
+    if max_bytes is not None and size > max_bytes:
+        raise IA3Error(f"{path}: {size} bytes, more than the {max_bytes} an adapter for this model can need; "
+                       "is it the adapter of another model?")
     try:
         adapter = ort.AdapterFormat.read_adapter(path)
         return {name: np.array(value.numpy(), copy=True) for name, value in adapter.get_parameters().items()}

@@ -1,27 +1,58 @@
 """A small, strict safetensors reader on numpy alone (the serving install has no torch).
 
-It checks the header against the file before allocating anything, so a truncated or forged
-file gives a clear error instead of a crash or a huge allocation. bfloat16 is widened to
-float32 (numpy has no bfloat16); IA3 vectors are float32 anyway.
+The header is untrusted: it is checked whole against the file before anything is allocated
+(`read_header`), with the format's own rules: every entry's dtype, shape and byte range agree,
+the ranges do not overlap and cover the data exactly, so the memory a file can make us use is
+the size of its data and no more. Tensors are then read by offset, one range each, never the
+whole file. bfloat16 is widened to float32 (numpy has no bfloat16); IA3 vectors are float32.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
 
 import numpy as np
 
 from .errors import IA3Error
+from .jsonfile import parse_json, shown
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+# Bytes per value of every dtype the format names (model weights may use those numpy lacks).
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIMS = 16  # the product of a longer forged shape would be slow to compute
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as numpy arrays (bfloat16 widened to float32)."""
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor as the header declares it; start/end are offsets into the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    path: str
+    entries: dict[str, Entry]
+    data_start: int  # file offset of the data section
+    data_bytes: int
+
+
+def read_header(path: str) -> Header:
+    """The checked header of a .safetensors file (no tensor data is read)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -32,43 +63,86 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             if header_len > min(MAX_HEADER, size - 8):
                 raise IA3Error(f"{path}: corrupted safetensors header (declares {header_len} bytes, file has {size})")
             header_bytes = f.read(header_len)
-            data = f.read()
     except OSError as e:
         raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(header_bytes)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise IA3Error(f"{path}: corrupted safetensors header (not a JSON object)") from None
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, info in header.items():
-        tensors[name] = _tensor(path, name, info, data)
-    return tensors
+    header = parse_json(header_bytes, f"{path}: corrupted safetensors header")
+    if not isinstance(header, dict):
+        raise IA3Error(f"{path}: corrupted safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise IA3Error(f"{path}: corrupted safetensors header (__metadata__ must map names to strings)")
+    data_bytes = size - 8 - header_len
+    entries = {name: _entry(path, name, info, data_bytes) for name, info in header.items()}
+    _check_layout(path, entries, data_bytes)
+    return Header(path, entries, 8 + header_len, data_bytes)
 
 
-def _tensor(path: str, name: str, info, data: bytes) -> np.ndarray:
+def _entry(path: str, name: str, info, data_bytes: int) -> Entry:
+    where = f"{path}: corrupted safetensors entry for {shown(name)}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise IA3Error(f"{where}: not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise IA3Error(f"{where}: unknown dtype {shown(dtype)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise IA3Error(f"{where}: shape {shown(shape)} is not a list of at most {MAX_DIMS} non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise IA3Error(f"{where}: data_offsets {shown(offsets)} are not [start, end] with start <= end")
+    entry = Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
+    needed = entry.count * ITEMSIZE[dtype]  # Python integers: a forged shape cannot overflow and wrap
+    if needed > data_bytes or entry.end > data_bytes or entry.end - entry.start != needed:
+        raise IA3Error(f"{path}: tensor {shown(name)} needs {needed} bytes at {entry.start}..{entry.end} but the file holds "
+                       f"{data_bytes} data bytes (truncated or corrupted file); its header declares shape {list(shape)} "
+                       f"of {dtype}, re-save or re-download it")
+    return entry
+
+
+def _check_layout(path: str, entries: dict[str, Entry], data_bytes: int) -> None:
+    """The format's rule: byte ranges follow each other without overlap or hole and cover the data."""
+    position, previous = 0, None
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if entry.start < position:
+            raise IA3Error(f"{path}: tensor {shown(entry.name)} at bytes {entry.start}..{entry.end} overlaps tensor "
+                           f"{shown(previous.name)} at {previous.start}..{previous.end} (corrupted or forged file)")
+        if entry.start > position:
+            raise IA3Error(f"{path}: bytes {position}..{entry.start} of the data belong to no tensor (corrupted file)")
+        position, previous = entry.end, entry
+    if position != data_bytes:
+        raise IA3Error(f"{path}: the data holds {data_bytes} bytes but its tensors cover {position} "
+                       "(corrupted file, or data appended to it)")
+
+
+def read_safetensors(path: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as numpy arrays (bfloat16 widened to float32), each read
+    by its own offset. `max_bytes` caps the data a caller expects (checked before reading)."""
+    header = read_header(path)
+    if max_bytes is not None and header.data_bytes > max_bytes:
+        raise IA3Error(f"{path}: holds {header.data_bytes} bytes of tensors, more than the {max_bytes} expected "
+                       "here; is it the right file?")
+    for entry in header.entries.values():
+        if entry.dtype not in _DTYPES:
+            raise IA3Error(f"{path}: tensor {shown(entry.name)} has dtype {entry.dtype!r}, which this reader does not "
+                           f"support ({', '.join(_DTYPES)}); re-save it as float32")
+        if entry.count == 0:
+            raise IA3Error(f"{path}: tensor {shown(entry.name)} has shape {entry.shape} and holds no values; "
+                           "the file is corrupted")
     try:
-        dtype_name, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        if not all(_is_count(d) for d in shape) or not (_is_count(start) and _is_count(end) and start <= end):
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
-        raise IA3Error(f"{path}: corrupted safetensors entry for {name!r}") from None
-    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
-        raise IA3Error(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this reader does not support "
-                       f"({', '.join(_DTYPES)}); re-save it as float32")
-    dtype = _DTYPES[dtype_name]
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if end > len(data) or end - start != count * np.dtype(dtype).itemsize:
-        raise IA3Error(
-            f"{path}: tensor {name!r} needs {count * np.dtype(dtype).itemsize} bytes at {start}..{end} "
-            f"but the file holds {len(data)} data bytes (truncated or corrupted file)"
-        )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
-    if dtype_name == "BF16":
+        with open(path, "rb") as f:
+            return {entry.name: _read(f, header, entry) for entry in header.entries.values()}
+    except OSError as e:
+        raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read(f, header: Header, entry: Entry) -> np.ndarray:
+    buffer = bytearray(entry.end - entry.start)
+    f.seek(header.data_start + entry.start)
+    if f.readinto(buffer) != len(buffer):
+        raise IA3Error(f"{header.path}: the file got shorter while it was read")
+    array = np.frombuffer(buffer, dtype=_DTYPES[entry.dtype]).reshape(entry.shape)
+    if entry.dtype == "BF16":
         array = (array.astype(np.uint32) << 16).view(np.float32)
-    return array.copy()
+    return array
 
 
 def _is_count(value) -> bool:

@@ -1,21 +1,34 @@
 #!/usr/bin/env python
 """Fuzz the inputs users hand us: adapter folders (config JSON + safetensors bytes), .onnx_adapter
-files and training data files. The only acceptable outcomes are success or one clean IA3Error line;
-any other exception, a hang (an alarm per case) or a crash (the process dies) is a bug.
+files, training data files, exported folders' manifests and safetensors headers. The only
+acceptable outcomes are success or one clean IA3Error line; any other exception (MemoryError
+included), a hang (an alarm per case) or a crash (the process dies) is a bug.
 
-Cases start from valid files and mutate them (byte flips, truncation, forged headers and entries,
-random JSON values, random text), so most of them get past the first checks. tests/test_fuzz.py
-runs the same targets with a few hundred cases; this script runs thousands:
+Byte-level cases start from valid files and mutate them (flips, truncation, forged headers and
+entries, random JSON values, random text), so most of them get past the first checks. The
+manifest and safetensors targets are structure-aware: they build the document field by field
+(hostile values where ints, names and paths go, shapes that overflow int64, ranges that overlap,
+nesting bombs) and the run is capped with RLIMIT_AS (--memory-mb above what the process already
+maps), so a header that decides how much memory is used fails the run instead of the machine.
+A safetensors file our reader accepts must read the same through the `safetensors` library.
+tests/test_fuzz.py runs the same targets with a few hundred cases; this script runs thousands:
 
-    .venv/bin/python scripts/fuzz.py [--examples 2000] [--target adapter|onnx_adapter|data] [--seed N]
+    .venv/bin/python scripts/fuzz.py [--examples 2000] [--target adapter|onnx_adapter|data|manifest|safetensors]
+                                     [--seed N] [--memory-mb 1024] [--onnx EXPORTED_FOLDER]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
+import math
 import os
+import resource
+import shutil
 import signal
 import string
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,28 +145,57 @@ def _alarm(*_):
 
 
 class Targets:
-    """Valid inputs to mutate and the API calls that must answer cleanly."""
+    """Valid inputs to mutate and the API calls that must answer cleanly. What a target needs is
+    built on first use, so the manifest and safetensors targets run without a PyTorch model."""
 
-    def __init__(self, model_dir: str, adapter_dir: str, onnx_dir: str, work: str):
-        from ia3_export.loading import load_base_model
-        from ia3_export.model import IA3Model
-        from ia3_export.runtime import IA3Session
-        from ia3_export.runtime.adapters import convert_adapter
-
-        self.work = work
-        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-            self.config = json.load(f)
-        with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as f:
-            self.weights = f.read()
-        valid = os.path.join(work, "valid.onnx_adapter")
-        if not os.path.exists(valid):
-            convert_adapter(adapter_dir, onnx_dir, valid)
-        with open(valid, "rb") as f:
-            self.onnx_adapter_bytes = f.read()
-        self.session = IA3Session(onnx_dir)
-        self.model = IA3Model(load_base_model(model_dir))
+    def __init__(self, model_dir: str | None, adapter_dir: str | None, onnx_dir: str, work: str):
+        self.model_dir, self.adapter_dir, self.onnx_dir, self.work = model_dir, adapter_dir, onnx_dir, work
         self.folder = os.path.join(work, "fuzz_adapter")
         os.makedirs(self.folder, exist_ok=True)
+
+    @functools.cached_property
+    def config(self) -> dict:
+        with open(os.path.join(self.adapter_dir, "adapter_config.json")) as f:
+            return json.load(f)
+
+    @functools.cached_property
+    def weights(self) -> bytes:
+        with open(os.path.join(self.adapter_dir, "adapter_model.safetensors"), "rb") as f:
+            return f.read()
+
+    @functools.cached_property
+    def onnx_adapter_bytes(self) -> bytes:
+        from ia3_export.runtime.adapters import convert_adapter
+
+        valid = os.path.join(self.work, "valid.onnx_adapter")
+        if not os.path.exists(valid):
+            convert_adapter(self.adapter_dir, self.onnx_dir, valid)
+        with open(valid, "rb") as f:
+            return f.read()
+
+    @functools.cached_property
+    def session(self):
+        from ia3_export.runtime import IA3Session
+
+        return IA3Session(self.onnx_dir)
+
+    @functools.cached_property
+    def model(self):
+        from ia3_export.loading import load_base_model
+        from ia3_export.model import IA3Model
+
+        return IA3Model(load_base_model(self.model_dir))
+
+    @functools.cached_property
+    def export(self) -> tuple[str, dict]:
+        """A private copy of the exported folder (its manifest is rewritten per case) and its manifest;
+        `link` inside it is a symlink to the original folder, a way out that only realpath sees."""
+        copy = os.path.join(self.work, "fuzz_export")
+        if not os.path.isdir(copy):
+            shutil.copytree(self.onnx_dir, copy)
+            os.symlink(os.path.abspath(self.onnx_dir), os.path.join(copy, "link"))
+        with open(os.path.join(self.onnx_dir, "ia3_export.json")) as f:
+            return copy, json.load(f)
 
     def adapter(self, data) -> None:
         """A PEFT folder: read, loaded into a PyTorch model, loaded into an ONNX Runtime session."""
@@ -210,7 +252,163 @@ class Targets:
         clean(read)
 
 
-TARGETS = {"adapter": "adapter", "onnx_adapter": "onnx_adapter", "data": "training_data"}
+    def manifest(self, data) -> None:
+        """An exported folder whose manifest was edited field by field: opened, described, served."""
+        folder, valid = self.export
+        raw = data.draw(st.sampled_from(["tree", "tree", "tree", "bomb"]))
+        text = depth_bomb(data.draw) if raw == "bomb" else json.dumps(mutate_tree(data, valid, MANIFEST_VALUES))
+        _write(os.path.join(folder, "ia3_export.json"), text.encode())
+        clean(lambda: _serve(folder))
+
+    def safetensors(self, data) -> None:
+        """A safetensors file built entry by entry with hostile dtypes, shapes, ranges and bombs."""
+        from ia3_export.safetensors_io import read_safetensors
+
+        path = os.path.join(self.work, "fuzz.safetensors")
+        raw, zeros = data.draw(safetensors_files())
+        _write(path, raw)
+        os.truncate(path, len(raw) + zeros)  # zero bytes added by the file system, not held by hypothesis
+        clean(lambda: _agrees_with_safetensors(path, read_safetensors(path)))
+
+
+def _serve(folder: str) -> None:
+    """What the runtime does with a folder: open, describe (inspect), token ids, a session, one token."""
+    from ia3_export.inspect import export_summary
+    from ia3_export.runtime import IA3Session, open_folder
+
+    opened = open_folder(folder)
+    export_summary(folder)
+    opened.eos_ids(), opened.pad_id()
+    session = IA3Session(opened)
+    if "model" in session.graphs:
+        session.generate("a b", max_new_tokens=1)
+
+
+def _agrees_with_safetensors(path: str, ours: dict) -> None:
+    """A file our reader accepts opens in the safetensors library (the reference) with the same
+    names, and every tensor numpy can hold reads the same (numpy has no bfloat16; ours widens it)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:  # accepted by our reader, so its header is a small valid JSON object
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    dtypes = {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    with safe_open(path, framework="numpy") as f:
+        assert set(f.keys()) == set(ours), (sorted(f.keys()), sorted(ours))
+        for name in ours:
+            if dtypes[name] != "BF16":
+                theirs = f.get_tensor(name)
+                assert theirs.shape == ours[name].shape and np.array_equal(theirs, ours[name], equal_nan=True), name
+
+
+HOSTILE_INTS = st.sampled_from([0, -1, 1, 2**31, 2**32 + 16, 2**63, 2**64 + 1, 10**30, 500_000_000, 16, 64])
+PATHS = st.sampled_from(["model.onnx", "../onnx/model.onnx", "/etc/hostname", "link/model.onnx", "adapters/../model.onnx",
+                         "", ".", "adapters", "nul\0.onnx", "fold.onnx", "adapters/adapter.onnx_adapter", "a" * 300])
+MANIFEST_VALUES = (JSON | HOSTILE_INTS | PATHS | NAMES | st.sampled_from(["1", "abc", 1.5, 1e300, True, [], {}, [16], ["x"]])
+                   | st.lists(HOSTILE_INTS, max_size=3))
+
+
+def mutate_tree(data, value, leaves, depth: int = 0):
+    """A copy of a JSON document with 1-3 edits at random places: a value replaced by a hostile one,
+    a key dropped, a list entry duplicated, or a nested bomb."""
+    for _ in range(data.draw(st.integers(1, 3))):
+        value = _edit(data, value, leaves, depth)
+    return value
+
+
+def _edit(data, value, leaves, depth: int):
+    if isinstance(value, dict) and value and (depth == 0 or data.draw(st.integers(0, 3)) > 0):
+        key = data.draw(st.sampled_from(sorted(value)))
+        op = data.draw(st.sampled_from(["descend", "descend", "descend", "drop"]))
+        out = dict(value)
+        if op == "drop":
+            del out[key]
+        else:
+            out[key] = _edit(data, value[key], leaves, depth + 1)
+        return out
+    if isinstance(value, list) and value and (depth == 0 or data.draw(st.integers(0, 3)) > 0):
+        i = data.draw(st.integers(0, len(value) - 1))
+        op = data.draw(st.sampled_from(["descend", "descend", "duplicate", "drop"]))
+        out = list(value)
+        if op == "duplicate":
+            out.append(value[i])
+        elif op == "drop":
+            del out[i]
+        else:
+            out[i] = _edit(data, value[i], leaves, depth + 1)
+        return out
+    if data.draw(st.integers(0, 15)) == 0:
+        return json.loads("[" * 60 + "]" * 60)  # deep, yet within what the reader accepts
+    return data.draw(leaves)
+
+
+def depth_bomb(draw) -> str:
+    """JSON nested past the reader's limit (up to 200,000 levels), arrays or objects with a string of
+    brackets that does not count, under a valid-looking prefix. `draw` is hypothesis's draw."""
+    depth = draw(st.sampled_from([65, 1000, 200_000]))
+    inner = ('{"a":' * depth + '"]]]"' + "}" * depth) if draw(st.booleans()) else "[" * depth + "]" * depth
+    return '{"format": "ia3-export", "graphs": ' + inner + "}"
+
+
+# Bytes per value of the format's dtypes, written from its specification, not taken from the reader
+# under test (so the fuzzer runs against an older reader too).
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@st.composite
+def safetensors_files(draw) -> tuple[bytes, int]:
+    """A safetensors file: consistent entries first, then 0-3 forgeries of the header or the data.
+    Returns the bytes and a count of zero bytes to append (large values drawn here stay in
+    hypothesis's memory, so the bomb's 4 MB of zeros are appended when the file is written)."""
+    entries, offset = {}, 0
+    for i in range(draw(st.integers(0, 4))):
+        dtype = draw(st.sampled_from(sorted(DTYPE_SIZES)))
+        shape = draw(st.lists(st.integers(0, 5), max_size=3))
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        entries[draw(NAMES) + str(i)] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    data, zeros = draw(st.binary(min_size=offset, max_size=offset)), 0
+    header: dict = dict(entries)
+    names = sorted(entries)
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["shape", "offsets", "dtype", "overlap", "hole", "trailing", "truncate",
+                                   "metadata", "entry", "bomb", "overlap_bomb", "depth_bomb"]))
+        name = draw(st.sampled_from(names)) if names else None
+        entry = header.get(name) if name else None
+        if op == "shape" and isinstance(entry, dict):  # overflowing, wrapping, negative, long or junk shapes
+            entry["shape"] = draw(st.lists(HOSTILE_INTS | st.integers(-2, 2**64), max_size=20) | JSON)
+        elif op == "offsets" and isinstance(entry, dict):
+            entry["data_offsets"] = draw(st.lists(HOSTILE_INTS | st.integers(-8, 2**64), min_size=0, max_size=3) | JSON)
+        elif op == "dtype" and isinstance(entry, dict):
+            entry["dtype"] = draw(st.sampled_from([*DTYPE_SIZES, "F4", "f32"]) | JSON)
+        elif op == "overlap" and isinstance(entry, dict):
+            header[name + ".again"] = dict(entry)
+        elif op == "hole":
+            data += b"\0" * draw(st.integers(1, 16))
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list):
+                entry["data_offsets"] = [o + 8 if isinstance(o, int) else o for o in entry["data_offsets"]]
+        elif op == "trailing":
+            data += draw(st.binary(min_size=1, max_size=64))
+        elif op == "truncate" and data:
+            data = data[:draw(st.integers(0, len(data) - 1))]
+        elif op == "metadata":
+            header["__metadata__"] = draw(JSON)
+        elif op == "entry" and name:
+            header[name] = draw(JSON)
+        elif op == "overlap_bomb":  # 400 entries on one 4 MB range: 1.6 GB if each were copied
+            header = {f"bomb{i}": {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [0, 4 * 1024**2]}
+                      for i in range(400)}
+            data, zeros = b"", 4 * 1024**2
+        elif op == "bomb":  # a huge declared tensor over a small file
+            header = {"big": {"dtype": "F32", "shape": [draw(HOSTILE_INTS), 1024], "data_offsets": [0, len(data)]}}
+    text = depth_bomb(draw) if draw(st.integers(0, 20)) == 0 else json.dumps(header)
+    return len(text.encode()).to_bytes(8, "little") + text.encode() + data, zeros
+
+
+TARGETS = {"adapter": "adapter", "onnx_adapter": "onnx_adapter", "data": "training_data", "manifest": "manifest",
+           "safetensors": "safetensors"}
+TORCH_FREE = ("manifest", "safetensors")  # need only an exported folder
 
 
 def run(targets: Targets, target: str, examples: int, seed: int | None = None) -> None:
@@ -243,20 +441,81 @@ def build(work: str) -> tuple[str, str, str]:
     return model, adapter, onnx_dir
 
 
+M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
+NEEDS = {"adapter": ("config", "weights", "model", "session"), "onnx_adapter": ("onnx_adapter_bytes", "session"),
+         "data": (), "manifest": ("export", "session"), "safetensors": ()}
+
+
+def prepare(targets: Targets, names: list[str]) -> None:
+    """Build what the targets use and import what they import, before the memory cap is set."""
+    import safetensors.numpy  # noqa: F401  (the reference reader)
+
+    import ia3_export.inspect  # noqa: F401
+    if any(n not in TORCH_FREE for n in names):
+        import ia3_export.train.data  # noqa: F401  (imports torch)
+    for name in names:
+        for attribute in NEEDS[name]:
+            getattr(targets, attribute)
+
+
+def mapped_bytes() -> int:
+    """The address space this process maps now (VmSize)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+def limit_memory(headroom_mb: int) -> int:
+    """Cap this process's address space at what it maps now plus headroom_mb (RLIMIT_AS): an
+    allocation a forged header asks for raises MemoryError (a failed case) instead of swapping the
+    machine to a halt. Returns the cap in bytes.
+
+    glibc reserves 64 MB of address space for each new malloc arena (one per thread, up to 8 per
+    core), and every ONNX Runtime session starts threads: without a cap on arenas, thousands of
+    sessions exhaust the address space with nothing allocated (measured: +290 MB per 300 sessions)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
+    except OSError:  # not glibc: no arenas to cap
+        pass
+    cap = mapped_bytes() + headroom_mb * 1024**2
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    return cap
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000, help="cases per target")
     parser.add_argument("--target", choices=list(TARGETS), action="append", help="default: all")
     parser.add_argument("--seed", type=int, default=None, help="random cases from this seed (default: derandomized)")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--memory-mb", type=int, default=1024, help="address space allowed above the start-up's")
+    parser.add_argument("--onnx", default=None, help="an exported swappable folder (torch-free targets only)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = args.target or list(TARGETS)
     work = args.work or tempfile.mkdtemp(prefix="fuzz-")
-    targets = Targets(*build(work), work)
-    for target in args.target or list(TARGETS):
+    if len(names) > 1:  # a child per target: each its own address space under its own cap, no torch where none is needed
+        onnx = args.onnx or (build(work)[2] if any(n in TORCH_FREE for n in names) else None)
+        for name in names:
+            command = [sys.executable, __file__, "--target", name, "--examples", str(args.examples), "--work", work,
+                       "--memory-mb", str(args.memory_mb), *(["--seed", str(args.seed)] if args.seed is not None else []),
+                       *(["--onnx", onnx] if name in TORCH_FREE else [])]
+            if subprocess.run(command).returncode:
+                return 1
+        return 0
+    if args.onnx:
+        if any(n not in TORCH_FREE for n in names):
+            parser.error(f"--onnx serves only the {', '.join(TORCH_FREE)} targets")
+        targets = Targets(None, None, args.onnx, work)
+    else:
+        targets = Targets(*build(work), work)
+    prepare(targets, names)
+    cap = limit_memory(args.memory_mb)
+    print(f"address space capped at {cap / 1024**3:.2f} GiB", flush=True)
+    for target in names:
         t = time.perf_counter()
         run(targets, target, args.examples, args.seed)
-        print(f"{target}: {args.examples} cases, all clean ({time.perf_counter() - t:.0f} s)", flush=True)
+        print(f"{target}: {args.examples} cases, all clean ({time.perf_counter() - t:.0f} s, "
+              f"address space {mapped_bytes() / 1024**3:.2f} GiB)", flush=True)
     return 0
 
 

@@ -189,13 +189,13 @@ def test_reader_widens_bfloat16(tmp_path):
     (lambda p: open(p, "r+b").truncate(4), "not a safetensors file"),
     (lambda p: open(p, "r+b").truncate(20), "corrupted safetensors header \\(declares \\d+ bytes, file has 20\\)"),
     (lambda p: open(p, "r+b").write((10**12).to_bytes(8, "little")), "corrupted safetensors header \\(declares 1000000000000 bytes"),
-    (lambda p: open(p, "r+b").write(b"\x00" * 8 + b"{"), "corrupted safetensors header \\(not a JSON object\\)"),
+    (lambda p: open(p, "r+b").write(b"\x00" * 8 + b"{"), "corrupted safetensors header"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "data_offsets": [0, 4000]})), "tensor 'a' needs 24 bytes at 0..4000"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "shape": [2, 30]})), "tensor 'a' needs 240 bytes"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "data_offsets": [0.5, 24]})), "corrupted safetensors entry for 'a'"),
     (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "shape": [-2, 3]})), "corrupted safetensors entry for 'a'"),
     (lambda p: rewrite_header(p, lambda h: h.update(a="x")), "corrupted safetensors entry for 'a'"),
-    (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "dtype": "F8_E4M3"})), "tensor 'a' has dtype 'F8_E4M3', which this reader does not support"),
+    (lambda p: rewrite_header(p, lambda h: h.update(a={**h["a"], "dtype": "F8_E4M3", "shape": [4, 6]})), "tensor 'a' has dtype 'F8_E4M3', which this reader does not support"),
 ], ids=["truncated", "shorter-than-8", "header-beyond-file", "huge-header", "bad-json", "offsets-beyond",
         "shape-vs-bytes", "float-offset", "negative-shape", "not-an-entry", "unsupported-dtype"])
 def test_corrupted_safetensors(good_file, corrupt, message):

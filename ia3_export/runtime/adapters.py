@@ -37,10 +37,7 @@ def resolve(folder: ExportedFolder, source: str) -> tuple[str, str]:
     shipped = ", ".join(sorted(folder.adapters)) or "none"
     if source in folder.adapters:
         check_name(source)
-        path = os.path.realpath(folder.adapters[source])
-        if not path.startswith(os.path.realpath(folder.path) + os.sep):
-            raise IA3Error(f"{folder.path}: adapter {source!r} points outside the folder; refusing it")
-        return source, path
+        return source, folder.adapter_file(source)
     if os.path.exists(source):
         raise IA3Error(f"adapter {source!r} is not shipped in {folder.path} (shipped: {shipped}) but names a path "
                        f"here; pass ./{source} to load that path")
@@ -48,12 +45,18 @@ def resolve(folder: ExportedFolder, source: str) -> tuple[str, str]:
                    f"in {folder.path} (shipped: {shipped})")
 
 
+def max_bytes(folder: ExportedFolder) -> int:
+    """The most bytes an adapter for this model can need: every vector in float64, plus each name and
+    the file format's bookkeeping. A larger file is refused before it is read."""
+    return sum(8 * spec.dim + len(name) + 256 for name, spec in folder.vectors.items()) + 4096
+
+
 def read_tensors(path: str, folder: ExportedFolder) -> dict[str, np.ndarray]:
     """Input name -> array of an adapter, as stored (PEFT keys become input names)."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
             raise IA3Error(f"{path} is a folder without {CONFIG_NAME}; pass a PEFT adapter folder or an {SUFFIX} file")
-        adapter = read_adapter(path)
+        adapter = read_adapter(path, max_bytes(folder))
         tensors = {module + VECTOR_SUFFIX: v for module, v in adapter.vectors().items()}
         saved = adapter.saved_tensors()
         if saved:
@@ -67,7 +70,7 @@ def read_tensors(path: str, folder: ExportedFolder) -> dict[str, np.ndarray]:
             tensors.update(saved)
         return tensors
     if path.endswith(SUFFIX):
-        return read_onnx_adapter(path)
+        return read_onnx_adapter(path, max_bytes(folder))
     raise IA3Error(f"{path}: not an adapter (expected a PEFT adapter folder or an {SUFFIX} file)")
 
 

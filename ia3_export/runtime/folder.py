@@ -10,7 +10,9 @@ import os
 
 from ..errors import IA3Error
 from ..jsonfile import read_json
-from ..manifest import MANIFEST_NAME, MODES, NUMPY_DTYPES, graph_path, read_manifest
+from ..manifest import MANIFEST_NAME, NUMPY_DTYPES, Fields, confined, graph_path, read_manifest
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +56,35 @@ class ExportedFolder:
 
     @property
     def vectors(self) -> dict[str, VectorSpec]:
-        return {v["name"]: VectorSpec(v["name"], v.get("graph", "model"), int(v["dim"]), bool(v.get("feedforward", False)))
+        return {v["name"]: VectorSpec(v["name"], v.get("graph", "model"), v["dim"], v.get("feedforward", False))
                 for v in self.manifest.get("vectors") or []}
+
+    def check_inputs(self, declared: dict[str, dict[str, list]]) -> None:
+        """Every vector (and foldswap weight) the manifest lists is an input of its graph with the size
+        the graph declares (graph -> input name -> shape), checked before any of them is allocated:
+        a forged dim must not decide how much memory a session takes."""
+        where = os.path.join(self.path, MANIFEST_NAME)
+        expected = [(name, spec.graph, [spec.dim]) for name, spec in self.vectors.items()]
+        expected += [(w["name"], w["graph"], w["shape"]) for w in self.manifest.get("weights") or []]
+        for name, graph, shape in expected:
+            inputs = declared.get(graph, {})
+            if name not in inputs:
+                raise IA3Error(f"{where}: the manifest lists input {name} but graph {graph!r} has no such input; "
+                               "re-export the model")
+            actual = list(inputs[name])
+            if actual[-len(shape):] != shape or len(actual) > len(shape) + (self.mode == "bank"):
+                raise IA3Error(f"{where}: the manifest gives {name} the shape {shape} but graph {graph!r} declares "
+                               f"{actual}; re-export the model")
 
     @property
     def adapters(self) -> dict[str, str]:
         """Adapter name -> file path of the adapters shipped inside the folder."""
         return {a["name"]: os.path.join(self.path, a["file"]) for a in self.manifest.get("adapters") or [] if a.get("file")}
+
+    def adapter_file(self, name: str) -> str:
+        """The real path of a shipped adapter, confined to the folder like the graphs."""
+        entry = next(a for a in self.manifest.get("adapters") or [] if a["name"] == name and a.get("file"))
+        return confined(self.path, entry["file"], os.path.join(self.path, MANIFEST_NAME), f"adapter {name!r}")
 
     @property
     def tokens(self) -> dict:
@@ -68,28 +92,32 @@ class ExportedFolder:
 
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids: generation_config.json's (it may list several), else the manifest's."""
-        eos = self._json("generation_config.json").get("eos_token_id")
+        eos = self._generation_token("eos_token_id")
         if eos is None:
             eos = self.tokens.get("eos")
         if eos is None:
             return []
-        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        return eos if isinstance(eos, list) else [eos]
 
     def pad_id(self) -> int:
         pad = self.tokens.get("pad")
         if pad is None:
-            pad = self._json("generation_config.json").get("pad_token_id")
+            pad = self._generation_token("pad_token_id")
         if pad is None:
             eos = self.eos_ids()
             pad = eos[0] if eos else 0
-        return int(pad)
+        return pad
 
-    def _json(self, name: str) -> dict:
-        path = os.path.join(self.path, name)
+    def _generation_token(self, key: str):
+        """A token id (or list of ids) from generation_config.json, checked like the manifest's."""
+        path = os.path.join(self.path, GENERATION_CONFIG)
         if not os.path.isfile(path):
-            return {}
+            return None
         data = read_json(path)
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            raise IA3Error(f"{path}: expected a JSON object, got {type(data).__name__}; restore the file")
+        Fields(path).token_ids(data.get(key), key, many=key == "eos_token_id")
+        return data.get(key)
 
 
 def open_folder(path: str) -> ExportedFolder:
@@ -98,12 +126,6 @@ def open_folder(path: str) -> ExportedFolder:
         raise IA3Error(f"exported folder {path} does not exist")
     manifest = read_manifest(path)
     where = os.path.join(path, MANIFEST_NAME)
-    if manifest["mode"] not in MODES:
-        raise IA3Error(f"{where}: mode {manifest['mode']!r} is not one of {', '.join(MODES)}; re-export the model")
-    if manifest["dtype"] not in NUMPY_DTYPES:
-        raise IA3Error(f"{where}: dtype {manifest['dtype']!r} is not one of {', '.join(NUMPY_DTYPES)}; re-export the model")
-    if not isinstance(manifest["graphs"], dict) or not manifest["graphs"]:
-        raise IA3Error(f"{where}: no graphs; re-export the model")
     folder = ExportedFolder(os.path.abspath(path), manifest)
     for name in manifest["graphs"]:
         if not os.path.isfile(graph_path(folder.path, manifest, name)):

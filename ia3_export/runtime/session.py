@@ -304,11 +304,8 @@ class IA3Session:
                 feeds[ADAPTER_IDS] = self.adapter_rows(list(names), bank)
 
     def _check_graph_inputs(self) -> None:
-        for vector, spec in self.folder.vectors.items():
-            g = self.graphs.get(spec.graph)
-            if g is None or (vector not in g.inputs and vector not in g.initializer_inputs):
-                raise IA3Error(f"{self.folder.path}: the manifest lists vector {vector} but graph {spec.graph!r} has "
-                               "no such input; re-export the model")
+        self.folder.check_inputs({name: {i.name: i.shape for i in [*g.inputs.values(), *g.initializer_inputs.values()]}
+                                  for name, g in self.graphs.items()})
 
     # -- generation ----------------------------------------------------------------------------
     def tokenizer(self):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import math
 import os
 
 import torch
 
 from ..errors import IA3Error
+from ..jsonfile import parse_json, shown
 
 # task -> (PEFT task_type, Auto class, the fields a row needs, in the alternatives allowed)
 TASKS = {
@@ -49,7 +50,15 @@ def read_rows(path: str, task: str) -> list[Row]:
             need = " or ".join(" + ".join(f"'{f}'" for f in fields) for fields in choices)
             have = ", ".join(k if k.isprintable() else repr(k) for k in sorted(row.fields)) or "none"  # one line
             raise IA3Error(f"{row.where}: the row needs {need} for {task} (its fields: {have})")
+        if task == "text-classification" and not _is_label(row.fields["label"]):
+            raise IA3Error(f"{row.where}: label is {shown(row.fields['label'])}; a label is a string or a number")
     return rows
+
+
+def _is_label(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _present(fields: dict, name: str) -> bool:
@@ -67,10 +76,7 @@ def _read_jsonl(path: str) -> list[Row]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError as e:
-            raise IA3Error(f"{path}:{number}: not valid JSON ({e.msg}); write one JSON object per line") from None
+        value = parse_json(line, f"{path}:{number}")
         if not isinstance(value, dict):
             raise IA3Error(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}")
         rows.append(Row(value, f"{path}:{number}"))
