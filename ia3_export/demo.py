@@ -146,6 +146,10 @@ def generator_stage(workdir: str, report: Report, quick: bool) -> dict:
 
 
 def run_demo(workdir: str, quick: bool = False) -> Report:
+    from .atomic import check_output
+    from .train.examples import data_file, minilm_dir
+
+    check_output(workdir, force=True, inputs=[os.path.dirname(data_file("x")), minilm_dir()])  # its own files only
     os.makedirs(workdir, exist_ok=True)
     report = Report()
     start = time.perf_counter()

@@ -25,14 +25,13 @@ def load_with_adapters(model_dir: str, adapter_dirs: list[str], **load_kwargs):
 
 def merge_to_folder(model_dir: str, adapter_dirs: list[str], out_dir: str, force: bool = False) -> str:
     """Fold the adapters and write a plain transformers model (atomically); returns a report."""
-    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
-        raise IA3Error("--out is the model folder itself; write the merged model to a new folder")
-    check_output(out_dir, force)
+    inputs = [model_dir, *adapter_dirs]
+    check_output(out_dir, force, inputs)
     model = load_with_adapters(model_dir, adapter_dirs)
     names = list(model.active_adapters)
     layers = sum(1 for layer in model.ia3_layers().values() if any(n in layer.ia3_l for n in names))
     merged = model.merge_and_unload()
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=inputs) as tmp:
         merged.save_pretrained(tmp)
         copy_side_files(model_dir, tmp)
     return f"merged {', '.join(names)} into {layers} layers of {model_dir} -> {out_dir}"

@@ -30,15 +30,16 @@ def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol
 
     if (atol is None) != (rtol is None):
         raise IA3Error("give --atol and --rtol together (or neither, for the documented tolerance)")
+    inputs = [model_dir, onnx_dir, *adapters]
     for path in (json_path, junit_path):
         if path:
-            check_output(path, force)
+            check_output(path, force, inputs)
     report = check_parity(model_dir, onnx_dir, list(adapters), ParityOptions(
         provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps))
     if json_path:
-        report.write_json(json_path, force)
+        report.write_json(json_path, force, inputs)
     if junit_path:
-        report.write_junit(junit_path, force)
+        report.write_junit(junit_path, force, inputs)
     click.echo(report.header())
     for check in [*report.worst_per_output(), *report.greedy]:  # the worst case of each output, every greedy row
         click.echo("  " + check.line())
