@@ -18,7 +18,6 @@ import ctypes
 import errno
 import functools
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -82,35 +81,29 @@ def _atomic(path: str, force: bool, inputs, folder: bool):
 
 
 def _temporary(path: str, folder: bool) -> str:
-    """A new hidden folder or empty file beside `path`, made with the umask's permissions."""
+    """A new hidden folder or empty file beside `path` (private until it is complete)."""
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
-        while True:
-            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
-            try:
-                if folder:
-                    os.mkdir(tmp)  # 0o777 & ~umask
-                else:
-                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask
-                return tmp
-            except FileExistsError:
-                continue
+        if folder:
+            return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        os.close(fd)
+        return tmp
     except OSError as e:
         raise IA3Error(f"cannot write to {parent} ({e.strerror}); choose a writable output folder") from None
 
 
 def _follow_umask(tmp: str) -> None:
-    """Give every folder 0o777 and file 0o666 less the umask: some writers (safetensors) make their
-    files private (0600), which a service account reading the output under umask 022 cannot open."""
+    """Give the output and everything in it the modes the umask gives (folders 0o777, files 0o666
+    less the umask): mkdtemp/mkstemp and some writers (safetensors) make them private (0700/0600),
+    which a service account reading the output under umask 022 cannot open."""
     mask = _umask()
-    walk = os.walk(tmp) if os.path.isdir(tmp) else [(os.path.dirname(tmp), [], [os.path.basename(tmp)])]
-    for parent, folders, files in walk:
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~mask)
+    for parent, folders, files in os.walk(tmp):  # nothing for a file
         for name, mode in [(n, 0o777) for n in folders] + [(n, 0o666) for n in files]:
             if not os.path.islink(os.path.join(parent, name)):
                 os.chmod(os.path.join(parent, name), mode & ~mask)
-    if os.path.isdir(tmp):
-        os.chmod(tmp, 0o777 & ~mask)
 
 
 def _umask() -> int:
