@@ -63,6 +63,7 @@ def atomic_output_file(path: str, force: bool = False, inputs=()):
 def _atomic(path: str, force: bool, inputs, folder: bool):
     path = os.path.abspath(path)
     check_output(path, force, inputs)
+    made = _missing_folders(os.path.dirname(path))
     tmp = _temporary(path, folder)
     try:
         yield tmp
@@ -74,10 +75,22 @@ def _atomic(path: str, force: bool, inputs, folder: bool):
         else:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+        for parent in made:  # folders made for this output go again (if nothing else was put there)
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
         named = _name_the_output(e, tmp, path)
         if named is e:
             raise
         raise named from None
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders above an output that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def _temporary(path: str, folder: bool) -> str:

@@ -275,11 +275,16 @@ def test_outputs_follow_the_umask(llama, swappable, tmp_path, umask):
 FSIZE = 1024  # bytes: every output below holds a bigger file, every input was written before
 WRITES = {  # case -> arguments ({placeholders} from `work`), the output
     "merge": (["merge", "{model}", "{adapter}", "--out", "{root}/merged"], "{root}/merged"),
+    "merge-into-new-folders": (["merge", "{model}", "{adapter}", "--out", "{root}/new/folders/merged"],
+                               "{root}/new/folders/merged"),  # the folders made for it go too
     "export": (["export", "{model}", "--mode", "merged", "--adapter", "{adapter}", "--out", "{root}/onnx2"],
                "{root}/onnx2"),
     "convert": (["convert", "{adapter}", "--model", "{onnx}", "--out", "{root}/a.onnx_adapter"], "{root}/a.onnx_adapter"),
     "train": (["train", "{model}", "--data", "{data}", "--task", "text-generation", "--out", "{root}/trained",
                "--max-steps", "1", "--quiet"], "{root}/trained"),
+    "train-checkpoint": (["train", "{model}", "--data", "{data}", "--task", "text-generation", "--out",
+                          "{root}/trained", "--max-steps", "2", "--save-steps", "1", "--quiet"],
+                         "{root}/trained.checkpoints/step-00000001"),
 }
 
 
