@@ -12,7 +12,6 @@ raises (how an unforeseen bug or Ctrl-C arrives).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from cli_helpers import EXE, assert_one_line_error, run_cli
 from safetensors.numpy import load_file
+from test_reliability import tree  # relative path -> sha256 of every file under a folder
 
 SITECUSTOMIZE = r'''
 import os, sys, time
@@ -67,18 +67,6 @@ def site(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("site")
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
-
-
-def tree(path) -> dict[str, str]:
-    """relative path -> sha256 of every file under path (or of the file itself)."""
-    if os.path.isfile(path):
-        return {".": hashlib.sha256(open(path, "rb").read()).hexdigest()}
-    out = {}
-    for folder, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(folder, name)
-            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest() if name in files else "dir"
-    return out
 
 
 @pytest.fixture(scope="module")
