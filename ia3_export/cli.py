@@ -23,8 +23,8 @@ COMMANDS = {
     "demo": ("demo", "Run the main job end to end on the embedded default model and data."),
     "train": ("train", "Train an IA3 adapter; writes a PEFT adapter folder."),
     "merge": ("merge", "Fold an adapter into the weights and save a plain transformers model."),
-    "inspect": ("inspect", "Describe an adapter folder or an exported ONNX folder."),
-    "export": ("export", "Export to ONNX: merged, swappable (vectors as inputs) or bank (per-row adapters)."),
+    "inspect": ("inspect", "Describe an adapter folder, an .onnx_adapter file or an exported ONNX folder."),
+    "export": ("export", "Export to ONNX: merged, swappable (vectors as inputs), bank (per-row adapters) or foldswap."),
     "convert": ("convert", "Convert a PEFT adapter to ONNX Runtime's .onnx_adapter for an exported model."),
     "generate": ("generate", "Generate text with an exported model on ONNX Runtime."),
     "parity": ("parity", "Check an exported model against PyTorch on ONNX Runtime (CPU or CUDA)."),
@@ -49,6 +49,11 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        from . import ort
+
+        clash = ort.clash_message(ort.installed()) if ctx.protected_args else None
+        if clash:
+            click.echo(f"warning: {clash}", err=True)
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -70,7 +75,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 def _exit_code(error: Exception) -> int:
     if isinstance(error, IA3Error):
         return error.exit_code
-    if isinstance(error, OSError) or (isinstance(error, ImportError) and error.name in _EXTRAS):
+    if isinstance(error, OSError) or (isinstance(error, ImportError) and error.name in (*_EXTRAS, "onnxruntime")):
         return 2
     return EXIT_INTERNAL
 
@@ -82,6 +87,10 @@ def _message(error: Exception) -> str:
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename is not None else ""
         return f"{where}{error.strerror or error}; check the path, permissions and free space"
+    if isinstance(error, ImportError) and error.name == "onnxruntime":
+        from . import ort
+
+        return ort.missing_message(error)
     if isinstance(error, ImportError) and error.name in _EXTRAS:
         return f"this command needs {error.name}; install it with: pip install 'ia3-export[{_EXTRAS[error.name]}]'"
     detail = str(error).splitlines()[0][:200] if str(error) else ""

@@ -136,6 +136,18 @@ class IA3Config:
         }
 
     @classmethod
+    def coerce(cls, config) -> "IA3Config":
+        """Ours as is; PEFT's `peft.IA3Config` (same fields) read through its dict, as PEFT users
+        pass theirs; anything else is refused, saying what is accepted."""
+        if isinstance(config, cls):
+            return config
+        to_dict = getattr(config, "to_dict", None)
+        if not callable(to_dict) or not hasattr(config, "peft_type"):
+            raise IA3Error(f"expected an ia3_export.IA3Config or PEFT's peft.IA3Config, got {type(config).__name__}")
+        data = {k: getattr(v, "value", v) for k, v in to_dict().items()}  # PEFT's enums -> their names
+        return cls.from_peft_dict(data, source=f"PEFT's {type(config).__name__}")
+
+    @classmethod
     def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> "IA3Config":
         if not isinstance(data, dict):
             raise IA3Error(f"{source}: expected a JSON object, got {type(data).__name__}")

@@ -1,4 +1,5 @@
-"""What is in an adapter folder: targets, shapes, parameter count, vector statistics (torch-free)."""
+"""What is in an adapter folder, an `.onnx_adapter` file or an exported folder: targets, shapes,
+parameter count, vector statistics (torch-free)."""
 from __future__ import annotations
 
 import json
@@ -7,19 +8,15 @@ import numpy as np
 
 from .adapter_format import read_adapter
 from .config import describe
+from .errors import IA3Error
 
 
 def adapter_summary(path: str) -> dict:
     adapter = read_adapter(path)
     vectors = adapter.vectors()
     ff = adapter.feedforward()
-    rows = []
-    for module, v in sorted(vectors.items()):
-        rows.append({
-            "module": module, "scales": "input" if ff[module] else "output", "dim": int(v.size),
-            "min": float(v.min()), "mean": float(v.mean()), "max": float(v.max()),
-            "zeros": int((v == 0).sum()), "non_finite": int((~np.isfinite(v)).sum()),
-        })
+    rows = [{"module": module, "scales": "input" if ff[module] else "output", "dim": int(v.size), **_stats(v)}
+            for module, v in sorted(vectors.items())]
     return {
         "path": path,
         "task_type": adapter.config.task_type,
@@ -30,6 +27,35 @@ def adapter_summary(path: str) -> dict:
         "num_parameters": adapter.num_parameters(),
         "vectors": rows,
     }
+
+
+def _stats(v: np.ndarray) -> dict:
+    """What a user checks first in a vector: its range, and zeros or non-finite values."""
+    finite = v[np.isfinite(v)]
+    return {"min": float(finite.min()) if finite.size else float("nan"), "mean": float(finite.mean()) if finite.size else
+            float("nan"), "max": float(finite.max()) if finite.size else float("nan"),
+            "zeros": int((v == 0).sum()), "non_finite": int(v.size - finite.size)}
+
+
+def onnx_adapter_summary(path: str) -> dict:
+    """An `.onnx_adapter` file: its tensors (graph input names), shapes, dtypes and statistics."""
+    from .onnx_adapter import read_onnx_adapter
+
+    tensors = read_onnx_adapter(path)
+    rows = [{"name": name, "shape": list(v.shape), "dtype": str(v.dtype), **_stats(v.astype(np.float64))}
+            for name, v in sorted(tensors.items())]
+    return {"path": path, "num_tensors": len(rows), "num_parameters": sum(int(v.size) for v in tensors.values()),
+            "tensors": rows}
+
+
+def _onnx_adapter_lines(s: dict) -> list[str]:
+    lines = [f"onnx adapter: {s['path']}", f"tensors: {s['num_tensors']}   parameters: {s['num_parameters']:,}",
+             f"{'graph input':<60} {'shape':<12} {'dtype':<8} {'min':>8} {'mean':>8} {'max':>8} {'zeros':>6}"]
+    for r in s["tensors"]:
+        flag = "  NON-FINITE" if r["non_finite"] else ""
+        lines.append(f"{r['name']:<60} {'x'.join(map(str, r['shape'])):<12} {r['dtype']:<8} {r['min']:>8.4f} "
+                     f"{r['mean']:>8.4f} {r['max']:>8.4f} {r['zeros']:>6}{flag}")
+    return lines
 
 
 def export_summary(path: str) -> dict:
@@ -76,7 +102,13 @@ def inspect_path(path: str, as_json: bool = False) -> str:
     import os
 
     from .manifest import MANIFEST_NAME
+    from .onnx_adapter import SUFFIX
 
+    if path.endswith(SUFFIX) or os.path.isfile(path):
+        if not os.path.isfile(path):
+            raise IA3Error(f"{path} does not exist; pass an adapter folder, an {SUFFIX} file or an exported folder")
+        summary = onnx_adapter_summary(path)
+        return json.dumps(summary, indent=2) if as_json else "\n".join(_onnx_adapter_lines(summary))
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         summary = export_summary(path)
         return json.dumps(summary, indent=2) if as_json else "\n".join(_export_lines(summary))

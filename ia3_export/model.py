@@ -110,10 +110,13 @@ class IA3Model(nn.Module):
     def add_adapter(self, name: str, config: IA3Config, strict: bool = True) -> None:
         """Wrap the targeted layers (once) and give each a vector for this adapter.
 
+        config: our IA3Config or PEFT's `peft.IA3Config` (the same fields, read as PEFT means them).
+
         strict=False skips the checks on feedforward_modules (a subset of target_modules, no
         stray matches), for adapters PEFT wrote: it saves "all-linear" expanded into full module
         names beside feedforward_modules such as ["down_proj"], a file PEFT itself cannot reload.
         """
+        config = IA3Config.coerce(config)
         if name in self.configs:
             raise IA3Error(f"an adapter named {name!r} already exists; delete it or pick another name")
         if strict:

@@ -65,10 +65,11 @@ def main():
     args = parser.parse_args()
     folder, adapter = (args.folder, args.adapter) if args.folder else tiny_export()
     py = os.path.abspath(args.python) if os.sep in args.python else args.python
+    exe = os.path.join(os.path.dirname(py), "ia3-export")  # the installed console script, as users run it
     cases = {
         "python_startup": [py, "-c", "pass"],
-        "ia3-export --help": [py, "-m", "ia3_export.cli", "--help"],
-        "ia3-export generate --help": [py, "-m", "ia3_export.cli", "generate", "--help"],
+        "ia3-export --help": [exe, "--help"],
+        "ia3-export generate --help": [exe, "generate", "--help"],
         "import ia3_export.runtime": [py, "-c", "import ia3_export.runtime"],
         "first_token_cold": [py, "-c", FIRST_TOKEN.format(folder=folder, adapter=adapter)],
     }

@@ -19,7 +19,10 @@ PIP=("$VENV/bin/pip" install -q)
 "${PIP[@]}" torch==2.13.0  # first and alone, so nothing else picks a torch build
 "${PIP[@]}" transformers==4.57.6 "optimum-onnx[onnxruntime]==0.1.0" peft==0.21.2 safetensors onnx onnxscript \
   click pytest numpy tokenizers
-"${PIP[@]}" -e . --no-deps
+# the package as users get it: the wheel (built now unless scripts/test.sh already did), not the source tree
+wheel=${IA3_WHEEL:-$(bash scripts/build_wheel.sh | tail -1)}
+"${PIP[@]}" --force-reinstall --no-deps "$wheel"
+export PYTHONSAFEPATH=1
 export IA3_INTEROP=1
 export IA3_EXPORT_CLI="${IA3_EXPORT_CLI:-$PWD/.venv/bin/ia3-export}"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/interop "$@"

@@ -15,7 +15,10 @@ if [ -z "$dir" ]; then
   "$full_python" tests/lean/prepare.py "$dir"
 fi
 [ -x "$lean/bin/python" ] || "${PYTHON:-python3}" -m venv "$lean"
-"$lean/bin/python" -m pip install -q . pytest
+# the wheel users install, with the CPU ONNX Runtime extra (built now unless scripts/test.sh already did)
+wheel=${IA3_WHEEL:-$root/$(bash scripts/build_wheel.sh | tail -1)}
+"$lean/bin/python" -m pip install -q "$wheel[cpu]" pytest
+"$lean/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
 "$lean/bin/python" - <<'PY'
 import importlib.util, sys
 heavy = [m for m in ("torch", "transformers", "onnx", "peft") if importlib.util.find_spec(m)]

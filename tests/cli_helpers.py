@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 EXE = os.path.join(os.path.dirname(sys.executable), "ia3-export")
@@ -26,11 +27,20 @@ class CliResult:
         return self.stdout + self.stderr
 
 
-def run_cli(*args, env: dict | None = None, input: str | None = None, cwd=None, timeout: float = 600) -> CliResult:
-    """`ia3-export ARGS...` in a subprocess; env adds to (not replaces) the current environment."""
+def run_cli(*args, env: dict | None = None, input: str | None = None, cwd=None, timeout: float = 600,
+            preload: str | None = None) -> CliResult:
+    """`ia3-export ARGS...` in a subprocess; env adds to (not replaces) the current environment.
+
+    preload: Python source run in the child before the command (a `sitecustomize` on PYTHONPATH),
+    for tests that must make a library fail inside the real console script."""
     full_env = {**os.environ, **(env or {})}
-    done = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=full_env, input=input,
-                          cwd=cwd, timeout=timeout)
+    with tempfile.TemporaryDirectory() as site:
+        if preload:
+            with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+                f.write(preload)
+            full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, full_env.get("PYTHONPATH")]))
+        done = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=full_env, input=input,
+                              cwd=cwd, timeout=timeout)
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 

@@ -13,9 +13,18 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def pytest_configure(config):
-    """Tiny models run 3-30x faster on one torch thread on a shared 2-core runner.
+    """CI tests the installed wheel, never the source tree: with IA3_TEST_INSTALLED set (by
+    scripts/test.sh), a package imported from this checkout stops the run before any test.
 
-    The lean job (tests/lean) runs without torch, so it is optional here."""
+    Tiny models run 3-30x faster on one torch thread on a shared 2-core runner. The lean job
+    (tests/lean) runs without torch, so it is optional here."""
+    if os.environ.get("IA3_TEST_INSTALLED"):
+        import ia3_export
+
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.abspath(ia3_export.__file__).startswith(os.path.join(checkout, "ia3_export") + os.sep):
+            raise pytest.UsageError(f"ia3_export was imported from the source tree ({ia3_export.__file__}), not the "
+                                    "installed wheel; run through scripts/test.sh (it sets PYTHONSAFEPATH=1)")
     try:
         import torch
     except ImportError:

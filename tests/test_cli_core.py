@@ -4,42 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_helpers import assert_one_line_error, run_cli
 from core_helpers import max_diff, outputs
 from safetensors.numpy import load_file as load_numpy
 
 from ia3_export import __version__
-from ia3_export.cli import main
 from ia3_export.merge import load_with_adapters
 
-EXE = os.path.join(os.path.dirname(sys.executable), "ia3-export")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code, message):
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0], lines[0]
+run = run_cli
 
 
 def test_entry_point_help_version_and_usage_error():
-    help_ = subprocess.run([EXE, "--help"], capture_output=True, text=True)
-    assert help_.returncode == 0
+    help_ = run_cli("--help")
+    assert help_.exit_code == 0
     for name in ("merge", "inspect"):
         assert name in help_.stdout
-    version = subprocess.run([EXE, "--version"], capture_output=True, text=True)
-    assert version.returncode == 0 and version.stdout.strip() == f"ia3-export, version {__version__}"
-    bad = subprocess.run([EXE, "merge"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Missing argument 'MODEL_DIR'" in bad.stderr
+    version = run_cli("--version")
+    assert version.exit_code == 0 and version.stdout.strip() == f"ia3-export, version {__version__}"
+    bad = run_cli("merge")
+    assert bad.exit_code == 2 and "Missing argument 'MODEL_DIR'" in bad.stderr
 
 
 @pytest.mark.parametrize("model_type,task,auto", [("llama", None, "AutoModelForCausalLM"),
@@ -115,15 +101,20 @@ def test_merge_errors_write_nothing(model_dir, adapter_dir, tmp_path, case, mess
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_merge_failing_while_writing_leaves_nothing(model_dir, adapter_dir, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+FULL_DISK_ON_SAVE = """
+import os
+from transformers import PreTrainedModel
 
-    def write_half_then_fail(self, path, *args, **kwargs):
-        open(os.path.join(path, "config.json"), "w").write("{}")
-        raise OSError(28, "No space left on device", path)
+def write_half_then_fail(self, path, *args, **kwargs):
+    open(os.path.join(path, "config.json"), "w").write("{}")
+    raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", write_half_then_fail)
-    result = run("merge", model_dir("llama"), adapter_dir("llama"), "--out", tmp_path / "out")
+PreTrainedModel.save_pretrained = write_half_then_fail
+"""
+
+
+def test_merge_failing_while_writing_leaves_nothing(model_dir, adapter_dir, tmp_path):
+    result = run_cli("merge", model_dir("llama"), adapter_dir("llama"), "--out", tmp_path / "out", preload=FULL_DISK_ON_SAVE)
     assert_one_line_error(result, 2, "No space left on device")
     assert os.listdir(tmp_path) == []
 
@@ -155,16 +146,45 @@ def test_inspect_errors(tmp_path):
     assert_one_line_error(run("inspect", tmp_path), 2, "peft_type is 'LORA', not 'IA3'")
 
 
-def test_failed_check_exits_1(monkeypatch):
+FAILING_COMMAND = """
+import click
+from ia3_export import cli
+from ia3_export.errors import CheckFailed
+
+@click.command("inspect")
+def failing():
+    raise CheckFailed("logits differ by 0.3 (atol 1e-4); the export does not match")
+
+cli._load = lambda module: failing
+"""
+
+
+def test_failed_check_exits_1():
     """A CheckFailed from any command becomes exit 1 with its one line."""
-    import click
+    assert_one_line_error(run_cli("inspect", preload=FAILING_COMMAND), 1, "logits differ by 0.3")
 
-    from ia3_export import cli
-    from ia3_export.errors import CheckFailed
 
-    @click.command("inspect")
-    def failing():
-        raise CheckFailed("logits differ by 0.3 (atol 1e-4); the export does not match")
+def test_inspect_reads_onnx_adapter_files(tmp_path):
+    """An .onnx_adapter file is described by its tensors, named as the graph inputs they bind to."""
+    from ia3_export.onnx_adapter import write_onnx_adapter
 
-    monkeypatch.setattr(cli, "_load", lambda module: failing)
-    assert_one_line_error(run("inspect"), 1, "logits differ by 0.3")
+    rng = np.random.default_rng(0)
+    tensors = {"model.layers.0.self_attn.k_proj.ia3_l": rng.normal(1, 0.1, 16).astype(np.float32),
+               "model.layers.0.mlp.down_proj.ia3_l": np.array([0.0, 2.0, np.inf, 1.0], np.float32)}
+    path = write_onnx_adapter(str(tmp_path / "a.onnx_adapter"), tensors)
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["num_parameters"] == 20
+    rows = {r["name"]: r for r in summary["tensors"]}
+    assert set(rows) == set(tensors)
+    k = tensors["model.layers.0.self_attn.k_proj.ia3_l"]
+    assert rows["model.layers.0.self_attn.k_proj.ia3_l"]["shape"] == [16]
+    assert np.isclose(rows["model.layers.0.self_attn.k_proj.ia3_l"]["mean"], k.mean())
+    down = rows["model.layers.0.mlp.down_proj.ia3_l"]
+    assert (down["zeros"], down["non_finite"], down["max"]) == (1, 1, 2.0)
+    table = run("inspect", path)
+    assert table.exit_code == 0 and "model.layers.0.mlp.down_proj.ia3_l" in table.stdout and "NON-FINITE" in table.stdout
+    assert_one_line_error(run("inspect", tmp_path / "missing.onnx_adapter"), 2, "does not exist")
+    (tmp_path / "bad.onnx_adapter").write_bytes(b"not flatbuffers")
+    assert_one_line_error(run("inspect", tmp_path / "bad.onnx_adapter"), 2, "not a readable .onnx_adapter file")

@@ -6,9 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from ia3_export.cli import main
+from cli_helpers import run_cli
 from runtime_helpers import export_once, padded, prefill_feeds
 
 
@@ -19,7 +18,7 @@ def exports(tmp_path_factory, model_dir, adapter_dir):
 
 
 def convert(*args):
-    return CliRunner().invoke(main, ["convert", *args])
+    return run_cli("convert", *args)
 
 
 @pytest.mark.parametrize("mode", ["swappable", "bank"])

@@ -193,31 +193,27 @@ def test_failed_validation_deletes_the_output(model_dir, tmp_path, monkeypatch):
     with pytest.raises(CheckFailed, match=r"model\.onnx .*differs from PyTorch in 2 of 2 outputs; worst: FAIL"):
         export_model(model_dir("bert"), str(tmp_path / "out"))
     assert leftovers(tmp_path) == []
-    from click.testing import CliRunner
 
-    from ia3_export.cli import main
+    from cli_helpers import run_cli
 
-    result = CliRunner().invoke(main, ["export", model_dir("bert"), "--out", str(tmp_path / "out")])
+    result = run_cli("export", model_dir("bert"), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1 and "worst: FAIL batch" in result.output
     assert leftovers(tmp_path) == []
 
 
 def test_cli_export_and_errors(model_dir, tmp_path):
-    from click.testing import CliRunner
 
-    from ia3_export.cli import main
-
-    runner = CliRunner()
+    from cli_helpers import run_cli
     out = tmp_path / "bert"
-    result = runner.invoke(main, ["export", model_dir("bert"), "--out", str(out)])
+    result = run_cli("export", model_dir("bert"), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "exported bert text-classification (merged, fp32, opset 18)" in result.output
     assert json.loads((out / "ia3_export.json").read_text())["task"] == "text-classification"
-    result = runner.invoke(main, ["export", model_dir("bert"), "--out", str(out)])
+    result = run_cli("export", model_dir("bert"), "--out", str(out))
     assert result.exit_code == 2 and "already exists" in result.output
-    result = runner.invoke(main, ["export", model_dir("bert"), "--out", str(tmp_path / "x"), "--task", "nope"])
+    result = run_cli("export", model_dir("bert"), "--out", str(tmp_path / "x"), "--task", "nope")
     assert result.exit_code == 2 and "'nope' is not one of" in result.output
-    result = runner.invoke(main, ["export", model_dir("bert"), "--out", str(tmp_path / "x"), "--opset", "9"])
+    result = run_cli("export", model_dir("bert"), "--out", str(tmp_path / "x"), "--opset", "9")
     assert result.exit_code == 2 and "opset 9 is not supported" in result.output
     assert leftovers(tmp_path) == ["bert"]
 

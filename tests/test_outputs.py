@@ -117,8 +117,8 @@ OVERLAPS = {
     "convert-inside-the-export": (["convert", "{adapter}", "--model", "{onnx}", "--out", "{onnx}/a.onnx_adapter"],
                                   "{onnx}/a.onnx_adapter", "{onnx}"),
     "parity-json-inside-the-export": (["parity", "{model}", "{onnx}", "--adapter", "{adapter}", "--json",
-                                       "{onnx}/manifest.json", "--force"], "{onnx}/manifest.json", "{onnx}"),
-    "parity-junit-over-a-model-file": (["parity", "{model}", "{onnx}", "--junit", "{model}/config.json", "--force"],
+                                       "{onnx}/manifest.json"], "{onnx}/manifest.json", "{onnx}"),
+    "parity-junit-over-a-model-file": (["parity", "{model}", "{onnx}", "--junit", "{model}/config.json"],
                                        "{model}/config.json", "{model}"),
     "demo-inside-its-embedded-data": (["demo", "--workdir", "{embedded}/runs"], "{embedded}/runs", "{embedded}"),
 }

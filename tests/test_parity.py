@@ -10,9 +10,8 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
 
-from ia3_export.cli import main
+from cli_helpers import run_cli
 from ia3_export.parity import TOLERANCES, check_parity, tolerance
 from ia3_export.tiny import DECODERS, ENCODERS, SEQ2SEQ
 
@@ -51,8 +50,8 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(*args: str):
-    result = CliRunner().invoke(main, ["parity", *args])
+def run_parity(*args: str):
+    result = run_cli("parity", *args)
     return result.exit_code, result.output
 
 
@@ -99,7 +98,7 @@ def test_cuda_matrix(mode, tmp_path_factory, model_dir, adapter_dir):
 def test_command_reports_and_exit_0(tmp_path, tmp_path_factory, model_dir, adapter_dir):
     onnx_dir, adapters = export_for(tmp_path_factory, model_dir, adapter_dir, "llama", "bank")
     json_path, junit_path = tmp_path / "r.json", tmp_path / "r.xml"
-    code, out = run_cli(model_dir("llama"), onnx_dir, *[a for p in adapters for a in ("--adapter", p)],
+    code, out = run_parity(model_dir("llama"), onnx_dir, *[a for p in adapters for a in ("--adapter", p)],
                         "--json", str(json_path), "--junit", str(junit_path))
     assert code == 0, out
     assert "PASS" in out and "logits" in out and "greedy" in out
@@ -113,20 +112,23 @@ def test_command_reports_and_exit_0(tmp_path, tmp_path_factory, model_dir, adapt
 
     suite = ET.parse(junit_path).getroot().find("testsuite")
     assert int(suite.get("tests")) == len(report["outputs"]) + len(report["greedy"]) and suite.get("failures") == "0"
-    # A second run refuses to overwrite the reports without --force (exit 2, nothing run).
-    code, out = run_cli(model_dir("llama"), onnx_dir, "--json", str(json_path))
-    assert code == 2 and "already exists" in out
+    # A rerun in the same CI workspace replaces its reports, as pytest's --junitxml does.
+    json_path.write_text("stale")
+    code, out = run_parity(model_dir("llama"), onnx_dir, *[a for p in adapters for a in ("--adapter", p)],
+                           "--json", str(json_path), "--steps", "2")
+    assert code == 0, out
+    assert json.loads(json_path.read_text())["passed"]
 
 
 def test_bad_usage_exits_2(tmp_path_factory, model_dir, adapter_dir):
     merged, adapters = export_for(tmp_path_factory, model_dir, adapter_dir, "llama", "merged")
-    code, out = run_cli(model_dir("llama"), merged)  # the folded adapter not given
+    code, out = run_parity(model_dir("llama"), merged)  # the folded adapter not given
     assert code == 2 and "adapter1" in out and "--adapter" in out
-    code, out = run_cli(model_dir("gpt2"), merged, "--adapter", adapters[0])  # another model
+    code, out = run_parity(model_dir("gpt2"), merged, "--adapter", adapters[0])  # another model
     assert code == 2 and "gpt2" in out and "llama" in out
-    code, out = run_cli(model_dir("llama"), merged, "--adapter", adapters[0], "--atol", "1e-3")
+    code, out = run_parity(model_dir("llama"), merged, "--adapter", adapters[0], "--atol", "1e-3")
     assert code == 2 and "--rtol" in out
-    code, out = run_cli(model_dir("llama"), str(tmp_path_factory.mktemp("empty")), "--adapter", adapters[0])
+    code, out = run_parity(model_dir("llama"), str(tmp_path_factory.mktemp("empty")), "--adapter", adapters[0])
     assert code == 2 and "ia3_export.json" in out
 
 
@@ -135,7 +137,7 @@ def test_fp16_needs_its_tolerance(tmp_path_factory, model_dir, adapter_dir):
     onnx_dir, adapters = export_for(tmp_path_factory, model_dir, adapter_dir, "llama", "merged", dtype="fp16")
     report = check_parity(model_dir("llama"), onnx_dir, adapters, greedy_steps=0)
     assert report.passed and (report.atol, report.rtol) == (tolerance("cpu", "fp16").atol, tolerance("cpu", "fp16").rtol)
-    code, out = run_cli(model_dir("llama"), onnx_dir, "--adapter", adapters[0], "--atol", "1e-6", "--rtol", "1e-6",
+    code, out = run_parity(model_dir("llama"), onnx_dir, "--adapter", adapters[0], "--atol", "1e-6", "--rtol", "1e-6",
                         "--steps", "0")
     assert code == 1 and "FAIL" in out
 

@@ -14,7 +14,7 @@ import shutil
 import onnx
 import pytest
 from onnx import numpy_helper
-from test_parity import export_for, run_cli
+from test_parity import export_for, run_parity
 
 from ia3_export.onnx_adapter import read_onnx_adapter, write_onnx_adapter
 
@@ -43,7 +43,7 @@ def corrupted(tmp_path, tmp_path_factory, model_dir, adapter_dir):
         shutil.copytree(source, folder)
         edit(folder)
         report = tmp_path / "report.json"
-        code, out = run_cli(model_dir("llama"), str(folder), *[a for p in adapters for a in ("--adapter", p)],
+        code, out = run_parity(model_dir("llama"), str(folder), *[a for p in adapters for a in ("--adapter", p)],
                             "--json", str(report), "--steps", "3")
         return code, out, json.loads(report.read_text()) if report.exists() else None
 

@@ -222,3 +222,30 @@ def test_torch_free_writer_round_trips_through_peft(tmp_path):
     back = PeftModel.from_pretrained(tiny_model("bert", "seq-cls"), str(tmp_path / "b"))
     assert max_diff(outputs(back, "bert"), outputs(ours, "bert")) <= TOL
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("model_type,task,task_type", [("llama", None, "CAUSAL_LM"), ("bert", "seq-cls", "SEQ_CLS")])
+def test_peft_ia3config_object_is_accepted(model_type, task, task_type):
+    """PEFT users pass PEFT's IA3Config object: it means what it means in PEFT (same layers,
+    same parameter count), task_type enum included."""
+    from peft import IA3Config as PeftIA3Config
+
+    config = PeftIA3Config(task_type=task_type, target_modules=["k_proj", "v_proj", "down_proj"] if task is None
+                           else ["key", "value", "output.dense"], feedforward_modules=["down_proj"] if task is None
+                           else ["output.dense"])
+    ours = IA3Model(tiny_model(model_type, task), config)
+    peft_model = get_peft_model(tiny_model(model_type, task), config)
+    assert ours.configs["default"].task_type == task_type
+    assert ours.trainable_parameters()[0] == peft_model.get_nb_trainable_parameters()[0]
+    assert set(ours.ia3_layers()) == ia3_module_names(peft_model)
+
+
+def test_other_config_objects_are_refused_with_what_is_accepted():
+    from peft import LoraConfig
+
+    from ia3_export.errors import IA3Error
+
+    with pytest.raises(IA3Error, match="peft_type is 'LORA', not 'IA3'"):
+        IA3Model(tiny_model("llama"), LoraConfig(r=4))
+    with pytest.raises(IA3Error, match="expected an ia3_export.IA3Config or PEFT's peft.IA3Config, got dict"):
+        IA3Model(tiny_model("llama"), {"target_modules": ["k_proj"]})

@@ -14,10 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from ia3_export.cli import main
+from cli_helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -37,8 +36,8 @@ def tree(path) -> dict[str, str]:
 def refused(tmp_path, args, message, code=2):
     """Run the command; it must fail with one line holding `message` and change nothing in tmp_path."""
     before = tree(tmp_path)
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    result = run_cli(*args)
+    assert result.exit_code == code, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], lines[0]
@@ -148,10 +147,10 @@ def test_full_disk(llama, tmp_path):
     before = tree(tmp_path)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
     try:
-        result = CliRunner().invoke(main, ["merge", base, adapter, "--out", str(tmp_path / "out")])
+        result = run_cli("merge", base, adapter, "--out", str(tmp_path / "out"))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.exit_code == 2, (result.output)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "File too large" in lines[0], result.stderr
     assert tree(tmp_path) == before
@@ -212,7 +211,7 @@ def test_bad_training_options(options, message, model_dir, tmp_path):
 
 def test_unknown_task_is_a_usage_error(model_dir, tmp_path):
     """click answers an unknown --task itself: exit 2, usage, and one `Error:` line listing the tasks."""
-    result = CliRunner().invoke(main, ["export", model_dir("llama"), "--out", str(tmp_path / "o"), "--task", "summarize"])
+    result = run_cli("export", model_dir("llama"), "--out", str(tmp_path / "o"), "--task", "summarize")
     assert result.exit_code == 2 and "Error: Invalid value for '--task': 'summarize' is not one of" in result.stderr
     assert os.listdir(tmp_path) == []
 
@@ -232,7 +231,7 @@ def test_remote_code_in_a_model_folder_is_not_run(llama, tmp_path):
     config.update(model_type="evil", architectures=["EvilModel"],
                   auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
     (model / "config.json").write_text(json.dumps(config))
-    result = CliRunner().invoke(main, ["merge", str(model), adapter, "--out", str(tmp_path / "out")])
+    result = run_cli("merge", str(model), adapter, "--out", str(tmp_path / "out"))
     assert not marker.exists()
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "out").exists()

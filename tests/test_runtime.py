@@ -185,11 +185,10 @@ def test_seq2seq_greedy_generation_matches_transformers(tmp_path_factory, model_
 
 
 def test_generate_command(llama):
-    from click.testing import CliRunner
 
-    from ia3_export.cli import main
+    from cli_helpers import run_cli
 
-    run = lambda *args: CliRunner().invoke(main, ["generate", *args])  # noqa: E731
+    run = lambda *args: run_cli("generate", *args)  # noqa: E731
     result = run(llama["bank"], "--adapter", "adapter2", "--prompt", "hello", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert result.output == open_session(llama["bank"], llama["a2"]).generate("hello", adapter="adapter2", max_new_tokens=5) + "\n"

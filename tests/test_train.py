@@ -183,6 +183,8 @@ def test_tiny_causal_lm_example_learns_to_say_the_sound(tmp_path):
     assert result["metrics"]["eval_loss"] < result["metrics"]["eval_loss_before"]
     held_out = {s["prompt"]: s["adapter"] for s in result["samples"]}
     assert held_out["the frog "] == "croaks." and held_out["the sheep "] == "bleats."
+    base = {s["prompt"]: s["base"] for s in result["samples"]}  # the base says the colour, held-out animals too
+    assert base["the frog "] == "is green." and base["the sheep "] == "is cream."
     with open(os.path.join(result["adapter_dir"], "adapter_config.json")) as f:
         assert json.load(f)["base_model_name_or_path"] == result["base_dir"]
     assert sorted(os.listdir(tmp_path)) == ["toy"]
@@ -190,19 +192,18 @@ def test_tiny_causal_lm_example_learns_to_say_the_sound(tmp_path):
 
 def test_cli_trains_with_overridden_targets(base, tmp_path):
     """The command: its own target list (q_proj, and up_proj scaled at its input), the table, the folder."""
-    from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from ia3_export.cli import main
+    from cli_helpers import run_cli
     from ia3_export.commands.train import _modules
 
     assert _modules("q_proj, up_proj") == ["q_proj", "up_proj"] and _modules("mlp.c_proj") == ["mlp.c_proj"]
     assert _modules(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
     data = write_jsonl(tmp_path / "d.jsonl", _rows("text-generation"))
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["train", base["text-generation"], "--data", data, "--task", "text-generation",
+    result = run_cli("train", base["text-generation"], "--data", data, "--task", "text-generation",
                                        "--out", str(out), "--max-steps", "2", "--target-modules", "q_proj,up_proj",
-                                       "--feedforward-modules", "up_proj"])
+                                       "--feedforward-modules", "up_proj")
     assert result.exit_code == 0, result.output
     assert "| eval_perplexity " in result.output and f"wrote {out}" in result.output
     shapes = {k: tuple(v.shape) for k, v in load_file(str(out / "adapter_model.safetensors")).items()}

@@ -6,9 +6,8 @@ import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from ia3_export.cli import main
+from cli_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def test_bad_data_is_refused(case, bert, tmp_path):
     args = ["train", bert, "--data", make_data(tmp_path), "--task", "text-classification", "--out", str(tmp_path / "out")]
     if make_eval:
         args += ["--eval-data", make_eval(tmp_path)]
-    result = CliRunner().invoke(main, args)
+    result = run_cli(*args)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.count("\n") == 1 and result.output.startswith("error: ")
@@ -59,7 +58,7 @@ def test_model_without_tokenizer_is_refused(bert, tmp_path):
         if (model / name).exists():
             os.remove(model / name)
     data = write(tmp_path / "d.jsonl", GOOD)
-    result = CliRunner().invoke(main, ["train", str(model), "--data", data, "--task", "text-classification", "--out", str(tmp_path / "out")])
+    result = run_cli("train", str(model), "--data", data, "--task", "text-classification", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert f"{model} has no tokenizer" in result.output
     assert not (tmp_path / "out").exists()
@@ -67,7 +66,7 @@ def test_model_without_tokenizer_is_refused(bert, tmp_path):
 
 def test_wrong_field_for_the_task(bert, tmp_path):
     data = write(tmp_path / "d.jsonl", GOOD)
-    result = CliRunner().invoke(main, ["train", bert, "--data", data, "--task", "text2text-generation", "--out", str(tmp_path / "out")])
+    result = run_cli("train", bert, "--data", data, "--task", "text2text-generation", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "d.jsonl:1: the row needs 'source' + 'target' for text2text-generation" in result.output
 
@@ -75,5 +74,5 @@ def test_wrong_field_for_the_task(bert, tmp_path):
 def test_existing_output_is_kept(bert, tmp_path):
     data = write(tmp_path / "d.jsonl", GOOD)
     (tmp_path / "out").mkdir()
-    result = CliRunner().invoke(main, ["train", bert, "--data", data, "--task", "text-classification", "--out", str(tmp_path / "out")])
+    result = run_cli("train", bert, "--data", data, "--task", "text-classification", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "already exists" in result.output

@@ -4,7 +4,7 @@ import click
 
 @click.command("convert")
 @click.argument("adapter_dir", type=click.Path())
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Exported folder (swappable or bank).")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Exported folder (swappable, bank or foldswap; a merged one has no vector inputs).")
 @click.option("--out", required=True, type=click.Path(), help="Output .onnx_adapter file.")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 def command(adapter_dir, model_dir, out, force):

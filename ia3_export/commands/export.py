@@ -1,5 +1,7 @@
-"""`ia3-export export MODEL_DIR --out ONNX_DIR --mode merged|swappable|bank [--adapter DIR]...`."""
+"""`ia3-export export MODEL_DIR --out ONNX_DIR --mode merged|swappable|bank|foldswap [--adapter DIR]...`."""
 import click
+
+from . import progress_option
 
 TASKS = ["text-generation-with-past", "text-generation", "text-classification", "feature-extraction",
          "text2text-generation-with-past"]
@@ -21,18 +23,19 @@ def _modules(value):
               help="merged: adapters folded in; swappable: IA3 vectors as graph inputs; bank: a per-row adapter bank; "
                    "foldswap: targeted weights as inputs, re-folded on the device on a switch (docs/foldswap.md).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
-              help="A PEFT IA3 adapter folder (repeatable). merged: folded (their product); swappable/bank: "
+              help="A PEFT IA3 adapter folder (repeatable). merged: folded (their product); swappable/bank/foldswap: "
                    "written to adapters/<folder name>.onnx_adapter.")
 @click.option("--task", type=click.Choice(TASKS), default=None, help="optimum's task name; inferred from config.json.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--target-modules", default=None,
-              help="swappable/bank: modules that get a vector input (comma list or regex); default: the adapters' "
+              help="swappable/bank/foldswap: modules that get a vector input (comma list or regex); default: the adapters' "
                    "targets, else the architecture's defaults.")
-@click.option("--feedforward-modules", default=None, help="swappable/bank: which targets scale their input.")
+@click.option("--feedforward-modules", default=None, help="swappable/bank/foldswap: which targets scale their input.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter (see docs/export.md for the measured comparison).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@progress_option
 def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter, force):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..export import export_model

@@ -14,7 +14,7 @@ import click
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
 def command(onnx_dir, prompt, adapter, max_new_tokens, provider, sample, temperature, top_p, seed):
-    """Generate text with an exported model (merged, swappable or bank) on ONNX Runtime."""
+    """Generate text with an exported model (merged, swappable, bank or foldswap) on ONNX Runtime."""
     from ..runtime import IA3Session
 
     session = IA3Session(onnx_dir, provider=provider)

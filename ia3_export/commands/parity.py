@@ -1,12 +1,14 @@
 """`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]...`: exit 0 pass, 1 fail, 2 bad usage/input."""
 import click
 
+from . import progress_option
+
 
 @click.command("parity")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("onnx_dir", type=click.Path(file_okay=False))
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
-              help="A PEFT IA3 adapter folder (repeatable). merged: exactly the adapters folded in; swappable/bank: "
+              help="A PEFT IA3 adapter folder (repeatable). merged: exactly the adapters folded in; swappable/bank/foldswap: "
                    "each is checked on its own and (bank) mixed per row.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", "reference_dtype", type=click.Choice(["fp64", "fp32"]), default="fp64", show_default=True,
@@ -17,12 +19,13 @@ import click
               help="CUDA fp32: let the CUDA provider use TF32 (its default); --no-tf32 sets use_tf32=0.")
 @click.option("--steps", "greedy_steps", type=int, default=8, show_default=True,
               help="Greedy tokens compared for generators (0: skip).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full report as JSON (replaced if it exists, as pytest's --junitxml is).")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
-              help="Write JUnit XML (one test case per output comparison) for CI.")
-@click.option("--force", is_flag=True, help="Replace existing --json/--junit files.")
+              help="Write JUnit XML (one test case per output comparison) for CI (replaced if it exists).")
+@progress_option
 def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol, tf32, greedy_steps, json_path,
-            junit_path, force):
+            junit_path):
     """Check an exported folder against its PyTorch model (adapters unmerged) on ONNX Runtime."""
     from ..atomic import check_output
     from ..errors import CheckFailed, IA3Error
@@ -33,13 +36,13 @@ def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol
     inputs = [model_dir, onnx_dir, *adapters]
     for path in (json_path, junit_path):
         if path:
-            check_output(path, force, inputs)
+            check_output(path, True, inputs)  # replaced on rerun, but never over or inside an input
     report = check_parity(model_dir, onnx_dir, list(adapters), ParityOptions(
         provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps))
     if json_path:
-        report.write_json(json_path, force, inputs)
+        report.write_json(json_path, force=True, inputs=inputs)
     if junit_path:
-        report.write_junit(junit_path, force, inputs)
+        report.write_junit(junit_path, force=True, inputs=inputs)
     click.echo(report.header())
     for check in [*report.worst_per_output(), *report.greedy]:  # the worst case of each output, every greedy row
         click.echo("  " + check.line())

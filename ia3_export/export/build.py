@@ -19,6 +19,7 @@ from ..atomic import atomic_output_dir, check_output
 from ..errors import IA3Error
 from ..loading import copy_side_files, load_base_model, read_model_config
 from ..manifest import DTYPES, MODES, new_manifest, write_manifest
+from ..progress import stage
 from . import graph as onnx_graph
 from .compat import traceable_masks
 from .tasks import Task, graph_specs, resolve_task
@@ -64,6 +65,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     import torch
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    stage(f"loading {model_dir} ({spec.name}, {mode}, {dtype})")
     model = load_base_model(model_dir, auto_class=spec.auto_class,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
     use_eager_attention(model)
@@ -79,8 +81,10 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
             wrapper, part = parts[graph.key]
             inputs = graph.inputs + (part.input_names() if part else [])
             path = os.path.join(tmp, graph.file)
+            stage(f"tracing {graph.file}")
             files = _trace(wrapper, graph, part, shape, spec, inputs, path, opset, exporter, tmp)
             session = cpu_session(path)
+            stage(f"validating {graph.file} against PyTorch on ONNX Runtime")
             comparisons += validate_graph(graph, spec, shape, wrapper, session, mode, ia3, part,
                                           names if mode != "merged" else [])
             raise_on_failure(comparisons, f"{graph.file} ({mode} export of {model_dir})")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import IA3Error
+from ..progress import stage
 from ..runtime.foldswap import FOLD_FILE, FOLD_GRAPH, MODE
 
 
@@ -234,7 +235,9 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
             wrapper, part = parts[graph.key]
             mine = [t for t in targets if t.graph == graph.key]
             path = os.path.join(tmp, graph.file)
+            stage(f"tracing {graph.file}")
             inputs = trace_graph(wrapper, graph, mine, layers, shape, spec, path, opset, scratch)
+            stage(f"validating {graph.file} against PyTorch on ONNX Runtime")
             comparisons += validate_foldswap(graph, spec, shape, wrapper, cpu_session(path), fold, ia3, part, mine, names)
             raise_on_failure(comparisons, f"{graph.file} ({MODE} export of {model_dir})")
             graphs[graph.key] = {"file": graph.file, "inputs": inputs, "outputs": graph.outputs,

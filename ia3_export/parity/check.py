@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from ..compare import compare
+from ..progress import stage
 from ..errors import IA3Error
 from .report import GreedyCheck, OutputCheck, ParityReport
 from .tolerances import tolerance
@@ -61,11 +62,13 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
 
     provider_options = {"use_tf32": "1" if tf32 else "0"} if tf32 is not None else None
     session = _session(folder, options.provider, provider_options)  # first: a missing provider fails fast
+    stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
     reference = Reference(model_dir, folder, adapters, options.reference_dtype)
     _check_layout(reference.graphs, session)
     for name, source in reference.ort_sources().items():
         session.load_adapter(source, name=name)
     for graph in reference.graphs:
+        stage(f"comparing {graph.file} on {options.provider}")
         for index, (case, feeds) in enumerate(reference.cases(graph, options.seed)):
             for label, rows in reference.scenarios(len(feeds["input_ids"]), index):
                 got = session.run(feeds, graph=graph.key, adapters=_ort_rows(folder.mode, rows), outputs=graph.outputs)
@@ -75,6 +78,7 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
         if folder.mode not in ("merged", "foldswap"):  # foldswap graphs take the weights: nothing to default
             report.outputs += _graph_defaults(reference, graph, options, provider_options, atol, rtol)
     if reference.generates and options.greedy_steps:
+        stage(f"comparing {options.greedy_steps} greedy tokens")
         report.greedy += _greedy(reference, session, options, atol, rtol)
     return report
 

