@@ -3,70 +3,58 @@ included, --force or not); of two runs racing for one output exactly one wins an
 so; outputs follow the umask; a failed write names the real output and the OS reason, never a
 temporary; an internal error or Ctrl-C is one line too (exit 3 / 130), `--debug` shows the traceback.
 
-Each command runs as the installed console script. A `sitecustomize.py` put on the child's
-PYTHONPATH (written below; nothing in the package knows about it) adds what a test needs to the
-child, from the outside: a file-size limit (RLIMIT_FSIZE: a write past it fails with EFBIG as a
-full disk fails with ENOSPC), a barrier on the first temporary each racing run creates (an audit
-hook: both runs have passed the up-front check before either commits), or a command whose body
-raises (how an unforeseen bug or Ctrl-C arrives).
+Each command runs as the installed console script; run_cli's `preload` (a sitecustomize in the
+child; the package has no test hooks) adds from the outside what a test needs: a file-size limit
+(RLIMIT_FSIZE: a write past it fails with EFBIG as a full disk fails with ENOSPC), a barrier at the
+first temporary each racing run creates (an audit hook: both runs have passed the up-front check
+before either commits), or a command whose body raises (how an unforeseen bug or Ctrl-C arrives).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from cli_helpers import EXE, assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from safetensors.numpy import load_file
 from test_reliability import tree  # relative path -> sha256 of every file under a folder
 
-SITECUSTOMIZE = r'''
+OUT_EXISTS_IN_RACE = "appeared while this run was writing it"
+K_PROJ = "model.layers.0.self_attn.k_proj"
+
+BARRIER = """
 import os, sys, time
 
-if os.environ.get("TEST_FSIZE"):  # every file this process writes is cut at TEST_FSIZE bytes
-    import resource
-    resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ["TEST_FSIZE"]), resource.RLIM_INFINITY))
+def barrier(event, args, state={{"waited": False}}):
+    if state["waited"] or event not in ("os.mkdir", "open") or not args or ".tmp-" not in str(args[0]):
+        return
+    state["waited"] = True
+    open(os.path.join({folder!r}, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir({folder!r})) < {count} and time.monotonic() < deadline:
+        time.sleep(0.01)
 
-if os.environ.get("TEST_BARRIER"):  # "folder count": wait for count runs at their first temporary
-    folder, count = os.environ["TEST_BARRIER"].split()
-    state = {"waited": False}
+sys.addaudithook(barrier)
+"""
 
-    def barrier(event, args):
-        if state["waited"] or event not in ("os.mkdir", "open") or not args or ".tmp-" not in str(args[0]):
-            return
-        state["waited"] = True
-        open(os.path.join(folder, str(os.getpid())), "w").close()
-        deadline = time.monotonic() + 120
-        while len(os.listdir(folder)) < int(count) and time.monotonic() < deadline:
-            time.sleep(0.01)
+FSIZE = 1024  # bytes: every output below holds a bigger file, every input was written before
+FILE_SIZE_LIMIT = f"import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, ({FSIZE}, resource.RLIM_INFINITY))\n"
 
-    sys.addaudithook(barrier)
+BROKEN_INSPECT = """
+import os, signal, time
+import ia3_export.commands.inspect as target
 
-if os.environ.get("TEST_RAISE"):  # the `inspect` command's body raises this instead of running
-    import signal
-    import ia3_export.commands.inspect as target
+def broken(*args, **kwargs):
+    if {error!r} == "SIGINT":  # a real Ctrl-C, delivered by the kernel
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    raise {error}
 
-    def broken(*args, **kwargs):
-        if os.environ["TEST_RAISE"] == "SIGINT":  # a real Ctrl-C, delivered by the kernel
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(30)
-        raise eval(os.environ["TEST_RAISE"])
-
-    target.command.callback = broken
-'''
-
-OUT_EXISTS_IN_RACE = "appeared while this run was writing it"
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("site")
-    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+target.command.callback = broken
+"""
 
 
 @pytest.fixture(scope="module")
@@ -140,73 +128,62 @@ def test_no_output_is_inside_or_over_an_input(case, work):
     assert {p: tree(p) for p in before} == before  # nothing destroyed, nothing written
 
 
-def _barrier_env(site, folder, count=2):
-    os.makedirs(folder)
-    return {**site, "TEST_BARRIER": f"{folder} {count}"}
-
-
-def _race(commands, env) -> list[subprocess.CompletedProcess]:
-    """Start every command at once; they meet at the barrier before any commits."""
-    procs = [subprocess.Popen([EXE, *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **env}) for c in commands]
-    done = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return done
+def _race(commands, barrier_folder) -> list:
+    """Run every command at once; they meet at the barrier before any of them commits."""
+    os.makedirs(barrier_folder)
+    preload = BARRIER.format(folder=str(barrier_folder), count=len(commands))
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda c: run_cli(*c, preload=preload), commands))
 
 
 def _hidden(folder) -> list[str]:
     return [n for n in os.listdir(folder) if n.startswith(".")]
 
 
-K_PROJ = "model.layers.0.self_attn.k_proj"
+
+def _fold(model: str, adapter: str) -> np.ndarray:
+    """k_proj's weight with the adapter folded in, in float64 numpy: rows scaled by the vector."""
+    base = load_file(os.path.join(model, "model.safetensors"))[f"{K_PROJ}.weight"].astype(np.float64)
+    return base * load_file(os.path.join(adapter, "adapter_model.safetensors"))[f"base_model.model.{K_PROJ}.ia3_l"]
 
 
-def test_two_merges_racing_for_one_output_one_wins_the_other_says_so(llama, site, tmp_path):
+def test_two_merges_racing_for_one_output_one_wins_the_other_says_so(llama, tmp_path):
     out = tmp_path / "out" / "merged"
-    env = _barrier_env(site, str(tmp_path / "barrier"))
-    results = _race([["merge", llama["model"], a, "--out", out] for a in (llama["a1"], llama["a2"])], env)
-    codes = sorted(r.returncode for r in results)
-    assert codes == [0, 2], [(r.returncode, r.stderr) for r in results]
-    winner, loser = sorted(results, key=lambda r: r.returncode)
-    assert loser.stderr.strip().splitlines() == [loser.stderr.strip()] and OUT_EXISTS_IN_RACE in loser.stderr
-    assert str(out) in loser.stderr and ".tmp-" not in loser.stderr
-    # the output is the winner's whole fold: its k_proj rows are the base's scaled by the winner's vector
-    adapter = llama["a1"] if llama["a1"] in winner.args else llama["a2"]
-    base = load_file(os.path.join(llama["model"], "model.safetensors"))[f"{K_PROJ}.weight"].astype(np.float64)
-    vector = load_file(os.path.join(adapter, "adapter_model.safetensors"))[f"base_model.model.{K_PROJ}.ia3_l"]
-    merged = load_file(os.path.join(out, "model.safetensors"))[f"{K_PROJ}.weight"]
-    np.testing.assert_allclose(merged, base * vector.astype(np.float64), rtol=1e-6, atol=1e-7)
+    adapters = [llama["a1"], llama["a2"]]
+    results = _race([["merge", llama["model"], a, "--out", out] for a in adapters], tmp_path / "barrier")
+    assert sorted(r.exit_code for r in results) == [0, 2], [r.output for r in results]
+    winner = adapters[[r.exit_code for r in results].index(0)]
+    loser = next(r for r in results if r.exit_code == 2)
+    line = assert_one_line_error(loser, 2, OUT_EXISTS_IN_RACE)
+    assert f"output {out} " in line and ".tmp-" not in line, line
+    merged = load_file(os.path.join(out, "model.safetensors"))[f"{K_PROJ}.weight"]  # the winner's, whole
+    np.testing.assert_allclose(merged, _fold(llama["model"], winner), rtol=1e-6, atol=1e-7)
     assert _hidden(out.parent) == []  # no temporary left behind
 
 
-def test_two_converts_racing_for_one_file(llama, swappable, site, tmp_path):
+def test_two_converts_racing_for_one_file(llama, swappable, tmp_path):
     from ia3_export.onnx_adapter import read_onnx_adapter
 
     out = tmp_path / "a.onnx_adapter"
-    env = _barrier_env(site, str(tmp_path / "barrier"))
-    results = _race([["convert", a, "--model", swappable, "--out", out] for a in (llama["a1"], llama["a2"])], env)
-    assert sorted(r.returncode for r in results) == [0, 2], [(r.returncode, r.stderr) for r in results]
-    winner, loser = sorted(results, key=lambda r: r.returncode)
-    assert OUT_EXISTS_IN_RACE in loser.stderr and f"output {out} " in loser.stderr
-    adapter = llama["a1"] if llama["a1"] in winner.args else llama["a2"]
+    adapters = [llama["a1"], llama["a2"]]
+    results = _race([["convert", a, "--model", swappable, "--out", out] for a in adapters], tmp_path / "barrier")
+    assert sorted(r.exit_code for r in results) == [0, 2], [r.output for r in results]
+    winner = adapters[[r.exit_code for r in results].index(0)]
+    line = assert_one_line_error(next(r for r in results if r.exit_code == 2), 2, OUT_EXISTS_IN_RACE)
+    assert f"output {out} " in line, line
     stored = read_onnx_adapter(str(out))[f"{K_PROJ}.ia3_l"]
-    expected = load_file(os.path.join(adapter, "adapter_model.safetensors"))[f"base_model.model.{K_PROJ}.ia3_l"]
+    expected = load_file(os.path.join(winner, "adapter_model.safetensors"))[f"base_model.model.{K_PROJ}.ia3_l"]
     np.testing.assert_array_equal(stored.reshape(-1), expected.reshape(-1))
     assert _hidden(tmp_path) == []
 
 
-def test_two_forced_merges_racing_both_finish_and_leave_one_whole_output(llama, site, tmp_path):
+def test_two_forced_merges_racing_both_finish_and_leave_one_whole_output(llama, tmp_path):
     out = tmp_path / "merged"
-    env = _barrier_env(site, str(tmp_path / "barrier"))
-    results = _race([["merge", llama["model"], a, "--out", out, "--force"] for a in (llama["a1"], llama["a2"])], env)
-    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
-    vector = {a: load_file(os.path.join(llama[a], "adapter_model.safetensors"))[f"base_model.model.{K_PROJ}.ia3_l"]
-              for a in ("a1", "a2")}
-    base = load_file(os.path.join(llama["model"], "model.safetensors"))[f"{K_PROJ}.weight"].astype(np.float64)
+    adapters = [llama["a1"], llama["a2"]]
+    results = _race([["merge", llama["model"], a, "--out", out, "--force"] for a in adapters], tmp_path / "barrier")
+    assert [r.exit_code for r in results] == [0, 0], [r.output for r in results]
     merged = load_file(os.path.join(out, "model.safetensors"))[f"{K_PROJ}.weight"]
-    assert any(np.allclose(merged, base * v, rtol=1e-6, atol=1e-7) for v in vector.values())
+    assert any(np.allclose(merged, _fold(llama["model"], a), rtol=1e-6, atol=1e-7) for a in adapters)
     assert sorted(os.listdir(out)) == sorted(os.listdir(llama["model"]))  # one output, not two mixed
     assert _hidden(tmp_path) == []
 
@@ -260,7 +237,6 @@ def test_outputs_follow_the_umask(llama, swappable, tmp_path, umask):
     assert len(modes) > 3 and all(got == want for got, want in modes.values()), modes
 
 
-FSIZE = 1024  # bytes: every output below holds a bigger file, every input was written before
 WRITES = {  # case -> arguments ({placeholders} from `work`), the output
     "merge": (["merge", "{model}", "{adapter}", "--out", "{root}/merged"], "{root}/merged"),
     "merge-into-new-folders": (["merge", "{model}", "{adapter}", "--out", "{root}/new/folders/merged"],
@@ -277,10 +253,10 @@ WRITES = {  # case -> arguments ({placeholders} from `work`), the output
 
 
 @pytest.mark.parametrize("case", list(WRITES))
-def test_a_full_disk_names_the_output_and_the_reason(case, work, site):
+def test_a_full_disk_names_the_output_and_the_reason(case, work):
     args, out = WRITES[case]
     before = tree(work["root"])
-    result = run_cli(*[a.format(**work) for a in args], env={**site, "TEST_FSIZE": str(FSIZE)})
+    result = run_cli(*[a.format(**work) for a in args], preload=FILE_SIZE_LIMIT)
     line = assert_one_line_error(result, 2, f"cannot write {out.format(**work)}")
     assert "File too large" in line and ".tmp-" not in line, line
     assert tree(work["root"]) == before
@@ -290,9 +266,10 @@ INTERNAL = "rerun with --debug (or IA3_EXPORT_DEBUG=1) for the traceback, and pl
 
 
 @pytest.mark.parametrize("how", ["plain", "--debug", "IA3_EXPORT_DEBUG"])
-def test_an_internal_error_is_one_line_and_exit_3(site, how):
-    env = {**site, "TEST_RAISE": "KeyError('x')"} | ({"IA3_EXPORT_DEBUG": "1"} if how == "IA3_EXPORT_DEBUG" else {})
-    result = run_cli(*(["--debug"] if how == "--debug" else []), "inspect", "anything", env=env)
+def test_an_internal_error_is_one_line_and_exit_3(how):
+    result = run_cli(*(["--debug"] if how == "--debug" else []), "inspect", "anything",
+                     env={"IA3_EXPORT_DEBUG": "1"} if how == "IA3_EXPORT_DEBUG" else {},
+                     preload=BROKEN_INSPECT.format(error="KeyError('x')"))
     assert result.exit_code == 3, result.output
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"error: internal error (KeyError: 'x'); {INTERNAL}", result.stderr
@@ -302,13 +279,13 @@ def test_an_internal_error_is_one_line_and_exit_3(site, how):
         assert "Traceback (most recent call last)" in result.stderr and "KeyError: 'x'" in result.stderr
 
 
-def test_an_os_error_without_a_path_says_what_happened(site):
-    result = run_cli("inspect", "anything", env={**site, "TEST_RAISE": "OSError(28, 'No space left on device')"})
+def test_an_os_error_without_a_path_says_what_happened():
+    result = run_cli("inspect", "anything", preload=BROKEN_INSPECT.format(error="OSError(28, 'No space left on device')"))
     line = assert_one_line_error(result, 2, "error: No space left on device; check the path")
     assert "error: :" not in line
 
 
-def test_ctrl_c_is_one_line_and_exit_130(site):
-    result = run_cli("inspect", "anything", env={**site, "TEST_RAISE": "SIGINT"})
+def test_ctrl_c_is_one_line_and_exit_130():
+    result = run_cli("inspect", "anything", preload=BROKEN_INSPECT.format(error="SIGINT"))
     assert_one_line_error(result, 130, "interrupted")
     assert "Traceback" not in result.stderr
