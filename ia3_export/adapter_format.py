@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from .adapter_names import name_for
 from .config import IA3Config
 from .errors import IA3Error
 from .jsonfile import read_json
@@ -35,7 +36,8 @@ class AdapterFile:
 
     @property
     def name(self) -> str:
-        return os.path.basename(os.path.normpath(self.path)) if self.path else "adapter"
+        """The folder's name, made a valid adapter name (`adapter_names.name_for`)."""
+        return name_for(self.path) if self.path else "adapter"
 
     def vectors(self) -> dict[str, np.ndarray]:
         """Module path -> 1-D float32 vector."""

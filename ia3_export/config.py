@@ -8,6 +8,7 @@ whole: one vector per module is all PEFT's format can hold, so the query slice i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Iterable
 
@@ -174,6 +175,9 @@ def _check_patterns(field: str, value: Targets) -> None:
         raise IA3Error(f"{field} must list module names as strings, got {value!r}")
 
 
+MATCH_SECONDS = 0.25  # one module name against one pattern: microseconds unless it backtracks badly
+
+
 def matches(name: str, patterns: Targets, *, suffix_needs_dot: bool = True) -> bool:
     """PEFT's matching: a string is a full regex match; a list matches a name or `.name` suffix.
 
@@ -183,9 +187,37 @@ def matches(name: str, patterns: Targets, *, suffix_needs_dot: bool = True) -> b
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return fullmatch(patterns, name)
     sep = "." if suffix_needs_dot else ""
     return any(name == p or name.endswith(sep + p) for p in patterns)
+
+
+def fullmatch(pattern: str, name: str) -> bool:
+    """`re.fullmatch(pattern, name)`, bounded in time.
+
+    Python's `re` backtracks without limit: `(.*.*)*X` against one module name never finishes,
+    and the pattern comes from an adapter_config.json anyone can write. The `regex` package (a
+    dependency of transformers, so wherever the core runs) reads the same syntax with the same
+    meaning, look-arounds included, cuts most such patterns short, and stops at a time limit;
+    a pattern that reaches it is refused, naming it.
+    """
+    import regex
+
+    try:
+        return _compiled(pattern).fullmatch(name, timeout=MATCH_SECONDS) is not None
+    except TimeoutError:
+        raise IA3Error(f"target pattern {pattern!r} took over {MATCH_SECONDS} s on the module name {name!r} "
+                       "(catastrophic backtracking); simplify it or list the module names") from None
+    except regex.error as e:
+        raise IA3Error(f"target pattern {pattern!r} is not a valid regular expression ({e}); fix it or give a list "
+                       "of module names") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str):
+    import regex
+
+    return regex.compile(pattern)
 
 
 def describe(patterns: Targets) -> str:

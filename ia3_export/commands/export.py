@@ -1,4 +1,6 @@
 """`ia3-export export MODEL_DIR --out ONNX_DIR --mode merged|swappable|bank|foldswap [--adapter DIR]...`."""
+import os
+
 import click
 
 from . import progress_option
@@ -38,11 +40,17 @@ def _modules(value):
 @progress_option
 def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter, force):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
+    from ..adapter_names import name_for
     from ..export import export_model
 
     manifest = export_model(model_dir, out_dir, mode=mode, adapters=list(adapters), task=task, dtype=dtype, opset=opset,
                             target_modules=_modules(target_modules), feedforward_modules=_modules(feedforward_modules),
                             exporter=exporter, force=force)
+    for path in adapters:  # an adapter's name is its folder's, made valid (adapter_names.name_for)
+        folder, name = os.path.basename(os.path.normpath(path)), name_for(path)
+        if name != folder and mode != "merged":
+            click.echo(f"adapter folder {folder!r} is named {name!r} in the export (names use letters, digits, "
+                       "'_', '-' and '.'); load it by that name")
     graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes)" for g in manifest["graphs"].values())
     check = manifest["validation"]
     click.echo(f"exported {manifest['model_type']} {manifest['task']} ({mode}, {dtype}, opset {opset}) -> {out_dir}: {graphs}; "

@@ -50,16 +50,16 @@ def _modules(value):
 @click.option("--save-steps", type=int, help="Checkpoint every N steps to OUT.checkpoints/ (for --resume).")
 @click.option("--log-steps", type=int, default=1, show_default=True, help="Write a train_log.jsonl record every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.checkpoints/.")
-@click.option("--device", help="cpu, cuda or cuda:N; default: the process's GPU if there is one.")
+@click.option("--device", help="cpu, cuda, cuda:N or mps; default: the process's GPU if there is one.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def command(model_dir, data, task, out_dir, eval_data, resume, quiet, force, target_modules, feedforward_modules,
-            max_grad_norm, **options):
+            **options):
     """Train an IA3 adapter on MODEL_DIR; OUT is a PEFT adapter folder plus train_log.jsonl and loss_curve.png."""
     from ..train import TrainOptions, train
 
     opts = TrainOptions(**options, target_modules=_modules(target_modules),
-                        feedforward_modules=_modules(feedforward_modules), max_grad_norm=max_grad_norm or None)
+                        feedforward_modules=_modules(feedforward_modules))  # checks every number and the device
     result = train(model_dir, data, task, out_dir, eval_data=eval_data, options=opts, resume=resume,
                    force=force, quiet=quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

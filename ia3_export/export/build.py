@@ -22,6 +22,7 @@ from ..manifest import DTYPES, MODES, new_manifest, write_manifest
 from ..progress import stage
 from . import graph as onnx_graph
 from .compat import traceable_masks
+from .genai import validate_with_genai, write_genai_files
 from .tasks import Task, graph_specs, resolve_task
 from .validate import ModelShape, cpu_session, raise_on_failure, sample_feeds, validate_graph
 from .wrappers import (DecoderWithCache, Encoder, Seq2SeqDecoder, Seq2SeqEncoder, VectorInputs,
@@ -47,7 +48,9 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     adapter_files = [fmt.read_adapter(p) for p in adapters]
     names = [a.name for a in adapter_files]
     if len(set(names)) != len(names):
-        raise IA3Error("two adapters have the same folder name; the folder name is the adapter's name, so rename one")
+        twice = next(n for n in names if names.count(n) > 1)
+        raise IA3Error(f"two adapters get the name {twice!r} (an adapter's name is its folder name, with characters "
+                       "other than letters, digits, '_', '-', '.' replaced by '_'); rename one folder")
     if mode != "merged":
         for a in adapter_files:
             if a.saved_tensors():
@@ -107,7 +110,9 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
             validation={"comparisons": len(comparisons), "max_abs": max((c.max_abs for c in comparisons), default=0.0),
                         "tolerance": {"atol": comparisons[0].atol, "rtol": comparisons[0].rtol} if comparisons else None},
         )
+        manifest["genai"] = write_genai_files(tmp, manifest)  # onnxruntime-genai's config, see export/genai.py
         write_manifest(tmp, manifest)
+        validate_with_genai(tmp, manifest)
     return manifest
 
 

@@ -263,6 +263,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
             validation={"comparisons": len(comparisons), "max_abs": max((c.max_abs for c in comparisons), default=0.0),
                         "tolerance": {"atol": comparisons[0].atol, "rtol": comparisons[0].rtol} if comparisons else None},
         )
+        manifest["genai"] = build.write_genai_files(tmp, manifest)  # says why genai cannot serve it
         write_manifest(tmp, manifest)
     return manifest
 

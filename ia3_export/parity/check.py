@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from ..compare import compare
 from ..progress import stage
 from ..errors import IA3Error
+from ..runtime.session import PROVIDERS
 from .report import GreedyCheck, OutputCheck, ParityReport
 from .tolerances import tolerance
 
@@ -39,6 +41,22 @@ class ParityOptions:
     greedy_steps: int = 8
     seed: int = 0
 
+    def __post_init__(self):
+        """Bad options are bad usage (exit 2) before any work, never a check that "fails" on a NaN bound."""
+        if self.provider not in PROVIDERS:
+            raise IA3Error(f"provider {self.provider!r} is not known; use one of {', '.join(PROVIDERS)}")
+        if self.reference_dtype not in REFERENCE_DTYPES:
+            raise IA3Error(f"reference dtype {self.reference_dtype!r} is not known; use one of {', '.join(REFERENCE_DTYPES)}")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise IA3Error(f"--{name} is {value!r}; give a finite number >= 0, or leave it out for the documented tolerance")
+        for name, flag in (("greedy_steps", "--steps"), ("seed", "seed")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise IA3Error(f"{flag} is {value!r}; give a whole number >= 0")
+
 
 def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), options: ParityOptions | None = None,
                  **kwargs) -> ParityReport:
@@ -48,10 +66,6 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     from ..runtime.folder import open_folder
 
     folder = open_folder(onnx_dir)
-    if options.reference_dtype not in REFERENCE_DTYPES:
-        raise IA3Error(f"reference dtype {options.reference_dtype!r} is not one of {', '.join(REFERENCE_DTYPES)}")
-    if options.greedy_steps < 0:
-        raise IA3Error(f"greedy steps must be >= 0, got {options.greedy_steps}")
     dtype = folder.manifest["dtype"]
     tf32 = options.tf32 if options.provider == "cuda" and dtype == "fp32" else None
     tol = tolerance(options.provider, dtype, bool(tf32)) if options.atol is None or options.rtol is None else None
@@ -158,7 +172,7 @@ class Reference:
         for a in self.adapters:
             entry = shipped.get(a.name)
             same = entry is not None and entry.get("sha256") == sha256_file(os.path.join(a.path, WEIGHTS_NAME))
-            sources[a.name] = os.path.join(self.folder.path, entry["file"]) if same else a.path
+            sources[a.name] = os.path.join(self.folder.path, entry["file"]) if same else os.path.abspath(a.path)
         return sources
 
     def scenarios(self, batch: int, index: int) -> list[tuple[str, list[str | None]]]:

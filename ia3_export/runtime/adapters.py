@@ -8,46 +8,42 @@ folder's `adapters/` directory.
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
 from ..adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter
+from ..adapter_names import check_name, name_for
 from ..errors import IA3Error
 from ..onnx_adapter import SUFFIX, read_onnx_adapter
 from .folder import ExportedFolder
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
-
-def check_name(name: str) -> str:
-    """An adapter name: letters, digits, '_', '-', '.' (not first); never a path."""
-    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
-        raise IA3Error(f"adapter name {name!r} is not allowed; use letters, digits, '_', '-' and '.' "
-                       "(no path separators, no '..')")
-    return name
-
-
-def default_name(source: str) -> str:
-    base = os.path.basename(os.path.normpath(source))
-    if base.endswith(SUFFIX):
-        base = base[:-len(SUFFIX)]
-    return check_name(re.sub(r"[^A-Za-z0-9_.-]", "_", base).lstrip("._-") or "adapter")
+def is_path(source: str) -> bool:
+    """A source names a file or folder only when it clearly does: a path separator or the file suffix."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    return any(s in source for s in separators) or source.endswith(SUFFIX)
 
 
 def resolve(folder: ExportedFolder, source: str) -> tuple[str, str]:
-    """(name, path) for a source that is a PEFT folder, an .onnx_adapter file or a shipped name."""
-    if os.path.isdir(source):
-        return default_name(source), source
-    if os.path.isfile(source):
-        return default_name(source), source
+    """(name, path) for a source that is a PEFT folder, an .onnx_adapter file or a shipped name.
+
+    A bare word is a shipped name, even where the current directory holds a folder called the
+    same: what runs never depends on where the command was started. A bare word that is not
+    shipped but exists here is refused with the spelling that means the path (`./NAME`)."""
+    if is_path(source):
+        if not os.path.exists(source):
+            raise IA3Error(f"adapter {source!r} does not exist; pass a PEFT adapter folder or an {SUFFIX} file")
+        return name_for(source), source
+    shipped = ", ".join(sorted(folder.adapters)) or "none"
     if source in folder.adapters:
         check_name(source)
         path = os.path.realpath(folder.adapters[source])
         if not path.startswith(os.path.realpath(folder.path) + os.sep):
             raise IA3Error(f"{folder.path}: adapter {source!r} points outside the folder; refusing it")
         return source, path
-    shipped = ", ".join(sorted(folder.adapters)) or "none"
+    if os.path.exists(source):
+        raise IA3Error(f"adapter {source!r} is not shipped in {folder.path} (shipped: {shipped}) but names a path "
+                       f"here; pass ./{source} to load that path")
     raise IA3Error(f"adapter {source!r} is neither a PEFT folder, an {SUFFIX} file, nor an adapter shipped "
                    f"in {folder.path} (shipped: {shipped})")
 

@@ -1,20 +1,33 @@
-"""Token generation on an IA3Session: greedy or sampled (temperature, top-p), with the KV cache.
+"""Token generation on an IA3Session: greedy or sampled (temperature, top-k, top-p), stop strings,
+streaming, with the KV cache.
 
 Decoders: prompts are left-padded into one batch, position ids come from the attention mask
 (as transformers computes them), each step feeds one token per row and the previous step's
 `present.*` outputs as `past_key_values.*` without leaving the device. Seq2seq: the encoder
-runs once, then the decoder loop. A row stops at EOS (then receives padding) and the batch
-stops when every row has.
+runs once, then the decoder loop. A row stops at EOS or a stop string (then receives padding)
+and the batch stops when every row has. A run never goes past the model's positions
+(config.json's max_position_embeddings): a prompt that fills them is refused, and
+max_new_tokens is cut to what is left (with a `GenerationCapped` warning).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
+import warnings
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..errors import IA3Error
+from ..jsonfile import read_json
 
 PAST, PRESENT = "past_key_values", "present"
+
+
+class GenerationCapped(UserWarning):
+    """max_new_tokens was cut to the positions the model has left after the prompt."""
 
 
 @dataclasses.dataclass
@@ -22,54 +35,191 @@ class GenerationOptions:
     max_new_tokens: int = 32
     do_sample: bool = False
     temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter (transformers' meaning)
     top_p: float = 1.0
     seed: int | None = None
+    stop_strings: list[str] | None = None  # a row stops once its generated text contains one (kept, as transformers)
     eos_token_ids: list[int] | None = None  # default: generation_config.json's, else the manifest's
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise IA3Error(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise IA3Error(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy decoding instead")
-        if not 0 < self.top_p <= 1:
-            raise IA3Error(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise IA3Error(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise IA3Error(f"temperature must be a finite number > 0, got {self.temperature!r}; "
+                           "use greedy decoding (no --sample) for the most likely tokens")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise IA3Error(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise IA3Error(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise IA3Error(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        if self.stop_strings is not None and not all(isinstance(x, str) and x for x in self.stop_strings):
+            raise IA3Error(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class TokenChooser:
-    """Greedy argmax, or sampling from the temperature-scaled top-p nucleus (seeded)."""
+    """Greedy argmax, or sampling from temperature-scaled logits filtered by top-k then top-p (the
+    order of transformers' warpers), seeded."""
 
     def __init__(self, options: GenerationOptions):
         self.options = options
         self.rng = np.random.default_rng(options.seed)
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """[batch, vocab] float64 sampling distribution after temperature, top-k and top-p."""
+        o = self.options
+        scaled = logits.astype(np.float64) / o.temperature
+        if 0 < o.top_k < scaled.shape[-1]:  # ties with the k-th logit stay, as in transformers
+            kth = np.partition(scaled, -o.top_k, axis=-1)[:, -o.top_k, None]
+            scaled = np.where(scaled < kth, -np.inf, scaled)
+        probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        if o.top_p < 1:
+            order = np.argsort(-probs, axis=-1, kind="stable")
+            sorted_p = np.take_along_axis(probs, order, -1)
+            drop = np.cumsum(sorted_p, -1) - sorted_p >= o.top_p  # never the top token
+            probs = probs.copy()
+            np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_p), -1)
+            probs /= probs.sum(-1, keepdims=True)
+        return probs
+
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         if not self.options.do_sample:
             return logits.argmax(-1)
-        scaled = logits.astype(np.float64) / self.options.temperature
-        probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        chosen = np.empty(len(probs), dtype=np.int64)
-        for row, p in enumerate(probs):
-            order = np.argsort(-p, kind="stable")
-            sorted_p = p[order]
-            keep = np.cumsum(sorted_p) - sorted_p < self.options.top_p  # always keeps the top token
-            kept = sorted_p[keep] / sorted_p[keep].sum()
-            chosen[row] = order[self.rng.choice(len(kept), p=kept)]
-        return chosen
+        probs = self.probabilities(logits)
+        return np.array([self.rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+
+
+class TextStream:
+    """Text pieces of a growing token sequence, built on the tokenizer's own decode: each piece is what
+    the new token adds to the text, held back while the text ends in an incomplete UTF-8 character
+    (decoded as U+FFFD), so no piece splits a character and the pieces join to decode(all tokens)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.sent = decode, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.decode(self.ids)
+        return "" if text.endswith("\ufffd") else self._rest(text)
+
+    def finish(self) -> str:
+        """The held-back end (a character left incomplete by the last token stays U+FFFD, as in decode)."""
+        return self._rest(self.decode(self.ids))
+
+    def _rest(self, text: str) -> str:
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
 
 
 def generate_ids(session, prompts: list[list[int]], adapters: list[str | None] | None = None,
-                 options: GenerationOptions | None = None) -> list[list[int]]:
-    """New token ids for each prompt (prompt not included; stops after EOS, which is kept)."""
+                 options: GenerationOptions | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (prompt not included; ends with the EOS or the token that completed
+    a stop string). `decode` (token ids -> text) is needed for stop strings."""
+    outs = [[] for _ in prompts]
+    for step in iter_tokens(session, prompts, adapters, options, decode):
+        for row, token in step.items():
+            outs[row].append(token)
+    return outs
+
+
+def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | None = None,
+                options: GenerationOptions | None = None,
+                decode: Callable[[list[int]], str] | None = None) -> Iterator[dict[int, int]]:
+    """Yields, at each step, {row: new token} for the rows still generating, as soon as they are chosen."""
     options = options or GenerationOptions()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise IA3Error("every prompt needs at least one token")
-    if "encoder" in session.graphs:
-        return _generate_seq2seq(session, prompts, adapters, options)
-    if "model" not in session.graphs or "logits" not in session.graphs["model"].outputs:
+    if options.stop_strings and decode is None:
+        raise IA3Error("stop strings need the tokenizer's decode; pass decode= (IA3Session.generate does)")
+    seq2seq = "encoder" in session.graphs
+    if not seq2seq and ("model" not in session.graphs or "logits" not in session.graphs["model"].outputs):
         raise IA3Error(f"{session.folder.path} is a {session.folder.task or 'non-generative'} export; generation "
                        "needs a causal-lm or seq2seq-lm export")
-    return _generate_decoder(session, prompts, adapters, options)
+    steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq)
+    rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
+    loop = _seq2seq_logits if seq2seq else _decoder_logits
+    return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
+
+
+def _steps(logits_loop, rows, choose) -> Iterator[dict[int, int]]:
+    """Drive a loop that yields last-position logits and receives the next tokens (pad for finished rows)."""
+    try:
+        logits = next(logits_loop)
+        while True:
+            emitted, tokens = rows.advance(choose(logits))
+            yield emitted
+            if not rows.live:
+                return
+            logits = logits_loop.send(tokens)
+    except StopIteration:
+        return
+
+
+class _Rows:
+    """Which rows still generate: a row ends after EOS or once its text contains a stop string. Plain
+    Python on purpose: batches are small and this runs once per token."""
+
+    def __init__(self, batch: int, eos: set[int], stops: list[str] | None, decode, pad: int):
+        self.live, self.eos, self.pad = list(range(batch)), eos, pad
+        self.stops, self.decode = stops or [], decode
+        self.tokens = [[] for _ in range(batch)]
+
+    def advance(self, chosen: np.ndarray) -> tuple[dict[int, int], list[int]]:
+        """({row: token} for the rows that were live, the tokens to feed next: pad for finished rows)."""
+        chosen = chosen.tolist()
+        emitted, feed, live = {}, [self.pad] * len(chosen), []
+        for r in self.live:
+            token = emitted[r] = feed[r] = chosen[r]
+            if token in self.eos or (self.stops and self._stopped(r, token)):
+                continue
+            live.append(r)
+        self.live = live
+        return emitted, feed
+
+    def _stopped(self, row: int, token: int) -> bool:
+        self.tokens[row].append(token)
+        text = self.decode(self.tokens[row])
+        return any(stop in text for stop in self.stops)
+
+
+def max_positions(config: dict) -> int | None:
+    """The most positions a model takes (config.json's max_position_embeddings, GPT-2's n_positions);
+    None where the config sets no limit (T5's relative positions)."""
+    text = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions"):
+        if _is_int(text.get(key)):
+            return int(text[key])
+    return None
+
+
+def _new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool) -> int:
+    """max_new_tokens, cut to the positions left; a prompt that leaves none is an error naming both."""
+    config_path = os.path.join(folder.path, "config.json")
+    limit = max_positions(read_json(config_path)) if os.path.isfile(config_path) else None
+    if limit is None:
+        return max_new_tokens
+    if prompt_len > limit or (prompt_len >= limit and not seq2seq):
+        together = "" if seq2seq else " for prompt and new tokens together"
+        raise IA3Error(f"the prompt has {prompt_len} tokens; the model takes at most {limit} positions{together} "
+                       "(max_position_embeddings in config.json); shorten the prompt")
+    left = limit if seq2seq else limit - prompt_len
+    if max_new_tokens > left:
+        warnings.warn(f"max_new_tokens {max_new_tokens} cut to {left}: the model takes at most {limit} positions "
+                      f"and the prompt has {prompt_len} tokens", GenerationCapped, stacklevel=3)
+        return left
+    return max_new_tokens
 
 
 def _left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,66 +253,58 @@ def empty_cache(graph, batch: int, dtype: str, cache: dict | None) -> dict:
     return feeds
 
 
-def _next_past(outputs: dict) -> dict:
-    return {PAST + name[len(PRESENT):]: value for name, value in outputs.items() if name.startswith(PRESENT)}
+def _cache_names(graph) -> dict[str, str]:
+    """present.* output -> the past_key_values.* input it feeds at the next step."""
+    return {name: PAST + name[len(PRESENT):] for name in graph.outputs if name.startswith(PRESENT)}
 
 
-def _generate_decoder(session, prompts, adapters, options) -> list[list[int]]:
+def _decoder_logits(session, prompts, adapters, steps):
+    """Yields last-position logits; receives each step's tokens. The cache stays on the device: each
+    step binds the previous step's present.* OrtValues as past_key_values.*, and only the new token,
+    the grown mask and the next positions are built on the host."""
     folder, graph = session.folder, session.graphs["model"]
-    eos, pad = _eos(folder, options), folder.pad_id()
-    choose = TokenChooser(options)
-    ids, mask = _left_pad(prompts, pad)
+    ids, mask = _left_pad(prompts, folder.pad_id())
     batch = len(prompts)
+    with_positions = "position_ids" in graph.inputs
     feeds = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in graph.inputs:
+    if with_positions:
         feeds["position_ids"] = position_ids(mask)
     feeds.update(empty_cache(graph, batch, folder.dtype, folder.cache))
-    outputs = ["logits", *[n for n in graph.outputs if n.startswith(PRESENT)]]
-    use_cache = any(n.startswith(PAST) for n in graph.inputs)
-    new = np.zeros((batch, 0), dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
-    for _ in range(options.max_new_tokens):
+    cache = _cache_names(graph)
+    outputs = ["logits", *cache]
+    use_cache = bool(cache) and any(n.startswith(PAST) for n in graph.inputs)
+    next_position = mask.sum(-1, keepdims=True)  # transformers' rule for the token after each prompt
+    for step in range(steps):
         results = session.run(feeds, graph="model", adapters=adapters, outputs=outputs, as_numpy=False)
-        logits = results.pop("logits").numpy()[:, -1, :]
-        token = np.where(done, pad, choose(logits))
-        new = np.concatenate([new, token[:, None]], axis=1)
-        done |= np.isin(token, list(eos))
-        if done.all():
-            break
+        token = np.array((yield results["logits"].numpy()[:, -1, :]), dtype=np.int64)[:, None]
+        if step == steps - 1:
+            return
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         if use_cache:
-            feeds = {"input_ids": token[:, None].astype(np.int64), "attention_mask": mask, **_next_past(results)}
-            if "position_ids" in graph.inputs:
-                feeds["position_ids"] = position_ids(mask)[:, -1:]
+            feeds = {"input_ids": token, "attention_mask": mask, **{cache[n]: results[n] for n in cache}}
+            if with_positions:
+                feeds["position_ids"] = next_position
+                next_position = next_position + 1
         else:  # a graph without cache inputs: re-run the whole sequence
-            ids = np.concatenate([ids, token[:, None]], axis=1)
+            ids = np.concatenate([ids, token], axis=1)
             feeds = {"input_ids": ids, "attention_mask": mask}
-            if "position_ids" in graph.inputs:
+            if with_positions:
                 feeds["position_ids"] = position_ids(mask)
-    return [_trim(row, eos) for row in new.tolist()]
 
 
 def _eos(folder, options: GenerationOptions) -> set[int]:
     return set(options.eos_token_ids if options.eos_token_ids is not None else folder.eos_ids())
 
 
-def _trim(row: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[:i + 1]
-    return row
-
-
-def _generate_seq2seq(session, prompts, adapters, options) -> list[list[int]]:
+def _seq2seq_logits(session, prompts, adapters, steps):
+    """Yields the decoder's last-position logits; receives each step's tokens."""
     folder = session.folder
     encoder, decoder = session.graphs["encoder"], session.graphs["decoder"]
-    eos, pad = _eos(folder, options), folder.pad_id()
     start = folder.tokens.get("decoder_start")
     if start is None:
         raise IA3Error(f"{folder.path}: the manifest has no tokens.decoder_start; re-export the model")
-    choose = TokenChooser(options)
     batch = len(prompts)
-    ids, mask = _pad_right(prompts, pad)
+    ids, mask = _pad_right(prompts, folder.pad_id())
     hidden = session.run({"input_ids": ids, "attention_mask": mask}, graph="encoder", adapters=adapters,
                          outputs=[encoder.outputs[0]], as_numpy=False)[encoder.outputs[0]]
     use_cache = any(n.startswith(PAST) for n in decoder.inputs)
@@ -172,20 +314,17 @@ def _generate_seq2seq(session, prompts, adapters, options) -> list[list[int]]:
     feeds = {ids_name: tokens, mask_name: mask, "encoder_hidden_states": hidden}
     if use_cache:
         feeds.update(empty_cache(decoder, batch, folder.dtype, folder.cache))
-    outputs = [decoder.outputs[0], *[n for n in decoder.outputs if n.startswith(PRESENT)]]
-    done = np.zeros(batch, dtype=bool)
-    for _ in range(options.max_new_tokens):
+    cache = _cache_names(decoder)
+    outputs = [decoder.outputs[0], *cache]
+    for step in range(steps):
         results = session.run(feeds, graph="decoder", adapters=adapters, outputs=outputs, as_numpy=False)
-        logits = results.pop(outputs[0]).numpy()[:, -1, :]
-        token = np.where(done, pad, choose(logits))
-        tokens = np.concatenate([tokens, token[:, None]], axis=1)
-        done |= np.isin(token, list(eos))
-        if done.all():
-            break
-        feeds = {ids_name: token[:, None] if use_cache else tokens, mask_name: mask, "encoder_hidden_states": hidden}
+        token = np.array((yield results[outputs[0]].numpy()[:, -1, :]), dtype=np.int64)[:, None]
+        if step == steps - 1:
+            return
+        tokens = np.concatenate([tokens, token], axis=1)
+        feeds = {ids_name: token if use_cache else tokens, mask_name: mask, "encoder_hidden_states": hidden}
         if use_cache:
-            feeds.update(_next_past(results))
-    return [_trim(row, eos) for row in tokens[:, 1:].tolist()]
+            feeds.update({cache[n]: results[n] for n in cache})
 
 
 def _pad_right(prompts, pad):

@@ -71,10 +71,12 @@ class Graph:
     def bind(self, name: str, value, keep_alive=None) -> None:
         """Bind an input (numpy array or OrtValue) on this thread's binding; `keep_alive` is whatever
         its memory depends on."""
+        self._bind(self._state(), name, value, keep_alive)
+
+    def _bind(self, state: "_ThreadBinding", name: str, value, keep_alive=None) -> None:
         if isinstance(value, np.ndarray):
             keep_alive = np.ascontiguousarray(value)
             value = self.to_device(keep_alive)
-        state = self._state()
         state.held[name] = (value, keep_alive)
         state.binding.bind_ortvalue_input(name, value)
         if name in state.set_names:  # a fed value replaces part of the bound set
@@ -91,14 +93,18 @@ class Graph:
             state.binding.bind_ortvalue_input(name, value)
         state.set_key, state.set_names = key, frozenset(values)
 
-    def is_bound(self, name: str) -> bool:
-        return name in self._state().held
+    def missing(self, feeds: dict) -> list[str]:
+        """Inputs neither in `feeds` nor bound on this thread's binding."""
+        held = self._state().held
+        return [n for n in self.inputs if n not in feeds and n not in held]
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
-        """Bind `feeds` (numpy arrays or OrtValues), run, return output name -> OrtValue on the device."""
+        """Bind `feeds` (numpy arrays or OrtValues), run, return output name -> OrtValue on the device.
+        Called once per generated token: the calling thread's state is looked up once."""
+        state = self._state()
         for name, value in feeds.items():
-            self.bind(name, value)
-        binding = self.binding
+            self._bind(state, name, value)
+        binding = state.binding
         outputs = outputs or self.outputs
         binding.clear_binding_outputs()
         for name in outputs:
@@ -260,7 +266,7 @@ class IA3Session:
         g = self.graphs[graph]
         feeds = dict(feeds)
         adapter = self._apply_adapters(graph, g, feeds, adapters)
-        missing = [n for n in g.inputs if n not in feeds and not g.is_bound(n)]
+        missing = g.missing(feeds)
         if missing:
             raise IA3Error(f"input {missing[0]} of graph {graph!r} was not given; the model takes {', '.join(g.inputs)}")
         if self._fold is not None and adapter is not None:  # foldswap: no re-fold while this run reads the weights
@@ -313,10 +319,33 @@ class IA3Session:
                 self._tokenizer = TextTokenizer(self.folder.path)
         return self._tokenizer
 
-    def generate(self, prompt: str, adapter: str | None = ACTIVE, **options) -> str:
+    def generate(self, prompt: str, adapter: str | None = ACTIVE, stream: bool = False, **options):
         """Generate a continuation of one prompt with `adapter` (None: the base model; left out: the
-        one set_adapter chose). Options: see `generation.GenerationOptions`."""
+        one set_adapter chose). Options: see `generation.GenerationOptions`. With stream=True, an
+        iterator of text pieces as the tokens come (see `stream`)."""
+        if stream:
+            return self.stream(prompt, adapter, **options)
         return self.generate_batch([(prompt, adapter)], **options)[0]
+
+    def stream(self, prompt: str, adapter: str | None = ACTIVE, **options):
+        """Yield the continuation of one prompt in text pieces, each as soon as its tokens are chosen;
+        a piece never splits a UTF-8 character, and the pieces join to `generate`'s text."""
+        from .generation import GenerationOptions, TextStream, iter_tokens
+
+        tok = self.tokenizer()
+        name = self.active if adapter is ACTIVE else adapter
+        steps = iter_tokens(self, [tok.encode(prompt)], [name], GenerationOptions(**options), tok.decode)
+
+        def pieces():
+            text = TextStream(tok.decode)
+            for step in steps:
+                piece = text.push(step[0])
+                if piece:
+                    yield piece
+            rest = text.finish()
+            if rest:
+                yield rest
+        return pieces()
 
     def generate_batch(self, requests: list[tuple[str, str | None]], **options) -> list[str]:
         """Generate for (prompt, adapter name) requests: one batch in bank mode; grouped by adapter
@@ -328,12 +357,13 @@ class IA3Session:
         prompts = [tok.encode(p) for p, _ in requests]
         names = [self.active if a is ACTIVE else a for _, a in requests]
         if self.mode == "bank":
-            outs = generate_ids(self, prompts, names, opts)
+            outs = generate_ids(self, prompts, names, opts, tok.decode)
         else:
             outs = [None] * len(requests)
             for name in dict.fromkeys(names):
                 rows = [i for i, n in enumerate(names) if n == name]
-                for i, ids in zip(rows, generate_ids(self, [prompts[i] for i in rows], [name] * len(rows), opts)):
+                for i, ids in zip(rows, generate_ids(self, [prompts[i] for i in rows], [name] * len(rows), opts,
+                                                     tok.decode)):
                     outs[i] = ids
         return [tok.decode(ids) for ids in outs]
 

@@ -26,7 +26,7 @@ import torch
 
 from ..atomic import atomic_output_dir, check_output
 from ..config import IA3Config
-from ..errors import IA3Error
+from ..errors import CheckFailed, IA3Error
 from ..loading import has_tokenizer, load_base_model, read_model_config
 from ..model import IA3Model
 from . import data as D
@@ -65,21 +65,56 @@ class TrainOptions:
     log_steps: int = 1
     device: str | None = None  # default: the process's GPU when there is one, else the CPU
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
-        positive = ("learning_rate", "epochs", "batch_size", "grad_accum", "max_length", "log_steps")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise IA3Error(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "save_steps"):
+        """Every option in range before any work: a bad number is bad usage (IA3Error), never a
+        traceback from the optimizer, a run that reverses its gradients or an adapter of NaNs."""
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "log_steps",
+                     "max_steps", "eval_steps", "save_steps", "warmup_steps"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise IA3Error(f"{name.replace('_', '-')} must be positive, got {value}")
+            optional = name in ("max_steps", "eval_steps", "save_steps")
+            least = 0 if name == "warmup_steps" else 1
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise IA3Error(f"{_flag(name)} is {value!r}; give a whole number >= {least}")
+        _number("learning_rate", self.learning_rate, "a finite number > 0", lambda v: v > 0)
+        _number("warmup_ratio", self.warmup_ratio, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _number("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        _number("eval_fraction", self.eval_fraction, "a number between 0 and 1 (both excluded)", lambda v: 0 < v < 1)
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, "a finite number > 0, or 0 for no clipping", lambda v: v >= 0)
+            self.max_grad_norm = self.max_grad_norm or None
         if self.optimizer not in ("adamw", "adafactor"):
             raise IA3Error(f"optimizer {self.optimizer!r} is not known; use adamw or adafactor")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise IA3Error(f"precision {self.precision!r} is not known; use fp32, bf16 or fp16")
-        if not 0 < self.eval_fraction < 1:
-            raise IA3Error(f"eval-fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.device is not None:
+            check_device(self.device)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-").replace("learning-rate", "lr")
+
+
+def _number(name: str, value, wanted: str, in_range: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not in_range(value):
+        raise IA3Error(f"{_flag(name)} is {value!r}; give {wanted}")
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda, cuda:N or mps, and present on this machine."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise IA3Error(f"--device {device!r} is not a device this tool trains on; use cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index or 0) >= count:
+            raise IA3Error(f"--device {device}: this torch sees {count} CUDA device(s); use --device cpu or another index")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise IA3Error("--device mps: this torch has no MPS (Apple GPU) backend; use --device cpu")
 
 
 @dataclasses.dataclass
@@ -235,6 +270,7 @@ class _Run:
         for step in range(start, total):
             lr = schedule.get_last_lr()[0]
             loss = self._step(model, step, optimizer, scaler)
+            self._check_finite(step + 1, loss, params)
             schedule.step()
             done += 1
             record = {"step": step + 1, "loss": loss, "lr": lr, "epoch": round((step + 1) / self.steps_per_epoch, 4)}
@@ -308,6 +344,16 @@ class _Run:
         optimizer.zero_grad(set_to_none=True)
         (loss_total,) = dist.sum([loss_sum])
         return loss_total / n_terms
+
+    def _check_finite(self, step: int, loss: float, params: list[torch.Tensor]) -> None:
+        """A NaN or infinite loss or vector means the run diverged: stop before that step is logged,
+        checkpointed or written, so no adapter of NaNs appears and the last good checkpoint stays."""
+        if math.isfinite(loss) and bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return  # one device sync for all the vectors
+        what = f"the loss is {loss}" if not math.isfinite(loss) else "the vectors became non-finite"
+        kept = f" (checkpoints so far stay in {self.checkpoints})" if os.path.isdir(self.checkpoints) else ""
+        raise CheckFailed(f"training diverged at step {step} ({what}), so no adapter was written{kept}; "
+                          f"train again with a lower --lr (this run: {self.o.learning_rate:g})")
 
     def _loss(self, model, examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of correct predictions) for a micro-batch."""
