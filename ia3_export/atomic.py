@@ -138,21 +138,19 @@ def _commit(tmp: str, path: str, force: bool, folder: bool) -> None:
         os.replace(tmp, path)
         return
     trash = None
-    try:
-        for attempt in range(100):
-            if force and os.path.lexists(path):
-                trash = trash or tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-                with contextlib.suppress(FileNotFoundError):  # another --force run moved it first
-                    os.rename(path, os.path.join(trash, f"old-{attempt}" if attempt else "old"))
-            if _rename_noreplace(tmp, path):
-                return
-            if not force:
-                raise IA3Error(f"output {path} appeared while this run was writing it (another run writing the same "
-                               "output?); it was left as it is: choose another path or pass --force to replace it")
-        raise IA3Error(f"output {path} kept reappearing while this run replaced it; stop the other runs writing it")
-    finally:
-        if trash:
-            shutil.rmtree(trash, ignore_errors=True)
+    for attempt in range(100):
+        if force and os.path.lexists(path):
+            trash = trash or tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+            with contextlib.suppress(FileNotFoundError):  # another --force run moved it first
+                os.rename(path, os.path.join(trash, f"old-{attempt}" if attempt else "old"))
+        if _rename_noreplace(tmp, path):
+            if trash:  # only once the new output is in place: a failure before leaves the old one aside
+                shutil.rmtree(trash, ignore_errors=True)
+            return
+        if not force:
+            raise IA3Error(f"output {path} appeared while this run was writing it (another run writing the same "
+                           "output?); it was left as it is: choose another path or pass --force to replace it")
+    raise IA3Error(f"output {path} kept reappearing while this run replaced it; stop the other runs writing it")
 
 
 RENAME_NOREPLACE = 1  # linux/fs.h
