@@ -28,6 +28,7 @@ COMMANDS = {
     "convert": ("convert", "Convert a PEFT adapter to ONNX Runtime's .onnx_adapter for an exported model."),
     "generate": ("generate", "Generate text with an exported model on ONNX Runtime."),
     "parity": ("parity", "Check an exported model against PyTorch on ONNX Runtime (CPU or CUDA)."),
+    "serve": ("serve", "Serve an exported folder with many adapters behind Triton Inference Server."),
 }
 
 

@@ -5,6 +5,7 @@ the same message.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -19,6 +20,27 @@ HEAD_SUFFIXES = {
     "ForConditionalGeneration": "AutoModelForSeq2SeqLM",
     "ForTokenClassification": "AutoModelForTokenClassification",
 }
+# PEFT's task_type (adapter_config.json) -> the Auto class that builds the head it was trained with.
+TASK_TYPE_HEADS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+# Task names (transformers pipelines', optimum's export tasks) -> the Auto class of their head.
+TASK_HEADS = {
+    "text-generation": "AutoModelForCausalLM",
+    "text-generation-with-past": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "text2text-generation-with-past": "AutoModelForSeq2SeqLM",
+    "feature-extraction": "AutoModel",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+LABELLED_HEADS = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification")
 # Files copied beside a merged model or an ONNX export (never weights).
 SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -47,11 +69,53 @@ def auto_class_name(config: dict) -> str:
     return "AutoModel"
 
 
+def adapters_task_type(adapters: list) -> tuple[str | None, str | None]:
+    """(task_type, the folder of an adapter that sets it) shared by the adapters; (None, None) when none
+    sets one. Adapters trained for different tasks need different heads, so they cannot go together."""
+    found = {}
+    for a in adapters:
+        if a.config.task_type:
+            found.setdefault(a.config.task_type, a.path)
+    if len(found) > 1:
+        listed = ", ".join(f"{path} is {task_type}" for task_type, path in found.items())
+        raise IA3Error(f"the adapters were trained for different tasks ({listed}); use them separately")
+    return next(iter(found.items()), (None, None))
+
+
+def check_task(task: str, task_type: str | None, adapter_path: str | None, source: str = "--task",
+               hint: str = "drop --task to load the head the adapter was trained with") -> None:
+    """A task must build the head its adapter was trained with (PEFT's task_type), or be refused."""
+    if task_type and TASK_HEADS.get(task) != TASK_TYPE_HEADS[task_type]:
+        raise IA3Error(f"{source} {task} contradicts task_type {task_type} of the adapter {adapter_path}; {hint}")
+
+
+def head_class(task: str | None, adapters: list, config: dict) -> str:
+    """The Auto class to load: the task asked for, else the adapters' task_type, else config.json's head."""
+    task_type, path = adapters_task_type(adapters)
+    if task is not None:
+        if task not in TASK_HEADS:
+            raise IA3Error(f"unknown task {task!r}; use one of {', '.join(TASK_HEADS)}")
+        check_task(task, task_type, path)
+        return TASK_HEADS[task]
+    return TASK_TYPE_HEADS[task_type] if task_type else auto_class_name(config)
+
+
+def load_task_model(model_dir: str, auto_class: str, adapters: list = (), dtype=None, trust_remote_code: bool = False):
+    """load_base_model with the head the adapters trained: a classifier gets their num_labels and names
+    (labels.json, see ia3_export.labels), so the head's shape and the saved config match the adapter."""
+    from .labels import label_config
+
+    overrides = label_config(list(adapters), read_model_config(model_dir)) if auto_class in LABELLED_HEADS else {}
+    return load_base_model(model_dir, auto_class, dtype=dtype, trust_remote_code=trust_remote_code, **overrides)
+
+
 def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, trust_remote_code: bool = False,
                     **config_overrides):
     """The model in eval mode, loaded from safetensors only (pickled weights are refused).
 
     config_overrides (e.g. num_labels, id2label for a new classification head) go to from_pretrained.
+    A folder whose architecture only its own code defines is refused unless trust_remote_code
+    (check_remote_code); a known model_type loads transformers' own class, as transformers does.
     """
     import transformers
 
@@ -65,6 +129,7 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
             f"{model_dir} has no .safetensors weights{hint}; re-save the model with "
             "save_pretrained(..., safe_serialization=True) from a trusted environment"
         )
+    check_remote_code(model_dir, config, trust_remote_code)
     cls = getattr(transformers, auto_class or auto_class_name(config))
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:
@@ -79,6 +144,16 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
         transformers.utils.logging.set_verbosity(verbosity)
     check_finite_weights(model, model_dir)
     return model.eval()
+
+
+def check_remote_code(model_dir: str, config: dict, trust_remote_code: bool) -> None:
+    """Refuse, before anything reads the folder with transformers, an architecture that only the folder's
+    own code defines (`auto_map`, a model_type transformers does not know): loading it would run it."""
+    from transformers import CONFIG_MAPPING
+
+    if config.get("auto_map") and not trust_remote_code and config["model_type"] not in CONFIG_MAPPING:
+        raise IA3Error(f"{model_dir} ships its own model code (auto_map in config.json), which loading would run; "
+                       "pass --trust-remote-code (trust_remote_code=True) only if you trust that folder")
 
 
 def check_finite_weights(model, model_dir: str) -> None:
@@ -100,6 +175,23 @@ def copy_side_files(model_dir: str, out_dir: str) -> list[str]:
             shutil.copy2(src, os.path.join(out_dir, name))
             copied.append(name)
     return copied
+
+
+def write_config(out_dir: str, model, model_dir: str | None = None) -> str:
+    """config.json naming the head that was saved or exported (`architectures`) and, for a classifier,
+    num_labels and the label names, where pipelines and optimum read them. Starts from model_dir's
+    config.json (an export) or from the one already in out_dir (save_pretrained's)."""
+    from .labels import label_fields
+
+    path = os.path.join(out_dir, "config.json")
+    config = read_json(os.path.join(model_dir or out_dir, "config.json"))
+    config["architectures"] = [type(model).__name__]
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        config |= label_fields(model.config)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return path
 
 
 def has_tokenizer(model_dir: str) -> bool:

@@ -8,7 +8,8 @@
 #   3. the interop job: optimum-onnx 0.1.0 loads our exports (its own venv, transformers 4.57, the
 #      same wheel), and the IA3 core's tests again on transformers 4.57 in that venv
 #   4. the lean job: a torch-free venv with the wheel's `cpu` extra serves folders the full one exported,
-#      and the onnxruntime-genai job: genai (its own torch-free venv) loads our exports and adapters
+#      and the onnxruntime-genai job: genai (its own torch-free venv) loads our exports and adapters,
+#      and the serve job: Triton (pytriton, its own torch-free venv with numpy<2) serves them on loopback
 #   5. the main command, full run (the README's first command, minus set-up); its last line names
 #      any failed stage and it exits non-zero then
 # Arguments go to the main pytest run. Fails on the first failing step.
@@ -30,6 +31,8 @@ step "lean serving install (no torch)"
 bash scripts/lean_check.sh
 step "interop: onnxruntime-genai 0.18 serves our exports and adapters"
 bash scripts/interop_genai.sh
+step "serving: ia3-export serve behind Triton Inference Server (pytriton), loopback only"
+bash scripts/serve_check.sh
 step "demo (full)"
 "$VENV/bin/ia3-export" demo --workdir "$(mktemp -d)/demo"
 step "done"

@@ -2,6 +2,13 @@
 import click
 
 
+def trust_remote_code_option(command):
+    """`--trust-remote-code`, for commands that load a model folder: off, a folder shipping its own code is refused."""
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="Run the Python code a model folder ships (auto_map in config.json). Only for folders "
+                             "you trust: that code runs with your permissions.")(command)
+
+
 def progress_option(command):
     """`--quiet` for long commands: without it, stage lines go to stderr when it is a terminal."""
 

@@ -3,7 +3,7 @@ import os
 
 import click
 
-from . import progress_option
+from . import progress_option, trust_remote_code_option
 
 TASKS = ["text-generation-with-past", "text-generation", "text-classification", "feature-extraction",
          "text2text-generation-with-past"]
@@ -27,7 +27,7 @@ def _modules(value):
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
               help="A PEFT IA3 adapter folder (repeatable). merged: folded (their product); swappable/bank/foldswap: "
                    "written to adapters/<folder name>.onnx_adapter.")
-@click.option("--task", type=click.Choice(TASKS), default=None, help="optimum's task name; inferred from config.json.")
+@click.option("--task", type=click.Choice(TASKS), default=None, help="optimum's task name; default: the adapters' task_type, else MODEL_DIR's config.json.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--target-modules", default=None,
@@ -37,15 +37,17 @@ def _modules(value):
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter (see docs/export.md for the measured comparison).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@trust_remote_code_option
 @progress_option
-def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter, force):
+def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter, force,
+            trust_remote_code):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..adapter_names import name_for
     from ..export import export_model
 
     manifest = export_model(model_dir, out_dir, mode=mode, adapters=list(adapters), task=task, dtype=dtype, opset=opset,
                             target_modules=_modules(target_modules), feedforward_modules=_modules(feedforward_modules),
-                            exporter=exporter, force=force)
+                            exporter=exporter, force=force, trust_remote_code=trust_remote_code)
     for path in adapters:  # an adapter's name is its folder's, made valid (adapter_names.name_for)
         folder, name = os.path.basename(os.path.normpath(path)), name_for(path)
         if name != folder and mode != "merged":

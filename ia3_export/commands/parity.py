@@ -1,7 +1,7 @@
 """`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]...`: exit 0 pass, 1 fail, 2 bad usage/input."""
 import click
 
-from . import progress_option
+from . import progress_option, trust_remote_code_option
 
 
 @click.command("parity")
@@ -23,9 +23,10 @@ from . import progress_option
               help="Write the full report as JSON (replaced if it exists, as pytest's --junitxml is).")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
               help="Write JUnit XML (one test case per output comparison) for CI (replaced if it exists).")
+@trust_remote_code_option
 @progress_option
 def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol, tf32, greedy_steps, json_path,
-            junit_path):
+            junit_path, trust_remote_code):
     """Check an exported folder against its PyTorch model (adapters unmerged) on ONNX Runtime."""
     from ..atomic import check_output
     from ..errors import CheckFailed, IA3Error
@@ -38,7 +39,8 @@ def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol
         if path:
             check_output(path, True, inputs)  # replaced on rerun, but never over or inside an input
     report = check_parity(model_dir, onnx_dir, list(adapters), ParityOptions(
-        provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps))
+        provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps,
+        trust_remote_code=trust_remote_code))
     if json_path:
         report.write_json(json_path, force=True, inputs=inputs)
     if junit_path:

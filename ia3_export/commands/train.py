@@ -7,6 +7,8 @@ import re
 
 import click
 
+from . import trust_remote_code_option
+
 TASKS = ["text-generation", "text-classification", "text2text-generation"]
 _REGEX_CHARS = re.compile(r"[*|()\[\]\\^$+?{}]")
 
@@ -53,6 +55,7 @@ def _modules(value):
 @click.option("--device", help="cpu, cuda, cuda:N or mps; default: the process's GPU if there is one.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@trust_remote_code_option
 def command(model_dir, data, task, out_dir, eval_data, resume, quiet, force, target_modules, feedforward_modules,
             **options):
     """Train an IA3 adapter on MODEL_DIR; OUT is a PEFT adapter folder plus train_log.jsonl and loss_curve.png."""

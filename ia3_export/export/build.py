@@ -17,7 +17,7 @@ import warnings
 from .. import __version__
 from ..atomic import atomic_output_dir, check_output
 from ..errors import IA3Error
-from ..loading import copy_side_files, load_base_model, read_model_config
+from ..loading import copy_side_files, load_task_model, read_model_config, write_config
 from ..manifest import DTYPES, MODES, new_manifest, write_manifest
 from ..progress import stage
 from . import graph as onnx_graph
@@ -37,15 +37,15 @@ TARGETS_ONLY = "__targets__"  # pseudo adapter holding --target-modules (vectors
 def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters: list[str] = (),
                  task: str | None = None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                  target_modules: list[str] | str | None = None, feedforward_modules: list[str] | str | None = None,
-                 exporter: str = "torchscript", force: bool = False) -> dict:
+                 exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False) -> dict:
     """Export and validate; returns the manifest written as `ia3_export.json`."""
     from .. import adapter_format as fmt
 
     _check_options(mode, dtype, opset, exporter, adapters, target_modules, feedforward_modules)
     check_output(out_dir, force, inputs=[model_dir, *adapters])
     config = read_model_config(model_dir)
-    spec = resolve_task(task, config, model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
+    spec = resolve_task(task, config, model_dir, adapter_files)
     names = [a.name for a in adapter_files]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -63,13 +63,13 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
 
         return export_foldswap(model_dir, out_dir, spec=spec, config=config, adapter_files=adapter_files, dtype=dtype,
                                opset=opset, target_modules=target_modules, feedforward_modules=feedforward_modules,
-                               exporter=exporter, force=force)
+                               exporter=exporter, force=force, trust_remote_code=trust_remote_code)
 
     import torch
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     stage(f"loading {model_dir} ({spec.name}, {mode}, {dtype})")
-    model = load_base_model(model_dir, auto_class=spec.auto_class,
+    model = load_task_model(model_dir, spec.auto_class, adapter_files, trust_remote_code=trust_remote_code,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
     use_eager_attention(model)
     ia3, vectors = prepare_ia3(model, mode, adapter_files, target_modules, feedforward_modules)
@@ -98,7 +98,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
                 vector_entries.append({"name": vector_name(p), "graph": graph.key, "dim": part.dims[p],
                                        "feedforward": part.feedforward[p]})
         adapter_entries = write_adapter_files(tmp, mode, ia3, vectors, adapter_files, dtype)
-        shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
+        write_config(tmp, hf_model, model_dir)
         if "generation_config.json" not in copy_side_files(model_dir, tmp) and generates(spec):
             hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
         manifest = new_manifest(

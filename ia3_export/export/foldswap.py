@@ -195,12 +195,13 @@ def fold_numpy(fold_session, vectors: dict) -> dict[str, np.ndarray]:
 
 # -- the export -------------------------------------------------------------------------------
 def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter_files: list, dtype: str,
-                    opset: int, target_modules, feedforward_modules, exporter: str, force: bool) -> dict:
+                    opset: int, target_modules, feedforward_modules, exporter: str, force: bool,
+                    trust_remote_code: bool = False) -> dict:
     """Called by `export_model` for mode `foldswap` once the common checks have passed."""
     import logging
 
     from ..atomic import atomic_output_dir
-    from ..loading import copy_side_files, load_base_model
+    from ..loading import copy_side_files, load_task_model, write_config
     from ..manifest import new_manifest, write_manifest
     from . import build
     from . import graph as onnx_graph
@@ -211,7 +212,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
     if exporter != "torchscript":
         raise IA3Error(f"a {MODE} export is traced with the torchscript exporter; drop --exporter {exporter}")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model = load_base_model(model_dir, auto_class=spec.auto_class,
+    model = load_task_model(model_dir, spec.auto_class, adapter_files, trust_remote_code=trust_remote_code,
                             dtype=torch.float16 if dtype == "fp16" else torch.float32)
     build.use_eager_attention(model)
     ia3, vectors = build.prepare_ia3(model, "swappable", adapter_files, target_modules, feedforward_modules)
@@ -251,7 +252,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
         weight_entries = [{"name": n, "graph": t.graph, "vector": vector_name(t.path), "shape": t.shape(n)}
                           for t in targets for n in t.tensors]
         adapter_entries = build.write_adapter_files(tmp, "swappable", ia3, vectors, adapter_files, dtype)
-        shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
+        write_config(tmp, hf_model, model_dir)
         if "generation_config.json" not in copy_side_files(model_dir, tmp) and build.generates(spec):
             hf_model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
         manifest = new_manifest(

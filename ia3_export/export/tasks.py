@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import IA3Error
-from ..loading import auto_class_name
+from ..loading import TASK_HEADS, TASK_TYPE_HEADS, adapters_task_type, auto_class_name, check_task
 
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox")
 ENCODERS = ("bert", "roberta")
@@ -19,18 +19,21 @@ SEQ2SEQ = ("t5", "bart")
 class Task:
     name: str
     kind: str  # decoder | encoder | seq2seq
-    auto_class: str
     output: str
     cache: bool
     model_types: tuple[str, ...]
 
+    @property
+    def auto_class(self) -> str:
+        return TASK_HEADS[self.name]
+
 
 TASKS = {t.name: t for t in (
-    Task("text-generation-with-past", "decoder", "AutoModelForCausalLM", "logits", True, DECODERS),
-    Task("text-generation", "decoder", "AutoModelForCausalLM", "logits", False, DECODERS),
-    Task("text-classification", "encoder", "AutoModelForSequenceClassification", "logits", False, ENCODERS + DECODERS),
-    Task("feature-extraction", "encoder", "AutoModel", "last_hidden_state", False, ENCODERS + DECODERS),
-    Task("text2text-generation-with-past", "seq2seq", "AutoModelForSeq2SeqLM", "logits", True, SEQ2SEQ),
+    Task("text-generation-with-past", "decoder", "logits", True, DECODERS),
+    Task("text-generation", "decoder", "logits", False, DECODERS),
+    Task("text-classification", "encoder", "logits", False, ENCODERS + DECODERS),
+    Task("feature-extraction", "encoder", "last_hidden_state", False, ENCODERS + DECODERS),
+    Task("text2text-generation-with-past", "seq2seq", "logits", True, SEQ2SEQ),
 )}
 
 _TASK_FOR_AUTO_CLASS = {
@@ -41,9 +44,16 @@ _TASK_FOR_AUTO_CLASS = {
 }
 
 
-def resolve_task(task: str | None, config: dict, where: str) -> Task:
-    """The task asked for, or the one the config's architecture implies; checked against the model type."""
+def resolve_task(task: str | None, config: dict, where: str, adapters: list = ()) -> Task:
+    """The task asked for, else the adapters' (PEFT's task_type), else the one the config's architecture
+    implies; checked against the adapters and the model type."""
     model_type = config["model_type"]
+    task_type, adapter_path = adapters_task_type(adapters)
+    if task is None and task_type:
+        task = _TASK_FOR_AUTO_CLASS.get(TASK_TYPE_HEADS[task_type])
+        if task is None:
+            raise IA3Error(f"{adapter_path} has task_type {task_type}, which has no ONNX export here; "
+                           f"export tasks: {', '.join(TASKS)}")
     if task is None:
         auto = auto_class_name(config)
         if auto not in _TASK_FOR_AUTO_CLASS:
@@ -53,6 +63,7 @@ def resolve_task(task: str | None, config: dict, where: str) -> Task:
             task = "text2text-generation-with-past"
     if task not in TASKS:
         raise IA3Error(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    check_task(task, task_type, adapter_path)
     spec = TASKS[task]
     if model_type not in spec.model_types:
         raise IA3Error(

@@ -40,6 +40,7 @@ class ParityOptions:
     tf32: bool = True  # the CUDA provider's default; ignored on the CPU
     greedy_steps: int = 8
     seed: int = 0
+    trust_remote_code: bool = False  # run the model folder's own code (auto_map) for the reference
 
     def __post_init__(self):
         """Bad options are bad usage (exit 2) before any work, never a check that "fails" on a NaN bound."""
@@ -77,7 +78,7 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     provider_options = {"use_tf32": "1" if tf32 else "0"} if tf32 is not None else None
     session = _session(folder, options.provider, provider_options)  # first: a missing provider fails fast
     stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
-    reference = Reference(model_dir, folder, adapters, options.reference_dtype)
+    reference = Reference(model_dir, folder, adapters, options.reference_dtype, options.trust_remote_code)
     _check_layout(reference.graphs, session)
     for name, source in reference.ort_sources().items():
         session.load_adapter(source, name=name)
@@ -101,13 +102,14 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
 class Reference:
     """The PyTorch side: the model folder + PEFT adapters, unmerged, in float64 (or float32)."""
 
-    def __init__(self, model_dir: str, folder, adapter_dirs: list[str], reference_dtype: str):
+    def __init__(self, model_dir: str, folder, adapter_dirs: list[str], reference_dtype: str,
+                 trust_remote_code: bool = False):
         import torch
 
         from .. import adapter_format as fmt
         from ..export.build import probe_shape, use_eager_attention, graph_wrappers
         from ..export.tasks import TASKS, graph_specs
-        from ..loading import load_base_model, read_model_config
+        from ..loading import adapters_task_type, check_task, load_task_model, read_model_config
         from ..model import IA3Model
 
         manifest = folder.manifest
@@ -119,12 +121,14 @@ class Reference:
             raise IA3Error(f"{folder.path}: unknown task {manifest['task']!r} in the manifest; re-export the model")
         self.folder, self.mode, self.task = folder, folder.mode, TASKS[manifest["task"]]
         self.adapters = [fmt.read_adapter(p) for p in adapter_dirs]
+        check_task(manifest["task"], *adapters_task_type(self.adapters), source="the export's task",
+                   hint=f"check {folder.path} with adapters trained for its task")
         self.names = [a.name for a in self.adapters]
         if len(set(self.names)) != len(self.names):
             raise IA3Error("two --adapter folders have the same name; the folder name is the adapter's name, so rename one")
         self._check_folded()
         self.float_type = np.float64 if reference_dtype == "fp64" else np.float32
-        model = load_base_model(model_dir, auto_class=self.task.auto_class,
+        model = load_task_model(model_dir, self.task.auto_class, self.adapters, trust_remote_code=trust_remote_code,
                                 dtype=torch.float64 if reference_dtype == "fp64" else torch.float32)
         use_eager_attention(model)
         self.ia3 = None

@@ -27,7 +27,8 @@ import torch
 from ..atomic import atomic_output_dir, check_output
 from ..config import IA3Config
 from ..errors import CheckFailed, IA3Error
-from ..loading import has_tokenizer, load_base_model, read_model_config
+from ..labels import write_labels
+from ..loading import check_remote_code, has_tokenizer, load_base_model, read_model_config
 from ..model import IA3Model
 from . import data as D
 from .distributed import Dist, setup
@@ -64,6 +65,7 @@ class TrainOptions:
     eval_fraction: float = 0.1  # held out when no eval data is given
     log_steps: int = 1
     device: str | None = None  # default: the process's GPU when there is one, else the CPU
+    trust_remote_code: bool = False  # run the model folder's own code (auto_map); only for folders you trust
 
     def __post_init__(self):
         self.check()
@@ -163,6 +165,7 @@ class _Run:
         self.quiet, self.on_log, self.base_name = quiet, on_log, base_name
         self.checkpoints = self.out + ".checkpoints"
         model_config = read_model_config(model_dir)
+        check_remote_code(model_dir, model_config, options.trust_remote_code)  # before the tokenizer reads it
         if not has_tokenizer(model_dir):
             raise IA3Error(f"{model_dir} has no tokenizer (tokenizer.json or tokenizer_config.json); "
                            "save the tokenizer beside the model with tokenizer.save_pretrained")
@@ -176,7 +179,7 @@ class _Run:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code)
         except (OSError, ValueError) as e:
             raise IA3Error(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -207,7 +210,7 @@ class _Run:
         if extra:  # a new head is the point here: no "newly initialized weights" report
             hf_logging.set_verbosity_error()
         try:
-            base = load_base_model(model_dir, auto_class, **extra)
+            base = load_base_model(model_dir, auto_class, trust_remote_code=self.o.trust_remote_code, **extra)
         finally:
             hf_logging.set_verbosity(level)
         if base.config.pad_token_id is None:
@@ -425,6 +428,8 @@ class _Run:
     def _write(self, log: list[dict], metrics: dict) -> None:
         with atomic_output_dir(self.out, force=self.force, inputs=self.inputs) as tmp:
             self.model.save_adapter(tmp, force=True)
+            if self.labels is not None:  # the class names beside PEFT's files (ia3_export.labels)
+                write_labels(tmp, self.labels)
             with open(os.path.join(tmp, LOG_NAME), "w") as f:
                 for record in log:
                     f.write(json.dumps(record) + "\n")

@@ -1,5 +1,6 @@
 """optimum loads our merged exports: ORTModelForCausalLM (greedy generate equals PEFT's tokens)
-and ORTModelForSequenceClassification (logits equal PEFT's, trained head included).
+and ORTModelForSequenceClassification (logits equal PEFT's, trained head included; the label
+names `ia3-export train` saw show in its config and in a transformers pipeline).
 
 Models and adapters are made here with PEFT itself; the exports by IA3_EXPORT_CLI (the main
 venv's `ia3-export`, transformers 5.x) or in this process when IA3_EXPORT_CLI=inprocess.
@@ -46,11 +47,23 @@ def export(model_dir: str, adapter: str, out: str) -> str:
     return out
 
 
-def reference(model_dir: str, adapter: str, auto_class: str):
+def train_classifier(model_dir: str, data: str, out: str) -> str:
+    """`ia3-export train --task text-classification` (a new head and labels.json beside the adapter)."""
+    if EXPORT_CLI == "inprocess":
+        from ia3_export.train import train
+
+        train(model_dir, data, "text-classification", out, quiet=True, max_steps=3, learning_rate=0.05)
+    else:
+        subprocess.run([EXPORT_CLI, "train", model_dir, "--data", data, "--task", "text-classification", "--out", out,
+                        "--max-steps", "3", "--lr", "0.05", "--quiet"], check=True)
+    return out
+
+
+def reference(model_dir: str, adapter: str, auto_class: str, **config):
     import transformers
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(getattr(transformers, auto_class).from_pretrained(model_dir), adapter).eval()
+    return PeftModel.from_pretrained(getattr(transformers, auto_class).from_pretrained(model_dir, **config), adapter).eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +79,26 @@ def classifier(tmp_path_factory):
     root = tmp_path_factory.mktemp("seqcls")
     model_dir = save_tiny(str(root / "model"), "bert", "seq-cls")
     adapter = peft_adapter(model_dir, str(root / "adapter"), "AutoModelForSequenceClassification", "SEQ_CLS")
+    return model_dir, adapter, export(model_dir, adapter, str(root / "onnx"))
+
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture(scope="module")
+def named_classifier(tmp_path_factory):
+    """A bare BERT (config.json: BertModel, as MiniLM's), a classifier trained on it with string labels,
+    exported without --task."""
+    import json
+
+    root = tmp_path_factory.mktemp("named")
+    model_dir = save_tiny(str(root / "model"), "bert", "feature-extraction")
+    data = root / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(10):
+            for label, word in zip(LABELS, ("bad", "ok", "good")):
+                f.write(json.dumps({"text": f"{word} thing {i}", "label": label}) + "\n")
+    adapter = train_classifier(model_dir, str(data), str(root / "adapter"))
     return model_dir, adapter, export(model_dir, adapter, str(root / "onnx"))
 
 
@@ -94,3 +127,24 @@ def test_ort_model_for_sequence_classification_matches_peft(classifier):
     with torch.no_grad():
         want = reference(model_dir, adapter, "AutoModelForSequenceClassification")(input_ids=ids, attention_mask=mask).logits
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_ort_classifier_and_pipeline_show_the_training_label_names(named_classifier):
+    """optimum reads num_labels and id2label from our config.json; the pipeline names each prediction
+    as PEFT's model (adapter unmerged, head built for 3 labels) ranks it."""
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer, pipeline
+
+    model_dir, adapter, onnx_dir = named_classifier
+    ort_model = ORTModelForSequenceClassification.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
+    assert ort_model.config.id2label == dict(enumerate(LABELS))
+    assert ort_model.config.label2id == {name: i for i, name in enumerate(LABELS)}
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    classify = pipeline("text-classification", model=ort_model, tokenizer=tokenizer)
+    texts = ["good film", "bad plot", "it was ok", "what a great day"]
+    got = [classify(text)[0] for text in texts]
+    reference_model = reference(model_dir, adapter, "AutoModelForSequenceClassification", num_labels=len(LABELS))
+    with torch.no_grad():
+        want = torch.cat([reference_model(**tokenizer(text, return_tensors="pt")).logits for text in texts])
+    assert [g["label"] for g in got] == [LABELS[i] for i in want.argmax(-1).tolist()]
+    np.testing.assert_allclose([g["score"] for g in got], torch.softmax(want, -1).max(-1).values.numpy(), atol=1e-4)

@@ -1,0 +1,131 @@
+"""A small client for `ia3-export serve`: KServe v2 JSON over HTTP, standard library only.
+
+Any Triton client works (tritonclient, pytriton's ModelClient, curl); this one adds what the
+server expects for batching: token ids are padded with -1 to a bucket length (16, 32, 64, ...),
+because Triton only batches requests whose tensors have the same shape. Each thread keeps its
+own keep-alive connection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import threading
+import urllib.parse
+
+from ..errors import IA3Error
+
+DATATYPES = {str: "BYTES", bool: "BOOL", int: "INT64", float: "FP32"}
+INT32_INPUTS = ("max_new_tokens",)
+
+
+class ServeError(IA3Error):
+    """The server answered this request with an error (the server itself keeps serving)."""
+
+
+@dataclasses.dataclass
+class Answer:
+    outputs: dict
+    batch_size: int  # rows in the ONNX Runtime batch that computed this answer
+
+
+def bucket(length: int, smallest: int = 16) -> int:
+    """The padded length for a prompt of `length` tokens: a power of two, at least `smallest`."""
+    size = smallest
+    while size < length:
+        size *= 2
+    return size
+
+
+class ServeClient:
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 120.0):
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port, self.timeout = parsed.hostname, parsed.port or 80, timeout
+        self._local = threading.local()
+
+    # -- models --------------------------------------------------------------------------------
+    def generate(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Answer:
+        inputs = {**_prompt(text, input_ids, adapter), "max_new_tokens": max_new_tokens}
+        if do_sample:
+            inputs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p),
+                          seed=-1 if seed is None else seed)
+        return self.infer("generate", inputs)
+
+    def classify(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None) -> Answer:
+        return self.infer("classify", _prompt(text, input_ids, adapter))
+
+    def adapters(self, action: str, name: str | None = None, source: str | None = None) -> dict:
+        inputs = {"action": action, **({"name": name} if name else {}), **({"source": source} if source else {})}
+        return json.loads(self.infer("adapters", inputs).outputs["result"])
+
+    # -- protocol ------------------------------------------------------------------------------
+    def infer(self, model: str, inputs: dict) -> Answer:
+        """One request; each value is a str, bool, int, float or a list of ints (a token id row)."""
+        body = {"inputs": [_tensor(name, value) for name, value in inputs.items()]}
+        status, answer = self.request("POST", f"/v2/models/{model}/infer", json.dumps(body).encode())
+        reply = json.loads(answer or b"{}")
+        if status != 200:
+            raise ServeError(f"{model}: HTTP {status}: {reply.get('error', answer[:300])}")
+        outputs = {o["name"]: _value(o) for o in reply["outputs"]}
+        if outputs.get("error"):
+            raise ServeError(f"{model}: {outputs['error']}")
+        return Answer(outputs, int(outputs.get("batch_size", 0) or 0))
+
+    def ready(self) -> bool:
+        try:
+            return self.request("GET", "/v2/health/ready")[0] == 200
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        for attempt in (0, 1):  # a kept-alive connection the server closed is reopened once
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+                response = conn.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close this thread's connection (an open keep-alive connection holds a draining server up)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self) -> "ServeClient":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+
+def _prompt(text, input_ids, adapter) -> dict:
+    if (text is None) == (input_ids is None):
+        raise IA3Error("give exactly one of text and input_ids")
+    prompt = {"text": text} if text is not None else {"input_ids": list(input_ids) + [-1] * (bucket(len(input_ids)) - len(input_ids))}
+    return {**prompt, "adapter": adapter or ""}
+
+
+def _tensor(name: str, value) -> dict:
+    if isinstance(value, list):
+        return {"name": name, "datatype": "INT64", "shape": [1, len(value)], "data": value}
+    datatype = "INT32" if name in INT32_INPUTS else DATATYPES[type(value)]
+    return {"name": name, "datatype": datatype, "shape": [1, 1], "data": [value]}
+
+
+def _value(output: dict):
+    """A [1, ...] output: a scalar for shape [1, 1] BYTES/INT outputs, else the flat list."""
+    data = output.get("data", [])
+    if output["datatype"] == "BYTES" or output["name"] == "batch_size":
+        return data[0] if data else ""
+    return data

@@ -1,0 +1,182 @@
+"""An exported folder behind a real Triton Inference Server, started through pytriton.
+
+pytriton runs `tritonserver` (HTTP and gRPC, KServe v2 protocol, dynamic batcher, model instances,
+Prometheus metrics) as a child process; its Python backend forwards each batch of requests to the
+model functions in THIS process, where one thread-safe IA3Session serves every model instance.
+Stopping (SIGTERM or SIGINT, or `stop()`) asks tritonserver to finish the requests in flight,
+then removes its workspace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import sysconfig
+import threading
+
+from ..errors import CheckFailed, IA3Error
+from .models import Adapters, Served, model_for
+
+START_ATTEMPTS = 3
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    onnx_dir: str
+    adapters: tuple[str, ...] = ()  # loaded at start-up (with the adapters shipped in the folder)
+    address: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 16
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    provider: str = "cpu"
+    max_tokens: int | None = None  # prompt + new tokens per request; default: the model's context length
+    drain_timeout_s: int = 30
+
+    def __post_init__(self):
+        for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
+                                   ("--max-queue-delay-us", self.max_queue_delay_us, 0),
+                                   ("--drain-timeout", self.drain_timeout_s, 1)):
+            if value < low:
+                raise IA3Error(f"{option} must be at least {low}, got {value}")
+        ports = {"http-port": self.http_port, "grpc-port": self.grpc_port, "metrics-port": self.metrics_port}
+        if len(set(ports.values())) != len(ports):
+            raise IA3Error(f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}")
+
+
+class Server:
+    """`with Server(ServeConfig("onnx-bank")) as server: ...` serves until the block ends."""
+
+    def __init__(self, config: ServeConfig):
+        import importlib.util
+
+        from ..runtime import IA3Session
+
+        if importlib.util.find_spec("pytriton") is None:
+            raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve,cpu]'")
+        _check_ports(config)  # before loading a model that may take a while
+        self.config = config
+        self.session = IA3Session(config.onnx_dir, provider=config.provider)
+        self.served = Served(self.session, config.max_tokens)
+        self.session.load_shipped_adapters()
+        for source in config.adapters:
+            if source not in self.session.adapters:  # a name shipped in the folder is loaded already
+                self.served.pool.add(source)
+        self.model = model_for(self.session)
+        self.triton = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{_host(self.config.address)}:{self.config.http_port}"
+
+    @property
+    def workspace(self) -> str | None:
+        return str(self._workspace.path) if self.triton is not None else None
+
+    def start(self) -> "Server":
+        """Start tritonserver and bind the models; returns when they are ready.
+
+        With several instances, pytriton's instances fetch their configuration from the first one
+        through a Unix socket, and under load one may connect between the socket's bind and listen
+        (ConnectionRefusedError: the model fails to load; seen on this 2-core machine). Such a start is
+        tried again, up to START_ATTEMPTS times."""
+        c = self.config
+        _check_ports(c)
+        _python_library_on_path()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_triton()
+            except Exception as e:  # pytriton raises TimeoutError/RuntimeError; the server's log is above
+                self.stop()
+                reason = " ".join(str(e).split())
+                if c.instances == 1 or "ConnectionRefusedError" not in reason or attempt == START_ATTEMPTS:
+                    raise CheckFailed(f"Triton Inference Server did not start ({reason[:300]}); "
+                                      "check the ports and the log above") from None
+                print(f"ia3-export serve: an instance missed pytriton's handshake; starting again ({attempt + 1}/"
+                      f"{START_ATTEMPTS})", file=sys.stderr)
+
+    def _start_triton(self) -> "Server":
+        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.triton import Triton, TritonConfig
+        from pytriton.utils.workspace import Workspace
+
+        c = self.config
+        self._workspace = Workspace()
+        self.triton = Triton(workspace=self._workspace, config=TritonConfig(
+            http_address=c.address, http_port=c.http_port, grpc_address=c.address, grpc_port=c.grpc_port,
+            metrics_address=c.address, metrics_port=c.metrics_port, exit_timeout_secs=c.drain_timeout_s))
+        batcher = DynamicBatcher(max_queue_delay_microseconds=c.max_queue_delay_us)
+        models = [(self.model, [self.model(self.served) for _ in range(c.instances)], c.max_batch),
+                  (Adapters, [Adapters(self.served, self.model.name)], 1)]
+        for cls, functions, max_batch in models:
+            self.triton.bind(model_name=cls.name, infer_func=functions, inputs=_tensors(cls.inputs),
+                             outputs=_tensors(cls.outputs),
+                             config=ModelConfig(max_batch_size=max_batch, batcher=batcher))
+        self.triton.run()
+        return self
+
+    def stop(self) -> None:
+        """Finish the requests in flight (up to drain_timeout_s), stop tritonserver, remove its workspace."""
+        if self.triton is not None:
+            self.triton.stop()
+
+    def serve_forever(self, on_ready=None) -> None:
+        """Start, serve until SIGTERM or SIGINT, then drain and stop."""
+        stopping = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            if on_ready:
+                on_ready(self)
+            while not stopping.wait(1.0):
+                if not self.triton.is_alive():
+                    raise CheckFailed("Triton Inference Server stopped by itself; see its log above")
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+def _tensors(ports) -> list:
+    from pytriton.model_config import Tensor
+
+    return [Tensor(name=p.name, dtype=p.dtype, shape=p.shape, optional=p.optional) for p in ports]
+
+
+def _check_ports(c: ServeConfig) -> None:
+    """Fail with one line before starting anything when a port is taken (tritonserver would only log it)."""
+    address = c.address
+    for option, port in {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port}.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((address, port))
+            except OSError as e:
+                raise IA3Error(f"port {port} on {address} (--{option}) is not free ({e.strerror}); "
+                               f"stop what uses it or pass another --{option}") from None
+
+
+def _python_library_on_path() -> None:
+    """The backend stub loads libpython of this minor version: make it this interpreter's own, not the
+    system's (a pyenv or conda Python otherwise fails with "'_thread.RLock' object has no attribute
+    '_recursion_count'")."""
+    libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    if not libdir or not library or not os.path.exists(os.path.join(libdir, library)):
+        return
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if libdir not in paths:
+        os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
+def _host(address: str) -> str:
+    return "127.0.0.1" if address in ("0.0.0.0", "") else address
