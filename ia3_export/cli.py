@@ -1,18 +1,22 @@
 """The `ia3-export` command line: parses arguments and calls the API; no logic of its own.
 
 Commands live in `ia3_export.commands.<name>` and are imported only when run, so `--help`
-answers without importing torch. Every expected failure is one line on stderr: exit 2 for
-bad usage or input, 1 for a check that failed.
+answers without importing torch. Every failure is one line on stderr: exit 2 for bad usage or
+input, 1 for a check that failed, 3 for an internal error (a bug: `--debug` or IA3_EXPORT_DEBUG=1
+adds the traceback), 130 for Ctrl-C.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 
 import click
 
 from . import __version__
+from .errors import IA3Error
 
 # name -> (module in ia3_export.commands, one-line help shown by --help without importing it)
 COMMANDS = {
@@ -53,22 +57,50 @@ class LazyGroup(click.Group):
             click.echo(f"warning: {clash}", err=True)
         try:
             return super().invoke(ctx)
-        except Exception as e:  # one line, never a traceback, for every expected failure
-            from .errors import IA3Error
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own usage errors and exits
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; outputs appear only when complete, so none is half-written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # one line, never a traceback, for every failure
+            if _debug(ctx) and not isinstance(e, IA3Error):
+                traceback.print_exc()
+            click.echo("error: " + " ".join(_message(e).split()), err=True)
+            sys.exit(_exit_code(e))
 
-            if isinstance(e, IA3Error):  # one line, even if a message quotes multi-line text
-                click.echo("error: " + " ".join(str(e).split()), err=True)
-                sys.exit(e.exit_code)
-            if isinstance(e, OSError):
-                click.echo(f"error: {e.filename or ''}: {e.strerror or e}; check the path, permissions and free space", err=True)
-                sys.exit(2)
-            if isinstance(e, ImportError) and e.name == "onnxruntime":
-                click.echo(f"error: {ort.missing_message(e)}", err=True)
-                sys.exit(2)
-            if isinstance(e, ImportError) and e.name in _EXTRAS:
-                click.echo(f"error: this command needs {e.name}; install it with: pip install 'ia3-export[{_EXTRAS[e.name]}]'", err=True)
-                sys.exit(2)
-            raise
+
+EXIT_INTERNAL = 3  # a bug: an exception no check foresaw
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, IA3Error):
+        return error.exit_code
+    if isinstance(error, OSError) or (isinstance(error, ImportError) and error.name in (*_EXTRAS, "onnxruntime")):
+        return 2
+    return EXIT_INTERNAL
+
+
+def _message(error: Exception) -> str:
+    """The one line for an error: its own message, or what to do about an error nobody foresaw."""
+    if isinstance(error, IA3Error):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}{error.strerror or error}; check the path, permissions and free space"
+    if isinstance(error, ImportError) and error.name == "onnxruntime":
+        from . import ort
+
+        return ort.missing_message(error)
+    if isinstance(error, ImportError) and error.name in _EXTRAS:
+        return f"this command needs {error.name}; install it with: pip install 'ia3-export[{_EXTRAS[error.name]}]'"
+    detail = str(error).splitlines()[0][:200] if str(error) else ""
+    return (f"internal error ({type(error).__name__}{': ' + detail if detail else ''}); rerun with --debug "
+            "(or IA3_EXPORT_DEBUG=1) for the traceback, and please report it")
+
+
+def _debug(ctx) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("IA3_EXPORT_DEBUG", "") not in ("", "0")
 
 
 _EXTRAS = {"torch": "export", "transformers": "export", "onnx": "export", "peft": "dev", "matplotlib": "train"}
@@ -84,7 +116,8 @@ def _load(module: str) -> click.Command:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ia3-export")
-def main():
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an internal error (also: IA3_EXPORT_DEBUG=1).")
+def main(debug):
     """Train IA3 adapters and ship them to ONNX Runtime."""
 
 

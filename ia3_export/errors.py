@@ -1,7 +1,9 @@
 """One exception family, so the command line turns every expected failure into one clear line.
 
 `IA3Error` is bad input or bad usage (exit 2); `CheckFailed` is a check that ran and found a
-difference (exit 1). The message always says what is wrong and what to do about it.
+difference (exit 1). The message always says what is wrong and what to do about it. Anything
+else reaching the command line is a bug: one line, exit 3 (`--debug` shows the traceback); Ctrl-C
+is one line, exit 130 (see `ia3_export.cli`).
 """
 
 

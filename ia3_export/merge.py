@@ -34,15 +34,14 @@ def load_with_adapters(model_dir: str, adapter_dirs: list[str], task: str | None
 def merge_to_folder(model_dir: str, adapter_dirs: list[str], out_dir: str, force: bool = False,
                     task: str | None = None, trust_remote_code: bool = False) -> str:
     """Fold the adapters and write a plain transformers model (atomically); returns a report."""
-    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
-        raise IA3Error("--out is the model folder itself; write the merged model to a new folder")
-    check_output(out_dir, force)
+    inputs = [model_dir, *adapter_dirs]
+    check_output(out_dir, force, inputs)
     stage(f"loading {model_dir} with {len(adapter_dirs)} adapter(s)")
     model = load_with_adapters(model_dir, adapter_dirs, task, trust_remote_code=trust_remote_code)
     names = list(model.active_adapters)
     layers = sum(1 for layer in model.ia3_layers().values() if any(n in layer.ia3_l for n in names))
     merged = model.merge_and_unload()
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=inputs) as tmp:
         stage(f"saving the merged model to {out_dir}")
         merged.save_pretrained(tmp)
         write_config(tmp, merged)

@@ -17,7 +17,7 @@ SUFFIX = ".onnx_adapter"
 
 
 def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_version: int = 1,
-                       model_version: int = 1, force: bool = False) -> str:
+                       model_version: int = 1, force: bool = False, inputs=()) -> str:
     """Write tensors (name -> array) as an .onnx_adapter file, atomically."""
     import onnxruntime as ort
 
@@ -29,7 +29,7 @@ def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_versio
     adapter.set_adapter_version(adapter_version)
     adapter.set_model_version(model_version)
     adapter.set_parameters(values)
-    with atomic_output_file(path, force=force) as tmp:
+    with atomic_output_file(path, force=force, inputs=inputs) as tmp:
         adapter.export_adapter(tmp)
     del values, arrays
     return path

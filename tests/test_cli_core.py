@@ -73,7 +73,7 @@ def test_merge_refuses_an_existing_output(model_dir, adapter_dir, tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("no-model", "model folder"),
-    ("same-folder", "--out is the model folder itself"),
+    ("same-folder", "is the input"),
     ("other-architecture", "matched no module of this llama model"),
     ("pickle", "is a pickle, which can run code when loaded"),
     ("not-an-adapter", "has no adapter_config.json"),

@@ -28,18 +28,23 @@ from . import progress_option, trust_remote_code_option
 def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol, tf32, greedy_steps, json_path,
             junit_path, trust_remote_code):
     """Check an exported folder against its PyTorch model (adapters unmerged) on ONNX Runtime."""
+    from ..atomic import check_output
     from ..errors import CheckFailed, IA3Error
     from ..parity import ParityOptions, check_parity
 
     if (atol is None) != (rtol is None):
         raise IA3Error("give --atol and --rtol together (or neither, for the documented tolerance)")
+    inputs = [model_dir, onnx_dir, *adapters]
+    for path in (json_path, junit_path):
+        if path:
+            check_output(path, True, inputs)  # replaced on rerun, but never over or inside an input
     report = check_parity(model_dir, onnx_dir, list(adapters), ParityOptions(
         provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps,
         trust_remote_code=trust_remote_code))
     if json_path:
-        report.write_json(json_path, force=True)
+        report.write_json(json_path, force=True, inputs=inputs)
     if junit_path:
-        report.write_junit(junit_path, force=True)
+        report.write_junit(junit_path, force=True, inputs=inputs)
     click.echo(report.header())
     for check in [*report.worst_per_output(), *report.greedy]:  # the worst case of each output, every greedy row
         click.echo("  " + check.line())

@@ -42,9 +42,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     from .. import adapter_format as fmt
 
     _check_options(mode, dtype, opset, exporter, adapters, target_modules, feedforward_modules)
-    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
-        raise IA3Error("--out is the model folder itself; export to a new folder")
-    check_output(out_dir, force)
+    check_output(out_dir, force, inputs=[model_dir, *adapters])
     config = read_model_config(model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
     spec = resolve_task(task, config, model_dir, adapter_files)
@@ -81,7 +79,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     parts = graph_wrappers(hf_model, spec, shape, vectors, specs)
 
     graphs, vector_entries, comparisons = {}, [], []
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=[model_dir, *adapters]) as tmp:
         for graph in specs:
             wrapper, part = parts[graph.key]
             inputs = graph.inputs + (part.input_names() if part else [])

@@ -225,7 +225,7 @@ def export_foldswap(model_dir: str, out_dir: str, *, spec, config: dict, adapter
     names = [a.name for a in adapter_files]
 
     graphs, comparisons = {}, []
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=[model_dir, *(a.path for a in adapter_files)]) as tmp:
         fold_path = os.path.join(tmp, FOLD_FILE)
         onnx_graph.save(build_fold_graph(targets, vectors.dims, dtype, opset, base_values(layers, dtype)), fold_path)
         onnx_graph.check(fold_path)

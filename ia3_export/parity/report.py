@@ -116,13 +116,13 @@ class ParityReport:
                 "worst_per_output": [o.as_dict() for o in self.worst_per_output()],
                 "outputs": [o.as_dict() for o in self.outputs], "greedy": [g.as_dict() for g in self.greedy]}
 
-    def write_json(self, path: str, force: bool = False) -> None:
-        with atomic_output_file(path, force=force) as tmp:
+    def write_json(self, path: str, force: bool = False, inputs=()) -> None:
+        with atomic_output_file(path, force=force, inputs=inputs) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(_jsonable(self.as_dict()), f, indent=2)
                 f.write("\n")
 
-    def write_junit(self, path: str, force: bool = False) -> None:
+    def write_junit(self, path: str, force: bool = False, inputs=()) -> None:
         suite = ET.Element("testsuite", name=f"ia3-export parity {self.model_type} {self.mode} {self.provider}",
                            tests=str(len(self.outputs) + len(self.greedy)), failures=str(len(self.failures())))
         for o in self.outputs:
@@ -136,7 +136,7 @@ class ParityReport:
                 ET.SubElement(case, "failure", message=g.line())
         root = ET.Element("testsuites")
         root.append(suite)
-        with atomic_output_file(path, force=force) as tmp:
+        with atomic_output_file(path, force=force, inputs=inputs) as tmp:
             ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
 
 

@@ -132,7 +132,7 @@ def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = Fa
     from ..onnx_adapter import write_onnx_adapter
     from .folder import open_folder
 
-    check_output(out, force)
+    check_output(out, force, inputs=[adapter_dir, model_dir])
     if not out.endswith(SUFFIX):
         raise IA3Error(f"output {out} should end with {SUFFIX} (ONNX Runtime's adapter file)")
     folder = open_folder(model_dir)
@@ -140,5 +140,5 @@ def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = Fa
         raise IA3Error(f"adapter folder {adapter_dir} does not exist (expected a PEFT adapter folder)")
     vectors = check_tensors(read_tensors(adapter_dir, folder), folder, adapter_dir)
     tensors = {name: v.reshape(file_shape(folder, name)) for name, v in vectors.items()}
-    write_onnx_adapter(out, tensors, force=force)
+    write_onnx_adapter(out, tensors, force=force, inputs=[adapter_dir, model_dir])
     return {"out": out, "vectors": len(tensors), "model_vectors": len(folder.vectors), "dtype": folder.dtype}

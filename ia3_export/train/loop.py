@@ -145,12 +145,16 @@ def train(model_dir: str, data: str, task: str, out: str, *, eval_data: str | No
     options = dataclasses.replace(options or TrainOptions(), **overrides)
     options.check()
     D.check_task(task)
-    check_output(out, force)
+    inputs = [model_dir, data, eval_data]
+    check_output(out, force, inputs)
+    check_output(os.path.abspath(out) + ".checkpoints", True, inputs)  # removed once OUT is written
     dist = setup(options.device)
     try:
         if options.precision == "fp16" and dist.device.type != "cuda":
             raise IA3Error("fp16 autocast needs a CUDA device; use --precision bf16 on the CPU")
-        return _Run(model_dir, data, task, out, eval_data, options, dist, quiet, on_log, base_model_name).go(resume)
+        run = _Run(model_dir, data, task, out, eval_data, options, dist, quiet, on_log, base_model_name)
+        run.force, run.inputs = force, inputs  # OUT's final write: the same rules as the check above
+        return run.go(resume)
     finally:
         dist.close()
 
@@ -390,7 +394,7 @@ class _Run:
     def _checkpoint(self, step, named, optimizer, schedule, scaler, log, fingerprint, before) -> None:
         if self.dist.main:
             path = os.path.join(self.checkpoints, f"step-{step:08d}")
-            with atomic_output_dir(path, force=True) as tmp:
+            with atomic_output_dir(path, force=True, inputs=self.inputs) as tmp:
                 self.model.save_adapter(tmp, force=True)
                 torch.save({"step": step, "trainable": {n: p.detach().cpu() for n, p in named.items()},
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -422,7 +426,7 @@ class _Run:
         return state["step"], list(state["log"]), dict(state.get("before", {}))
 
     def _write(self, log: list[dict], metrics: dict) -> None:
-        with atomic_output_dir(self.out, force=True) as tmp:
+        with atomic_output_dir(self.out, force=self.force, inputs=self.inputs) as tmp:
             self.model.save_adapter(tmp, force=True)
             if self.labels is not None:  # the class names beside PEFT's files (ia3_export.labels)
                 write_labels(tmp, self.labels)
