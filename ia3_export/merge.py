@@ -1,7 +1,6 @@
 """Folding adapters into a saved model: the `merge` command's API."""
 from __future__ import annotations
 
-import os
 
 from .atomic import atomic_output_dir, check_output
 from .errors import IA3Error
