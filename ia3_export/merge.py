@@ -1,7 +1,6 @@
 """Folding adapters into a saved model: the `merge` command's API."""
 from __future__ import annotations
 
-
 from .atomic import atomic_output_dir, check_output
 from .errors import IA3Error
 from .loading import copy_side_files, head_class, load_task_model, read_model_config, write_config
