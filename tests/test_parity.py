@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from ia3_export.parity import TOLERANCES, check_parity, tolerance
 from ia3_export.tiny import DECODERS, ENCODERS, SEQ2SEQ
 
@@ -250,3 +250,18 @@ def test_plugin_import_is_cheap():
             "print([m for m in ('torch', 'transformers', 'onnxruntime', 'onnx') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("overrides,field", [({"num_hidden_layers": 3}, "num_hidden_layers"),
+                                             ({"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2},
+                                              "hidden_size")])
+def test_a_model_folder_of_other_sizes_is_named_as_the_wrong_folder(tmp_path, tmp_path_factory, model_dir, adapter_dir,
+                                                                    overrides, field):
+    """Before: "model.onnx has no input 'past_key_values.2.key'" or ONNX Runtime's dimension error."""
+    from ia3_export.tiny import save_tiny
+
+    merged, _ = export_for(tmp_path_factory, model_dir, adapter_dir, "llama", "merged")
+    other = save_tiny(str(tmp_path / "other"), "llama", **overrides)
+    result = run_cli("parity", other, merged)
+    line = assert_one_line_error(result, 2, f"is not the model {merged} was exported from: its {field} is")
+    assert "pass the model folder the export was made from" in line

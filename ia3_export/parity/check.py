@@ -77,6 +77,7 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
 
     provider_options = {"use_tf32": "1" if tf32 else "0"} if tf32 is not None else None
     session = _session(folder, options.provider, provider_options)  # first: a missing provider fails fast
+    _check_same_model(model_dir, folder)
     stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
     reference = Reference(model_dir, folder, adapters, options.reference_dtype, options.trust_remote_code)
     _check_layout(reference.graphs, session)
@@ -318,6 +319,29 @@ def _session(folder, provider: str, provider_options: dict | None):
     if provider == "cuda":
         _preload_cuda()
     return IA3Session(folder, provider, provider_options=provider_options)
+
+
+# config.json fields that fix a graph's shapes (the names differ between architectures).
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "n_embd", "n_inner", "n_layer", "n_head", "d_model", "d_ff", "d_kv",
+                "num_layers", "num_decoder_layers", "num_heads", "encoder_layers", "decoder_layers", "ffn_dim")
+
+
+def _check_same_model(model_dir: str, folder) -> None:
+    """The export carries the config.json it was made from: a model folder of other sizes is named as
+    the wrong folder, not left to fail as a missing input or ONNX Runtime's dimension error."""
+    from ..jsonfile import read_json
+    from ..loading import read_model_config
+
+    exported_path = os.path.join(folder.path, "config.json")
+    if not os.path.isfile(exported_path):
+        return
+    exported, given = read_json(exported_path), read_model_config(model_dir)
+    for field in SHAPE_FIELDS:
+        if isinstance(exported, dict) and exported.get(field) != given.get(field):
+            raise IA3Error(f"{model_dir} is not the model {folder.path} was exported from: its {field} is "
+                           f"{given.get(field)!r}, the export's config.json says {exported.get(field)!r}; pass the "
+                           "model folder the export was made from")
 
 
 def _check_layout(graphs, session) -> None:
