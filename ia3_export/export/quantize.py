@@ -16,6 +16,7 @@ back into a PyTorch model: the reference for export validation and `ia3-export p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -126,9 +127,27 @@ def quantize_graph(path: str, model, options: QuantizeOptions) -> tuple[dict, li
     return weights, files
 
 
+@contextlib.contextmanager
+def _quiet_quantizers():
+    """ORT's quantizers log every node at INFO and advice at WARNING, on their own and the root logger."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
+               logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
 def _run_quantizer(graph_model, options: QuantizeOptions, skipped: list[str]):
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # quantize_dynamic logs on root
+    with _quiet_quantizers():
+        return _quantize(graph_model, options, skipped)
+
+
+def _quantize(graph_model, options: QuantizeOptions, skipped: list[str]):
     if options.method == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -193,20 +212,25 @@ def _array(tensor) -> np.ndarray:
 def dequantized_weights(onnx_path: str, weights: dict[str, str]) -> dict[str, np.ndarray]:
     """Parameter name -> the float64 weight (PyTorch's orientation) that the graph computes with,
     decoded from its quantized initializers with numpy (not with ONNX Runtime)."""
+    return {param: w for param, (w, _) in quantized_weights(onnx_path, weights).items()}
+
+
+def quantized_weights(onnx_path: str, weights: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Parameter name -> (de-quantized weight, the scale of each element's block), both float64 in
+    PyTorch's [out, in] orientation (embeddings: [vocab, hidden])."""
     import onnx
 
     model = onnx.load(onnx_path, load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
+    decoders = {"MatMulNBits": _nbits_weight, "MatMulInteger": _int8_weight}
     out = {}
     for node in model.graph.node:
         for qname in node.input[:2]:
             param = weights.get(qname)
             if param is None or param in out:
                 continue
-            if node.op_type == "MatMulNBits":
-                out[param] = _nbits_weight(node, inits).T  # [K, N] -> nn.Linear's [N, K]
-            elif node.op_type == "MatMulInteger":
-                out[param] = _int8_weight(node, inits).T
+            if node.op_type in decoders:
+                out[param] = tuple(a.T for a in decoders[node.op_type](node, inits))  # [K, N] -> [N, K]
             elif node.op_type == "GatherBlockQuantized":
                 out[param] = _gather_weight(node, inits)
     missing = sorted(set(weights.values()) - set(out))
@@ -228,8 +252,8 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
-def _nbits_weight(node, inits) -> np.ndarray:
-    """MatMulNBits B [N, blocks, blob], scales [N * blocks], zero points (4-bit packed, default 8) -> [K, N]."""
+def _nbits_weight(node, inits) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits B [N, blocks, blob], scales [N * blocks], zero points (4-bit packed, default 8) -> [K, N] x2."""
     a = _attrs(node)
     k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
     if bits != 4:
@@ -241,10 +265,11 @@ def _nbits_weight(node, inits) -> np.ndarray:
     if len(node.input) > 3 and node.input[3]:
         zero = _unpack_nibbles(_array(inits[node.input[3]]).reshape(n, -1))[:, :blocks].astype(np.float64)
     w = (q - zero[:, :, None]) * scales[:, :, None]  # [N, blocks, block]
-    return w.reshape(n, blocks * block)[:, :k].T
+    per_element = np.repeat(scales, block, axis=1)[:, :k].T
+    return w.reshape(n, blocks * block)[:, :k].T, per_element
 
 
-def _int8_weight(node, inits) -> np.ndarray:
+def _int8_weight(node, inits) -> tuple[np.ndarray, np.ndarray]:
     """MatMulInteger's int8 B with its zero point, times the scale ORT stores beside it -> [K, N]."""
     qname = node.input[1]
     scale_name = qname[: -len(QUANTIZED_SUFFIX["int8"])] + "_scale"
@@ -252,7 +277,8 @@ def _int8_weight(node, inits) -> np.ndarray:
         raise IA3Error(f"{node.name}: no {scale_name!r} beside the int8 weight {qname!r}; re-export the model")
     q = _array(inits[qname]).astype(np.float64)
     zero = _array(inits[node.input[3]]).astype(np.float64) if len(node.input) > 3 and node.input[3] else 0.0
-    return (q - zero) * _array(inits[scale_name]).astype(np.float64)
+    scale = _array(inits[scale_name]).astype(np.float64)
+    return (q - zero) * scale, np.broadcast_to(scale, q.shape)
 
 
 def _gather_weight(node, inits) -> np.ndarray:
@@ -273,7 +299,7 @@ def _gather_weight(node, inits) -> np.ndarray:
         zp = inits[node.input[3]]
         zero = expand(_unpack_nibbles(np.frombuffer(zp.raw_data, np.uint8)[None, :])[0][: int(np.prod(zp.dims))]
                       .astype(np.float64).reshape(tuple(zp.dims)))
-    return (q - zero) * expand(scales)
+    return (q - zero) * expand(scales), expand(scales)
 
 
 def load_dequantized(model, onnx_path: str, weights: dict[str, str]) -> None:
