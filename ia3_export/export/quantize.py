@@ -2,8 +2,8 @@
 
 int4: weight-only block quantization of the constant MatMul weights into `MatMulNBits`
 (`onnxruntime.quantization.matmul_nbits_quantizer`, what onnxruntime-genai's int4 models use).
-int8: ONNX Runtime's dynamic quantization (`quantize_dynamic`: int8 weights, activations
-quantized per tensor at run time), aimed at encoders and classifiers.
+int8: ONNX Runtime's dynamic quantization (`quantize_dynamic`: int8 weights with a scale per output
+column, activations quantized per tensor at run time), aimed at encoders and classifiers.
 
 The IA3 vectors are never weights of a MatMul: they multiply the activations (k/v outputs, the
 down-projection input) in their own Mul/Gather nodes, which the quantizers leave alone. So a
@@ -77,7 +77,8 @@ class QuantizeOptions:
             entry |= {"bits": 4, "block_size": self.block_size, "symmetric": self.symmetric,
                       "accuracy_level": self.accuracy_level}
         else:
-            entry |= {"bits": 8, "weights": "int8 per tensor", "activations": "uint8 per tensor, dynamic"}
+            entry |= {"bits": 8, "weights": "int8 symmetric, one scale per output column",
+                      "activations": "uint8, one scale per tensor, computed at run time"}
         return entry
 
 
@@ -166,7 +167,7 @@ def _quantize(graph_model, options: QuantizeOptions, skipped: list[str]):
         src, dst = os.path.join(scratch, "float.onnx"), os.path.join(scratch, "int8.onnx")
         onnx.save_model(graph_model, src)
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         nodes_to_exclude=skipped, per_channel=False)
+                         nodes_to_exclude=skipped, per_channel=True)  # MiniLM logits: 0.29 max abs vs float, 0.44 per tensor
         return onnx.load(dst)
 
 

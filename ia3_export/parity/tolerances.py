@@ -55,9 +55,10 @@ QUANTIZED_TOLERANCES: dict[str, Tolerance] = {
                     "the de-quantized float64 reference: measured 1.2e-7 max abs on the tiny Llama, so the fp32 bound; "
                     "one corrupted block scale fails by orders of magnitude"),
     "int8": Tolerance(
-        2e-2, 2e-2, "int8 dynamic (and int4 at accuracy level >= 2): activations are quantized at run time per tensor "
-                    "over the whole batch, which no per-row reference reproduces; measured 3.5e-4 max abs on tiny "
-                    "BERT logits and see docs/export.md for MiniLM, so 2e-2 + 2% of |ref|"),
+        0.3, 0.1, "int8 dynamic (and int4 at accuracy level >= 2): activations are quantized to 8 bits at run time, "
+                  "one scale per tensor over the whole batch, which no per-row reference reproduces; measured 0.22 max "
+                  "abs on MiniLM logits of magnitude 1.1 (docs/export.md), so 0.3 + 10% of |ref|. Loose on purpose: "
+                  "the weight checks (scales and rounding against the float weights) carry the exactness"),
 }
 
 
