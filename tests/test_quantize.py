@@ -300,3 +300,38 @@ def test_cli_export_int4_then_refusals(model_dir, tmp_path):
     assert_one_line_error(run_cli("export", model, "--out", str(tmp_path / "b"), "--quantize", "int4", "--block-size", "24"),
                           2, "block size 24 is not supported")
     assert not (tmp_path / "f").exists() and not (tmp_path / "b").exists()
+
+
+def test_parity_on_a_quantized_merged_classifier_with_its_own_head(model_dir, tmp_path):
+    """A merged export folds the adapter's trained head (modules_to_save) too: the de-quantized
+    reference must hold it, or every logit differs. The same folder with the head corrupted fails."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from ia3_export.config import IA3Config
+    from ia3_export.export import export_model
+    from ia3_export.loading import load_base_model
+    from ia3_export.model import IA3Model
+    from ia3_export.parity import check_parity
+    from ia3_export.tiny import randomize_adapter
+
+    base = model_dir("bert", "seq-cls")
+    ia3 = IA3Model(load_base_model(base, auto_class="AutoModelForSequenceClassification"),
+                   IA3Config(task_type="SEQ_CLS", modules_to_save=["classifier"]))
+    randomize_adapter(ia3, "default", seed=3)
+    with torch.no_grad():
+        for p in ia3.model.classifier.copies["default"].parameters():
+            p.add_(torch.randn_like(p))
+    adapter = ia3.save_adapter(str(tmp_path / "head"))
+    out = str(tmp_path / "onnx")
+    export_model(base, out, mode="merged", adapters=[adapter], quantize="int4")
+    report = check_parity(base, out, [adapter])
+    assert report.passed, report.failures()[0].line()
+    model = onnx.load(os.path.join(out, "model.onnx"))
+    bias = next(i for i in model.graph.initializer if i.name == "classifier.bias" or i.name.endswith("classifier.bias"))
+    value = numpy_helper.to_array(bias).copy()
+    value[0] += 0.5
+    bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+    onnx.save(model, os.path.join(out, "model.onnx"))
+    assert not check_parity(base, out, [adapter]).passed

@@ -123,17 +123,21 @@ class Reference:
         model = load_base_model(model_dir, auto_class=self.task.auto_class,
                                 dtype=torch.float64 if reference_dtype == "fp64" else torch.float32)
         use_eager_attention(model)
-        dequantized = dequantize and manifest.get("quantization") is not None
-        if dequantized:  # the graph's own weights (a merged export's have the adapters folded in)
-            from .quantized import load_dequantized_folder
-
-            load_dequantized_folder(model, folder)
         self.ia3 = None
-        if self.adapters:
+        quantized = dequantize and manifest.get("quantization") is not None
+        if quantized and self.mode == "merged":  # folded as the export folds (modules_to_save included)
+            from ..export.build import ia3_merged
+
+            model = ia3_merged(model, self.adapters)
+        elif self.adapters:
             self.ia3 = IA3Model(model)
             for a in self.adapters:
                 self.ia3.load_adapter(a, name=a.name, activate=False)
-            self.ia3.set_adapter(self.names if self.mode == "merged" and not dequantized else ())
+            self.ia3.set_adapter(self.names if self.mode == "merged" else ())
+        if quantized:  # then the graph's own weights, de-quantized, in place of the float ones
+            from .quantized import load_dequantized_folder
+
+            load_dequantized_folder(model, folder)
         self.model = self.ia3.model if self.ia3 is not None else model
         self.shape = probe_shape(self.model, self.task, manifest["dtype"])
         base_inputs = manifest["graphs"][next(iter(manifest["graphs"]))]["inputs"]

@@ -76,11 +76,11 @@ def weight_checks(reference, model_dir: str, folder) -> list:
             original = module.weight.detach().double().numpy()
             original = original.T if type(module).__name__ == "Conv1D" else original
             expected, step = _expected_scales(original, quantization)
-            checks.append(OutputCheck(file, "weights", "block scales from the float weights",
-                                      compare(f"{param} scales", expected, np.abs(scale), 0.0, 1e-4)))
-            checks.append(OutputCheck(file, "weights", "rounding error in units of the block scale",
-                                      compare(f"{param} error", np.zeros_like(weight),
-                                              np.abs(weight - original) / np.abs(scale), step + 1e-3, 0.0)))
+            checks.append(OutputCheck(file, "weights", param, compare(
+                "quantization scales (vs the float weights)", expected, np.abs(scale), 0.0, 1e-4)))
+            checks.append(OutputCheck(file, "weights", param, compare(
+                "rounding error (in block scales)", np.zeros_like(weight), np.abs(weight - original) / np.abs(scale),
+                step + 1e-3, 0.0)))
     return checks
 
 
