@@ -40,7 +40,7 @@ def build_llama(work: str, layers: int) -> dict:
     model_dir = save_tiny(os.path.join(work, "llama"), "llama", num_hidden_layers=layers, **LLAMA)
     model = IA3Model(load_base_model(model_dir), IA3Config())
     randomize_adapter(model, "default", seed=1)
-    adapter = model.save_adapter(os.path.join(work, "adapter"))
+    adapter = model.save_adapter(os.path.join(work, "adapter"), force=True)
     variants = {"fp32_merged": ("merged", None), "int4_merged": ("merged", QuantizeOptions("int4")),
                 "int4_swappable": ("swappable", QuantizeOptions("int4")),
                 "int4_merged_int4_embeddings": ("merged", QuantizeOptions("int4", embeddings=True))}

@@ -107,6 +107,7 @@ def quantize_graph(path: str, model, options: QuantizeOptions) -> tuple[dict, li
         weight = node.input[op_index]
         found = sources.get(_digest(_array(inits[weight])))
         if node.op_type == "Gather" and not (options.embeddings and found and found[1] == "embedding"):
+            skipped += [node.name] if options.embeddings else []  # position/type tables stay float
             continue
         if found is None or (found[1] == "lm_head" and not options.lm_head):
             skipped.append(node.name)
