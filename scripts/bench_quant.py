@@ -30,7 +30,8 @@ def graph_bytes(folder: str) -> int:
 
 
 def build_llama(work: str, layers: int) -> dict:
-    """fp32 merged, int4 merged, int4 swappable (one random adapter), int4 merged with int4 embeddings."""
+    """fp32 merged, int4 merged, int4 swappable (one random adapter), int4 merged with int4 embeddings,
+    int4 merged at accuracy level 4 (int8 activations)."""
     from ia3_export.config import IA3Config
     from ia3_export.export import QuantizeOptions, export_model
     from ia3_export.loading import load_base_model
@@ -43,7 +44,8 @@ def build_llama(work: str, layers: int) -> dict:
     adapter = model.save_adapter(os.path.join(work, "adapter"), force=True)
     variants = {"fp32_merged": ("merged", None), "int4_merged": ("merged", QuantizeOptions("int4")),
                 "int4_swappable": ("swappable", QuantizeOptions("int4")),
-                "int4_merged_int4_embeddings": ("merged", QuantizeOptions("int4", embeddings=True))}
+                "int4_merged_int4_embeddings": ("merged", QuantizeOptions("int4", embeddings=True)),
+                "int4_merged_accuracy4": ("merged", QuantizeOptions("int4", accuracy_level=4))}
     folders = {}
     for name, (mode, quantize) in variants.items():
         folders[name] = os.path.join(work, name)
@@ -94,12 +96,13 @@ def main():
     results["size_ratio_int4_embeddings_over_fp32"] = sizes["int4_merged_int4_embeddings"] / sizes["fp32_merged"]
 
     sessions = {name: IA3Session(llama[name], session_options=options(args.threads))
-                for name in ("fp32_merged", "int4_merged", "int4_swappable")}
+                for name in ("fp32_merged", "int4_merged", "int4_swappable", "int4_merged_accuracy4")}
     adapter = sessions["int4_swappable"].load_shipped_adapters()[0]
     sessions["int4_swappable"].set_adapter(adapter)
     f = feeds(sessions["fp32_merged"], 1, 1, args.past)
     decode = interleaved({name: (lambda s=s: s.run(f)) for name, s in sessions.items()}, args.rounds)
     decode["speedup_int4_over_fp32"] = 1 / decode["paired_int4_merged_over_fp32_merged"]["median"]
+    decode["speedup_int4_accuracy4_over_fp32"] = 1 / decode["paired_int4_merged_accuracy4_over_fp32_merged"]["median"]
     decode["ratio_swappable_int4_over_merged_int4"] = (decode["paired_int4_swappable_over_fp32_merged"]["median"]
                                                        / decode["paired_int4_merged_over_fp32_merged"]["median"])
     results[f"decode_batch1_past{args.past}"] = decode
