@@ -335,3 +335,29 @@ def test_parity_on_a_quantized_merged_classifier_with_its_own_head(model_dir, tm
     bias.CopyFrom(numpy_helper.from_array(value, bias.name))
     onnx.save(model, os.path.join(out, "model.onnx"))
     assert not check_parity(base, out, [adapter]).passed
+
+
+def test_int4_embeddings_decode_as_the_kernel_gathers(quantized):
+    """--quantize-embeddings: the table numpy decodes == GatherBlockQuantized run by ONNX Runtime on every
+    id, and the export (validated against those weights) passes parity."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from ia3_export.export.quantize import dequantized_weights
+    from ia3_export.parity import check_parity
+
+    model_path, adapters, out = quantized("llama", None, "merged", "int4", embeddings=True)
+    model = _graph(out)
+    weights = _manifest(out)["quantization"]["graphs"]["model"]["weights"]
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    table = dequantized_weights(os.path.join(out, "model.onnx"), weights)[weights[node.input[0]]]
+    alone = helper.make_node(node.op_type, node.input, ["rows"], domain=node.domain, name="alone")
+    alone.attribute.extend(node.attribute)
+    graph = helper.make_graph([alone], "g", [helper.make_tensor_value_info(node.input[1], TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+                              [i for i in model.graph.initializer if i.name in node.input])
+    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    rows = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {node.input[1]: np.arange(len(table))})[0]
+    np.testing.assert_allclose(table, rows, rtol=0, atol=1e-6)
+    assert check_parity(model_path, out, adapters, greedy_steps=2).passed

@@ -131,14 +131,16 @@ def quantize_graph(path: str, model, options: QuantizeOptions) -> tuple[dict, li
 
 @contextlib.contextmanager
 def _quiet_quantizers():
-    """ORT's quantizers log every node at INFO and advice at WARNING, on their own and the root logger."""
+    """ORT's quantizers log every node at INFO and advice at WARNING, on their own and the root logger,
+    and divide by the scale of all-zero blocks."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
                logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        yield
+        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks (a padding row) get scale 0
+            yield
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
