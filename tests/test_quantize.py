@@ -361,3 +361,19 @@ def test_int4_embeddings_decode_as_the_kernel_gathers(quantized):
         None, {node.input[1]: np.arange(len(table))})[0]
     np.testing.assert_allclose(table, rows, rtol=0, atol=1e-6)
     assert check_parity(model_path, out, adapters, greedy_steps=2).passed
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_seq2seq_int4_swappable_passes_parity(model_dir, tmp_path, model_type):
+    """Encoder and decoder graphs quantized apart. T5 keeps per-stack copies of its shared embedding
+    (they must not be taken for the LM head's weight); BART's tied LM head has an all-zero padding
+    row (scale 0), which must check as exact rather than 0/0."""
+    from ia3_export.export import export_model
+    from ia3_export.parity import check_parity
+
+    model = model_dir(model_type)
+    out = str(tmp_path / "onnx")
+    manifest = export_model(model, out, mode="swappable", quantize="int4")
+    assert set(manifest["quantization"]["graphs"]) == {"encoder", "decoder"}
+    report = check_parity(model, out, [], greedy_steps=2)
+    assert report.passed, report.failures()[0].line()

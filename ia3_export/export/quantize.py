@@ -176,6 +176,8 @@ def _quantize(graph_model, options: QuantizeOptions, skipped: list[str]):
 
 def _weight_sources(model) -> dict[str, tuple[str, str]]:
     """digest of each linear/embedding weight as the graph holds it -> (parameter name, kind)."""
+    import torch
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     sources = {}
@@ -187,6 +189,7 @@ def _weight_sources(model) -> dict[str, tuple[str, str]]:
         array = weight.detach().float().numpy()
         if module is inputs:
             sources[_digest(array)] = (param, "embedding")
+        if isinstance(module, torch.nn.Embedding):  # other tables (T5's per-stack copies of `shared`) are no MatMul
             continue
         kind = "lm_head" if module is output else "linear"
         # nn.Linear holds [out, in] (the graph's MatMul weight is its transpose); GPT-2's Conv1D holds [in, out].

@@ -79,9 +79,15 @@ def weight_checks(reference, model_dir: str, folder) -> list:
             checks.append(OutputCheck(file, "weights", param, compare(
                 "quantization scales (vs the float weights)", expected, np.abs(scale), 0.0, 1e-4)))
             checks.append(OutputCheck(file, "weights", param, compare(
-                "rounding error (in block scales)", np.zeros_like(weight), np.abs(weight - original) / np.abs(scale),
+                "rounding error (in block scales)", np.zeros_like(weight), _in_steps(weight - original, scale),
                 step + 1e-3, 0.0)))
     return checks
+
+
+def _in_steps(error: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """|error| / |scale|; an all-zero block has scale 0 and must decode to exact zeros (else inf)."""
+    error, scale = np.abs(error), np.abs(scale)
+    return np.where(scale > 0, error / np.where(scale > 0, scale, 1.0), np.where(error == 0, 0.0, np.inf))
 
 
 def _expected_scales(weight: np.ndarray, quantization: dict) -> tuple[np.ndarray, float]:
