@@ -377,3 +377,21 @@ def test_seq2seq_int4_swappable_passes_parity(model_dir, tmp_path, model_type):
     assert set(manifest["quantization"]["graphs"]) == {"encoder", "decoder"}
     report = check_parity(model, out, [], greedy_steps=2)
     assert report.passed, report.failures()[0].line()
+
+
+def test_cli_generate_on_a_quantized_folder_with_a_peft_adapter(quantized):
+    """`ia3-export generate` on the int4 swappable folder with a PEFT adapter folder: the text of the
+    tokens transformers + PEFT pick with the de-quantized weights (checked token by token above)."""
+    from ia3_export.export.quantize import load_dequantized
+    from ia3_export.runtime.tokenizer import TextTokenizer
+
+    model_path, adapters, out = quantized("llama", None, "swappable", "int4")
+    tok = TextTokenizer(out)
+    reference = peft_model(model_path, adapters[1])
+    load_dequantized(reference.base_model.model, os.path.join(out, "model.onnx"),
+                     _manifest(out)["quantization"]["graphs"]["model"]["weights"])
+    (tokens,) = _greedy(reference, [tok.encode("hello")], 5)
+    tokens = tokens[:tokens.index(2) + 1] if 2 in tokens else tokens  # the runtime stops at EOS
+    result = run_cli("generate", out, "--prompt", "hello", "--adapter", adapters[1], "--max-new-tokens", "5")
+    assert result.exit_code == 0, result.output
+    assert tok.decode(tokens) and result.stdout.rstrip("\n") == tok.decode(tokens)
