@@ -395,3 +395,43 @@ def test_cli_generate_on_a_quantized_folder_with_a_peft_adapter(quantized):
     result = run_cli("generate", out, "--prompt", "hello", "--adapter", adapters[1], "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert tok.decode(tokens) and result.stdout.rstrip("\n") == tok.decode(tokens)
+
+
+def _vector_nodes(model, names) -> list[bytes]:
+    """Every node from the vector inputs up to and including the Mul that applies each vector, serialized."""
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found, todo = [], list(names)
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            found.append(node.SerializeToString())
+            if node.op_type != "Mul":
+                todo += list(node.output)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("model_type,task,mode,method", [("llama", None, "bank", "int4"),
+                                                          ("bert", "seq-cls", "swappable", "int8")])
+def test_vector_nodes_survive_quantization_untouched(quantized, tmp_path, model_type, task, mode, method):
+    """The nodes that take the IA3 vectors (bank Gathers, Muls) are byte-identical in the float export
+    and the quantized one, and the vector Muls sit on quantized MatMuls' inputs or outputs."""
+    from ia3_export.export import export_model
+
+    model_path, adapters, out = quantized(model_type, task, mode, method)
+    float_out = str(tmp_path / "float")
+    export_model(model_path, float_out, mode=mode, adapters=adapters)
+    names = [v["name"] for v in _manifest(out)["vectors"]] + (["adapter_ids"] if mode == "bank" else [])
+    quantized_graph, float_graph = _graph(out), _graph(float_out)
+    assert _vector_nodes(quantized_graph, names) == _vector_nodes(float_graph, names)
+    ops = {"int4": {"MatMulNBits"}, "int8": {"MatMulInteger", "DynamicQuantizeLinear", "Cast", "Mul"}}[method]
+    producer = {o: n.op_type for n in quantized_graph.graph.node for o in n.output}
+    consumers = {}
+    for n in quantized_graph.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    muls = [n for n in quantized_graph.graph.node if n.op_type == "Mul" and n.SerializeToString() in
+            set(_vector_nodes(quantized_graph, names))]
+    assert muls and all(any(producer.get(i) in ops or producer.get(i) == "Add" for i in m.input)
+                        or set(consumers.get(m.output[0], [])) & ops for m in muls)
