@@ -22,8 +22,10 @@ REQUIRED_KEYS = ("format", "format_version", "mode", "task", "model_type", "dtyp
 
 def new_manifest(*, mode: str, task: str, model_type: str, dtype: str, opset: int, exporter: str,
                  graphs: dict, cache: dict | None, vectors: list[dict], adapters: list[dict],
-                 tokens: dict, versions: dict, **extra) -> dict:
-    """A manifest dict with every contract key (in a stable order)."""
+                 tokens: dict, versions: dict, quantization: dict | None = None, **extra) -> dict:
+    """A manifest dict with every contract key (in a stable order). `quantization` (None: float weights)
+    describes a quantized base: method, its options, and per graph which initializer holds which
+    parameter's quantized weight (export/quantize.py); a property of the folder, not a mode."""
     if mode not in MODES:
         raise IA3Error(f"unknown export mode {mode!r}; use one of {', '.join(MODES)}")
     if dtype not in DTYPES:
@@ -32,7 +34,7 @@ def new_manifest(*, mode: str, task: str, model_type: str, dtype: str, opset: in
         "format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode, "task": task,
         "model_type": model_type, "dtype": dtype, "opset": opset, "exporter": exporter,
         "graphs": graphs, "cache": cache, "vectors": vectors, "adapters": adapters,
-        "tokens": tokens, "versions": versions, **extra,
+        "tokens": tokens, "versions": versions, "quantization": quantization, **extra,
     }
 
 

@@ -36,18 +36,36 @@ def _modules(value):
 @click.option("--feedforward-modules", default=None, help="swappable/bank/foldswap: which targets scale their input.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter (see docs/export.md for the measured comparison).")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="int4: MatMul weights to ONNX Runtime's MatMulNBits (decoders); int8: ONNX Runtime's dynamic "
+                   "quantization (encoders, classifiers). merged/swappable/bank; the vectors stay float inputs.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per quantization block (along K).")
+@click.option("--asymmetric", is_flag=True, help="int4: per-block zero points (default symmetric: none).")
+@click.option("--accuracy-level", type=int, default=0, show_default=True,
+              help="int4: MatMulNBits' accuracy_level (0: fp32 arithmetic, exact to the de-quantized weights; 4: int8 "
+                   "activations, faster on CPU).")
+@click.option("--quantize-lm-head/--keep-lm-head", default=True, show_default=True,
+              help="Quantize the LM head (the largest MatMul at a 32k vocabulary).")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="int4: also the input embeddings (GatherBlockQuantized; default float: a lookup has no speed to win).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @trust_remote_code_option
 @progress_option
-def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter, force,
+def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter,
+            quantize, block_size, asymmetric, accuracy_level, quantize_lm_head, quantize_embeddings, force,
             trust_remote_code):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..adapter_names import name_for
     from ..export import export_model
+    from ..export.quantize import QuantizeOptions
 
+    options = None if quantize is None else QuantizeOptions(
+        quantize, block_size=block_size, symmetric=not asymmetric, accuracy_level=accuracy_level,
+        lm_head=quantize_lm_head, embeddings=quantize_embeddings)
     manifest = export_model(model_dir, out_dir, mode=mode, adapters=list(adapters), task=task, dtype=dtype, opset=opset,
                             target_modules=_modules(target_modules), feedforward_modules=_modules(feedforward_modules),
-                            exporter=exporter, force=force, trust_remote_code=trust_remote_code)
+                            exporter=exporter, force=force, trust_remote_code=trust_remote_code,
+                            quantize=options)
     for path in adapters:  # an adapter's name is its folder's, made valid (adapter_names.name_for)
         folder, name = os.path.basename(os.path.normpath(path)), name_for(path)
         if name != folder and mode != "merged":
@@ -55,6 +73,7 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
                        "'_', '-' and '.'); load it by that name")
     graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes)" for g in manifest["graphs"].values())
     check = manifest["validation"]
-    click.echo(f"exported {manifest['model_type']} {manifest['task']} ({mode}, {dtype}, opset {opset}) -> {out_dir}: {graphs}; "
+    quantized = f", {quantize}" if quantize else ""
+    click.echo(f"exported {manifest['model_type']} {manifest['task']} ({mode}, {dtype}{quantized}, opset {opset}) -> {out_dir}: {graphs}; "
                f"{len(manifest['vectors'])} vector inputs, {len(manifest['adapters'])} adapters; "
                f"validated {check['comparisons']} outputs, max abs diff {check['max_abs']:.2g}")

@@ -48,6 +48,8 @@ def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol
     click.echo(report.header())
     for check in [*report.worst_per_output(), *report.greedy]:  # the worst case of each output, every greedy row
         click.echo("  " + check.line())
+    if report.float_agreement:
+        click.echo("  " + report.agreement_line())
     if not report.passed:
         raise CheckFailed(f"{report.summary()}; worst: {report.failures()[0].line()}")
     click.echo(report.summary())

@@ -23,8 +23,9 @@ from ..progress import stage
 from . import graph as onnx_graph
 from .compat import traceable_masks
 from .genai import validate_with_genai, write_genai_files
+from .quantize import quantize_graph, quantize_options
 from .tasks import Task, graph_specs, resolve_task
-from .validate import ModelShape, cpu_session, raise_on_failure, sample_feeds, validate_graph
+from .validate import ModelShape, cpu_session, raise_on_failure, sample_feeds, tolerance_of, validate_graph
 from .wrappers import (DecoderWithCache, Encoder, Seq2SeqDecoder, Seq2SeqEncoder, VectorInputs,
                        flatten_cache, returned_cache, vector_name)
 
@@ -37,11 +38,16 @@ TARGETS_ONLY = "__targets__"  # pseudo adapter holding --target-modules (vectors
 def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters: list[str] = (),
                  task: str | None = None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                  target_modules: list[str] | str | None = None, feedforward_modules: list[str] | str | None = None,
-                 exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False) -> dict:
-    """Export and validate; returns the manifest written as `ia3_export.json`."""
+                 exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False,
+                 quantize=None) -> dict:
+    """Export and validate; returns the manifest written as `ia3_export.json`. `quantize`: None,
+    "int4", "int8" or a `QuantizeOptions` (see export/quantize.py)."""
     from .. import adapter_format as fmt
 
     _check_options(mode, dtype, opset, exporter, adapters, target_modules, feedforward_modules)
+    quantize = quantize_options(quantize)
+    if quantize is not None:
+        quantize.check(mode, dtype)
     check_output(out_dir, force, inputs=[model_dir, *adapters])
     config = read_model_config(model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
@@ -78,7 +84,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
     specs = graph_specs(spec, shape.num_layers, token_type_ids=config["model_type"] == "bert")
     parts = graph_wrappers(hf_model, spec, shape, vectors, specs)
 
-    graphs, vector_entries, comparisons = {}, [], []
+    graphs, vector_entries, comparisons, quantized = {}, [], [], {}
     with atomic_output_dir(out_dir, force=force, inputs=[model_dir, *adapters]) as tmp:
         for graph in specs:
             wrapper, part = parts[graph.key]
@@ -86,10 +92,15 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
             path = os.path.join(tmp, graph.file)
             stage(f"tracing {graph.file}")
             files = _trace(wrapper, graph, part, shape, spec, inputs, path, opset, exporter, tmp)
+            if quantize is not None:  # the model then holds the de-quantized weights: validation compares with them
+                stage(f"quantizing {graph.file} ({quantize.method})")
+                weights, files = quantize_graph(path, hf_model, quantize)
+                quantized[graph.key] = {"weights": weights}
             session = cpu_session(path)
             stage(f"validating {graph.file} against PyTorch on ONNX Runtime")
-            comparisons += validate_graph(graph, spec, shape, wrapper, session, mode, ia3, part,
-                                          names if mode != "merged" else [])
+            with tolerance_of(_quantized_tolerance(quantize)):
+                comparisons += validate_graph(graph, spec, shape, wrapper, session, mode, ia3, part,
+                                              names if mode != "merged" else [])
             raise_on_failure(comparisons, f"{graph.file} ({mode} export of {model_dir})")
             graphs[graph.key] = {"file": graph.file, "inputs": inputs, "outputs": graph.outputs,
                                  "external_data": files[1] if len(files) > 1 else None,
@@ -105,6 +116,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
             cache={"graph": specs[-1].key, "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
                    "head_dim": shape.head_dim} if spec.cache else None,
             versions=package_versions(),
+            quantization=quantize and {**quantize.manifest_entry(), "graphs": quantized},
             validation={"comparisons": len(comparisons), "max_abs": max((c.max_abs for c in comparisons), default=0.0),
                         "tolerance": {"atol": comparisons[0].atol, "rtol": comparisons[0].rtol} if comparisons else None},
         )
@@ -112,6 +124,16 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = "merged", adapters
         write_manifest(tmp, manifest)
         validate_with_genai(tmp, manifest)
     return manifest
+
+
+def _quantized_tolerance(quantize) -> tuple[float, float] | None:
+    """A quantized graph's validation bound (parity/tolerances.py); None for float exports."""
+    from ..parity.tolerances import quantized_tolerance
+
+    if quantize is None:
+        return None
+    tol = quantized_tolerance(quantize.manifest_entry(), "cpu")
+    return tol.atol, tol.rtol
 
 
 def _check_options(mode, dtype, opset, exporter, adapters, target_modules, feedforward_modules):

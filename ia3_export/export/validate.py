@@ -20,6 +20,20 @@ from .tasks import GraphSpec, Task
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # |ort - torch| <= atol + rtol * |torch|; fp16 is compared with fp16 PyTorch on the CPU.
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (5e-2, 5e-2)}
+_tolerance_override: list[tuple[float, float]] = []  # set by `tolerance_of` (quantized exports)
+
+
+@contextlib.contextmanager
+def tolerance_of(bound: tuple[float, float] | None):
+    """Validate with (atol, rtol) instead of the dtype's (a quantized graph has its own); None: the dtype's."""
+    if bound is None:
+        yield
+        return
+    _tolerance_override.append(bound)
+    try:
+        yield
+    finally:
+        _tolerance_override.pop()
 
 
 @dataclasses.dataclass
@@ -111,7 +125,7 @@ def cpu_session(path: str):
 
 def compare_outputs(label: str, names: list[str], reference, actual, dtype: str, feeds: dict | None = None) -> list[Comparison]:
     """Compare each output; with `feeds`, only at real (unpadded) token positions."""
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = _tolerance_override[-1] if _tolerance_override else TOLERANCES[dtype]
     return [compare(f"{label}: {n}", r, a, atol, rtol, where=real_positions(n, feeds, np.shape(r)))
             for n, r, a in zip(names, reference, actual)]
 

@@ -23,7 +23,7 @@ from ..progress import stage
 from ..errors import IA3Error
 from ..runtime.session import PROVIDERS
 from .report import GreedyCheck, OutputCheck, ParityReport
-from .tolerances import tolerance
+from .tolerances import quantized_tolerance, tolerance
 
 REFERENCE_DTYPES = ("fp64", "fp32")
 # The mask input's axis -> the axes it splits into (past first, then the new tokens).
@@ -69,7 +69,9 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     folder = open_folder(onnx_dir)
     dtype = folder.manifest["dtype"]
     tf32 = options.tf32 if options.provider == "cuda" and dtype == "fp32" else None
-    tol = tolerance(options.provider, dtype, bool(tf32)) if options.atol is None or options.rtol is None else None
+    quantization = folder.manifest.get("quantization")
+    tol = (None if options.atol is not None and options.rtol is not None else
+           quantized_tolerance(quantization, options.provider) if quantization else tolerance(options.provider, dtype, bool(tf32)))
     atol = options.atol if options.atol is not None else tol.atol
     rtol = options.rtol if options.rtol is not None else tol.rtol
     report = ParityReport(folder.path, folder.mode, folder.task, folder.manifest["model_type"], options.provider, dtype,
@@ -96,6 +98,14 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     if reference.generates and options.greedy_steps:
         stage(f"comparing {options.greedy_steps} greedy tokens")
         report.greedy += _greedy(reference, session, options, atol, rtol)
+    if quantization:  # the stored weights vs the float ones; beside the verdict, agreement with the float model
+        from .quantized import float_agreement, weight_checks
+
+        stage("checking the quantized weights against the float weights")
+        report.outputs += weight_checks(reference, model_dir, folder)
+        report.quantization = quantization
+        report.float_agreement = float_agreement(Reference(model_dir, folder, adapters, options.reference_dtype,
+                                                           options.trust_remote_code, dequantize=False), session, options)
     return report
 
 
@@ -104,7 +114,7 @@ class Reference:
     """The PyTorch side: the model folder + PEFT adapters, unmerged, in float64 (or float32)."""
 
     def __init__(self, model_dir: str, folder, adapter_dirs: list[str], reference_dtype: str,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, dequantize: bool = True):
         import torch
 
         from .. import adapter_format as fmt
@@ -133,11 +143,20 @@ class Reference:
                                 dtype=torch.float64 if reference_dtype == "fp64" else torch.float32)
         use_eager_attention(model)
         self.ia3 = None
-        if self.adapters:
+        quantized = dequantize and manifest.get("quantization") is not None
+        if quantized and self.mode == "merged":  # folded as the export folds (modules_to_save included)
+            from ..export.build import ia3_merged
+
+            model = ia3_merged(model, self.adapters)
+        elif self.adapters:
             self.ia3 = IA3Model(model)
             for a in self.adapters:
                 self.ia3.load_adapter(a, name=a.name, activate=False)
             self.ia3.set_adapter(self.names if self.mode == "merged" else ())
+        if quantized:  # then the graph's own weights, de-quantized, in place of the float ones
+            from .quantized import load_dequantized_folder
+
+            load_dequantized_folder(model, folder)
         self.model = self.ia3.model if self.ia3 is not None else model
         self.shape = probe_shape(self.model, self.task, manifest["dtype"])
         base_inputs = manifest["graphs"][next(iter(manifest["graphs"]))]["inputs"]
