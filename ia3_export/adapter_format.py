@@ -86,12 +86,17 @@ def read_adapter(path: str, max_bytes: int | None = None) -> AdapterFile:
                 "from a trusted environment"
             )
         raise IA3Error(f"{path} has no {WEIGHTS_NAME}")
-    data = read_json(config_path)
-    config = IA3Config.from_peft_dict(data, source=config_path)
+    config = read_config(path)
     tensors = read_safetensors(weights_path, max_bytes)
     adapter = AdapterFile(config=config, tensors=tensors, path=path)
     _check_tensors(adapter, weights_path)
     return adapter
+
+
+def read_config(path: str) -> IA3Config:
+    """The adapter folder's adapter_config.json alone (what it is, before any tensor is read)."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    return IA3Config.from_peft_dict(read_json(config_path), source=config_path)
 
 
 def write_adapter(path: str, config: IA3Config, tensors: dict, force: bool = False) -> str:

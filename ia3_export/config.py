@@ -146,7 +146,8 @@ class IA3Config:
         to_dict = getattr(config, "to_dict", None)
         if not callable(to_dict) or not hasattr(config, "peft_type"):
             raise IA3Error(f"expected an ia3_export.IA3Config or PEFT's peft.IA3Config, got {type(config).__name__}")
-        data = {k: getattr(v, "value", v) for k, v in to_dict().items()}  # PEFT's enums -> their names
+        # PEFT's enums -> their names; its sets of module names -> sorted lists, as it writes them to JSON
+        data = {k: sorted(v) if isinstance(v, set) else getattr(v, "value", v) for k, v in to_dict().items()}
         return cls.from_peft_dict(data, source=f"PEFT's {type(config).__name__}")
 
     @classmethod

@@ -12,12 +12,7 @@ def command(adapter_dir, model_dir, out, force):
 
     The adapter's task_type must match the export's task; names, shapes and dtype are checked against
     the model's vector inputs first."""
-    from ..adapter_format import read_adapter
-    from ..loading import check_task
     from ..runtime.adapters import convert_adapter
-    from ..runtime.folder import open_folder
 
-    check_task(open_folder(model_dir).task, read_adapter(adapter_dir).config.task_type, adapter_dir,
-               source="the export's task", hint=f"convert an adapter trained for the task {model_dir} was exported for")
     info = convert_adapter(adapter_dir, model_dir, out, force=force)
     click.echo(f"wrote {info['out']}: {info['vectors']} of the model's {info['model_vectors']} vectors, {info['dtype']}")

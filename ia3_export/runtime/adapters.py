@@ -11,9 +11,10 @@ import os
 
 import numpy as np
 
-from ..adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter
+from ..adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter, read_config
 from ..adapter_names import check_name, name_for
 from ..errors import IA3Error
+from ..loading import check_task
 from ..onnx_adapter import SUFFIX, read_onnx_adapter
 from .folder import ExportedFolder
 
@@ -126,7 +127,8 @@ def file_shape(folder: ExportedFolder, name: str) -> tuple[int, ...]:
 
 def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = False) -> dict:
     """Write a PEFT adapter as an .onnx_adapter file for the exported model in `model_dir`, after
-    checking every vector's name, shape and dtype against the model's inputs. The file works with
+    checking its task_type against the export's task and every vector's name, shape and dtype
+    against the model's inputs. The file works with
     ONNX Runtime's own `LoraAdapter` + `RunOptions.add_active_adapter`, without ia3-export."""
     from ..atomic import check_output
     from ..onnx_adapter import write_onnx_adapter
@@ -138,6 +140,9 @@ def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = Fa
     folder = open_folder(model_dir)
     if not os.path.isdir(adapter_dir):
         raise IA3Error(f"adapter folder {adapter_dir} does not exist (expected a PEFT adapter folder)")
+    if os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):  # what it was trained for, before any tensor is read
+        check_task(folder.task, read_config(adapter_dir).task_type, adapter_dir, source="the export's task",
+                   hint=f"convert an adapter trained for the task {model_dir} was exported for")
     vectors = check_tensors(read_tensors(adapter_dir, folder), folder, adapter_dir)
     tensors = {name: v.reshape(file_shape(folder, name)) for name, v in vectors.items()}
     write_onnx_adapter(out, tensors, force=force, inputs=[adapter_dir, model_dir])
