@@ -1,5 +1,5 @@
 """Main-environment side of the onnxruntime-genai interop job: export tiny decoders (merged, swappable,
-bank), convert a PEFT adapter with `ia3-export convert`, and record transformers' (PEFT's) greedy tokens,
+bank; llama also swappable on an int4 base), convert a PEFT adapter with `ia3-export convert`, and record transformers' (PEFT's) greedy tokens,
 so tests/interop_genai/ can check onnxruntime-genai against them in its own venv.
 Usage: python tests/interop_genai/prepare.py OUT_DIR"""
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main(out: str) -> None:
         export_model(base, os.path.join(root, "merged"), mode="merged", adapters=adapters[:1])
         export_model(base, os.path.join(root, "swappable"), mode="swappable", adapters=adapters[:1])
         export_model(base, os.path.join(root, "bank"), mode="bank", adapters=adapters)
+        if model_type == "llama":  # a quantized base with float vectors: one int4 graph for every adapter
+            export_model(base, os.path.join(root, "swappable-int4"), mode="swappable", adapters=adapters[:1],
+                         quantize="int4")
         subprocess.run([cli, "convert", adapters[1], "--model", os.path.join(root, "swappable"),
                         "--out", os.path.join(root, "adapter2.onnx_adapter")], check=True)
         ids = [TextTokenizer(base).encode(p) for p in PROMPTS]

@@ -74,6 +74,29 @@ def test_genai_adapters_from_export_and_convert_switch_between_generators(model_
     assert [genai_greedy(model, ids) for ids in expected["prompt_ids"]] == expected["greedy"]["base"]
 
 
+
+def test_genai_serves_an_int4_swappable_export_with_its_adapter():
+    """An int4 base (MatMulNBits) keeps the vectors as float inputs: genai runs it with and without the
+    shipped adapter and gives our runtime's greedy tokens on the same folder (test_quantize checks
+    those against the de-quantized PyTorch model)."""
+    from ia3_export.runtime import GenerationOptions, IA3Session, generate_ids
+
+    folder = path("llama", "swappable-int4")
+    manifest = json.load(open(os.path.join(folder, "ia3_export.json")))
+    assert manifest["quantization"]["method"] == "int4" and manifest["genai"]["supported"]
+    model, ours = og.Model(folder), IA3Session(folder)
+    ours.load_adapter("adapter1")
+    adapters = og.Adapters(model)
+    adapters.load(os.path.join(folder, "adapters", "adapter1.onnx_adapter"), "adapter1")
+    options = GenerationOptions(max_new_tokens=EXPECTED["max_new_tokens"])
+    runs = {}
+    for name in (None, "adapter1"):
+        runs[name] = [genai_greedy(model, ids, adapters if name else None, name)
+                      for ids in EXPECTED["models"]["llama"]["prompt_ids"]]
+        assert runs[name] == [generate_ids(ours, [ids], [name], options)[0]
+                              for ids in EXPECTED["models"]["llama"]["prompt_ids"]]
+    assert runs[None] != runs["adapter1"]  # the adapter changes what the quantized base says
+
 def test_bank_export_says_genai_cannot_feed_adapter_ids():
     folder = path(MODEL_TYPES[0], "bank")
     manifest = json.load(open(os.path.join(folder, "ia3_export.json")))
