@@ -103,7 +103,7 @@ def _debug(ctx) -> bool:
     return bool(ctx.params.get("debug")) or os.environ.get("IA3_EXPORT_DEBUG", "") not in ("", "0")
 
 
-_EXTRAS = {"torch": "export", "transformers": "export", "onnx": "export", "peft": "dev", "matplotlib": "train"}
+_EXTRAS = {"torch": "export", "transformers": "export", "onnx": "export", "peft": "dev", "matplotlib": "export"}  # the extra that installs each
 
 
 def _available(module: str) -> bool:
