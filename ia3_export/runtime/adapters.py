@@ -122,7 +122,7 @@ def file_shape(folder: ExportedFolder, name: str) -> tuple[int, ...]:
     """Shape in an .onnx_adapter file: the input's own ([dim], or [1, dim] for a bank, so ONNX Runtime's
     own adapter API runs a bank export with adapter_ids = 0)."""
     dim = folder.vectors[name].dim
-    return (1, dim) if folder.mode == "bank" else (dim,)
+    return (1, dim) if folder.stacked else (dim,)
 
 
 def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = False) -> dict:

@@ -11,6 +11,7 @@ import os
 from ..errors import IA3Error
 from ..jsonfile import read_json
 from ..manifest import MANIFEST_NAME, NUMPY_DTYPES, Fields, confined, graph_path, read_manifest
+from .bindings import binding_class
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -33,6 +34,11 @@ class ExportedFolder:
     @property
     def mode(self) -> str:
         return self.manifest["mode"]
+
+    @property
+    def stacked(self) -> bool:
+        """Whether vector inputs are banks ([num_adapters, dim]) rather than one adapter's [dim]."""
+        return binding_class(self.mode).stacked
 
     @property
     def task(self) -> str:
@@ -72,7 +78,7 @@ class ExportedFolder:
                 raise IA3Error(f"{where}: the manifest lists input {name} but graph {graph!r} has no such input; "
                                "re-export the model")
             actual = list(inputs[name])
-            if actual[-len(shape):] != shape or len(actual) > len(shape) + (self.mode == "bank"):
+            if actual[-len(shape):] != shape or len(actual) > len(shape) + self.stacked:
                 raise IA3Error(f"{where}: the manifest gives {name} the shape {shape} but graph {graph!r} declares "
                                f"{actual}; re-export the model")
 

@@ -22,11 +22,10 @@ import numpy as np
 
 from ..errors import IA3Error
 from . import adapters as adapter_io
+from .bindings import ADAPTER_IDS, Adapter, binding_class  # noqa: F401 (ADAPTER_IDS: the runtime's name for it)
 from .folder import ExportedFolder, open_folder
-from .foldswap import MODE as FOLDSWAP
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-ADAPTER_IDS = "adapter_ids"
 
 
 ACTIVE = type("ActiveAdapter", (), {"__repr__": lambda self: "ACTIVE"})()  # "whichever set_adapter chose"
@@ -126,26 +125,11 @@ class _ThreadBinding:
     set_names: frozenset = frozenset()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Bank:
-    """An immutable bank snapshot: adapter name -> row, and graph -> input -> (OrtValue, array)."""
-
-    rows: dict
-    values: dict
-
-
-@dataclasses.dataclass
-class Adapter:
-    """A loaded adapter: its checked vectors on the host and, for swappable exports, on the device."""
-
-    name: str
-    source: str
-    vectors: dict[str, np.ndarray]
-    values: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)  # graph -> input -> (OrtValue, array)
-
-
 class IA3Session:
-    """Open an exported folder (merged, swappable, bank or foldswap) on `cpu` or `cuda` and run it with adapters."""
+    """Open an exported folder (merged, swappable, bank or foldswap) on `cpu` or `cuda` and run it with adapters.
+
+    The session keeps the graphs, the adapter registry and the active adapter; the binding its mode
+    picks (runtime/bindings.py) decides how adapters reach the graphs."""
 
     def __init__(self, folder: str | ExportedFolder, provider: str = "cpu", session_options=None,
                  provider_options: dict | None = None):
@@ -157,43 +141,35 @@ class IA3Session:
         self.adapters: dict[str, Adapter] = {}
         self.active: str | None = None
         self._lock = threading.RLock()  # serializes load/unload/set_adapter; runs never take it
-        self._fold = None
-        if self.mode == FOLDSWAP:  # this session's working copy of the targeted weights
-            from .foldswap import WeightFold
-
-            self._fold = WeightFold(self.folder, self.graphs)
+        self.binding = binding_class(self.mode)(self)
         self._identity = self._place("(none)", "", adapter_io.complete({}, self.folder))
-        if self.mode == "swappable":
-            self._bind_vectors(self._identity)
-        elif self._fold is not None:
-            self._fold.switch(self._identity)
-        elif self.mode == "bank":
-            self._rebuild_banks()
+        self.binding.start()
 
     @property
     def mode(self) -> str:
         return self.folder.mode
 
+    @property
+    def _fold(self):
+        """A foldswap session's working copy of the weights (`foldswap.WeightFold`), else None."""
+        return getattr(self.binding, "fold", None)
+
     # -- adapters ------------------------------------------------------------------------------
     def load_adapter(self, source: str, name: str | None = None) -> str:
         """Load a PEFT folder, an .onnx_adapter file or a name shipped in the folder; returns its name."""
-        if self.mode == "merged":
-            raise IA3Error(f"{self.folder.path} is a merged export (its adapter is folded into the weights); "
-                           "export with --mode swappable or --mode bank to load adapters")
+        if not self.binding.takes_adapters:
+            self.binding.refuse_load()
         default, path, vectors = adapter_io.load_vectors(self.folder, source)
         name = adapter_io.check_name(name or default)
         adapter = self._place(name, path, adapter_io.complete(vectors, self.folder))
         with self._lock:
             self.adapters[name] = adapter  # runs already going keep the adapter object they picked
-            if self.mode == "bank":
-                self._rebuild_banks()
-            elif self.active == name:
-                self._bind_vectors(adapter)
+            self.binding.loaded(adapter)
         return name
 
     def load_shipped_adapters(self) -> list[str]:
         """Load every adapter listed in the folder's manifest."""
-        return [self.load_adapter(name) for name in self.folder.adapters] if self.mode != "merged" else []
+        return [self.load_adapter(name) for name in self.folder.adapters] if self.binding.takes_adapters else []
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
@@ -201,8 +177,7 @@ class IA3Session:
             del self.adapters[name]
             if self.active == name:
                 self.set_adapter(None)
-            if self.mode == "bank":
-                self._rebuild_banks()
+            self.binding.unloaded()
 
     def set_adapter(self, name: str | None) -> None:
         """Make `name` (or no adapter: the base model) the one used by runs that name none. Swappable:
@@ -211,50 +186,21 @@ class IA3Session:
             if name is not None:
                 self._require(name)
             self.active = name
-            if self.mode == "swappable":
-                self._bind_vectors(self.adapters[name] if name else self._identity)
-            elif self._fold is not None:  # fold now, so the next run does not pay for it
-                self._fold.switch(self.adapters[name] if name else self._identity)
+            self.binding.activate(self.adapters[name] if name else self._identity)
 
     def _require(self, name: str) -> None:
         if name not in self.adapters:
-            if self.mode == "merged":
-                raise IA3Error(f"{self.folder.path} is a merged export; it has no adapters to activate")
+            if not self.binding.takes_adapters:
+                raise IA3Error(f"{self.folder.path} is a {self.mode} export; it has no adapters to activate")
             loaded = ", ".join(sorted(self.adapters)) or "none"
             raise IA3Error(f"adapter {name!r} is not loaded (loaded: {loaded}); load it with load_adapter first")
 
     def _place(self, name: str, source: str, vectors: dict[str, np.ndarray]) -> Adapter:
-        adapter = Adapter(name, source, vectors)
-        if self.mode in ("swappable", FOLDSWAP):
-            for vector, spec in self.folder.vectors.items():
-                array = vectors[vector]
-                value = self.graphs[spec.graph].to_device(array)
-                adapter.values.setdefault(spec.graph, {})[vector] = (value, array)
-        return adapter
+        return self.binding.place(Adapter(name, source, vectors))
 
-    def _bind_vectors(self, adapter: Adapter) -> None:
-        """Bind an adapter's device vectors on the calling thread's bindings (a no-op if already bound)."""
-        for graph, g in self.graphs.items():
-            g.bind_set(adapter, adapter.values.get(graph, {}))
-
-    def _rebuild_banks(self) -> None:
-        """Bank rows: 0 is the base model (ones), then each loaded adapter in load order. Published as
-        one new snapshot, so a concurrent run uses either the old banks or the new ones, never a mix."""
-        rows = [self._identity, *self.adapters.values()]
-        values: dict[str, dict] = {}
-        for vector, spec in self.folder.vectors.items():
-            array = np.stack([a.vectors[vector] for a in rows])
-            values.setdefault(spec.graph, {})[vector] = (self.graphs[spec.graph].to_device(array), array)
-        self._bank = _Bank({**{a.name: i for i, a in enumerate(rows)}, None: 0}, values)
-
-    def adapter_rows(self, names: list[str | None], bank: _Bank | None = None) -> np.ndarray:
-        """Bank rows for per-row adapter names (None: the base model)."""
-        bank = bank or self._bank
-        for name in names:
-            if name not in bank.rows or name == self._identity.name:
-                self._require(name)
-                raise IA3Error(f"adapter {name!r} was loaded while this batch started; run it again")
-        return np.array([bank.rows[n] for n in names], dtype=np.int64)
+    def adapter_rows(self, names: list[str | None], bank=None) -> np.ndarray:
+        """Bank rows for per-row adapter names (None: the base model); bank exports only."""
+        return self.binding.adapter_rows(names, bank)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, feeds: dict, graph: str | None = None, adapters: list[str | None] | None = None,
@@ -265,43 +211,13 @@ class IA3Session:
         graph = graph or next(iter(self.graphs))
         g = self.graphs[graph]
         feeds = dict(feeds)
-        adapter = self._apply_adapters(graph, g, feeds, adapters)
+        hold = self.binding.before_run(graph, g, feeds, adapters)
         missing = g.missing(feeds)
         if missing:
             raise IA3Error(f"input {missing[0]} of graph {graph!r} was not given; the model takes {', '.join(g.inputs)}")
-        if self._fold is not None and adapter is not None:  # foldswap: no re-fold while this run reads the weights
-            with self._fold.holding(adapter):
-                results = g.run(feeds, outputs)
-        else:
+        with hold:  # foldswap: no re-fold while this run reads the weights
             results = g.run(feeds, outputs)
         return {k: v.numpy() for k, v in results.items()} if as_numpy else results
-
-    def _apply_adapters(self, graph: str, g: Graph, feeds: dict, adapters) -> Adapter | None:
-        """Bind this run's adapter state on the calling thread's binding (nothing if it is already bound);
-        foldswap returns the adapter whose fold the run must hold."""
-        if self.mode in ("swappable", FOLDSWAP) or (self.mode == "merged" and adapters is not None):
-            names = set(adapters) if adapters is not None else {self.active}
-            if len(names) > 1:
-                raise IA3Error(f"a {self.mode} export runs one adapter per batch, got {len(names)}; export with "
-                               "--mode bank to mix adapters in one batch, or group requests by adapter")
-            name = names.pop() if names else None
-            adapter = self.adapters.get(name) if name is not None else self._identity
-            if adapter is None:
-                self._require(name)
-            if self.mode == "swappable":
-                g.bind_set(adapter, adapter.values.get(graph, {}))
-            elif self._fold is not None:
-                self._fold.bind_weights(graph, g)
-                return adapter
-        elif self.mode == "bank":
-            bank = self._bank  # one snapshot for the ids and the banks
-            g.bind_set(bank, bank.values.get(graph, {}))
-            if ADAPTER_IDS in g.inputs and ADAPTER_IDS not in feeds:
-                batch = _batch_size(feeds)
-                names = adapters if adapters is not None else [self.active] * batch
-                if len(names) != batch:
-                    raise IA3Error(f"{len(names)} adapter names for a batch of {batch}; give one per row")
-                feeds[ADAPTER_IDS] = self.adapter_rows(list(names), bank)
 
     def _check_graph_inputs(self) -> None:
         self.folder.check_inputs({name: {i.name: i.shape for i in [*g.inputs.values(), *g.initializer_inputs.values()]}
@@ -353,7 +269,7 @@ class IA3Session:
         opts = GenerationOptions(**options)
         prompts = [tok.encode(p) for p, _ in requests]
         names = [self.active if a is ACTIVE else a for _, a in requests]
-        if self.mode == "bank":
+        if self.binding.mixes_adapters:
             outs = generate_ids(self, prompts, names, opts, tok.decode)
         else:
             outs = [None] * len(requests)
@@ -363,13 +279,6 @@ class IA3Session:
                                                      tok.decode)):
                     outs[i] = ids
         return [tok.decode(ids) for ids in outs]
-
-
-def _batch_size(feeds: dict) -> int:
-    for name in ("input_ids", "inputs_embeds"):
-        if name in feeds:
-            return int(feeds[name].shape()[0] if callable(getattr(feeds[name], "shape", None)) else feeds[name].shape[0])
-    raise IA3Error("cannot tell the batch size: feed input_ids, or pass adapter_ids yourself")
 
 
 def _check_provider(provider: str) -> str:
