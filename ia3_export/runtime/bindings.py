@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -45,16 +46,16 @@ class _Bank:
     values: dict
 
 
-class MergedBinding:
-    """No adapters to bind: the export's adapter is folded into its weights. Also the base of the
-    others: a run may name adapters, but only one per batch."""
+class Binding:
+    """Merged: nothing to bind (the export's adapter is folded into its weights). Also the base of
+    the other bindings: a run may name adapters, but only one per batch."""
 
     takes_adapters = False  # load_adapter refuses, load_shipped_adapters loads nothing
     mixes_adapters = False  # one batch may mix adapters per row
     stacked = False  # vector inputs are [num_adapters, dim] banks rather than [dim]
 
     def __init__(self, session):
-        self.session = session
+        self.session = weakref.proxy(session)  # no cycle: a dropped session frees its graphs at once
 
     def start(self) -> None:
         """Bind the base model (the session's identity adapter) once the session is built."""
@@ -94,19 +95,19 @@ class MergedBinding:
             raise IA3Error(f"a {session.mode} export runs one adapter per batch, got {len(names)}; export with "
                            "--mode bank to mix adapters in one batch, or group requests by adapter")
         name = names.pop() if names else None
-        adapter = session.adapters.get(name) if name is not None else session._identity
+        adapter = session.adapters.get(name) if name is not None else session.identity
         if adapter is None:
-            session._require(name)
+            session.require_loaded(name)
         return adapter
 
 
-class VectorBinding(MergedBinding):
+class VectorBinding(Binding):
     """Swappable: each adapter's vectors are OrtValues on the device, bound by name per thread."""
 
     takes_adapters = True
 
     def start(self) -> None:
-        self.activate(self.session._identity)
+        self.activate(self.session.identity)
 
     def place(self, adapter: Adapter) -> Adapter:
         graphs = self.session.graphs
@@ -135,7 +136,7 @@ class FoldBinding(VectorBinding):
         self.fold = WeightFold(session.folder, session.graphs)
 
     def start(self) -> None:
-        self.fold.switch(self.session._identity)
+        self.fold.switch(self.session.identity)
 
     def activate(self, adapter: Adapter) -> None:
         self.fold.switch(adapter)  # fold now, so the next run does not pay for it
@@ -150,7 +151,7 @@ class FoldBinding(VectorBinding):
         return self.fold.holding(adapter)
 
 
-class BankBinding(MergedBinding):
+class BankBinding(Binding):
     """Bank: row 0 is the base model (ones), then each loaded adapter in load order; a batch mixes them."""
 
     takes_adapters = True
@@ -170,7 +171,7 @@ class BankBinding(MergedBinding):
         """Publish the banks as one new snapshot, so a concurrent run uses either the old banks or the
         new ones, never a mix."""
         session = self.session
-        rows = [session._identity, *session.adapters.values()]
+        rows = [session.identity, *session.adapters.values()]
         values: dict[str, dict] = {}
         for vector, spec in session.folder.vectors.items():
             array = np.stack([a.vectors[vector] for a in rows])
@@ -181,8 +182,8 @@ class BankBinding(MergedBinding):
         """Bank rows for per-row adapter names (None: the base model)."""
         bank = bank or self.bank
         for name in names:
-            if name not in bank.rows or name == self.session._identity.name:
-                self.session._require(name)
+            if name not in bank.rows or name == self.session.identity.name:
+                self.session.require_loaded(name)
                 raise IA3Error(f"adapter {name!r} was loaded while this batch started; run it again")
         return np.array([bank.rows[n] for n in names], dtype=np.int64)
 
@@ -198,10 +199,10 @@ class BankBinding(MergedBinding):
         return _NO_HOLD
 
 
-BINDINGS = {"merged": MergedBinding, "swappable": VectorBinding, "bank": BankBinding, "foldswap": FoldBinding}
+BINDINGS = {"merged": Binding, "swappable": VectorBinding, "bank": BankBinding, "foldswap": FoldBinding}
 
 
-def binding_class(mode: str) -> type[MergedBinding]:
+def binding_class(mode: str) -> type[Binding]:
     """The binding of an export mode (the manifest has checked the name)."""
     return BINDINGS[mode]
 

@@ -142,7 +142,7 @@ class IA3Session:
         self.active: str | None = None
         self._lock = threading.RLock()  # serializes load/unload/set_adapter; runs never take it
         self.binding = binding_class(self.mode)(self)
-        self._identity = self._place("(none)", "", adapter_io.complete({}, self.folder))
+        self.identity = self._place("(none)", "", adapter_io.complete({}, self.folder))
         self.binding.start()
 
     @property
@@ -173,7 +173,7 @@ class IA3Session:
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
-            self._require(name)
+            self.require_loaded(name)
             del self.adapters[name]
             if self.active == name:
                 self.set_adapter(None)
@@ -184,11 +184,12 @@ class IA3Session:
         re-binds device vectors on this thread's bindings, no host copy. Bank: picks the default row."""
         with self._lock:
             if name is not None:
-                self._require(name)
+                self.require_loaded(name)
             self.active = name
-            self.binding.activate(self.adapters[name] if name else self._identity)
+            self.binding.activate(self.adapters[name] if name else self.identity)
 
-    def _require(self, name: str) -> None:
+    def require_loaded(self, name: str) -> None:
+        """Refuse a name that is not loaded, saying what is."""
         if name not in self.adapters:
             if not self.binding.takes_adapters:
                 raise IA3Error(f"{self.folder.path} is a {self.mode} export; it has no adapters to activate")
