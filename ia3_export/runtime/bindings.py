@@ -22,7 +22,7 @@ import weakref
 import numpy as np
 
 from ..errors import IA3Error
-from .foldswap import FOLD_GRAPH, WeightFold
+from .foldswap import WeightFold
 
 ADAPTER_IDS = "adapter_ids"
 _NO_HOLD = contextlib.nullcontext()  # a run that holds nothing (reusable)

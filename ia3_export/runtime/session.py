@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from . import adapters as adapter_io
-from .bindings import ADAPTER_IDS, Adapter, binding_class  # noqa: F401 (ADAPTER_IDS: the runtime's name for it)
+from .bindings import ADAPTER_IDS, Adapter, binding_class  # noqa: F401 (ADAPTER_IDS: still importable from here)
 from .folder import ExportedFolder, open_folder
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
