@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from . import adapters as adapter_io
-from .bindings import ADAPTER_IDS, Adapter, binding_class  # noqa: F401 (ADAPTER_IDS: still importable from here)
+from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -137,7 +137,7 @@ class Served:
         together: dict = {}
         for row in rows:
             if not alone(row):
-                together.setdefault(None if self.session.mode == "bank" else row.adapter, []).append(row)
+                together.setdefault(None if self.session.binding.mixes_adapters else row.adapter, []).append(row)
         return [*together.values(), *([row] for row in rows if alone(row))]
 
 
