@@ -195,6 +195,13 @@ def test_convert_and_parity_refuse_an_adapter_of_another_task(made, tmp_path):
     assert not out.exists()
     result = run_cli("convert", features, "--model", onnx_dir, "--out", tmp_path / "features.onnx_adapter")
     assert result.exit_code == 0, result.output  # the same vectors, the export's own task: accepted
+    from ia3_export.errors import IA3Error
+    from ia3_export.runtime import IA3Session
+
+    session = IA3Session(str(onnx_dir))  # the serving API refuses it the same way
+    with pytest.raises(IA3Error, match="the export's task feature-extraction contradicts task_type CAUSAL_LM"):
+        session.load_adapter(lm)
+    assert session.load_adapter(features) == "features"
     result = run_cli("parity", made["base"], made["onnx"], "--adapter", lm)
     assert_one_line_error(result, 2, "contradicts task_type CAUSAL_LM")
 

@@ -57,6 +57,8 @@ def read_tensors(path: str, folder: ExportedFolder) -> dict[str, np.ndarray]:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
             raise IA3Error(f"{path} is a folder without {CONFIG_NAME}; pass a PEFT adapter folder or an {SUFFIX} file")
+        check_task(folder.task, read_config(path).task_type, path, source="the export's task",  # before any tensor
+                   hint=f"use an adapter trained for the task {folder.path} was exported for")
         adapter = read_adapter(path, max_bytes(folder))
         tensors = {module + VECTOR_SUFFIX: v for module, v in adapter.vectors().items()}
         saved = adapter.saved_tensors()
@@ -140,9 +142,6 @@ def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = Fa
     folder = open_folder(model_dir)
     if not os.path.isdir(adapter_dir):
         raise IA3Error(f"adapter folder {adapter_dir} does not exist (expected a PEFT adapter folder)")
-    if os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):  # what it was trained for, before any tensor is read
-        check_task(folder.task, read_config(adapter_dir).task_type, adapter_dir, source="the export's task",
-                   hint=f"convert an adapter trained for the task {model_dir} was exported for")
     vectors = check_tensors(read_tensors(adapter_dir, folder), folder, adapter_dir)
     tensors = {name: v.reshape(file_shape(folder, name)) for name, v in vectors.items()}
     write_onnx_adapter(out, tensors, force=force, inputs=[adapter_dir, model_dir])
