@@ -78,6 +78,8 @@ def export_summary(path: str) -> dict:
         "cache": m.get("cache"), "num_vectors": len(vectors), "vector_values": sum(v.dim for v in vectors.values()),
         "feedforward_vectors": sum(v.feedforward for v in vectors.values()),
         "adapters": adapters, "tokens": m.get("tokens"), "versions": m.get("versions"),
+        "quantization": {k: v for k, v in (m.get("quantization") or {}).items() if k != "graphs"} or None,
+        "genai": m.get("genai"),
     }
 
 
@@ -95,6 +97,12 @@ def _export_lines(s: dict) -> list[str]:
         where = "folded into the weights" if not a["file"] else a["file"] + ("" if a["present"] else " [MISSING]")
         lines.append(f"adapter {a['name']}: {where} (source sha256 {str(a['source_sha256'])[:12]})")
     lines.append(f"tokens: {s['tokens']}")
+    if s["quantization"]:
+        q = s["quantization"]
+        lines.append(f"quantized: {q.get('method')} ({', '.join(f'{k} {v}' for k, v in q.items() if k != 'method')})")
+    genai = s["genai"] or {}
+    lines.append("onnxruntime-genai: " + (f"og.Model(folder) loads it ({', '.join(genai.get('files') or [])})"
+                                          if genai.get("supported") else f"not served ({genai.get('reason', 'no entry')})"))
     return lines
 
 

@@ -435,3 +435,17 @@ def test_vector_nodes_survive_quantization_untouched(quantized, tmp_path, model_
             set(_vector_nodes(quantized_graph, names))]
     assert muls and all(any(producer.get(i) in ops or producer.get(i) == "Add" for i in m.input)
                         or set(consumers.get(m.output[0], [])) & ops for m in muls)
+
+
+def test_inspect_shows_the_quantization_and_what_genai_can_serve(quantized):
+    """`inspect` on an exported folder says how it was quantized and whether onnxruntime-genai loads it
+    (a bank export's per-row adapter_ids: genai cannot feed them), from the manifest."""
+    _, _, swappable = quantized("llama", None, "swappable", "int4")
+    _, _, bank = quantized("llama", None, "bank", "int4")
+    table = run_cli("inspect", swappable)
+    assert table.exit_code == 0, table.output
+    assert "quantized: int4 (" in table.stdout and "block_size 32" in table.stdout
+    assert "onnxruntime-genai: og.Model(folder) loads it (genai_config.json" in table.stdout
+    summary = json.loads(run_cli("inspect", bank, "--json").stdout)
+    assert summary["quantization"]["method"] == "int4" and summary["genai"]["supported"] is False
+    assert "not served (" in run_cli("inspect", bank).stdout
