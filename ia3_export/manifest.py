@@ -126,6 +126,29 @@ def check_manifest(manifest, folder: str, path: str) -> None:
             raise IA3Error(f"{path}: {where}.shape has {len(shape)} dims; re-export the model")
         for d in shape:
             field.count(d, f"{where}.shape", minimum=1)
+    _check_quantization(field, manifest.get("quantization"), graphs)
+    genai = field.of(manifest.get("genai"), "genai", dict, optional=True)
+    if genai is not None:
+        field.of(genai.get("supported", False), "genai.supported", bool)
+        field.names(genai.get("files", []), "genai.files")
+        field.of(genai.get("reason"), "genai.reason", str, optional=True)
+
+
+def _check_quantization(field: "Fields", quantization, graphs: dict) -> None:
+    """The `quantization` entry (export/quantize.py writes it; parity and inspect read it)."""
+    quantization = field.of(quantization, "quantization", dict, optional=True)
+    if quantization is None:
+        return
+    if field.choice(quantization.get("method"), "quantization.method", ("int4", "int8")) == "int4":
+        field.count(quantization.get("block_size"), "quantization.block_size", minimum=16)
+        field.count(quantization.get("accuracy_level", 0), "quantization.accuracy_level")
+    for key in ("lm_head", "embeddings", "symmetric"):
+        field.of(quantization.get(key, False), f"quantization.{key}", bool)
+    for name, entry in (field.of(quantization.get("graphs"), "quantization.graphs", dict, optional=True) or {}).items():
+        where = f"quantization.graphs.{name}"
+        field.choice(name, "quantization.graphs", graphs)
+        weights = field.of(field.of(entry, where, dict).get("weights"), f"{where}.weights", dict, optional=True) or {}
+        field.names(list(weights.values()), f"{where}.weights")
 
 
 class Fields:
