@@ -16,8 +16,7 @@ import json
 import os
 
 from ..errors import CheckFailed
-from ..jsonfile import read_json
-from ..runtime.generation import max_positions
+from ..runtime.folder import ExportedFolder
 
 CONFIG_NAME = "genai_config.json"
 GENAI_TASK = "text-generation-with-past"
@@ -44,17 +43,16 @@ def unsupported(manifest: dict) -> str | None:
 
 
 def genai_config(folder: str, manifest: dict) -> dict:
-    """The genai_config.json of an exported folder (config.json, generation_config.json and the manifest)."""
-    config = read_json(os.path.join(folder, "config.json"))
-    gen_path = os.path.join(folder, "generation_config.json")
-    gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
+    """The genai_config.json of an exported folder (config.json, generation_config.json and the manifest).
+    EOS and pad ids are the ones our runtime uses (ExportedFolder), so both stop at the same token."""
+    exported = ExportedFolder(folder, manifest)
+    config, gen = exported.config, exported.generation_config
     cache, graph = manifest["cache"], manifest["graphs"][manifest["cache"]["graph"]]
-    tokens = manifest.get("tokens") or {}
-    eos = gen.get("eos_token_id", tokens.get("eos"))
-    pad = tokens.get("pad") if tokens.get("pad") is not None else gen.get("pad_token_id")
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
-    context = max_positions(config) or 4096
+    tokens = exported.tokens
+    eos_ids = exported.eos_ids()
+    eos = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    pad = exported.pad_id()
+    context = exported.max_positions or 4096
     inputs = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in graph["inputs"]}
     text = config.get("text_config") or config
     heads = text.get("num_attention_heads", text.get("n_head"))

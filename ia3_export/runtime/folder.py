@@ -6,6 +6,8 @@ a folder without loading its weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 import os
 
 from ..errors import IA3Error
@@ -14,6 +16,18 @@ from ..manifest import MANIFEST_NAME, NUMPY_DTYPES, Fields, confined, graph_path
 from .bindings import binding_class
 
 GENERATION_CONFIG = "generation_config.json"
+MODEL_CONFIG = "config.json"
+
+
+def max_positions(config: dict) -> int | None:
+    """The most positions a model takes (config.json's max_position_embeddings, GPT-2's n_positions);
+    None where the config sets no limit (T5's relative positions)."""
+    text = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = text.get(key)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,16 +128,33 @@ class ExportedFolder:
             pad = eos[0] if eos else 0
         return pad
 
-    def _generation_token(self, key: str):
-        """A token id (or list of ids) from generation_config.json, checked like the manifest's."""
-        path = os.path.join(self.path, GENERATION_CONFIG)
+    @functools.cached_property
+    def config(self) -> dict:
+        """The export's config.json ({} without one), read once: a session's folder does not change."""
+        return self._json(MODEL_CONFIG)
+
+    @functools.cached_property
+    def generation_config(self) -> dict:
+        return self._json(GENERATION_CONFIG)
+
+    @functools.cached_property
+    def max_positions(self) -> int | None:
+        return max_positions(self.config)
+
+    def _json(self, name: str) -> dict:
+        path = os.path.join(self.path, name)
         if not os.path.isfile(path):
-            return None
+            return {}
         data = read_json(path)
         if not isinstance(data, dict):
             raise IA3Error(f"{path}: expected a JSON object, got {type(data).__name__}; restore the file")
-        Fields(path).token_ids(data.get(key), key, many=key == "eos_token_id")
-        return data.get(key)
+        return data
+
+    def _generation_token(self, key: str):
+        """A token id (or list of ids) from generation_config.json, checked like the manifest's."""
+        value = self.generation_config.get(key)
+        Fields(os.path.join(self.path, GENERATION_CONFIG)).token_ids(value, key, many=key == "eos_token_id")
+        return value
 
 
 def open_folder(path: str) -> ExportedFolder:

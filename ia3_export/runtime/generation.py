@@ -14,14 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import os
 import warnings
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..errors import IA3Error
-from ..jsonfile import read_json
 
 PAST, PRESENT = "past_key_values", "present"
 
@@ -194,20 +192,9 @@ class _Rows:
         return any(stop in text for stop in self.stops)
 
 
-def max_positions(config: dict) -> int | None:
-    """The most positions a model takes (config.json's max_position_embeddings, GPT-2's n_positions);
-    None where the config sets no limit (T5's relative positions)."""
-    text = config.get("text_config") or config
-    for key in ("max_position_embeddings", "n_positions"):
-        if _is_int(text.get(key)):
-            return int(text[key])
-    return None
-
-
 def _new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool) -> int:
     """max_new_tokens, cut to the positions left; a prompt that leaves none is an error naming both."""
-    config_path = os.path.join(folder.path, "config.json")
-    limit = max_positions(read_json(config_path)) if os.path.isfile(config_path) else None
+    limit = folder.max_positions
     if limit is None:
         return max_new_tokens
     if prompt_len > limit or (prompt_len >= limit and not seq2seq):

@@ -17,13 +17,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import threading
 
 import numpy as np
 
 from ..errors import IA3Error
-from ..jsonfile import read_json
 from ..runtime import GenerationOptions, generate_ids
 
 BYTES = np.bytes_
@@ -95,9 +93,8 @@ class Served:
 
         self.session, self.pool = session, AdapterPool(session)
         self.stats = Stats()
-        config_path = os.path.join(session.folder.path, "config.json")
-        self.config = read_json(config_path) if os.path.isfile(config_path) else {}
-        self.max_tokens = max_tokens or _context_length(self.config)
+        self.config = session.folder.config
+        self.max_tokens = max_tokens or session.folder.max_positions
         self.vocab_size = self.config.get("vocab_size")
         try:
             self.tokenizer = session.tokenizer()
@@ -338,13 +335,6 @@ def model_for(session) -> type:
         raise IA3Error(f"{session.folder.path} is a {task or 'unknown'} export; `serve` runs causal-lm and seq2seq "
                        "exports (model `generate`) and text-classification exports (model `classify`)")
     return MODEL_FOR_TASK[task]
-
-
-def _context_length(config: dict) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def _values(request, name: str) -> np.ndarray:
