@@ -4,10 +4,13 @@ pytriton runs `tritonserver` (HTTP and gRPC, KServe v2 protocol, dynamic batcher
 Prometheus metrics) as a child process; its Python backend forwards each batch of requests to the
 model functions in THIS process, where one thread-safe IA3Session serves every model instance.
 Stopping (SIGTERM or SIGINT, or `stop()`) asks tritonserver to finish the requests in flight,
-then removes its workspace.
+then removes its workspace. `serve_forever` (the command) also waits for every process that
+tritonserver's backends started: it adopts them as the child subreaper, so none is left running or
+as a zombie when a container's PID 1 does not reap.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import signal
@@ -15,11 +18,13 @@ import socket
 import sys
 import sysconfig
 import threading
+import time
 
 from ..errors import CheckFailed, IA3Error
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 @dataclasses.dataclass
@@ -128,6 +133,7 @@ class Server:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""
         stopping = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         try:
             self.start()
             if on_ready:
@@ -137,6 +143,7 @@ class Server:
                     raise CheckFailed("Triton Inference Server stopped by itself; see its log above")
         finally:
             self.stop()
+            _reap_children(timeout_s=10)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -145,6 +152,44 @@ class Server:
 
     def __exit__(self, *_) -> None:
         self.stop()
+
+
+def _reap_children(timeout_s: float) -> None:
+    """Wait for the children left (orphans adopted as subreaper included); kill those still running at the end.
+
+    multiprocessing's resource tracker is ours and ends with this process, so it is not waited for."""
+    from multiprocessing import resource_tracker
+
+    ours = getattr(resource_tracker._resource_tracker, "_pid", None)
+    deadline, killed = time.monotonic() + timeout_s, False
+    while left := [pid for pid in _children() if pid != ours]:
+        for pid in left:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if time.monotonic() > deadline:
+            if killed:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            deadline, killed = time.monotonic() + 5, True
+        time.sleep(0.05)
+
+
+def _children() -> list[int]:
+    me, found = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                    found.append(int(pid))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
 
 
 def _tensors(ports) -> list:
