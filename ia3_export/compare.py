@@ -2,6 +2,9 @@
 
 Used by export validation, the `parity` command, the pytest plugin and the GPU script, so a
 tolerance means the same thing everywhere: |actual - reference| <= atol + rtol * |reference|.
+Only real token positions count: `real_positions` (a batch run against a batch reference) and
+`compare_rows` (a batch run against each row run alone, without its padding) say which those are.
+Tolerances: ia3_export/parity/tolerances.py.
 """
 from __future__ import annotations
 
@@ -64,3 +67,81 @@ def compare(name: str, reference, actual, atol: float, rtol: float, where=None) 
         worst_index=tuple(int(i) for i in worst), reference_at_worst=float(ref[worst]), actual_at_worst=float(got[worst]),
         atol=atol, rtol=rtol, passed=bool((excess <= 0).all()), note=note,
     )
+
+
+# -- which positions are real tokens ----------------------------------------------------------
+# The mask input's axis -> the axes it splits into (past first, then the new tokens).
+SPLIT_AXES = {"total_sequence_length": ("past_sequence_length", "sequence_length")}
+MASKS = ("attention_mask", "encoder_attention_mask")
+
+
+def real_positions(output: str, feeds: dict | None, shape: tuple) -> np.ndarray | None:
+    """Where an output holds real tokens, from the attention mask; None where every position counts.
+
+    Padded positions compute attention over nothing: their values are arbitrary (and differ
+    between PyTorch and ONNX Runtime in fp16), so they are no evidence either way.
+    """
+    mask = None if feeds is None else feeds.get("attention_mask")
+    if mask is None or len(shape) < 3:
+        return None
+    mask = mask.astype(bool)
+    if output.startswith("present.") and shape[2] == mask.shape[1]:  # [batch, heads, past + new, head_dim]
+        return mask[:, None, :, None]
+    if not output.startswith("present.") and shape[1] <= mask.shape[1]:  # [batch, new tokens, ...]
+        return mask[:, -shape[1]:].reshape(mask.shape[0], shape[1], *([1] * (len(shape) - 2)))
+    return None
+
+
+def row_keep(graph, feeds: dict, row: int) -> dict[str, np.ndarray]:
+    """Axis name -> positions of real tokens in this row (from its attention mask)."""
+    keep = {}
+    for mask_name in MASKS:
+        if mask_name not in feeds:
+            continue
+        mask = feeds[mask_name][row] != 0
+        axis = graph.dynamic_axes[mask_name][1]
+        keep[axis] = mask
+        if axis in SPLIT_AXES:
+            past_axis, new_axis = SPLIT_AXES[axis]
+            new = feeds["input_ids"].shape[1]
+            keep[past_axis], keep[new_axis] = mask[:len(mask) - new], mask[len(mask) - new:]
+    return keep
+
+
+def row_index(axes: dict[int, str], keep: dict, row: int, ndim: int) -> tuple:
+    """np.ix_-ready index arrays for one row's positions in a batch output (None: the whole axis)."""
+    index = []
+    for axis in range(ndim):
+        name = axes.get(axis)
+        if axis == 0:
+            index.append(np.array([row]))
+        elif name in keep:
+            index.append(np.flatnonzero(keep[name]))
+        else:
+            index.append(None)
+    return tuple(index)
+
+
+def take_row(value: np.ndarray, axes: dict[int, str], keep: dict, row: int) -> np.ndarray:
+    """One batch row of an input, its padded positions dropped (`row_keep`)."""
+    out = value[row:row + 1]
+    for axis, name in axes.items():
+        if axis > 0 and name in keep:
+            out = np.compress(keep[name], out, axis=axis)
+    return out
+
+
+def compare_rows(name: str, row_results: list, actual: np.ndarray, atol: float, rtol: float):
+    """Scatter each row's reference into a batch-shaped array (so the worst index is in batch coordinates)
+    and compare the positions of real tokens only."""
+    actual = np.asarray(actual)
+    reference = np.zeros(actual.shape)
+    compared = np.zeros(actual.shape, dtype=bool)
+    try:
+        for index, value in row_results:
+            full = np.ix_(*(ix if ix is not None else np.arange(actual.shape[axis]) for axis, ix in enumerate(index)))
+            reference[full] = value
+            compared[full] = True
+    except (ValueError, IndexError):  # the output has the wrong shape: compare fails with a shape note
+        return compare(name, np.concatenate([v for _, v in row_results]), actual, atol, rtol)
+    return compare(name, reference, actual, atol, rtol, where=compared)

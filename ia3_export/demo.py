@@ -12,6 +12,7 @@ import time
 import traceback
 
 from .errors import CheckFailed, IA3Error
+from .manifest import BANK, FOLDSWAP, MERGED, SWAPPABLE
 
 
 class Report:
@@ -89,7 +90,7 @@ def classifier_stage(workdir: str, report: Report, quick: bool) -> dict:
     before, after = trained["accuracy_before"], trained["accuracy_after"]
     report.add("train MiniLM-L6 classifier", f"eval accuracy {before:.3f} -> {after:.3f} (40 held-out reviews)", after > before)
     onnx_dir = os.path.join(workdir, "minilm-reviews-merged")
-    manifest = export_model(trained["model_dir"], onnx_dir, mode="merged", adapters=[trained["adapter_dir"]],
+    manifest = export_model(trained["model_dir"], onnx_dir, mode=MERGED, adapters=[trained["adapter_dir"]],
                             task="text-classification", force=True)
     report.add("export merged (validated)", f"{manifest['graphs']['model']['nodes']} nodes, {onnx_dir}")
     rows = [r.fields for r in read_rows(trained["eval_file"], "text-classification")]
@@ -118,7 +119,7 @@ def generator_stage(workdir: str, report: Report, quick: bool) -> dict:
                f"says the animal's sound: base {lm['says_sound_base']:.0%} -> adapter {lm['says_sound_adapter']:.0%} "
                f"(held-out animals included)", lm["says_sound_adapter"] > lm["says_sound_base"])
     swappable = os.path.join(workdir, "tiny-lm-swappable")
-    export_model(lm["base_dir"], swappable, mode="swappable", adapters=[lm["adapter_dir"]], force=True)
+    export_model(lm["base_dir"], swappable, mode=SWAPPABLE, adapters=[lm["adapter_dir"]], force=True)
     session = IA3Session(swappable)
     name = session.load_shipped_adapters()[0]
     same = 0
@@ -130,7 +131,7 @@ def generator_stage(workdir: str, report: Report, quick: bool) -> dict:
                f"greedy text equals PyTorch for {same}/{len(lm['samples'])} prompts, e.g. "
                f"{lm['samples'][-1]['prompt']!r} -> {adapted!r}", same == len(lm["samples"]))
     bank = os.path.join(workdir, "tiny-lm-bank")
-    export_model(lm["base_dir"], bank, mode="bank", adapters=[lm["adapter_dir"]], force=True)
+    export_model(lm["base_dir"], bank, mode=BANK, adapters=[lm["adapter_dir"]], force=True)
     session = IA3Session(bank)
     name = session.load_shipped_adapters()[0]
     requests = [(s["prompt"], adapter) for s in lm["samples"] for adapter in (None, name)]
@@ -139,7 +140,7 @@ def generator_stage(workdir: str, report: Report, quick: bool) -> dict:
     matches = sum(a == b for a, b in zip(outputs, expected))
     report.add("bank export: one batch, adapter per row", f"{matches}/{len(expected)} rows equal PyTorch", matches == len(expected))
     foldswap = os.path.join(workdir, "tiny-lm-foldswap")
-    export_model(lm["base_dir"], foldswap, mode="foldswap", adapters=[lm["adapter_dir"]], force=True)
+    export_model(lm["base_dir"], foldswap, mode=FOLDSWAP, adapters=[lm["adapter_dir"]], force=True)
     session = IA3Session(foldswap)
     name = session.load_shipped_adapters()[0]
     outputs = [session.generate(s["prompt"], adapter=adapter, max_new_tokens=12)

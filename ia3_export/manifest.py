@@ -5,6 +5,7 @@ contract; readers must ignore keys they do not know (writers may add more).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -14,10 +15,32 @@ from .jsonfile import read_json, shown
 MANIFEST_NAME = "ia3_export.json"
 FORMAT = "ia3-export"
 FORMAT_VERSION = 1
-MODES = ("merged", "swappable", "bank", "foldswap")
+# The one list of export modes: the CLI's choices, the manifest check, the export strategies
+# (export/modes/) and the runtime bindings (runtime/bindings.py) are all keyed by these names.
+MODES = (MERGED, SWAPPABLE, BANK, FOLDSWAP) = ("merged", "swappable", "bank", "foldswap")
 DTYPES = ("fp32", "fp16")
 NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16"}
 REQUIRED_KEYS = ("format", "format_version", "mode", "task", "model_type", "dtype", "graphs")
+
+# Graph contract names shared by the export (which writes them) and the runtime (which feeds them).
+VECTOR_SUFFIX = ".ia3_l"  # a vector input is its module path + PEFT's parameter name
+ADAPTER_IDS = "adapter_ids"  # a bank export's per-row adapter index, [batch] int64
+FOLD_GRAPH = "fold"  # a foldswap export's fold graph: vectors in, folded weights out
+FOLD_FILE = "fold.onnx"
+
+
+def vector_name(path: str) -> str:
+    """The graph input of a module's vector: its PEFT key without `base_model.model.`."""
+    return f"{path}{VECTOR_SUFFIX}"
+
+
+def file_sha256(path: str) -> str:
+    """The digest the manifest keeps of each adapter's weights file (parity matches adapters by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def new_manifest(*, mode: str, task: str, model_type: str, dtype: str, opset: int, exporter: str,

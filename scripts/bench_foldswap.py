@@ -134,7 +134,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
     model graph that only takes the weights: what a 7B switch costs, without a 7B model."""
     from onnx import TensorProto, helper
 
-    from ia3_export.export.foldswap import FOLD_FILE, FoldTarget, build_fold_graph
+    from ia3_export.export.modes.foldswap import FOLD_FILE, FoldTarget, build_fold_graph
     from ia3_export.export.graph import ONNX_DTYPES
     from ia3_export.manifest import new_manifest, write_manifest
 

@@ -68,7 +68,7 @@ PRELOAD = ["torch", "torch.onnx", "transformers", "transformers.models.llama.mod
            "transformers.models.bert.modeling_bert", "transformers.models.bert.tokenization_bert",
            "transformers.models.auto.tokenization_auto", "tokenizers", "safetensors.torch", "onnx", "onnxruntime",
            "matplotlib.pyplot", "ia3_export.cli", "ia3_export.model", "ia3_export.loading", "ia3_export.merge",
-           "ia3_export.export.build", "ia3_export.train.loop", "ia3_export.runtime.session",
+           "ia3_export.export.pipeline", "ia3_export.train.loop", "ia3_export.runtime.session",
            *(f"ia3_export.commands.{c}" for c in ("export", "convert", "merge", "train"))]
 
 

@@ -3,6 +3,7 @@ import os
 
 import click
 
+from ..manifest import MERGED, MODES
 from . import progress_option, trust_remote_code_option
 
 TASKS = ["text-generation-with-past", "text-generation", "text-classification", "feature-extraction",
@@ -21,7 +22,7 @@ def _modules(value):
 @click.command("export")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the ONNX export.")
-@click.option("--mode", type=click.Choice(["merged", "swappable", "bank", "foldswap"]), default="merged", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=MERGED, show_default=True,
               help="merged: adapters folded in; swappable: IA3 vectors as graph inputs; bank: a per-row adapter bank; "
                    "foldswap: targeted weights as inputs, re-folded on the device on a switch (docs/foldswap.md).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
@@ -57,6 +58,7 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..adapter_names import name_for
     from ..export import export_model
+    from ..export.modes import export_mode
     from ..export.quantize import QuantizeOptions
 
     options = None if quantize is None else QuantizeOptions(
@@ -68,7 +70,7 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
                             quantize=options)
     for path in adapters:  # an adapter's name is its folder's, made valid (adapter_names.name_for)
         folder, name = os.path.basename(os.path.normpath(path)), name_for(path)
-        if name != folder and mode != "merged":
+        if name != folder and not export_mode(mode).folds_adapters:
             click.echo(f"adapter folder {folder!r} is named {name!r} in the export (names use letters, digits, "
                        "'_', '-' and '.'); load it by that name")
     graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes)" for g in manifest["graphs"].values())

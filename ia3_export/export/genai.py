@@ -17,6 +17,7 @@ import os
 
 from ..errors import CheckFailed
 from ..runtime.folder import ExportedFolder
+from .modes import export_mode
 
 CONFIG_NAME = "genai_config.json"
 GENAI_TASK = "text-generation-with-past"
@@ -34,12 +35,7 @@ def unsupported(manifest: dict) -> str | None:
         return f"onnxruntime-genai serves {GENAI_TASK} exports (a decoder with its KV cache); this is {manifest['task']}"
     if manifest["model_type"] not in GENAI_TYPES:
         return f"ia3-export has no onnxruntime-genai model type for {manifest['model_type']}"
-    if manifest["mode"] == "bank":
-        return "onnxruntime-genai cannot feed the per-row adapter_ids input of a bank export; export --mode swappable"
-    if manifest["mode"] == "foldswap":
-        return ("a foldswap export's targeted weights are graph inputs that only ia3-export's runtime fills "
-                "(from fold.onnx); onnxruntime-genai cannot; export --mode swappable")
-    return None
+    return export_mode(manifest["mode"]).genai_refusal
 
 
 def genai_config(folder: str, manifest: dict) -> dict:

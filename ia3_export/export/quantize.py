@@ -55,12 +55,12 @@ class QuantizeOptions:
     lm_head: bool = True
     embeddings: bool = False
 
-    def check(self, mode: str, dtype: str) -> None:
+    def check(self, mode, dtype: str) -> None:
+        """`mode`: the export's `ExportMode` (export/modes/)."""
         if self.method not in METHODS:
             raise IA3Error(f"unknown quantization {self.method!r}; use one of {', '.join(METHODS)}")
-        if mode == "foldswap":
-            raise IA3Error("--quantize does not combine with --mode foldswap (its weights are graph inputs, which "
-                           "cannot be quantized; see docs/export.md); use --mode swappable or bank")
+        if mode.quantize_refusal:
+            raise IA3Error(mode.quantize_refusal)
         if dtype != "fp32":
             raise IA3Error(f"--quantize needs --dtype fp32 (the quantizers read fp32 weights), got {dtype}")
         if self.block_size not in BLOCK_SIZES:

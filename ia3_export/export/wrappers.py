@@ -15,6 +15,8 @@ import inspect
 import torch
 from torch import nn
 
+from ..manifest import ADAPTER_IDS, vector_name
+
 
 def cache_argument(model: nn.Module) -> str:
     """`cache` from transformers 5.24 on, `past_key_values` before (5.17 on the GPU image, 4.57)."""
@@ -59,7 +61,7 @@ class VectorInputs:
         return VectorInputs(self.ia3, paths, {p: self.feedforward[p] for p in paths}, {p: self.dims[p] for p in paths}, self.bank)
 
     def input_names(self) -> list[str]:
-        return (["adapter_ids"] if self.bank else []) + [vector_name(p) for p in self.paths]
+        return ([ADAPTER_IDS] if self.bank else []) + [vector_name(p) for p in self.paths]
 
     def bind(self, tensors: tuple[torch.Tensor, ...]):
         """Route the extra inputs of a forward pass to the IA3 layers (nothing when none are passed)."""
@@ -72,11 +74,6 @@ class VectorInputs:
         else:
             vectors = dict(zip(self.paths, tensors))
         return self.ia3.external_vectors(vectors, {p: self.feedforward[p] for p in vectors})
-
-
-def vector_name(path: str) -> str:
-    """The graph input of a module's vector: its PEFT key without `base_model.model.`."""
-    return f"{path}.ia3_l"
 
 
 class DecoderWithCache(nn.Module):
@@ -156,3 +153,24 @@ class Seq2SeqDecoder(nn.Module):
 
 def bind(vectors: VectorInputs | None, tensors):
     return vectors.bind(tuple(tensors)) if vectors is not None and tensors else contextlib.nullcontext()
+
+
+def graph_wrappers(model, task, shape, vectors: VectorInputs | None, specs) -> dict:
+    """graph key -> (wrapper module in eval mode, the VectorInputs it takes or None).
+
+    Eval mode matters: torch.onnx.export restores the wrapper's own mode after tracing, which
+    would switch dropout on in the model below a wrapper left in its default training mode."""
+    return {k: (w.eval(), v) for k, (w, v) in _build_wrappers(model, task, shape, vectors, specs).items()}
+
+
+def _build_wrappers(model, task, shape, vectors, specs) -> dict:
+    if task.kind == "decoder":
+        return {"model": (DecoderWithCache(model, shape.num_layers, vectors, use_cache=task.cache), vectors)}
+    if task.kind == "encoder":
+        return {"model": (Encoder(model, task.output, "token_type_ids" in specs[0].inputs, vectors), vectors)}
+    encoder_prefix = next(n for n, m in model.named_modules() if m is model.get_encoder()) + "."
+    enc = dec = None
+    if vectors is not None:
+        enc = vectors.subset([p for p in vectors.paths if p.startswith(encoder_prefix)])
+        dec = vectors.subset([p for p in vectors.paths if not p.startswith(encoder_prefix)])
+    return {"encoder": (Seq2SeqEncoder(model, enc), enc), "decoder": (Seq2SeqDecoder(model, shape.num_layers, dec), dec)}

@@ -40,7 +40,7 @@ def float_agreement(float_reference, session, options) -> dict:
     for graph in float_reference.graphs:
         for index, (_, feeds) in enumerate(float_reference.cases(graph, options.seed)):
             for _, rows in float_reference.scenarios(len(feeds["input_ids"]), index):
-                got = session.run(feeds, graph=graph.key, adapters=None if float_reference.mode == "merged" else rows,
+                got = session.run(feeds, graph=graph.key, adapters=float_reference.ort_rows(rows),
                                   outputs=["logits"])["logits"]
                 expected = float_reference.per_row(graph, feeds, rows)["logits"]
                 for row, (_, value) in enumerate(expected):
@@ -57,15 +57,15 @@ def weight_checks(reference, model_dir: str, folder) -> list:
     import torch
 
     from ..compare import compare
-    from ..export.build import ia3_merged
     from ..export.quantize import quantized_weights
     from ..loading import load_base_model
+    from .reference import fold_adapters
     from .report import OutputCheck
 
     quantization = folder.manifest["quantization"]
     model = load_base_model(model_dir, auto_class=reference.task.auto_class, dtype=torch.float64)
-    if reference.mode == "merged":
-        model = ia3_merged(model, reference.adapters)
+    if reference.mode.folds_adapters:
+        model = fold_adapters(model, reference.adapters)
     checks = []
     for key, entry in (quantization.get("graphs") or {}).items():
         file = folder.graphs[key]["file"]

@@ -22,9 +22,9 @@ import weakref
 import numpy as np
 
 from ..errors import IA3Error
+from ..manifest import ADAPTER_IDS, BANK, FOLDSWAP, MERGED, SWAPPABLE
 from .foldswap import WeightFold
 
-ADAPTER_IDS = "adapter_ids"
 _NO_HOLD = contextlib.nullcontext()  # a run that holds nothing (reusable)
 
 
@@ -199,7 +199,7 @@ class BankBinding(Binding):
         return _NO_HOLD
 
 
-BINDINGS = {"merged": Binding, "swappable": VectorBinding, "bank": BankBinding, "foldswap": FoldBinding}
+BINDINGS = {MERGED: Binding, SWAPPABLE: VectorBinding, BANK: BankBinding, FOLDSWAP: FoldBinding}
 
 
 def binding_class(mode: str) -> type[Binding]:

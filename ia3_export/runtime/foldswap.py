@@ -24,10 +24,7 @@ import threading
 import numpy as np
 
 from ..errors import IA3Error
-
-MODE = "foldswap"
-FOLD_GRAPH = "fold"
-FOLD_FILE = "fold.onnx"
+from ..manifest import FOLD_FILE, FOLD_GRAPH
 
 
 class WeightFold:
@@ -37,7 +34,7 @@ class WeightFold:
         import onnxruntime as ort
 
         if FOLD_GRAPH not in graphs or not folder.manifest.get("weights"):
-            raise IA3Error(f"{folder.path}: a {MODE} export needs the {FOLD_FILE} graph and the manifest's 'weights'; "
+            raise IA3Error(f"{folder.path}: a {folder.mode} export needs the {FOLD_FILE} graph and the manifest's 'weights'; "
                            "re-export the model")
         self.fold = graphs[FOLD_GRAPH]
         self.inputs: dict[str, dict[str, tuple]] = {}  # model graph -> weight name -> (buffer, None)
