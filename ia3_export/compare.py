@@ -4,7 +4,7 @@ Used by export validation, the `parity` command, the pytest plugin and the GPU s
 tolerance means the same thing everywhere: |actual - reference| <= atol + rtol * |reference|.
 Only real token positions count: `real_positions` (a batch run against a batch reference) and
 `compare_rows` (a batch run against each row run alone, without its padding) say which those are.
-Tolerances: ia3_export/parity/tolerances.py.
+Tolerances: ia3_export/tolerances.py.
 """
 from __future__ import annotations
 

@@ -21,14 +21,15 @@ from ..atomic import atomic_output_dir, check_output
 from ..errors import IA3Error
 from ..loading import copy_side_files, has_tokenizer, read_model_config, write_config
 from ..manifest import DTYPES, MERGED, new_manifest, write_manifest
-from ..parity.reference import adapter_names, load_model, probe_shape, sample_feeds
-from ..parity.tolerances import quantized_tolerance
+from ..merge import adapter_names
 from ..progress import stage
+from ..tolerances import quantized_tolerance
 from . import graph as onnx_graph
 from .compat import traceable_masks
 from .genai import validate_with_genai, write_genai_files
 from .modes import Export, export_mode
 from .quantize import quantize_graph, quantize_options
+from .reference import load_model, probe_shape, sample_feeds
 from .tasks import Task, graph_specs, resolve_task
 from .validate import cpu_session, raise_on_failure, tolerance_of
 from .wrappers import graph_wrappers

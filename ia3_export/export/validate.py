@@ -1,6 +1,6 @@
 """Export validation: each traced graph on ONNX Runtime (CPU) against the PyTorch wrapper it came
 from, in the export's own dtype, before anything is written. The inputs and the PyTorch side are
-the reference harness's (parity/reference.py); the scenarios are the mode's
+the reference harness's (export/reference.py); the scenarios are the mode's
 (`ExportMode.validate`, export/modes/); the numbers go through `ia3_export.compare`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 from ..compare import Comparison, compare, real_positions
 from ..errors import CheckFailed
-from ..parity.tolerances import VALIDATION as TOLERANCES  # dtype -> bound; tests and benchmarks may widen it
+from ..tolerances import VALIDATION as TOLERANCES  # dtype -> bound; tests and benchmarks may widen it
 
 _tolerance_override: list[tuple[float, float]] = []  # set by `tolerance_of` (quantized exports)
 SESSION_THREADS = 0  # ORT's intra-op threads for validation (0: ORT's default, one per core)

@@ -5,6 +5,6 @@ scripts/gpu_parity.py. Importing this package is cheap: torch loads only when a 
 """
 from .check import ParityOptions, check_parity
 from .report import ParityReport
-from .tolerances import TOLERANCES, Tolerance, tolerance
+from ..tolerances import TOLERANCES, Tolerance, tolerance
 
 __all__ = ["ParityOptions", "ParityReport", "TOLERANCES", "Tolerance", "check_parity", "tolerance"]

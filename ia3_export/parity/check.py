@@ -6,7 +6,7 @@ adapter. So one comparison covers three claims at once: the graph computes the m
 (left for decoders, right for encoders, in the past too) changes nothing for real tokens, and a
 bank export's row b uses adapter b. Padded positions are not compared: their values are
 undefined (`compare_rows`). The PyTorch side and the inputs (the export validation's cases) are the
-reference harness's (parity/reference.py), the ONNX side is the runtime users deploy
+reference harness's (export/reference.py, parity/reference.py), the ONNX side is the runtime users deploy
 (`ia3_export.runtime.IA3Session`), and every number goes through `ia3_export.compare`.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,9 +23,13 @@ from ..compare import compare_rows
 from ..errors import IA3Error
 from ..progress import stage
 from ..runtime.session import PROVIDERS
-from .reference import Reference
-from .report import GreedyCheck, OutputCheck, ParityReport
-from .tolerances import quantized_tolerance, tolerance
+from ..tolerances import quantized_tolerance, tolerance
+from .greedy import greedy_checks
+from .quantized import float_agreement, weight_checks
+from .report import OutputCheck, ParityReport
+
+if TYPE_CHECKING:
+    from .reference import Reference
 
 REFERENCE_DTYPES = ("fp64", "fp32")
 
@@ -63,6 +68,7 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     for a numeric difference). Bad input (wrong model, adapter, folder) raises IA3Error."""
     options = dataclasses.replace(options or ParityOptions(), **kwargs)
     from ..runtime.folder import open_folder
+    from .reference import Reference  # torch and transformers load when a check runs, not on import
 
     folder = open_folder(onnx_dir)
     dtype = folder.manifest["dtype"]
@@ -95,10 +101,8 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
             report.outputs += _graph_defaults(reference, graph, options, provider_options, atol, rtol)
     if reference.generates and options.greedy_steps:
         stage(f"comparing {options.greedy_steps} greedy tokens")
-        report.greedy += _greedy(reference, session, options, atol, rtol)
+        report.greedy += greedy_checks(reference, session, options, atol, rtol)
     if quantization:  # the stored weights vs the float ones; beside the verdict, agreement with the float model
-        from .quantized import float_agreement, weight_checks
-
         stage("checking the quantized weights against the float weights")
         report.outputs += weight_checks(reference, model_dir, folder)
         report.quantization = quantization
@@ -181,40 +185,3 @@ def _graph_defaults(reference: Reference, graph, options: ParityOptions, provide
         checks += [OutputCheck(graph.file, case, "nothing fed (graph defaults)",
                                compare_rows(name, expected[name], got[name], atol, rtol)) for name in graph.outputs]
     return checks
-
-
-# -- greedy tokens -----------------------------------------------------------------------------
-def _greedy(reference: Reference, session, options: ParityOptions, atol: float, rtol: float):
-    """Greedy generation through the runtime (KV cache, left padding, batch) vs the reference one row at
-    a time. A different token is a failure unless the reference itself has a near-tie there: two logits
-    within the tolerance of each other, where either choice is correct."""
-    from ..runtime.generation import GenerationOptions, generate_ids
-
-    folder = reference.folder
-    rng = np.random.default_rng(options.seed + 7)
-    prompts = [rng.integers(4, reference.shape.vocab_size, n).tolist() for n in (5, 3, 7)]
-    eos = set(folder.eos_ids())
-    start = folder.tokens.get("decoder_start")
-    checks = []
-    for label, rows in reference.scenarios(len(prompts), 1):
-        actual = generate_ids(session, prompts, reference.ort_rows(rows),
-                              GenerationOptions(max_new_tokens=options.greedy_steps))
-        for row, (prompt, adapter) in enumerate(zip(prompts, rows)):
-            tokens, logits = reference.greedy(prompt, adapter, options.greedy_steps, eos, start)
-            passed, note = _judge_tokens(tokens, actual[row], logits, atol, rtol)
-            checks.append(GreedyCheck(label, row, adapter, tokens, actual[row], passed, note))
-    return checks
-
-
-def _judge_tokens(reference: list[int], actual: list[int], logits: list[np.ndarray], atol: float, rtol: float):
-    for step, (want, got) in enumerate(zip(reference, actual)):
-        if want != got:
-            gap = abs(float(logits[step][want] - logits[step][got]))
-            bound = 2 * (atol + rtol * abs(float(logits[step][want])))
-            if gap <= bound:
-                return True, (f"step {step}: token {got} instead of {want}, a near-tie in the reference "
-                              f"(logit gap {gap:.3g} <= {bound:.3g}); later steps not compared")
-            return False, f"step {step}: token {got} instead of {want} (reference logit gap {gap:.3g} > {bound:.3g})"
-    if len(reference) != len(actual):
-        return False, f"lengths differ: reference {len(reference)} tokens, ONNX Runtime {len(actual)}"
-    return True, ""

@@ -3,13 +3,15 @@
 A quantized graph cannot equal the float model, so comparing with it would need bounds too wide
 to catch anything. Instead the reference PyTorch model gets exactly the weights the graph
 computes with (read back from the quantized initializers with numpy, export/quantize.py), and the
-comparison keeps its tight bound (parity/tolerances.py). How far quantization moved the model
+comparison keeps its tight bound (ia3_export/tolerances.py). How far quantization moved the model
 from the float one is reported beside it, as agreement: greedy tokens for generators, top-1
 labels for classifiers. It informs; it does not decide the verdict.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .greedy import greedy_checks
 
 
 def load_dequantized_folder(model, folder) -> None:
@@ -24,9 +26,7 @@ def float_agreement(float_reference, session, options) -> dict:
     """How often the quantized export picks what the FLOAT model picks: greedy tokens (generators,
     token by token up to the first divergence of each row) or the top-1 label (classifiers)."""
     if float_reference.generates and options.greedy_steps:
-        from .check import _greedy
-
-        checks = _greedy(float_reference, session, options, 0.0, 0.0)
+        checks = greedy_checks(float_reference, session, options, 0.0, 0.0)
         same = total = identical = 0
         for c in checks:
             prefix = next((i for i, (a, b) in enumerate(zip(c.reference, c.actual)) if a != b), min(len(c.reference), len(c.actual)))
@@ -59,7 +59,7 @@ def weight_checks(reference, model_dir: str, folder) -> list:
     from ..compare import compare
     from ..export.quantize import quantized_weights
     from ..loading import load_base_model
-    from .reference import fold_adapters
+    from ..merge import fold_adapters
     from .report import OutputCheck
 
     quantization = folder.manifest["quantization"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...manifest import ADAPTER_IDS, BANK, vector_name
-from ...parity.reference import NP_DTYPES, adapter_vectors, random_vectors, rows, running, torch_outputs
+from ..reference import NP_DTYPES, adapter_vectors, random_vectors, rows, running, torch_outputs
 from ..validate import compare_outputs, ort_outputs
 from .base import Export, ExportMode
 

@@ -13,7 +13,7 @@ from ...errors import IA3Error
 from ...manifest import vector_name
 from ...onnx_adapter import SUFFIX, write_onnx_adapter
 from ...merge import with_adapters
-from ...parity.reference import (adapter_sha256, adapter_vectors, random_vectors, running, sample_feeds,
+from ..reference import (adapter_sha256, adapter_vectors, random_vectors, running, sample_feeds,
                                  torch_outputs)
 from ..validate import compare_outputs, ort_outputs
 
@@ -30,7 +30,7 @@ class Export:
     names: list[str]
     dtype: str
     opset: int
-    shape: object = None  # parity.reference.ModelShape
+    shape: object = None  # export.reference.ModelShape
     ia3: object = None  # the IA3Model whose adapters the vector modes validate and ship; None when folded
     vectors: object = None  # wrappers.VectorInputs: the vector inputs of every graph
     parts: dict = dataclasses.field(default_factory=dict)  # graph key -> (wrapper, its VectorInputs or None)

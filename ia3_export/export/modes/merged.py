@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...errors import IA3Error
 from ...manifest import MERGED
-from ...parity.reference import fold_adapters
+from ...merge import fold_adapters
 from .base import ExportMode
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..errors import IA3Error
+from .errors import IA3Error
 
 
 class Tolerance(NamedTuple):
