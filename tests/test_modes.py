@@ -1,5 +1,5 @@
 """Modes are strategies over one export loop: one list of names, one class per mode, and a fifth
-mode is one new class. Also: the package's module-level imports form no cycle."""
+mode is one new class. Also: the package's imports form no cycle."""
 from __future__ import annotations
 
 import ast
@@ -57,7 +57,7 @@ def test_a_fifth_mode_is_one_class(monkeypatch, model_dir, adapter_dir, tmp_path
         outputs.append(session.run(None, feeds | vectors)[0])
         base = session.run(None, feeds)[0]
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-6)
-    assert np.abs(outputs[0] - base).max() > 1e-4  # the adapter's vectors changed the logits
+    assert np.abs(outputs[0] - base).max() > 1e-5  # the adapter's vectors moved the logits, far past 1e-6
 
 
 def _module_name(path: str, package: str) -> str:
@@ -118,8 +118,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle():
-    graph = import_graph()
+    """Counting imports inside functions too: an import moved into a function to dodge a cycle is
+    still a cycle (main had export/build.py <-> export/foldswap.py)."""
+    graph = import_graph(inside_functions=True)
     assert "ia3_export.export.pipeline" in graph["ia3_export.export"]  # the walker sees package imports
-    assert "ia3_export.parity" in graph["ia3_export.export.pipeline"]  # ... and the packages a submodule runs
+    assert "ia3_export.export" in graph["ia3_export.parity.reference"]  # ... and the packages a submodule runs
+    assert not any(m.startswith("ia3_export.parity") for m in graph["ia3_export.export.pipeline"])  # export < parity
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
