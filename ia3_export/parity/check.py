@@ -21,6 +21,7 @@ import numpy as np
 
 from ..compare import compare_rows
 from ..errors import IA3Error
+from ..manifest import ADAPTER_IDS, VECTOR_SUFFIX
 from ..progress import stage
 from ..runtime.session import PROVIDERS
 from ..tolerances import quantized_tolerance, tolerance
@@ -154,7 +155,7 @@ def _check_layout(graphs, session) -> None:
                                    ("output", graph.outputs, g.outputs)):
             missing = [n for n in wanted if n not in have]
             if missing:
-                extra = [n for n in have if n not in wanted and not n.endswith(".ia3_l") and n != "adapter_ids"]
+                extra = [n for n in have if n not in wanted and not n.endswith(VECTOR_SUFFIX) and n != ADAPTER_IDS]
                 raise IA3Error(f"{graph.file} has no {kind} {missing[0]!r}" + (f" (it has {extra[0]!r} instead)" if extra else "")
                                + "; the graph does not follow the task's layout, re-export the model")
 
@@ -178,8 +179,8 @@ def _graph_defaults(reference: Reference, graph, options: ParityOptions, provide
     checks = []
     for case, feeds in reference.cases(graph, options.seed)[-1:]:  # padding and past > 0
         fed = dict(feeds)
-        if "adapter_ids" in plain.inputs:
-            fed["adapter_ids"] = np.zeros(len(feeds["input_ids"]), dtype=np.int64)
+        if ADAPTER_IDS in plain.inputs:
+            fed[ADAPTER_IDS] = np.zeros(len(feeds["input_ids"]), dtype=np.int64)
         got = {k: v.numpy() for k, v in plain.run(fed, graph.outputs).items()}
         expected = reference.per_row(graph, feeds, [None] * len(feeds["input_ids"]))
         checks += [OutputCheck(graph.file, case, "nothing fed (graph defaults)",
