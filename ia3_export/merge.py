@@ -4,6 +4,7 @@
 adapters on a loaded model."""
 from __future__ import annotations
 
+from . import adapter_format as fmt
 from .atomic import atomic_output_dir, check_output
 from .errors import IA3Error
 from .loading import copy_side_files, head_class, load_task_model, read_model_config, write_config
@@ -44,8 +45,6 @@ def load_with_adapters(model_dir: str, adapter_dirs: list[str], task: str | None
 
     The head is the task's (see `loading.head_class`): --task, else the adapters' task_type, else
     config.json's; a classifier gets the adapters' num_labels and label names."""
-    from . import adapter_format as fmt
-
     adapters = [fmt.read_adapter(path) for path in adapter_dirs]
     names = adapter_names(adapters, "two adapters are named {name!r}; give the folders different names")
     auto_class = head_class(task, adapters, read_model_config(model_dir))

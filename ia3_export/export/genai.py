@@ -17,6 +17,8 @@ import os
 
 from ..errors import CheckFailed
 from ..runtime.folder import ExportedFolder
+from ..runtime.generation import GenerationOptions, generate_ids
+from ..runtime.session import IA3Session
 from .modes import export_mode
 
 CONFIG_NAME = "genai_config.json"
@@ -102,9 +104,6 @@ def validate_with_genai(folder: str, manifest: dict) -> str | None:
         import onnxruntime_genai as og
     except ImportError:
         return None
-    from ..runtime import IA3Session
-    from ..runtime.generation import GenerationOptions, generate_ids
-
     prompt, steps = [5, 6, 7, 8], 4
     try:
         model = og.Model(folder)

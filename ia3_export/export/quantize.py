@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from ..errors import IA3Error
+from . import graph as onnx_graph
 
 METHODS = ("int4", "int8")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -94,8 +95,6 @@ def quantize_graph(path: str, model, options: QuantizeOptions) -> tuple[dict, li
     """Quantize the traced graph at `path` in place; returns {quantized initializer: parameter name}
     and the graph's files. `model` is the PyTorch model the graph was traced from: it gets the
     de-quantized weights, so the validation that follows compares the graph with what it computes."""
-    from . import graph as onnx_graph
-
     graph_model = onnx_graph.load(path)
     sources = _weight_sources(model)
     inits = {i.name: i for i in graph_model.graph.initializer}

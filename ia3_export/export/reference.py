@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from ..adapter_format import WEIGHTS_NAME
+from ..loading import load_task_model
 from ..manifest import file_sha256, vector_name
 from .wrappers import flatten_cache, returned_cache
 
@@ -25,15 +27,11 @@ NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # -- loading a model with adapters ------------------------------------------------------------
 def adapter_sha256(adapter) -> str:
     """The digest of an adapter's weights file, as the manifest keeps it."""
-    from ..adapter_format import WEIGHTS_NAME
-
     return file_sha256(os.path.join(adapter.path, WEIGHTS_NAME))
 
 
 def load_model(model_dir: str, auto_class: str, adapters, dtype, trust_remote_code: bool = False):
     """The task's model (the adapters' head) in `dtype`, with the eager attention the exporter traces."""
-    from ..loading import load_task_model
-
     model = load_task_model(model_dir, auto_class, adapters, dtype=dtype, trust_remote_code=trust_remote_code)
     use_eager_attention(model)
     return model

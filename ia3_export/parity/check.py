@@ -23,7 +23,10 @@ from ..compare import compare_rows
 from ..errors import IA3Error
 from ..manifest import ADAPTER_IDS, VECTOR_SUFFIX
 from ..progress import stage
-from ..runtime.session import PROVIDERS
+from ..jsonfile import read_json
+from ..loading import read_model_config
+from ..runtime.folder import open_folder
+from ..runtime.session import PROVIDERS, Graph, IA3Session
 from ..tolerances import quantized_tolerance, tolerance
 from .greedy import greedy_checks
 from .quantized import float_agreement, weight_checks
@@ -68,7 +71,6 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     """Run every case and scenario; returns the report (its `passed` is the verdict, nothing raises
     for a numeric difference). Bad input (wrong model, adapter, folder) raises IA3Error."""
     options = dataclasses.replace(options or ParityOptions(), **kwargs)
-    from ..runtime.folder import open_folder
     from .reference import Reference  # torch and transformers load when a check runs, not on import
 
     folder = open_folder(onnx_dir)
@@ -114,8 +116,6 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
 
 # -- the ONNX Runtime side ---------------------------------------------------------------------
 def _session(folder, provider: str, provider_options: dict | None):
-    from ..runtime import IA3Session
-
     if provider == "cuda":
         _preload_cuda()
     return IA3Session(folder, provider, provider_options=provider_options)
@@ -130,9 +130,6 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 def _check_same_model(model_dir: str, folder) -> None:
     """The export carries the config.json it was made from: a model folder of other sizes is named as
     the wrong folder, not left to fail as a missing input or ONNX Runtime's dimension error."""
-    from ..jsonfile import read_json
-    from ..loading import read_model_config
-
     exported_path = os.path.join(folder.path, "config.json")
     if not os.path.isfile(exported_path):
         return
@@ -173,8 +170,6 @@ def _graph_defaults(reference: Reference, graph, options: ParityOptions, provide
                     atol: float, rtol: float):
     """The graph with NO vectors fed must be the base model: its initializers of ones (and bank row 0)
     are what ONNX Runtime's own adapter API and plain InferenceSession users get."""
-    from ..runtime.session import Graph
-
     plain = Graph(reference.folder.graph_file(graph.key), options.provider, None, provider_options)
     checks = []
     for case, feeds in reference.cases(graph, options.seed)[-1:]:  # padding and past > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime.generation import GenerationOptions, generate_ids
 from .report import GreedyCheck
 
 
@@ -11,8 +12,6 @@ def greedy_checks(reference, session, options, atol: float, rtol: float) -> list
     """Greedy generation through the runtime (KV cache, left padding, batch) vs the reference one row at
     a time. A different token is a failure unless the reference itself has a near-tie there: two logits
     within the tolerance of each other, where either choice is correct."""
-    from ..runtime.generation import GenerationOptions, generate_ids
-
     folder = reference.folder
     rng = np.random.default_rng(options.seed + 7)
     prompts = [rng.integers(4, reference.shape.vocab_size, n).tolist() for n in (5, 3, 7)]

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compare import compare
+from ..loading import load_base_model
+from ..merge import fold_adapters
 from .greedy import greedy_checks
+from .report import OutputCheck
 
 
 def load_dequantized_folder(model, folder) -> None:
@@ -56,11 +60,7 @@ def weight_checks(reference, model_dir: str, folder) -> list:
     so without this a corrupted scale or block would corrupt both sides alike."""
     import torch
 
-    from ..compare import compare
-    from ..export.quantize import quantized_weights
-    from ..loading import load_base_model
-    from ..merge import fold_adapters
-    from .report import OutputCheck
+    from ..export.quantize import quantized_weights  # torch: loaded when a quantized folder is checked
 
     quantization = folder.manifest["quantization"]
     model = load_base_model(model_dir, auto_class=reference.task.auto_class, dtype=torch.float64)

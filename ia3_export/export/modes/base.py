@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ...config import DEFAULT_TARGETS, IA3Config
 from ...errors import IA3Error
 from ...manifest import vector_name
 from ...onnx_adapter import SUFFIX, write_onnx_adapter
 from ...merge import with_adapters
 from ..reference import (adapter_sha256, adapter_vectors, random_vectors, running, sample_feeds,
                                  torch_outputs)
+from .. import graph as onnx_graph
 from ..validate import compare_outputs, ort_outputs
+from ..wrappers import VectorInputs
 
 TARGETS_ONLY = "__targets__"  # pseudo adapter holding --target-modules (vectors of ones)
 
@@ -62,9 +65,6 @@ class ExportMode:
     def prepare(self, model, adapters, target_modules, feedforward_modules):
         """(IA3Model, VectorInputs, the model to trace): every adapter loaded and none active, one vector
         input per targeted module (the adapters' targets, plus --target-modules as vectors of ones)."""
-        from ...config import DEFAULT_TARGETS, IA3Config
-        from ..wrappers import VectorInputs
-
         ia3 = with_adapters(model, adapters)
         target_modules, feedforward_modules = (list(m) if isinstance(m, (tuple, set)) else m
                                                for m in (target_modules, feedforward_modules))
@@ -103,8 +103,6 @@ class ExportMode:
     def edit_graph(self, ex: Export, graph, model, part) -> None:
         """The traced graph, before it is saved: each vector input becomes an overridable initializer
         of ones (the graph runs as the base model when nothing is fed)."""
-        from .. import graph as onnx_graph
-
         if part is None:
             return
         onnx_graph.drop_noop_casts(model, [vector_name(p) for p in part.paths])
