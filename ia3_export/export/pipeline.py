@@ -15,6 +15,8 @@ import os
 import shutil
 import warnings
 
+import torch
+
 from .. import __version__
 from .. import adapter_format as fmt
 from ..atomic import atomic_output_dir, check_output
@@ -59,8 +61,6 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
                                          "with characters other than letters, digits, '_', '-', '.' replaced by '_'); "
                                          "rename one folder")
     strategy.check_adapters(adapter_files)
-    import torch
-
     logging.getLogger("transformers").setLevel(logging.ERROR)
     stage(f"loading {model_dir} ({spec.name}, {mode}, {dtype})")
     model = load_model(model_dir, spec.auto_class, adapter_files, trust_remote_code=trust_remote_code,
@@ -124,8 +124,6 @@ def _check_options(mode, dtype, opset, exporter):
 
 def _trace(strategy, ex: Export, graph, wrapper, part, path, exporter, tmp) -> tuple[list[str], list[str]]:
     """Trace one graph to `path` with the mode's extra inputs and graph edit; returns its inputs and files."""
-    import torch
-
     _, feeds = sample_feeds(graph, ex.task, ex.shape, seed=1)[-1]  # padding, and past > 0 where there is a cache
     module, extra, extra_args, extra_axes = strategy.trace_inputs(ex, graph, wrapper, part, feeds)
     inputs = graph.inputs + extra
@@ -206,7 +204,6 @@ def special_tokens(model) -> dict:
 def package_versions() -> dict:
     import onnx
     import onnxruntime
-    import torch
     import transformers
 
     return {"ia3_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -15,10 +15,12 @@ import dataclasses
 import os
 
 import numpy as np
+import torch
 
 from ..adapter_format import WEIGHTS_NAME
 from ..loading import load_task_model
 from ..manifest import file_sha256, vector_name
+from .tasks import GraphSpec, Task
 from .wrappers import flatten_cache, returned_cache
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -63,8 +65,6 @@ class ModelShape:
 
 def probe_shape(model, task, dtype: str) -> ModelShape:
     """Cache layout and sizes, read from one forward pass (no per-architecture config parsing)."""
-    import torch
-
     vocab = model.get_input_embeddings().num_embeddings
     shape = ModelShape(vocab_size=vocab, dtype=dtype)
     ids = torch.tensor([[5, 6]])
@@ -128,16 +128,9 @@ def rows(feeds: dict, index: int) -> dict:
     return {n: v[index:index + 1] for n, v in feeds.items()}
 
 
-def rows(feeds: dict, index: int) -> dict:
-    """The feeds of one batch row (every base input has the batch on axis 0)."""
-    return {n: v[index:index + 1] for n, v in feeds.items()}
-
-
 # -- the PyTorch side -------------------------------------------------------------------------
 def torch_outputs(wrapper, input_names: list[str], feeds: dict) -> list[np.ndarray]:
     """The wrapper's eager outputs for the feeds (inputs in graph order; absent vectors not passed)."""
-    import torch
-
     args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names if n in feeds]
     with torch.no_grad():
         out = wrapper(*args)

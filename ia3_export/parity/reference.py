@@ -4,6 +4,7 @@ harness (export/reference.py: loading, sample inputs, the wrappers' eager output
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch

@@ -3,6 +3,7 @@ so one batch mixes adapters; row 0 of the initializers is ones (the base model).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ...manifest import ADAPTER_IDS, BANK, vector_name
 from ..reference import NP_DTYPES, adapter_vectors, random_vectors, rows, running, torch_outputs
@@ -16,8 +17,6 @@ class Bank(ExportMode):
     genai_refusal = "onnxruntime-genai cannot feed the per-row adapter_ids input of a bank export; export --mode swappable"
 
     def trace_inputs(self, ex: Export, graph, wrapper, part, feeds: dict):
-        import torch
-
         if part is None:
             return wrapper, [], [], {}
         torch_dtype = torch.float16 if ex.dtype == "fp16" else torch.float32

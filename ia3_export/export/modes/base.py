@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
+
 from ...config import DEFAULT_TARGETS, IA3Config
 from ...errors import IA3Error
 from ...manifest import vector_name
@@ -93,8 +95,6 @@ class ExportMode:
     # -- tracing ------------------------------------------------------------------------------------
     def trace_inputs(self, ex: Export, graph, wrapper, part, feeds: dict):
         """(module to trace, extra input names, their sample tensors for `feeds`, their dynamic axes)."""
-        import torch
-
         if part is None:
             return wrapper, [], [], {}
         torch_dtype = torch.float16 if ex.dtype == "fp16" else torch.float32

@@ -19,7 +19,6 @@ import dataclasses
 import os
 
 import numpy as np
-import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
