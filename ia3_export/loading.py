@@ -13,7 +13,7 @@ from .errors import IA3Error
 from .jsonfile import read_json, shown
 from .labels import label_config, label_fields
 from .safetensors_io import read_header
-from .tasks import ALL_NAMES, TASKS, task_named, task_of_architectures, task_of_type
+from .tasks import ALL_NAMES, TASKS, auto_model_class, task_named, task_of_architectures, task_of_type
 
 # Task names (transformers pipelines', optimum's export tasks) -> the Auto class of their head.
 TASK_HEADS = {name: task_named(name).auto_class for name in ALL_NAMES}
@@ -123,7 +123,7 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
         )
     check_remote_code(model_dir, config, trust_remote_code)
     check_model_files(model_dir)
-    cls = getattr(transformers, auto_class or auto_class_name(config))
+    cls = auto_model_class(auto_class or auto_class_name(config))
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -84,7 +84,7 @@ def task_of_architectures(architectures) -> Task | None:
     return None
 
 
-def auto_class(name: str):
+def auto_model_class(name: str):
     """The transformers Auto class of that name (imported only now: this module stays torch-free)."""
     import transformers
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tasks import DECODERS, ENCODERS, FAMILIES, SEQ2SEQ, auto_class  # noqa: F401 (ENCODERS: for callers)
+from .tasks import DECODERS, ENCODERS, FAMILIES, SEQ2SEQ, auto_model_class  # noqa: F401 (ENCODERS: for callers)
 
 VOCAB = 320
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -52,9 +52,6 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
                                 forced_eos_token_id=None)),
 }
 
-# A tiny model's task is a task family (ia3_export.tasks): causal-lm, seq-cls, seq2seq-lm, feature-extraction, ...
-AUTO_CLASS = {family: task.auto_class for family, task in FAMILIES.items()}
-
 
 def default_task(model_type: str) -> str:
     return "causal-lm" if model_type in DECODERS else "seq2seq-lm" if model_type in SEQ2SEQ else "seq-cls"
@@ -68,13 +65,14 @@ def tiny_config(model_type: str, **overrides):
 
 
 def tiny_model(model_type: str, task: str | None = None, seed: int = 0, **overrides):
-    """A randomly initialised tiny model (deterministic for a seed), in float32 eval mode."""
+    """A randomly initialised tiny model (deterministic for a seed), in float32 eval mode. `task` is a
+    task family of ia3_export.tasks (causal-lm, seq-cls, seq2seq-lm, feature-extraction, ...)."""
     task = task or default_task(model_type)
     config = tiny_config(model_type, **overrides)
     if FAMILIES[task].labelled:
         config.num_labels = overrides.get("num_labels", 3)
     torch.manual_seed(seed)
-    model = auto_class(AUTO_CLASS[task]).from_config(config)
+    model = auto_model_class(FAMILIES[task].auto_class).from_config(config)
     if model_type == "qwen2":  # give k/v their bias a non-zero value so bias scaling is tested
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -16,7 +16,7 @@ from ia3_export.dtypes import DTYPES, EXPORT_DTYPES, REFERENCE_DTYPES, TRAIN_PRE
 from ia3_export.errors import IA3Error
 from ia3_export.layers import scaled_axis
 from ia3_export.manifest import MANIFEST_NAME
-from ia3_export.tasks import ALL_NAMES, EXPORT_TASKS, FAMILIES, TASK_TYPES, TASKS, TRAIN_TASKS, auto_class, task_named
+from ia3_export.tasks import ALL_NAMES, EXPORT_TASKS, FAMILIES, TASK_TYPES, TASKS, TRAIN_TASKS, auto_model_class, task_named
 
 
 def _choices(command: str, option: str) -> list[str]:
@@ -71,7 +71,7 @@ def test_auto_classes_are_transformers_heads():
 
     pipelines = 0
     for task in TASKS.values():
-        cls = auto_class(task.auto_class)
+        cls = auto_model_class(task.auto_class)
         assert cls is getattr(transformers, task.auto_class) and issubclass(cls, _BaseAutoModelClass)
         if task.name in SUPPORTED_TASKS:
             assert [c.__name__ for c in SUPPORTED_TASKS[task.name]["pt"]] == [task.auto_class]
@@ -80,7 +80,7 @@ def test_auto_classes_are_transformers_heads():
     for model_type, family in (("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "seq-cls"),
                                ("bert", "token-cls"), ("t5", "seq2seq-lm")):
         task = FAMILIES[family]
-        built = type(auto_class(task.auto_class).from_config(tiny_config(model_type))).__name__
+        built = type(auto_model_class(task.auto_class).from_config(tiny_config(model_type))).__name__
         assert built.endswith(task.architectures), (model_type, family, built)
 
 
@@ -196,3 +196,21 @@ def test_export_takes_a_brace_quantifier_as_a_regex(model_dir, tmp_path):
     exported = {v["name"].removesuffix(".ia3_l") for v in manifest["vectors"]}
     theirs = PeftIA3Config(target_modules=".{0,}_proj", feedforward_modules=["down_proj"])
     assert exported == {n for n in TINY_LLAMA_MODULES if check_target_module_exists(theirs, n)}
+
+
+def test_serve_picks_its_model_by_task_family():
+    """`serve` runs generation exports as `generate` and classification exports as `classify`
+    (docs/serving.md); a feature-extraction export or an unknown task is refused."""
+    from types import SimpleNamespace
+
+    from ia3_export.serve.models import Classify, Generate, model_for
+
+    expected = {"text-generation-with-past": Generate, "text-generation": Generate,
+                "text2text-generation-with-past": Generate, "text-classification": Classify}
+    for task in EXPORT_TASKS + ("", "summarize"):
+        session = SimpleNamespace(folder=SimpleNamespace(task=task, path="onnx"))
+        if task in expected:
+            assert model_for(session) is expected[task]
+        else:
+            with pytest.raises(IA3Error, match=f"onnx is a {task or 'unknown'} export; `serve` runs"):
+                model_for(session)
