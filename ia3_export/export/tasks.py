@@ -1,4 +1,5 @@
-"""The export tasks (optimum's names): which model class, which wrapper, which graph inputs/outputs.
+"""The export tasks' graphs: which wrapper, which graph inputs/outputs. The names (optimum's), heads
+and Auto classes are ia3_export.tasks'; this module adds what the ONNX graphs look like.
 
 A declarative table, so a graph's names and dynamic axes live in one place and validation,
 the manifest and the exporter all read the same description.
@@ -14,6 +15,8 @@ from ..tasks import DECODERS, ENCODERS, EXPORT_TASKS, SEQ2SEQ, TASKS as TASK_TAB
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """One export task's graph description (its head: `ia3_export.tasks.task_named(name)`)."""
+
     name: str
     kind: str  # decoder | encoder | seq2seq
     output: str
@@ -32,8 +35,14 @@ _GRAPHS = {
     "feature-extraction": ("encoder", "last_hidden_state", ENCODERS + DECODERS),
     "seq2seq-lm": ("seq2seq", "logits", SEQ2SEQ),
 }
-TASKS = {name: Task(name, *_GRAPHS[task_named(name).family][:2], name.endswith(WITH_PAST),
-                    _GRAPHS[task_named(name).family][2]) for name in EXPORT_TASKS}
+
+
+def _spec(name: str) -> Task:
+    kind, output, model_types = _GRAPHS[task_named(name).family]
+    return Task(name, kind, output, name.endswith(WITH_PAST), model_types)
+
+
+TASKS = {name: _spec(name) for name in EXPORT_TASKS}
 
 
 def _default_export(auto_class: str) -> str | None:
