@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from .adapter_names import name_for
+from .atomic import atomic_output_dir
 from .config import IA3Config
 from .errors import IA3Error
 from .jsonfile import read_json
@@ -102,8 +103,6 @@ def read_config(path: str) -> IA3Config:
 def write_adapter(path: str, config: IA3Config, tensors: dict, force: bool = False) -> str:
     """Write a PEFT adapter folder atomically. `tensors` are numpy arrays (torch-free) or torch
     tensors (needed for bfloat16 heads), under PEFT's keys."""
-    from .atomic import atomic_output_dir
-
     with atomic_output_dir(path, force=force) as tmp:
         weights = os.path.join(tmp, WEIGHTS_NAME)
         if any(type(v).__module__.startswith("torch") for v in tensors.values()):

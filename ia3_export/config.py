@@ -14,6 +14,7 @@ from typing import Iterable
 
 from .errors import IA3Error
 from .jsonfile import shown
+from .tasks import TASK_TYPES, TASKS
 
 Targets = list[str] | str | None
 
@@ -51,9 +52,8 @@ PEFT_DIFFERENCES: dict[str, str] = {
 
 ALL_LINEAR = "all-linear"  # every Linear/Conv1D except the output embeddings and task heads
 
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS")
-# PEFT adds these heads to modules_to_save for classification tasks.
-HEADS_FOR_TASK = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+# PEFT adds these heads to modules_to_save for classification tasks (task_type -> head modules).
+HEADS_FOR_TASK = {t.task_type: list(t.heads) for t in TASKS.values() if t.heads}
 
 
 @dataclasses.dataclass
@@ -232,6 +232,19 @@ def _compiled(pattern: str):
     import regex
 
     return regex.compile(pattern)
+
+
+_REGEX_CHARS = re.compile(r"[*|()\[\]\\^$+?{}]")
+
+
+def parse_modules(value: str | None) -> Targets:
+    """A command-line value as PEFT's field takes it: a value with a regex character (`{}` included,
+    a module name has none) is one full-match regex; otherwise a comma-separated list of names."""
+    if value is None:
+        return None
+    if _REGEX_CHARS.search(value):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def describe(patterns: Targets) -> str:

@@ -30,6 +30,13 @@ def features(layer: nn.Module) -> tuple[int, int]:
     return in_f, out_f
 
 
+def scaled_axis(feedforward: bool, conv1d: bool) -> int:
+    """The weight axis an IA3 vector runs along: a Linear keeps [out, in], a Conv1D [in, out];
+    output scaling runs along `out`, feed-forward (input) scaling along `in`."""
+    out_axis, in_axis = (1, 0) if conv1d else (0, 1)
+    return in_axis if feedforward else out_axis
+
+
 def broadcast_to(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A [dim] vector broadcasts as is; a per-row [batch, dim] one gets the middle axes of x.
 
@@ -124,11 +131,8 @@ class IA3Layer(nn.Module):
     # -- folding -------------------------------------------------------------------------
     def _weight_view(self, name: str) -> list[int]:
         """Shape that broadcasts a vector over the weight's scaled axis (rows or columns)."""
-        feedforward = self.feedforward[name]
-        # Linear weight is [out, in]; Conv1D weight is [in, out].
-        axis = (1 if feedforward else 0) if not self.is_conv1d else (0 if feedforward else 1)
         shape = [1, 1]
-        shape[axis] = -1
+        shape[scaled_axis(self.feedforward[name], self.is_conv1d)] = -1
         return shape
 
     def rescale_weights(self, name: str, inverse: bool = False) -> None:

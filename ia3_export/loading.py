@@ -11,37 +11,12 @@ import shutil
 
 from .errors import IA3Error
 from .jsonfile import read_json, shown
+from .labels import label_config, label_fields
 from .safetensors_io import read_header
+from .tasks import ALL_NAMES, TASKS, auto_model_class, task_named, task_of_architectures, task_of_type
 
-# What a model's `architectures` entry says -> the Auto class that rebuilds that head.
-HEAD_SUFFIXES = {
-    "ForCausalLM": "AutoModelForCausalLM",
-    "LMHeadModel": "AutoModelForCausalLM",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForConditionalGeneration": "AutoModelForSeq2SeqLM",
-    "ForTokenClassification": "AutoModelForTokenClassification",
-}
-# PEFT's task_type (adapter_config.json) -> the Auto class that builds the head it was trained with.
-TASK_TYPE_HEADS = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
 # Task names (transformers pipelines', optimum's export tasks) -> the Auto class of their head.
-TASK_HEADS = {
-    "text-generation": "AutoModelForCausalLM",
-    "text-generation-with-past": "AutoModelForCausalLM",
-    "text-classification": "AutoModelForSequenceClassification",
-    "text2text-generation": "AutoModelForSeq2SeqLM",
-    "text2text-generation-with-past": "AutoModelForSeq2SeqLM",
-    "feature-extraction": "AutoModel",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-}
-LABELLED_HEADS = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification")
+TASK_HEADS = {name: task_named(name).auto_class for name in ALL_NAMES}
 # JSON files in a model folder that transformers reads with Python's (recursive) json module.
 TRANSFORMERS_JSON = ("generation_config.json", "model.safetensors.index.json", "tokenizer_config.json",
                      "special_tokens_map.json", "preprocessor_config.json")
@@ -83,11 +58,9 @@ def check_model_files(model_dir: str) -> None:
 
 
 def auto_class_name(config: dict) -> str:
-    for arch in config.get("architectures") or []:
-        for suffix, auto in HEAD_SUFFIXES.items():
-            if arch.endswith(suffix):
-                return auto
-    return "AutoModel"
+    """The Auto class of the head config.json's `architectures` names; AutoModel for a bare model."""
+    task = task_of_architectures(config.get("architectures"))
+    return task.auto_class if task else "AutoModel"
 
 
 def adapters_task_type(adapters: list) -> tuple[str | None, str | None]:
@@ -106,7 +79,7 @@ def adapters_task_type(adapters: list) -> tuple[str | None, str | None]:
 def check_task(task: str, task_type: str | None, adapter_path: str | None, source: str = "--task",
                hint: str = "drop --task to load the head the adapter was trained with") -> None:
     """A task must build the head its adapter was trained with (PEFT's task_type), or be refused."""
-    if task_type and TASK_HEADS.get(task) != TASK_TYPE_HEADS[task_type]:
+    if task_type and TASK_HEADS.get(task) != task_of_type(task_type).auto_class:
         raise IA3Error(f"{source} {task} contradicts task_type {task_type} of the adapter {adapter_path}; {hint}")
 
 
@@ -114,19 +87,17 @@ def head_class(task: str | None, adapters: list, config: dict) -> str:
     """The Auto class to load: the task asked for, else the adapters' task_type, else config.json's head."""
     task_type, path = adapters_task_type(adapters)
     if task is not None:
-        if task not in TASK_HEADS:
-            raise IA3Error(f"unknown task {task!r}; use one of {', '.join(TASK_HEADS)}")
+        auto = task_named(task).auto_class
         check_task(task, task_type, path)
-        return TASK_HEADS[task]
-    return TASK_TYPE_HEADS[task_type] if task_type else auto_class_name(config)
+        return auto
+    return task_of_type(task_type).auto_class if task_type else auto_class_name(config)
 
 
 def load_task_model(model_dir: str, auto_class: str, adapters: list = (), dtype=None, trust_remote_code: bool = False):
     """load_base_model with the head the adapters trained: a classifier gets their num_labels and names
     (labels.json, see ia3_export.labels), so the head's shape and the saved config match the adapter."""
-    from .labels import label_config
-
-    overrides = label_config(list(adapters), read_model_config(model_dir)) if auto_class in LABELLED_HEADS else {}
+    labelled = any(t.labelled and t.auto_class == auto_class for t in TASKS.values())
+    overrides = label_config(list(adapters), read_model_config(model_dir)) if labelled else {}
     return load_base_model(model_dir, auto_class, dtype=dtype, trust_remote_code=trust_remote_code, **overrides)
 
 
@@ -152,7 +123,7 @@ def load_base_model(model_dir: str, auto_class: str | None = None, dtype=None, t
         )
     check_remote_code(model_dir, config, trust_remote_code)
     check_model_files(model_dir)
-    cls = getattr(transformers, auto_class or auto_class_name(config))
+    cls = auto_model_class(auto_class or auto_class_name(config))
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, **config_overrides}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -203,12 +174,11 @@ def write_config(out_dir: str, model, model_dir: str | None = None) -> str:
     """config.json naming the head that was saved or exported (`architectures`) and, for a classifier,
     num_labels and the label names, where pipelines and optimum read them. Starts from model_dir's
     config.json (an export) or from the one already in out_dir (save_pretrained's)."""
-    from .labels import label_fields
-
     path = os.path.join(out_dir, "config.json")
     config = read_json(os.path.join(model_dir or out_dir, "config.json"))
     config["architectures"] = [type(model).__name__]
-    if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+    head = task_of_architectures([type(model).__name__])
+    if head and head.labelled:
         config |= label_fields(model.config)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)

@@ -15,15 +15,11 @@ import os
 import numpy as np
 
 from .errors import IA3Error
+from .dtypes import SAFETENSORS
 from .jsonfile import parse_json, shown
 
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-# Bytes per value of every dtype the format names (model weights may use those numpy lacks).
-ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+# What this reader turns into numpy arrays (bfloat16 read as its raw 16 bits, then widened).
+READABLE = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 MAX_HEADER = 100 * 1024 * 1024
 MAX_DIMS = 16  # the product of a longer forged shape would be slow to compute
 
@@ -82,7 +78,7 @@ def _entry(path: str, name: str, info, data_bytes: int) -> Entry:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise IA3Error(f"{where}: not an object with dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS:
         raise IA3Error(f"{where}: unknown dtype {shown(dtype)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
         raise IA3Error(f"{where}: shape {shown(shape)} is not a list of at most {MAX_DIMS} non-negative integers")
@@ -90,7 +86,7 @@ def _entry(path: str, name: str, info, data_bytes: int) -> Entry:
             and offsets[0] <= offsets[1]):
         raise IA3Error(f"{where}: data_offsets {shown(offsets)} are not [start, end] with start <= end")
     entry = Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
-    needed = entry.count * ITEMSIZE[dtype]  # Python integers: a forged shape cannot overflow and wrap
+    needed = entry.count * SAFETENSORS[dtype].itemsize  # Python integers: a forged shape cannot overflow and wrap
     if needed > data_bytes or entry.end > data_bytes or entry.end - entry.start != needed:
         raise IA3Error(f"{path}: tensor {shown(name)} needs {needed} bytes at {entry.start}..{entry.end} but the file holds "
                        f"{data_bytes} data bytes (truncated or corrupted file); its header declares shape {list(shape)} "
@@ -121,9 +117,9 @@ def read_safetensors(path: str, max_bytes: int | None = None) -> dict[str, np.nd
         raise IA3Error(f"{path}: holds {header.data_bytes} bytes of tensors, more than the {max_bytes} expected "
                        "here; is it the right file?")
     for entry in header.entries.values():
-        if entry.dtype not in _DTYPES:
+        if entry.dtype not in READABLE:
             raise IA3Error(f"{path}: tensor {shown(entry.name)} has dtype {entry.dtype!r}, which this reader does not "
-                           f"support ({', '.join(_DTYPES)}); re-save it as float32")
+                           f"support ({', '.join(READABLE)}); re-save it as float32")
         if entry.count == 0:
             raise IA3Error(f"{path}: tensor {shown(entry.name)} has shape {entry.shape} and holds no values; "
                            "the file is corrupted")
@@ -139,7 +135,8 @@ def _read(f, header: Header, entry: Entry) -> np.ndarray:
     f.seek(header.data_start + entry.start)
     if f.readinto(buffer) != len(buffer):
         raise IA3Error(f"{header.path}: the file got shorter while it was read")
-    array = np.frombuffer(buffer, dtype=_DTYPES[entry.dtype]).reshape(entry.shape)
+    array = np.frombuffer(buffer, dtype=np.uint16 if entry.dtype == "BF16" else SAFETENSORS[entry.dtype].np)
+    array = array.reshape(entry.shape)
     if entry.dtype == "BF16":
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .tasks import DECODERS, ENCODERS, FAMILIES, SEQ2SEQ, auto_model_class  # noqa: F401 (ENCODERS: for callers)
+
 VOCAB = 320
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -50,18 +52,6 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
                                 forced_eos_token_id=None)),
 }
 
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox"]
-ENCODERS = ["bert", "roberta"]
-SEQ2SEQ = ["t5", "bart"]
-
-# task -> the Auto class that builds it
-AUTO_CLASS = {
-    "causal-lm": "AutoModelForCausalLM",
-    "seq-cls": "AutoModelForSequenceClassification",
-    "feature-extraction": "AutoModel",
-    "seq2seq-lm": "AutoModelForSeq2SeqLM",
-}
-
 
 def default_task(model_type: str) -> str:
     return "causal-lm" if model_type in DECODERS else "seq2seq-lm" if model_type in SEQ2SEQ else "seq-cls"
@@ -75,15 +65,14 @@ def tiny_config(model_type: str, **overrides):
 
 
 def tiny_model(model_type: str, task: str | None = None, seed: int = 0, **overrides):
-    """A randomly initialised tiny model (deterministic for a seed), in float32 eval mode."""
-    import transformers
-
+    """A randomly initialised tiny model (deterministic for a seed), in float32 eval mode. `task` is a
+    task family of ia3_export.tasks (causal-lm, seq-cls, seq2seq-lm, feature-extraction, ...)."""
     task = task or default_task(model_type)
     config = tiny_config(model_type, **overrides)
-    if task == "seq-cls":
+    if FAMILIES[task].labelled:
         config.num_labels = overrides.get("num_labels", 3)
     torch.manual_seed(seed)
-    model = getattr(transformers, AUTO_CLASS[task]).from_config(config)
+    model = auto_model_class(FAMILIES[task].auto_class).from_config(config)
     if model_type == "qwen2":  # give k/v their bias a non-zero value so bias scaling is tested
         with torch.no_grad():
             for name, p in model.named_parameters():

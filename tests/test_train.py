@@ -95,7 +95,7 @@ def test_peft_loads_the_adapter_with_the_same_outputs(task, trained, base):
     from ia3_export.model import IA3Model
     from ia3_export.train.data import TASKS
 
-    auto = TASKS[task][1]
+    auto = TASKS[task].auto_class
     extra = {"num_labels": 2} if task == "text-classification" else {}
     ours = IA3Model(load_base_model(base[task], auto, **extra))
     ours.load_adapter(trained[task].adapter_dir)
@@ -195,7 +195,7 @@ def test_cli_trains_with_overridden_targets(base, tmp_path):
     from safetensors.torch import load_file
 
     from cli_helpers import run_cli
-    from ia3_export.commands.train import _modules
+    from ia3_export.config import parse_modules as _modules
 
     assert _modules("q_proj, up_proj") == ["q_proj", "up_proj"] and _modules("mlp.c_proj") == ["mlp.c_proj"]
     assert _modules(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"

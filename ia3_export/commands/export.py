@@ -3,20 +3,10 @@ import os
 
 import click
 
+from ..config import parse_modules as _modules
 from ..manifest import MERGED, MODES
+from ..tasks import EXPORT_TASKS as TASKS
 from . import progress_option, trust_remote_code_option
-
-TASKS = ["text-generation-with-past", "text-generation", "text-classification", "feature-extraction",
-         "text2text-generation-with-past"]
-
-
-def _modules(value):
-    """`a,b` -> ["a", "b"]; a value with regex characters stays one full-match regex string."""
-    if value is None:
-        return None
-    if any(c in value for c in "*()[]|\\^$+?"):
-        return value
-    return [m.strip() for m in value.split(",") if m.strip()]
 
 
 @click.command("export")

@@ -3,31 +3,26 @@
 Runs as is, or under `torchrun --nproc_per_node N` (one process per device; rank 0 writes).
 """
 import os
-import re
 
 import click
 
+from ..config import parse_modules
+from ..dtypes import TRAIN_PRECISIONS
+from ..tasks import TASKS, TRAIN_TASKS
 from . import trust_remote_code_option
 
-TASKS = ["text-generation", "text-classification", "text2text-generation"]
-_REGEX_CHARS = re.compile(r"[*|()\[\]\\^$+?{}]")
 
-
-def _modules(value):
-    """A comma-separated list of names, or one regular expression (full match), as PEFT takes them."""
-    if value is None:
-        return None
-    if _REGEX_CHARS.search(value):
-        return value
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _fields_help() -> str:
+    """What a row needs per task, from the task table: "text-classification: 'text'+'label'; ..."."""
+    return "; ".join(f"{name}: " + " or ".join("+".join(f"'{f}'" for f in fields) for fields in TASKS[name].train_fields)
+                     for name in TRAIN_TASKS) + "."
 
 
 @click.command("train")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training rows: JSONL or CSV.")
-@click.option("--task", required=True, type=click.Choice(TASKS),
-              help="text-generation: 'text' or 'prompt'+'completion' (loss on the completion); "
-                   "text-classification: 'text'+'label'; text2text-generation: 'source'+'target'.")
+@click.option("--task", required=True, type=click.Choice(TRAIN_TASKS),
+              help=_fields_help() + " text-generation's loss is on the completion.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Adapter folder to write (PEFT format).")
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation rows; default: hold out --eval-fraction of --data.")
 @click.option("--eval-fraction", type=float, default=0.1, show_default=True)
@@ -45,7 +40,7 @@ def _modules(value):
 @click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example (longer ones are cut).")
 @click.option("--target-modules", help="Modules to scale: comma-separated names or a regex; default: per architecture.")
 @click.option("--feedforward-modules", help="Of those, the ones whose INPUT is scaled: names or a regex.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), default="fp32", show_default=True,
               help="Autocast precision (fp16 needs CUDA); the IA3 vectors stay float32.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass to save memory.")
 @click.option("--eval-steps", type=int, help="Evaluate every N steps (always at the end).")
@@ -61,8 +56,8 @@ def command(model_dir, data, task, out_dir, eval_data, resume, quiet, force, tar
     """Train an IA3 adapter on MODEL_DIR; OUT is a PEFT adapter folder plus train_log.jsonl and loss_curve.png."""
     from ..train import TrainOptions, train
 
-    opts = TrainOptions(**options, target_modules=_modules(target_modules),
-                        feedforward_modules=_modules(feedforward_modules))  # checks every number and the device
+    opts = TrainOptions(**options, target_modules=parse_modules(target_modules),
+                        feedforward_modules=parse_modules(feedforward_modules))  # checks every number and the device
     result = train(model_dir, data, task, out_dir, eval_data=eval_data, options=opts, resume=resume,
                    force=force, quiet=quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

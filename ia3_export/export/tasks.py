@@ -1,4 +1,5 @@
-"""The export tasks (optimum's names): which model class, which wrapper, which graph inputs/outputs.
+"""The export tasks' graphs: which wrapper, which graph inputs/outputs. The names (optimum's), heads
+and Auto classes are ia3_export.tasks'; this module adds what the ONNX graphs look like.
 
 A declarative table, so a graph's names and dynamic axes live in one place and validation,
 the manifest and the exporter all read the same description.
@@ -8,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import IA3Error
-from ..loading import TASK_HEADS, TASK_TYPE_HEADS, adapters_task_type, auto_class_name, check_task
-
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox")
-ENCODERS = ("bert", "roberta")
-SEQ2SEQ = ("t5", "bart")
+from ..loading import adapters_task_type, auto_class_name, check_task
+from ..tasks import DECODERS, ENCODERS, EXPORT_TASKS, SEQ2SEQ, TASKS as TASK_TABLE, WITH_PAST, task_named, task_of_type
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """One export task's graph description (its head: `ia3_export.tasks.task_named(name)`)."""
+
     name: str
     kind: str  # decoder | encoder | seq2seq
     output: str
@@ -25,23 +25,29 @@ class Task:
 
     @property
     def auto_class(self) -> str:
-        return TASK_HEADS[self.name]
+        return task_named(self.name).auto_class
 
 
-TASKS = {t.name: t for t in (
-    Task("text-generation-with-past", "decoder", "logits", True, DECODERS),
-    Task("text-generation", "decoder", "logits", False, DECODERS),
-    Task("text-classification", "encoder", "logits", False, ENCODERS + DECODERS),
-    Task("feature-extraction", "encoder", "last_hidden_state", False, ENCODERS + DECODERS),
-    Task("text2text-generation-with-past", "seq2seq", "logits", True, SEQ2SEQ),
-)}
-
-_TASK_FOR_AUTO_CLASS = {
-    "AutoModelForCausalLM": "text-generation-with-past",
-    "AutoModelForSequenceClassification": "text-classification",
-    "AutoModelForSeq2SeqLM": "text2text-generation-with-past",
-    "AutoModel": "feature-extraction",
+# A task family's graphs: (kind, output, model types); the task names come from ia3_export.tasks.
+_GRAPHS = {
+    "causal-lm": ("decoder", "logits", DECODERS),
+    "seq-cls": ("encoder", "logits", ENCODERS + DECODERS),
+    "feature-extraction": ("encoder", "last_hidden_state", ENCODERS + DECODERS),
+    "seq2seq-lm": ("seq2seq", "logits", SEQ2SEQ),
 }
+
+
+def _spec(name: str) -> Task:
+    kind, output, model_types = _GRAPHS[task_named(name).family]
+    return Task(name, kind, output, name.endswith(WITH_PAST), model_types)
+
+
+TASKS = {name: _spec(name) for name in EXPORT_TASKS}
+
+
+def _default_export(auto_class: str) -> str | None:
+    """The export task of the head an Auto class builds (its first export name), None if it has none."""
+    return next((t.exports[0] for t in TASK_TABLE.values() if t.auto_class == auto_class and t.exports), None)
 
 
 def resolve_task(task: str | None, config: dict, where: str, adapters: list = ()) -> Task:
@@ -50,19 +56,18 @@ def resolve_task(task: str | None, config: dict, where: str, adapters: list = ()
     model_type = config["model_type"]
     task_type, adapter_path = adapters_task_type(adapters)
     if task is None and task_type:
-        task = _TASK_FOR_AUTO_CLASS.get(TASK_TYPE_HEADS[task_type])
+        task = _default_export(task_of_type(task_type).auto_class)
         if task is None:
             raise IA3Error(f"{adapter_path} has task_type {task_type}, which has no ONNX export here; "
                            f"export tasks: {', '.join(TASKS)}")
     if task is None:
         auto = auto_class_name(config)
-        if auto not in _TASK_FOR_AUTO_CLASS:
+        task = _default_export(auto)
+        if task is None:
             raise IA3Error(f"{where}: cannot export a {config.get('architectures')} model; pass --task (one of {', '.join(TASKS)})")
-        task = _TASK_FOR_AUTO_CLASS[auto]
         if auto == "AutoModel" and model_type in SEQ2SEQ:
-            task = "text2text-generation-with-past"
-    if task not in TASKS:
-        raise IA3Error(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+            task = TASK_TABLE["text2text-generation"].exports[0]
+    task_named(task, EXPORT_TASKS)
     check_task(task, task_type, adapter_path)
     spec = TASKS[task]
     if model_type not in spec.model_types:

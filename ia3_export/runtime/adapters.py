@@ -15,8 +15,9 @@ from ..adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter, read_conf
 from ..adapter_names import check_name, name_for
 from ..errors import IA3Error
 from ..loading import check_task
-from ..onnx_adapter import SUFFIX, read_onnx_adapter
-from .folder import ExportedFolder
+from ..atomic import check_output
+from ..onnx_adapter import SUFFIX, read_onnx_adapter, write_onnx_adapter
+from .folder import ExportedFolder, open_folder
 
 
 def is_path(source: str) -> bool:
@@ -132,10 +133,6 @@ def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = Fa
     checking its task_type against the export's task and every vector's name, shape and dtype
     against the model's inputs. The file works with
     ONNX Runtime's own `LoraAdapter` + `RunOptions.add_active_adapter`, without ia3-export."""
-    from ..atomic import check_output
-    from ..onnx_adapter import write_onnx_adapter
-    from .folder import open_folder
-
     check_output(out, force, inputs=[adapter_dir, model_dir])
     if not out.endswith(SUFFIX):
         raise IA3Error(f"output {out} should end with {SUFFIX} (ONNX Runtime's adapter file)")

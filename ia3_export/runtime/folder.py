@@ -10,9 +10,10 @@ import functools
 import numbers
 import os
 
+from ..dtypes import DTYPES
 from ..errors import IA3Error
 from ..jsonfile import read_json
-from ..manifest import MANIFEST_NAME, NUMPY_DTYPES, Fields, confined, graph_path, read_manifest
+from ..manifest import MANIFEST_NAME, Fields, confined, graph_path, read_manifest
 from .bindings import binding_class
 
 GENERATION_CONFIG = "generation_config.json"
@@ -61,7 +62,7 @@ class ExportedFolder:
     @property
     def dtype(self) -> str:
         """numpy name of the float type of the graph's activations and vectors."""
-        return NUMPY_DTYPES[self.manifest["dtype"]]
+        return DTYPES[self.manifest["dtype"]].numpy
 
     @property
     def graphs(self) -> dict[str, dict]:

@@ -23,6 +23,8 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..runtime import GenerationOptions, generate_ids
+from ..tasks import EXPORT_TASKS, task_named
+from .adapters import AdapterPool
 
 BYTES = np.bytes_
 
@@ -89,8 +91,6 @@ class Served:
     """What every served model shares: the session, its adapter pool, tokenizer, limits and stats."""
 
     def __init__(self, session, max_tokens: int | None = None):
-        from .adapters import AdapterPool
-
         self.session, self.pool = session, AdapterPool(session)
         self.stats = Stats()
         self.config = session.folder.config
@@ -324,17 +324,17 @@ class Adapters:
         raise IA3Error(f"unknown action {action!r}; use one of {', '.join(self.ACTIONS)}")
 
 
-MODEL_FOR_TASK = {"text-generation-with-past": Generate, "text-generation": Generate,
-                  "text2text-generation-with-past": Generate, "text-classification": Classify}
+MODEL_FOR_FAMILY = {"causal-lm": Generate, "seq2seq-lm": Generate, "seq-cls": Classify}  # task families
 
 
 def model_for(session) -> type:
     """The model class (`Generate` or `Classify`) that serves this export's task."""
     task = session.folder.task
-    if task not in MODEL_FOR_TASK:
+    family = task_named(task).family if task in EXPORT_TASKS else None
+    if family not in MODEL_FOR_FAMILY:
         raise IA3Error(f"{session.folder.path} is a {task or 'unknown'} export; `serve` runs causal-lm and seq2seq "
                        "exports (model `generate`) and text-classification exports (model `classify`)")
-    return MODEL_FOR_TASK[task]
+    return MODEL_FOR_FAMILY[family]
 
 
 def _values(request, name: str) -> np.ndarray:

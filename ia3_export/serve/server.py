@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib.util
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import threading
 import time
 
 from ..errors import CheckFailed, IA3Error
+from ..runtime import IA3Session
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
@@ -57,10 +59,6 @@ class Server:
     """`with Server(ServeConfig("onnx-bank")) as server: ...` serves until the block ends."""
 
     def __init__(self, config: ServeConfig):
-        import importlib.util
-
-        from ..runtime import IA3Session
-
         if importlib.util.find_spec("pytriton") is None:
             raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve,cpu]'")
         _check_ports(config)  # before loading a model that may take a while

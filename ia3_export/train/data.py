@@ -15,13 +15,9 @@ import torch
 
 from ..errors import IA3Error
 from ..jsonfile import parse_json, shown
+from ..tasks import TASKS as TASK_TABLE, TRAIN_TASKS, task_named
 
-# task -> (PEFT task_type, Auto class, the fields a row needs, in the alternatives allowed)
-TASKS = {
-    "text-generation": ("CAUSAL_LM", "AutoModelForCausalLM", (("text",), ("prompt", "completion"))),
-    "text-classification": ("SEQ_CLS", "AutoModelForSequenceClassification", (("text", "label"),)),
-    "text2text-generation": ("SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", (("source", "target"),)),
-}
+TASKS = {name: TASK_TABLE[name] for name in TRAIN_TASKS}  # the tasks training knows (fields, head, metric)
 IGNORE = -100  # label id that the loss skips (padding, prompt tokens)
 
 
@@ -32,8 +28,7 @@ class Row:
 
 
 def check_task(task: str) -> None:
-    if task not in TASKS:
-        raise IA3Error(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    task_named(task, TRAIN_TASKS)
 
 
 def read_rows(path: str, task: str) -> list[Row]:
@@ -44,13 +39,13 @@ def read_rows(path: str, task: str) -> list[Row]:
     rows = _read_csv(path) if path.lower().endswith((".csv", ".tsv")) else _read_jsonl(path)
     if not rows:
         raise IA3Error(f"{path}: no rows; the data set is empty")
-    choices = TASKS[task][2]
+    choices = TASKS[task].train_fields
     for row in rows:
         if not any(all(_present(row.fields, f) for f in fields) for fields in choices):
             need = " or ".join(" + ".join(f"'{f}'" for f in fields) for fields in choices)
             have = ", ".join(k if k.isprintable() else repr(k) for k in sorted(row.fields)) or "none"  # one line
             raise IA3Error(f"{row.where}: the row needs {need} for {task} (its fields: {have})")
-        if task == "text-classification" and not _is_label(row.fields["label"]):
+        if TASKS[task].labelled and not _is_label(row.fields["label"]):
             raise IA3Error(f"{row.where}: label is {shown(row.fields['label'])}; a label is a string or a number")
     return rows
 

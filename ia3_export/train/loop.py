@@ -26,6 +26,7 @@ import torch
 
 from ..atomic import atomic_output_dir, check_output
 from ..config import IA3Config
+from ..dtypes import TRAIN_PRECISIONS, torch_dtype
 from ..errors import CheckFailed, IA3Error
 from ..labels import write_labels
 from ..loading import check_remote_code, has_tokenizer, load_base_model, read_model_config
@@ -91,8 +92,8 @@ class TrainOptions:
             self.max_grad_norm = self.max_grad_norm or None
         if self.optimizer not in ("adamw", "adafactor"):
             raise IA3Error(f"optimizer {self.optimizer!r} is not known; use adamw or adafactor")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise IA3Error(f"precision {self.precision!r} is not known; use fp32, bf16 or fp16")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise IA3Error(f"precision {self.precision!r} is not known; use {', '.join(TRAIN_PRECISIONS)}")
         if self.device is not None:
             check_device(self.device)
 
@@ -174,7 +175,7 @@ class _Run:
             eval_rows = D.read_rows(eval_data, task)
         else:
             train_rows, eval_rows = D.split_rows(train_rows, options.eval_fraction, options.seed, data)
-        self.labels = D.label_names(train_rows, eval_rows) if task == "text-classification" else None
+        self.labels = D.label_names(train_rows, eval_rows) if D.TASKS[task].labelled else None
 
         from transformers import AutoTokenizer
 
@@ -193,11 +194,11 @@ class _Run:
 
     # -- setup -------------------------------------------------------------------------------
     def _build_model(self, model_dir: str, model_config: dict) -> IA3Model:
-        task_type, auto_class, _ = D.TASKS[self.task]
+        task = D.TASKS[self.task]
         extra = {}
         if self.labels is not None:
             existing = model_config.get("id2label")
-            has_head = any(a.endswith("ForSequenceClassification") for a in model_config.get("architectures") or [])
+            has_head = any(a.endswith(task.architectures) for a in model_config.get("architectures") or [])
             if has_head and existing and len(existing) != len(self.labels):
                 raise IA3Error(f"{model_dir} has a classification head for {len(existing)} labels but the data has "
                                f"{len(self.labels)} ({', '.join(self.labels)}); use a base model without a head")
@@ -210,14 +211,14 @@ class _Run:
         if extra:  # a new head is the point here: no "newly initialized weights" report
             hf_logging.set_verbosity_error()
         try:
-            base = load_base_model(model_dir, auto_class, trust_remote_code=self.o.trust_remote_code, **extra)
+            base = load_base_model(model_dir, task.auto_class, trust_remote_code=self.o.trust_remote_code, **extra)
         finally:
             hf_logging.set_verbosity(level)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = self.pad_id
-        heads = [n for n in ("classifier", "score") if self.labels is not None and hasattr(base, n)]
+        heads = [n for n in task.heads if self.labels is not None and hasattr(base, n)]
         config = IA3Config(target_modules=self.o.target_modules, feedforward_modules=self.o.feedforward_modules,
-                           task_type=task_type, modules_to_save=heads or None, base_model_name_or_path=self.base_name or model_dir)
+                           task_type=task.task_type, modules_to_save=heads or None, base_model_name_or_path=self.base_name or model_dir)
         model = IA3Model(base, config)
         if self.o.gradient_checkpointing:
             if not getattr(base, "supports_gradient_checkpointing", False):
@@ -364,7 +365,7 @@ class _Run:
         labels = batch.pop("labels")
         if self.task == "text2text-generation":
             batch["decoder_input_ids"] = self.model.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.o.precision)
+        dtype = torch_dtype(self.o.precision) if self.o.precision != "fp32" else None
         with torch.autocast(self.dist.device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch, use_cache=False).logits if self.task != "text-classification" else model(**batch).logits
         logits = logits.float()
@@ -386,7 +387,7 @@ class _Run:
             loss, correct = loss + summed.item(), correct + right.item()
         loss, correct, terms = self.dist.sum([loss, correct, float(D.count_targets(mine))])
         mean = loss / max(terms, 1)
-        if self.task == "text-classification":
+        if D.TASKS[self.task].metric == "accuracy":
             return {"eval_loss": mean, "eval_accuracy": correct / max(terms, 1)}
         return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
 
