@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ... import dtypes
 from ...manifest import ADAPTER_IDS, BANK, vector_name
-from ..reference import NP_DTYPES, adapter_vectors, random_vectors, rows, running, torch_outputs
+from ..reference import adapter_vectors, random_vectors, rows, running, torch_outputs
 from ..validate import compare_outputs, ort_outputs
 from .base import Export, ExportMode
 
@@ -19,7 +20,7 @@ class Bank(ExportMode):
     def trace_inputs(self, ex: Export, graph, wrapper, part, feeds: dict):
         if part is None:
             return wrapper, [], [], {}
-        torch_dtype = torch.float16 if ex.dtype == "fp16" else torch.float32
+        torch_dtype = dtypes.torch_dtype(ex.dtype)
         args = [torch.arange(len(feeds["input_ids"])) % 2]
         args += [torch.ones((2, part.dims[p]), dtype=torch_dtype) for p in part.paths]
         axes = {ADAPTER_IDS: {0: "batch_size"}, **{vector_name(p): {0: "num_adapters"} for p in part.paths}}
@@ -45,7 +46,7 @@ class Bank(ExportMode):
                                              ort_outputs(session, fed), dtype, feeds)
         # Row 0 of every bank is ones (no adapter); row k+1 is adapters[k]. Row b of the batch uses b % (n+1).
         per_adapter = [adapter_vectors(ex.ia3, a, paths, dtype) for a in ex.names]
-        ones = {n: np.ones(part.dims[p], NP_DTYPES[dtype]) for p, n in zip(paths, vector_names)}
+        ones = {n: np.ones(part.dims[p], dtypes.numpy_dtype(dtype)) for p, n in zip(paths, vector_names)}
         banks = {n: np.stack([ones[n]] + [v.get(n, ones[n]) for v in per_adapter]) for n in vector_names}
         ids = (np.arange(batch) % (len(ex.names) + 1)).astype(np.int64)
         got = ort_outputs(session, feeds | {ADAPTER_IDS: ids} | banks)
