@@ -245,38 +245,132 @@ def _cache_names(graph) -> dict[str, str]:
     return {name: PAST + name[len(PRESENT):] for name in graph.outputs if name.startswith(PRESENT)}
 
 
+def kv_layout(folder, graph) -> str:
+    """How a decoder graph keeps its KV cache: "concat" (our exports: present = past + this step, a new
+    buffer per step), "shared" (onnxruntime-genai's model builder: GroupQueryAttention over one buffer
+    of the run's full length, bound as past AND present; no position_ids, the graph derives them from
+    the mask) or "none" (no cache inputs: each step re-runs the whole sequence). The manifest's
+    cache.kv_layout decides where it is given; otherwise the graph's inputs do (our decoder exports
+    always take position_ids)."""
+    declared = (folder.cache or {}).get("kv_layout")
+    if declared in ("concat", "shared"):
+        return declared
+    if not any(n.startswith(PAST) for n in graph.inputs) or not _cache_names(graph):
+        return "none"
+    return "concat" if "position_ids" in graph.inputs else "shared"
+
+
+class _Sequence:
+    """A request's ids and attention mask in buffers sized for prompt + every new token, filled as the
+    tokens come: a step feeds views of them, and the decode inputs (one token and one position per row)
+    are OrtValues written in place."""
+
+    def __init__(self, prompts: list[list[int]], steps: int, pad: int):
+        self.batch, self.length = len(prompts), max(len(p) for p in prompts)
+        total = self.length + steps
+        self.ids = np.full((self.batch, total), pad, dtype=np.int64)
+        self.mask = np.ones((self.batch, total), dtype=np.int64)  # every new token is attended to
+        for row, p in enumerate(prompts):
+            self.ids[row, self.length - len(p):self.length] = p
+            self.mask[row, :self.length - len(p)] = 0
+        self.token = np.zeros((self.batch, 1), dtype=np.int64)
+        self.position = self.mask[:, :self.length].sum(-1, keepdims=True)  # transformers' rule for the next token
+
+    @property
+    def total(self) -> int:
+        return self.ids.shape[1]
+
+    def prompt(self, with_positions: bool) -> dict:
+        feeds = {"input_ids": self.ids[:, :self.length], "attention_mask": self.mask[:, :self.length]}
+        if with_positions:
+            feeds["position_ids"] = position_ids(feeds["attention_mask"])
+        return feeds
+
+    def push(self, tokens) -> None:
+        """Append one token per row; `token` and `position` now describe it."""
+        self.token[:, 0] = tokens
+        self.ids[:, self.length] = self.token[:, 0]
+        self.length += 1
+
+    def attention_mask(self) -> np.ndarray:
+        return self.mask[:, :self.length]
+
+
 def _decoder_logits(session, prompts, adapters, steps):
-    """Yields last-position logits; receives each step's tokens. The cache stays on the device: each
-    step binds the previous step's present.* OrtValues as past_key_values.*, and only the new token,
-    the grown mask and the next positions are built on the host."""
+    """Yields last-position logits; receives each step's tokens. Validation, adapter binding and the
+    buffers happen once per request (`IA3Session.step_run`); a decode step writes the new token and
+    position in place, binds the grown mask view and, in the concat layout, the previous step's
+    present.* OrtValues as past_key_values.* (the cache never leaves the device). In the shared layout
+    the KV buffers are bound once, as past and present, for the whole request."""
     folder, graph = session.folder, session.graphs["model"]
-    ids, mask = _left_pad(prompts, folder.pad_id())
-    batch = len(prompts)
+    seq = _Sequence(prompts, steps, folder.pad_id())
+    layout = kv_layout(folder, graph)
     with_positions = "position_ids" in graph.inputs
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    if with_positions:
-        feeds["position_ids"] = position_ids(mask)
-    feeds.update(empty_cache(graph, batch, folder.dtype, folder.cache))
+    if layout == "none":
+        yield from _uncached_logits(session, seq, adapters, steps, with_positions)
+        return
     cache = _cache_names(graph)
-    outputs = ["logits", *cache]
-    use_cache = bool(cache) and any(n.startswith(PAST) for n in graph.inputs)
-    next_position = mask.sum(-1, keepdims=True)  # transformers' rule for the token after each prompt
+    feeds = seq.prompt(with_positions)
+    if layout == "shared":
+        kv = {name: graph.to_device(a) for name, a in
+              _full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
+        feeds.update(kv)
+        outputs = {"logits": None, **{n: kv[past] for n, past in cache.items()}}
+    else:
+        feeds.update(empty_cache(graph, seq.batch, folder.dtype, folder.cache))
+        outputs = {"logits": None, **dict.fromkeys(cache)}
+    run = session.step_run("model", adapters, feeds)
+    run.bind_outputs(outputs)
+    results = run.step()
+    token = graph.to_device(seq.token)
+    position = graph.to_device(seq.position) if with_positions else None
+    run.bind({"input_ids": token, **({"position_ids": position} if with_positions else {})})
+    logits = np.empty((seq.batch, 1, results["logits"].shape()[-1]), dtype=_numpy_type(graph, "logits"))
+    outputs["logits"] = graph.to_device(logits)
+    run.bind_outputs(outputs)  # from now on every step's logits are [batch, 1, vocab]
     for step in range(steps):
-        results = session.run(feeds, graph="model", adapters=adapters, outputs=outputs, as_numpy=False)
-        token = np.array((yield results["logits"].numpy()[:, -1, :]), dtype=np.int64)[:, None]
+        chosen = yield results["logits"].numpy()[:, -1, :]
         if step == steps - 1:
             return
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        if use_cache:
-            feeds = {"input_ids": token, "attention_mask": mask, **{cache[n]: results[n] for n in cache}}
+        seq.push(chosen)
+        token.update_inplace(seq.token)
+        feeds = {"attention_mask": seq.attention_mask()}
+        if with_positions:
+            if step:
+                seq.position += 1
+            position.update_inplace(seq.position)
+        if layout == "concat":
+            feeds.update({cache[n]: results[n] for n in cache})
+        results = run.step(feeds)
+
+
+def _uncached_logits(session, seq: _Sequence, adapters, steps, with_positions: bool):
+    """A graph without cache inputs: each step re-runs the whole sequence (views of the buffers)."""
+    positions = position_ids(seq.mask)  # the mask is known to its end: every new token counts
+    feeds = seq.prompt(with_positions)
+    run = session.step_run("model", adapters, feeds)
+    run.bind_outputs({"logits": None})
+    for step in range(steps):
+        if step:
+            feeds = {"input_ids": seq.ids[:, :seq.length], "attention_mask": seq.attention_mask()}
             if with_positions:
-                feeds["position_ids"] = next_position
-                next_position = next_position + 1
-        else:  # a graph without cache inputs: re-run the whole sequence
-            ids = np.concatenate([ids, token], axis=1)
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if with_positions:
-                feeds["position_ids"] = position_ids(mask)
+                feeds["position_ids"] = positions[:, :seq.length]
+        chosen = yield run.step(feeds)["logits"].numpy()[:, -1, :]
+        if step == steps - 1:
+            return
+        seq.push(chosen)
+
+
+def _full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) -> dict:
+    """Zeroed KV buffers of the run's full length for the shared layout: [batch, heads, length, head_dim]."""
+    return {name: np.zeros((batch, value.shape[1], length, value.shape[3]), dtype=value.dtype)
+            for name, value in empty_cache(graph, batch, dtype, cache).items()}
+
+
+def _numpy_type(graph, output: str):
+    """numpy type of a graph output, from ORT's type string ("tensor(float)")."""
+    kind = next(o.type for o in graph.session.get_outputs() if o.name == output)
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}[kind]
 
 
 def _eos(folder, options: GenerationOptions) -> set[int]:
