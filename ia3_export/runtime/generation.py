@@ -263,18 +263,25 @@ def kv_layout(folder, graph) -> str:
 class _Sequence:
     """A request's ids and attention mask in buffers sized for prompt + every new token, filled as the
     tokens come: a step feeds views of them, and the decode inputs (one token and one position per row)
-    are OrtValues written in place."""
+    are OrtValues written in place. Prompts are left-padded (transformers' way; the mask's new columns
+    are ones from the start), or right-padded for GroupQueryAttention, which reads each row's length
+    from its mask and takes row r's tokens to start at position 0 (each row's next token then goes
+    to its own column `ends[r]`)."""
 
-    def __init__(self, prompts: list[list[int]], steps: int, pad: int):
+    def __init__(self, prompts: list[list[int]], steps: int, pad: int, right_pad: bool = False):
         self.batch, self.length = len(prompts), max(len(p) for p in prompts)
         total = self.length + steps
         self.ids = np.full((self.batch, total), pad, dtype=np.int64)
-        self.mask = np.ones((self.batch, total), dtype=np.int64)  # every new token is attended to
+        self.mask = np.zeros((self.batch, total), dtype=np.int64)
+        lengths = np.array([len(p) for p in prompts])
         for row, p in enumerate(prompts):
-            self.ids[row, self.length - len(p):self.length] = p
-            self.mask[row, :self.length - len(p)] = 0
+            start = 0 if right_pad else self.length - len(p)
+            self.ids[row, start:start + len(p)] = p
+            self.mask[row, start:start + len(p) if right_pad else total] = 1
+        self.rows = np.arange(self.batch)
+        self.ends = lengths if right_pad else np.full(self.batch, self.length)  # where each row's next token goes
         self.token = np.zeros((self.batch, 1), dtype=np.int64)
-        self.position = self.mask[:, :self.length].sum(-1, keepdims=True)  # transformers' rule for the next token
+        self.position = lengths[:, None].astype(np.int64)  # transformers' rule for the next token
 
     @property
     def total(self) -> int:
@@ -286,10 +293,16 @@ class _Sequence:
             feeds["position_ids"] = position_ids(feeds["attention_mask"])
         return feeds
 
+    def last(self, logits: np.ndarray) -> np.ndarray:
+        """Each row's logits at its last prompt token, from the prompt's [batch, length, vocab]."""
+        return logits[self.rows, self.ends - 1]
+
     def push(self, tokens) -> None:
-        """Append one token per row; `token` and `position` now describe it."""
+        """Append one token per row; `token` now holds it."""
         self.token[:, 0] = tokens
-        self.ids[:, self.length] = self.token[:, 0]
+        self.ids[self.rows, self.ends] = self.token[:, 0]
+        self.mask[self.rows, self.ends] = 1
+        self.ends += 1
         self.length += 1
 
     def attention_mask(self) -> np.ndarray:
@@ -303,8 +316,8 @@ def _decoder_logits(session, prompts, adapters, steps):
     present.* OrtValues as past_key_values.* (the cache never leaves the device). In the shared layout
     the KV buffers are bound once, as past and present, for the whole request."""
     folder, graph = session.folder, session.graphs["model"]
-    seq = _Sequence(prompts, steps, folder.pad_id())
     layout = kv_layout(folder, graph)
+    seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == "shared")
     with_positions = "position_ids" in graph.inputs
     if layout == "none":
         yield from _uncached_logits(session, seq, adapters, steps, with_positions)
@@ -328,25 +341,24 @@ def _decoder_logits(session, prompts, adapters, steps):
     logits = np.empty((seq.batch, 1, results["logits"].shape()[-1]), dtype=_numpy_type(graph, "logits"))
     outputs["logits"] = graph.to_device(logits)
     run.bind_outputs(outputs)  # from now on every step's logits are [batch, 1, vocab]
-    for step in range(steps):
-        chosen = yield results["logits"].numpy()[:, -1, :]
-        if step == steps - 1:
-            return
+    chosen = yield seq.last(results["logits"].numpy())
+    for step in range(1, steps):
         seq.push(chosen)
         token.update_inplace(seq.token)
         feeds = {"attention_mask": seq.attention_mask()}
         if with_positions:
-            if step:
+            if step > 1:
                 seq.position += 1
             position.update_inplace(seq.position)
         if layout == "concat":
             feeds.update({cache[n]: results[n] for n in cache})
         results = run.step(feeds)
+        chosen = yield results["logits"].numpy()[:, -1, :]
 
 
 def _uncached_logits(session, seq: _Sequence, adapters, steps, with_positions: bool):
     """A graph without cache inputs: each step re-runs the whole sequence (views of the buffers)."""
-    positions = position_ids(seq.mask)  # the mask is known to its end: every new token counts
+    positions = position_ids(seq.mask)  # left-padded: the mask is known to its end, every new token counts
     feeds = seq.prompt(with_positions)
     run = session.step_run("model", adapters, feeds)
     run.bind_outputs({"logits": None})
