@@ -3,8 +3,11 @@ streaming, with the KV cache.
 
 Decoders: prompts are left-padded into one batch, position ids come from the attention mask
 (as transformers computes them), each step feeds one token per row and the previous step's
-`present.*` outputs as `past_key_values.*` without leaving the device. Seq2seq: the encoder
-runs once, then the decoder loop. A row stops at EOS or a stop string (then receives padding)
+`present.*` outputs as `past_key_values.*` without leaving the device. A request is checked and
+its adapter bound once (`IA3Session.step_run`), its ids and mask live in buffers sized for the
+whole run, and a step binds only what changed. Graphs in onnxruntime-genai's model-builder layout
+(one KV buffer shared by past and present, see `kv_layout`) run too. Seq2seq: the encoder runs
+once, then the decoder loop. A row stops at EOS or a stop string (then receives padding)
 and the batch stops when every row has. A run never goes past the model's positions
 (config.json's max_position_embeddings): a prompt that fills them is refused, and
 max_new_tokens is cut to what is left (with a `GenerationCapped` warning).
@@ -409,13 +412,16 @@ def _seq2seq_logits(session, prompts, adapters, steps):
         feeds.update(empty_cache(decoder, batch, folder.dtype, folder.cache))
     cache = _cache_names(decoder)
     outputs = [decoder.outputs[0], *cache]
+    run = session.step_run("decoder", adapters, feeds)  # the mask and the encoder's states stay bound
+    run.bind_outputs(dict.fromkeys(outputs))
+    feeds = {}
     for step in range(steps):
-        results = session.run(feeds, graph="decoder", adapters=adapters, outputs=outputs, as_numpy=False)
+        results = run.step(feeds)
         token = np.array((yield results[outputs[0]].numpy()[:, -1, :]), dtype=np.int64)[:, None]
         if step == steps - 1:
             return
         tokens = np.concatenate([tokens, token], axis=1)
-        feeds = {ids_name: token if use_cache else tokens, mask_name: mask, "encoder_hidden_states": hidden}
+        feeds = {ids_name: token if use_cache else tokens}
         if use_cache:
             feeds.update({cache[n]: results[n] for n in cache})
 
