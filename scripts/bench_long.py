@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_genai import Genai, Ours  # noqa: E402  (the runners: adapter=None for exports without one)
 from benchlib import write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,68 +96,6 @@ def prepare(args) -> dict:
     return {name: os.path.join(folder, name) for name in ("merged", "swappable", "builder", "builder_adopted")}
 
 
-class Ours:
-    def __init__(self, folder: str, threads: int, adapter: str | None = None):
-        import onnxruntime as ort
-
-        from ia3_export.runtime import IA3Session
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-        self.session = IA3Session(folder, session_options=options)
-        if adapter:
-            self.session.set_adapter(self.session.load_adapter(adapter))
-
-    def generate(self, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float, list[float]]:
-        """(tokens, prompt step seconds, decode step seconds)."""
-        from ia3_export.runtime import GenerationOptions
-        from ia3_export.runtime.generation import iter_tokens
-
-        outs, times = [[] for _ in prompts], []
-        start = time.perf_counter()
-        for step in iter_tokens(self.session, prompts, None, GenerationOptions(max_new_tokens=new, eos_token_ids=[])):
-            for row, token in step.items():
-                outs[row].append(token)
-            times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-        return outs, times[0], times[1:]
-
-
-class Genai:
-    def __init__(self, folder: str, threads: int, adapter: str | None = None):
-        import onnxruntime_genai as og
-
-        self.og = og
-        config = og.Config(folder)
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-        self.model = og.Model(config)
-        self.adapters = None
-        if adapter:
-            self.adapters = og.Adapters(self.model)
-            self.adapters.load(os.path.join(folder, "adapters", f"{adapter}.onnx_adapter"), adapter)
-        self.adapter = adapter
-
-    def generate(self, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float, list[float]]:
-        params = self.og.GeneratorParams(self.model)
-        length = len(prompts[0]) + new
-        params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=len(prompts))
-        generator = self.og.Generator(self.model, params)
-        if self.adapter:
-            generator.set_active_adapter(self.adapters, self.adapter)
-        times, start = [], time.perf_counter()
-        generator.append_tokens(np.array(prompts, dtype=np.int32))  # runs the prompt and picks the first token
-        while True:
-            generator.get_next_tokens()
-            times.append(time.perf_counter() - start)
-            if generator.is_done():
-                break
-            start = time.perf_counter()
-            generator.generate_next_token()
-        tokens = [[int(t) for t in generator.get_sequence(i)][len(prompts[0]):] for i in range(len(prompts))]
-        return tokens, times[0], times[1:]
-
-
 ANCHOR = "genai_builder"
 
 
@@ -184,11 +123,11 @@ def main() -> None:
 
     folders = prepare(args)
     runtimes = {
-        "ours_merged": Ours(folders["merged"], args.threads),
+        "ours_merged": Ours(folders["merged"], args.threads, adapter=None),
         "ours_swappable": Ours(folders["swappable"], args.threads, adapter="adapter"),
-        "genai_merged": Genai(folders["merged"], args.threads),
-        "ours_builder": Ours(folders["builder_adopted"], args.threads),
-        ANCHOR: Genai(folders["builder"], args.threads),
+        "genai_merged": Genai(folders["merged"], args.threads, adapter=None),
+        "ours_builder": Ours(folders["builder_adopted"], args.threads, adapter=None),
+        ANCHOR: Genai(folders["builder"], args.threads, adapter=None),
     }
     rng = np.random.default_rng(0)
     warm = rng.integers(4, args.vocab, (1, 16)).tolist()
@@ -208,10 +147,10 @@ def main() -> None:
             for r in range(rounds):  # interleaved, alternating which goes first
                 for name in (list(runtimes) if r % 2 == 0 else list(runtimes)[::-1]):
                     start = time.perf_counter()
-                    out, first, steps = runtimes[name].generate(prompts, args.new)
+                    out, steps = runtimes[name].generate(prompts, args.new)
                     totals[name].append(time.perf_counter() - start)
-                    prefill[name].append(first)
-                    decode[name] += steps
+                    prefill[name].append(steps[0])  # the prompt's step, then one step per new token
+                    decode[name] += steps[1:]
                     tokens[name] = out
             total = {name: statistics.median(t) for name, t in totals.items()}
             step_ms = {name: 1000 * statistics.median(t) for name, t in decode.items()}

@@ -149,9 +149,13 @@ class StepRun:
             raise IA3Error(f"input {missing[0]} of graph {graph!r} was not given; the model takes {', '.join(g.inputs)}")
         self.state = g.own_binding()
         fold = session._fold
-        self._hold = (lambda: fold.holding(adapter)) if fold else contextlib.nullcontext
-        adapter = session.binding.one_adapter(adapters) if fold else None
+        if fold:
+            adapter = session.binding.one_adapter(adapters)
+            self._hold = lambda: fold.holding(adapter)
+        else:
+            self._hold = contextlib.nullcontext
         self.outputs: dict = {}
+        self._rebind = True
         self.bind(feeds)
 
     def bind(self, feeds: dict) -> None:
@@ -184,6 +188,8 @@ class StepRun:
             raise
         except Exception as e:
             raise IA3Error(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
+        if not self._rebind:
+            return self.outputs  # every output was bound to a value ORT wrote into: no wrappers to build
         return dict(zip(self.outputs, binding.get_outputs()))
 
 
