@@ -120,3 +120,20 @@ def test_builder_graph_logits_match_transformers_at_every_step(builder_export):
     with torch.no_grad():
         want = model(torch.tensor([prompt + follow])).logits[0, len(prompt) - 1:].numpy()
     np.testing.assert_allclose(np.concatenate(got), want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_manifest_kv_layout_outside_the_known_ones_is_refused(llama, tmp_path):
+    """cache.kv_layout decides the layout where given: a value the runtime does not know is named, not guessed."""
+    import json
+    import shutil
+
+    from ia3_export.errors import IA3Error
+    from ia3_export.runtime import IA3Session
+    from ia3_export.runtime.generation import GenerationOptions, generate_ids
+
+    folder = shutil.copytree(llama["swappable"], tmp_path / "export")
+    manifest = json.loads((folder / "ia3_export.json").read_text())
+    manifest["cache"]["kv_layout"] = "sideways"
+    (folder / "ia3_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(IA3Error, match="cache.kv_layout is 'sideways', not one of concat, shared"):
+        generate_ids(IA3Session(str(folder)), PROMPTS, None, GenerationOptions(max_new_tokens=2))

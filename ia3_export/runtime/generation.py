@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import IA3Error
 
 PAST, PRESENT = "past_key_values", "present"
+KV_LAYOUTS = ("concat", "shared")  # what a manifest's cache.kv_layout may say (see kv_layout)
 
 
 class GenerationCapped(UserWarning):
@@ -256,7 +257,10 @@ def kv_layout(folder, graph) -> str:
     cache.kv_layout decides where it is given; otherwise the graph's inputs do (our decoder exports
     always take position_ids)."""
     declared = (folder.cache or {}).get("kv_layout")
-    if declared in ("concat", "shared"):
+    if declared is not None:
+        if declared not in KV_LAYOUTS:
+            raise IA3Error(f"{folder.path}: the manifest's cache.kv_layout is {declared!r}, not one of "
+                           f"{', '.join(KV_LAYOUTS)}; re-export the model")
         return declared
     if not any(n.startswith(PAST) for n in graph.inputs) or not _cache_names(graph):
         return "none"
