@@ -321,7 +321,8 @@ def _decoder_logits(session, prompts, adapters, steps):
     buffers happen once per request (`IA3Session.step_run`); a decode step writes the new token and
     position in place, binds the grown mask view and, in the concat layout, the previous step's
     present.* OrtValues as past_key_values.* (the cache never leaves the device). In the shared layout
-    the KV buffers are bound once, as past and present, for the whole request."""
+    the KV buffers are bound once, as past and present, for the whole request. A decode step's logits
+    are a view of the bound output: valid until the next send."""
     folder, graph = session.folder, session.graphs["model"]
     layout = kv_layout(folder, graph)
     seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == "shared")
