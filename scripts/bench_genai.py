@@ -51,7 +51,7 @@ def prepare(hidden: int, layers: int) -> str:
 
 
 class Ours:
-    def __init__(self, folder: str, threads: int):
+    def __init__(self, folder: str, threads: int, adapter: str | None = "adapter"):
         import onnxruntime as ort
 
         from ia3_export.runtime import IA3Session
@@ -59,7 +59,8 @@ class Ours:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
         self.session = IA3Session(folder, session_options=options)
-        self.session.set_adapter(self.session.load_adapter("adapter"))
+        if adapter:
+            self.session.set_adapter(self.session.load_adapter(adapter))
 
     def generate(self, prompts: list[list[int]], new: int) -> tuple[list[list[int]], list[float]]:
         from ia3_export.runtime import GenerationOptions
@@ -76,7 +77,7 @@ class Ours:
 
 
 class Genai:
-    def __init__(self, folder: str, threads: int):
+    def __init__(self, folder: str, threads: int, adapter: str | None = "adapter"):
         import onnxruntime_genai as og
 
         self.og = og
@@ -84,15 +85,18 @@ class Genai:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         self.model = og.Model(config)
-        self.adapters = og.Adapters(self.model)
-        self.adapters.load(os.path.join(folder, "adapters", "adapter.onnx_adapter"), "adapter")
+        self.adapter, self.adapters = adapter, None
+        if adapter:
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(os.path.join(folder, "adapters", f"{adapter}.onnx_adapter"), adapter)
 
     def generate(self, prompts: list[list[int]], new: int) -> tuple[list[list[int]], list[float]]:
         params = self.og.GeneratorParams(self.model)
         length = len(prompts[0]) + new
         params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=len(prompts))
         generator = self.og.Generator(self.model, params)
-        generator.set_active_adapter(self.adapters, "adapter")
+        if adapter := self.adapter:
+            generator.set_active_adapter(self.adapters, adapter)
         steps, start = [], time.perf_counter()
         generator.append_tokens(np.array(prompts, dtype=np.int32))  # runs the prompt and picks the first token
         while True:

@@ -41,13 +41,19 @@ def test_stream_joins_to_generate_and_comes_token_by_token(llama, options):
 
     s = IA3Session(llama["merged"])
     runs = []
-    run = s.run
-    s.run = lambda *a, **k: runs.append(1) or run(*a, **k)  # count model runs as pieces arrive
+    step_run = s.step_run
+
+    def counted(*a, **k):  # count model runs (generation steps) as pieces arrive
+        r = step_run(*a, **k)
+        step = r.step
+        r.step = lambda *x: runs.append(1) or step(*x)
+        return r
+    s.step_run = counted
     pieces, runs_at = [], []
     for piece in s.generate(TEXT, stream=True, max_new_tokens=24, **options):
         pieces.append(piece)
         runs_at.append(len(runs))
-    s.run = run
+    s.step_run = step_run
     assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # a possibly incomplete character is held back
     assert "".join(pieces) == s.generate(TEXT, max_new_tokens=24, **options)
     assert runs_at[0] < runs_at[-1]  # the first piece came before the last model run, not at the end

@@ -3,8 +3,11 @@ streaming, with the KV cache.
 
 Decoders: prompts are left-padded into one batch, position ids come from the attention mask
 (as transformers computes them), each step feeds one token per row and the previous step's
-`present.*` outputs as `past_key_values.*` without leaving the device. Seq2seq: the encoder
-runs once, then the decoder loop. A row stops at EOS or a stop string (then receives padding)
+`present.*` outputs as `past_key_values.*` without leaving the device. A request is checked and
+its adapter bound once (`IA3Session.step_run`), its ids and mask live in buffers sized for the
+whole run, and a step binds only what changed. Graphs in onnxruntime-genai's model-builder layout
+(one KV buffer shared by past and present, see `kv_layout`) run too. Seq2seq: the encoder runs
+once, then the decoder loop. A row stops at EOS or a stop string (then receives padding)
 and the batch stops when every row has. A run never goes past the model's positions
 (config.json's max_position_embeddings): a prompt that fills them is refused, and
 max_new_tokens is cut to what is left (with a `GenerationCapped` warning).
@@ -22,6 +25,7 @@ import numpy as np
 from ..errors import IA3Error
 
 PAST, PRESENT = "past_key_values", "present"
+KV_LAYOUTS = ("concat", "shared")  # what a manifest's cache.kv_layout may say (see kv_layout)
 
 
 class GenerationCapped(UserWarning):
@@ -245,38 +249,148 @@ def _cache_names(graph) -> dict[str, str]:
     return {name: PAST + name[len(PRESENT):] for name in graph.outputs if name.startswith(PRESENT)}
 
 
+def kv_layout(folder, graph) -> str:
+    """How a decoder graph keeps its KV cache: "concat" (our exports: present = past + this step, a new
+    buffer per step), "shared" (onnxruntime-genai's model builder: GroupQueryAttention over one buffer
+    of the run's full length, bound as past AND present; no position_ids, the graph derives them from
+    the mask) or "none" (no cache inputs: each step re-runs the whole sequence). The manifest's
+    cache.kv_layout decides where it is given; otherwise the graph's inputs do (our decoder exports
+    always take position_ids)."""
+    declared = (folder.cache or {}).get("kv_layout")
+    if declared is not None:
+        if declared not in KV_LAYOUTS:
+            raise IA3Error(f"{folder.path}: the manifest's cache.kv_layout is {declared!r}, not one of "
+                           f"{', '.join(KV_LAYOUTS)}; re-export the model")
+        return declared
+    if not any(n.startswith(PAST) for n in graph.inputs) or not _cache_names(graph):
+        return "none"
+    return "concat" if "position_ids" in graph.inputs else "shared"
+
+
+class _Sequence:
+    """A request's ids and attention mask in buffers sized for prompt + every new token, filled as the
+    tokens come: a step feeds views of them, and the decode inputs (one token and one position per row)
+    are OrtValues written in place. Prompts are left-padded (transformers' way; the mask's new columns
+    are ones from the start), or right-padded for GroupQueryAttention, which reads each row's length
+    from its mask and takes row r's tokens to start at position 0 (each row's next token then goes
+    to its own column `ends[r]`)."""
+
+    def __init__(self, prompts: list[list[int]], steps: int, pad: int, right_pad: bool = False):
+        self.batch, self.length = len(prompts), max(len(p) for p in prompts)
+        total = self.length + steps
+        self.ids = np.full((self.batch, total), pad, dtype=np.int64)
+        self.mask = np.zeros((self.batch, total), dtype=np.int64)
+        lengths = np.array([len(p) for p in prompts])
+        for row, p in enumerate(prompts):
+            start = 0 if right_pad else self.length - len(p)
+            self.ids[row, start:start + len(p)] = p
+            self.mask[row, start:start + len(p) if right_pad else total] = 1
+        self.rows = np.arange(self.batch)
+        self.ends = lengths if right_pad else np.full(self.batch, self.length)  # where each row's next token goes
+        self.token = np.zeros((self.batch, 1), dtype=np.int64)
+        self.position = lengths[:, None].astype(np.int64)  # transformers' rule for the next token
+
+    @property
+    def total(self) -> int:
+        return self.ids.shape[1]
+
+    def prompt(self, with_positions: bool) -> dict:
+        feeds = {"input_ids": self.ids[:, :self.length], "attention_mask": self.mask[:, :self.length]}
+        if with_positions:
+            feeds["position_ids"] = position_ids(feeds["attention_mask"])
+        return feeds
+
+    def last(self, logits: np.ndarray) -> np.ndarray:
+        """Each row's logits at its last prompt token, from the prompt's [batch, length, vocab]."""
+        return logits[self.rows, self.ends - 1]
+
+    def push(self, tokens) -> None:
+        """Append one token per row; `token` now holds it."""
+        self.token[:, 0] = tokens
+        self.ids[self.rows, self.ends] = self.token[:, 0]
+        self.mask[self.rows, self.ends] = 1
+        self.ends += 1
+        self.length += 1
+
+    def attention_mask(self) -> np.ndarray:
+        return self.mask[:, :self.length]
+
+
 def _decoder_logits(session, prompts, adapters, steps):
-    """Yields last-position logits; receives each step's tokens. The cache stays on the device: each
-    step binds the previous step's present.* OrtValues as past_key_values.*, and only the new token,
-    the grown mask and the next positions are built on the host."""
+    """Yields last-position logits; receives each step's tokens. Validation, adapter binding and the
+    buffers happen once per request (`IA3Session.step_run`); a decode step writes the new token and
+    position in place, binds the grown mask view and, in the concat layout, the previous step's
+    present.* OrtValues as past_key_values.* (the cache never leaves the device). In the shared layout
+    the KV buffers are bound once, as past and present, for the whole request. A decode step's logits
+    are a view of the bound output: valid until the next send."""
     folder, graph = session.folder, session.graphs["model"]
-    ids, mask = _left_pad(prompts, folder.pad_id())
-    batch = len(prompts)
+    layout = kv_layout(folder, graph)
+    seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == "shared")
     with_positions = "position_ids" in graph.inputs
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    if with_positions:
-        feeds["position_ids"] = position_ids(mask)
-    feeds.update(empty_cache(graph, batch, folder.dtype, folder.cache))
+    if layout == "none":
+        yield from _uncached_logits(session, seq, adapters, steps, with_positions)
+        return
     cache = _cache_names(graph)
-    outputs = ["logits", *cache]
-    use_cache = bool(cache) and any(n.startswith(PAST) for n in graph.inputs)
-    next_position = mask.sum(-1, keepdims=True)  # transformers' rule for the token after each prompt
+    feeds = seq.prompt(with_positions)
+    if layout == "shared":
+        kv = {name: graph.to_device(a) for name, a in
+              _full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
+        feeds.update(kv)
+        outputs = {"logits": None, **{n: kv[past] for n, past in cache.items()}}
+    else:
+        feeds.update(empty_cache(graph, seq.batch, folder.dtype, folder.cache))
+        outputs = {"logits": None, **dict.fromkeys(cache)}
+    run = session.step_run("model", adapters, feeds)
+    run.bind_outputs(outputs)
+    results = run.step()
+    token = graph.to_device(seq.token)
+    position = graph.to_device(seq.position) if with_positions else None
+    run.bind({"input_ids": token, **({"position_ids": position} if with_positions else {})})
+    logits = np.empty((seq.batch, 1, results["logits"].shape()[-1]), dtype=_numpy_type(graph, "logits"))
+    outputs["logits"] = graph.to_device(logits)
+    run.bind_outputs(outputs)  # from now on every step's logits are [batch, 1, vocab]
+    chosen = yield seq.last(results["logits"].numpy())
+    for step in range(1, steps):
+        seq.push(chosen)
+        token.update_inplace(seq.token)
+        feeds = {"attention_mask": seq.attention_mask()}
+        if with_positions:
+            if step > 1:
+                seq.position += 1
+            position.update_inplace(seq.position)
+        if layout == "concat":
+            feeds.update({cache[n]: results[n] for n in cache})
+        results = run.step(feeds)
+        chosen = yield results["logits"].numpy()[:, -1, :]
+
+
+def _uncached_logits(session, seq: _Sequence, adapters, steps, with_positions: bool):
+    """A graph without cache inputs: each step re-runs the whole sequence (views of the buffers)."""
+    positions = position_ids(seq.mask)  # left-padded: the mask is known to its end, every new token counts
+    feeds = seq.prompt(with_positions)
+    run = session.step_run("model", adapters, feeds)
+    run.bind_outputs({"logits": None})
     for step in range(steps):
-        results = session.run(feeds, graph="model", adapters=adapters, outputs=outputs, as_numpy=False)
-        token = np.array((yield results["logits"].numpy()[:, -1, :]), dtype=np.int64)[:, None]
+        if step:
+            feeds = {"input_ids": seq.ids[:, :seq.length], "attention_mask": seq.attention_mask()}
+            if with_positions:
+                feeds["position_ids"] = positions[:, :seq.length]
+        chosen = yield run.step(feeds)["logits"].numpy()[:, -1, :]
         if step == steps - 1:
             return
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        if use_cache:
-            feeds = {"input_ids": token, "attention_mask": mask, **{cache[n]: results[n] for n in cache}}
-            if with_positions:
-                feeds["position_ids"] = next_position
-                next_position = next_position + 1
-        else:  # a graph without cache inputs: re-run the whole sequence
-            ids = np.concatenate([ids, token], axis=1)
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if with_positions:
-                feeds["position_ids"] = position_ids(mask)
+        seq.push(chosen)
+
+
+def _full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) -> dict:
+    """Zeroed KV buffers of the run's full length for the shared layout: [batch, heads, length, head_dim]."""
+    return {name: np.zeros((batch, value.shape[1], length, value.shape[3]), dtype=value.dtype)
+            for name, value in empty_cache(graph, batch, dtype, cache).items()}
+
+
+def _numpy_type(graph, output: str):
+    """numpy type of a graph output, from ORT's type string ("tensor(float)")."""
+    kind = next(o.type for o in graph.session.get_outputs() if o.name == output)
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}[kind]
 
 
 def _eos(folder, options: GenerationOptions) -> set[int]:
@@ -303,13 +417,16 @@ def _seq2seq_logits(session, prompts, adapters, steps):
         feeds.update(empty_cache(decoder, batch, folder.dtype, folder.cache))
     cache = _cache_names(decoder)
     outputs = [decoder.outputs[0], *cache]
+    run = session.step_run("decoder", adapters, feeds)  # the mask and the encoder's states stay bound
+    run.bind_outputs(dict.fromkeys(outputs))
+    feeds = {}
     for step in range(steps):
-        results = session.run(feeds, graph="decoder", adapters=adapters, outputs=outputs, as_numpy=False)
+        results = run.step(feeds)
         token = np.array((yield results[outputs[0]].numpy()[:, -1, :]), dtype=np.int64)[:, None]
         if step == steps - 1:
             return
         tokens = np.concatenate([tokens, token], axis=1)
-        feeds = {ids_name: token if use_cache else tokens, mask_name: mask, "encoder_hidden_states": hidden}
+        feeds = {ids_name: token if use_cache else tokens}
         if use_cache:
             feeds.update({cache[n]: results[n] for n in cache})
 

@@ -15,6 +15,7 @@ bind+run in scripts/bench_concurrency.py (docs/errors.md, "Concurrency").
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -92,6 +93,13 @@ class Graph:
             state.binding.bind_ortvalue_input(name, value)
         state.set_key, state.set_names = key, frozenset(values)
 
+    def own_binding(self) -> "_ThreadBinding":
+        """A new IOBinding holding what this thread's binding holds (adapter vectors, bank, weights)."""
+        state = _ThreadBinding(self.session.io_binding())
+        for name, (value, keep_alive) in self._state().held.items():
+            self._bind(state, name, value, keep_alive)
+        return state
+
     def missing(self, feeds: dict) -> list[str]:
         """Inputs neither in `feeds` nor bound on this thread's binding."""
         held = self._state().held
@@ -123,6 +131,66 @@ class _ThreadBinding:
     held: dict = dataclasses.field(default_factory=dict)
     set_key: object = None
     set_names: frozenset = frozenset()
+
+
+class StepRun:
+    """One request's repeated runs of one graph (a generation's steps). The adapter is bound and the
+    inputs checked once, on an IOBinding of the request's own (so two requests interleaved on one thread
+    keep apart); a step binds only the inputs it changes, and outputs bound to OrtValues stay bound
+    across steps (ORT re-allocates an output bound by device only after a clear, so those are re-bound
+    at each step). Foldswap still holds its fold per step: a switch may run between two steps."""
+
+    def __init__(self, session: "IA3Session", graph: str, adapters, feeds: dict):
+        g = self.graph = session.graphs[graph]
+        feeds = dict(feeds)
+        session.binding.before_run(graph, g, feeds, adapters)  # binds the adapter; a bank adds adapter_ids
+        missing = g.missing(feeds)
+        if missing:
+            raise IA3Error(f"input {missing[0]} of graph {graph!r} was not given; the model takes {', '.join(g.inputs)}")
+        self.state = g.own_binding()
+        fold = session._fold
+        if fold:
+            adapter = session.binding.one_adapter(adapters)
+            self._hold = lambda: fold.holding(adapter)
+        else:
+            self._hold = contextlib.nullcontext
+        self.outputs: dict = {}
+        self._rebind = True
+        self.bind(feeds)
+
+    def bind(self, feeds: dict) -> None:
+        """Bind inputs (numpy arrays or OrtValues) that stay bound until bound again."""
+        for name, value in feeds.items():
+            self.graph._bind(self.state, name, value)
+
+    def bind_outputs(self, outputs: dict) -> None:
+        """Output name -> an OrtValue to write into (bound once), or None (allocated by ORT at each step)."""
+        self.outputs = dict(outputs)
+        self._rebind = True
+
+    def step(self, feeds: dict | None = None) -> dict:
+        """Bind `feeds`, run, return output name -> OrtValue."""
+        if feeds:
+            self.bind(feeds)
+        binding, device = self.state.binding, self.graph.device
+        if self._rebind:
+            binding.clear_binding_outputs()
+            for name, value in self.outputs.items():
+                if value is None:
+                    binding.bind_output(name, *device)
+                else:
+                    binding.bind_ortvalue_output(name, value)
+            self._rebind = any(v is None for v in self.outputs.values())
+        try:
+            with self._hold():
+                self.graph.session.run_with_iobinding(binding)
+        except IA3Error:
+            raise
+        except Exception as e:
+            raise IA3Error(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
+        if not self._rebind:
+            return self.outputs  # every output was bound to a value ORT wrote into: no wrappers to build
+        return dict(zip(self.outputs, binding.get_outputs()))
 
 
 class IA3Session:
@@ -219,6 +287,10 @@ class IA3Session:
         with hold:  # foldswap: no re-fold while this run reads the weights
             results = g.run(feeds, outputs)
         return {k: v.numpy() for k, v in results.items()} if as_numpy else results
+
+    def step_run(self, graph: str, adapters: list[str | None] | None, feeds: dict) -> StepRun:
+        """Repeated runs of `graph` for one request (see `StepRun`); `feeds` are its first step's inputs."""
+        return StepRun(self, graph, adapters, feeds)
 
     def _check_graph_inputs(self) -> None:
         self.folder.check_inputs({name: {i.name: i.shape for i in [*g.inputs.values(), *g.initializer_inputs.values()]}
