@@ -308,3 +308,24 @@ def test_logits_to_keep_runs_the_head_on_the_last_positions_only(exports):
     last = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([1])})[0]
     assert last.shape == (2, 1, 320)
     assert compare("last logits", full[:, -1:], last, TOL.atol, TOL.rtol).passed
+
+
+def test_cli_graph_choices_are_the_pipeline_factories():
+    """One list: `--graph`'s choices are the pipeline's graph factories (the CLI module stays torch-free)."""
+    from ia3_export.commands.export import command
+    from ia3_export.export.pipeline import GRAPH_FACTORIES
+
+    choices = next(p for p in command.params if p.name == "graph").type.choices
+    assert tuple(choices) == tuple(GRAPH_FACTORIES) == ("traced", "fused")
+
+
+def test_a_vector_left_unplaced_fails_validation_and_writes_nothing(llama, tmp_path, monkeypatch):
+    """The pipeline's own check of the fused graph is real: drop the down_proj Muls and it fails (exit 1)."""
+    from ia3_export.errors import CheckFailed
+    from ia3_export.export import export_model, fused
+
+    model, adapter, _ = llama
+    monkeypatch.setattr(fused, "_place_linear", lambda *args: None)
+    with pytest.raises(CheckFailed, match=r"model.onnx \(fused swappable export"):
+        export_model(model, str(tmp_path / "out"), mode="swappable", adapters=[adapter], graph="fused")
+    assert not os.path.exists(tmp_path / "out")

@@ -67,17 +67,21 @@ _BUILDER_BLOCKS = {"self_attn": "attn", "mlp": "mlp"}
 class BuilderGraphs:
     """The graph factory of `--graph fused` (see the module doc); export/pipeline.py drives it."""
 
-    def check(self, strategy, config: dict, task, dtype: str, exporter: str, quantize) -> None:
+    def __init__(self, exporter: str, quantize):
+        self.exporter, self.quantize = exporter, quantize
+
+    def check(self, strategy, config: dict, task, dtype: str) -> None:
         """Refuse, before any work, what the builder cannot make or this factory cannot validate."""
         if strategy.fused_refusal:
             raise IA3Error(strategy.fused_refusal)
         if dtype != "fp32":
             raise IA3Error(f"--graph fused is fp32 only (onnxruntime-genai's builder makes fp16 graphs for CUDA), "
                            f"not {dtype}; use --graph traced for fp16")
-        if quantize is not None:
+        if self.quantize is not None:
             raise IA3Error("--quantize does not combine with --graph fused; use --graph traced")
-        if exporter != "torchscript":
-            raise IA3Error(f"--exporter chooses the tracer of --graph traced; drop --exporter {exporter} with --graph fused")
+        if self.exporter != "torchscript":
+            raise IA3Error(f"--exporter chooses the tracer of --graph traced; drop --exporter {self.exporter} "
+                           "with --graph fused")
         if task.name != GENAI_TASK:
             raise IA3Error(f"--graph fused makes {GENAI_TASK} graphs (a decoder with its KV cache), not {task.name}; "
                            "use --graph traced")
@@ -124,12 +128,13 @@ class BuilderGraphs:
                              "nodes": sum(onnx_graph.op_histogram(model).values())}}
         return graphs, comparisons, {}
 
-    def manifest_fields(self, exporter: str, opset: int, config: dict) -> dict:
+    def manifest_fields(self, ex) -> dict:
+        """The builder as exporter, its opset, and the cache layout a runner needs (module doc)."""
         import onnxruntime_genai
 
+        max_length = read_model_config(ex.model_dir).get("max_position_embeddings")
         return {"exporter": f"onnxruntime-genai-builder {BUILDER_VERSION}", "opset": self.opset,
-                "cache": {"layout": "gqa", "shared_buffer": True, "max_length": config.get("max_position_embeddings"),
-                          "position_ids": False},
+                "cache": {"layout": "gqa", "shared_buffer": True, "max_length": max_length, "position_ids": False},
                 "versions": {"onnxruntime_genai": onnxruntime_genai.__version__}}
 
     def genai_files(self, tmp: str, manifest: dict) -> dict:

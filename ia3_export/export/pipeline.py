@@ -1,11 +1,12 @@
 """`export_model`: a model folder (+ adapters) -> a validated ONNX folder with a manifest.
 
 One loop for every mode: check the inputs, load the model, let the mode prepare where its IA3
-vectors come from (folded, graph inputs, a per-row bank, weights re-folded), trace each graph
-through the plain-tensor wrappers, let the mode edit it, quantize it if asked, compare it with
-PyTorch on ONNX Runtime in the mode's scenarios, and write everything atomically (graphs, the
-mode's artefacts, side files, the manifest): a failure anywhere leaves no output folder.
-What differs between modes is declared by their classes in export/modes/.
+vectors come from (folded, graph inputs, a per-row bank, weights re-folded), make the graphs with
+the `--graph` factory (`TracedGraphs`: trace each graph through the plain-tensor wrappers, let the
+mode edit it, quantize it if asked, compare it with PyTorch on ONNX Runtime in the mode's scenarios;
+`fused.BuilderGraphs`: onnxruntime-genai's model builder, vectors placed by graph edits), and write
+everything atomically (graphs, the mode's artefacts, side files, the manifest): a failure anywhere
+leaves no output folder. What differs between modes is declared by their classes in export/modes/.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
     config = read_model_config(model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
     spec = resolve_task(task, config, model_dir, adapter_files)
-    factory.check(strategy, config, spec, dtype, exporter, quantize)
+    factory.check(strategy, config, spec, dtype)
     names = adapter_names(adapter_files, "two adapters get the name {name!r} (an adapter's name is its folder name, "
                                          "with characters other than letters, digits, '_', '-', '.' replaced by '_'); "
                                          "rename one folder")
@@ -81,7 +82,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
         adapter_entries = strategy.write_adapters(ex, tmp)
         extra = strategy.finish(ex, tmp, graphs)
         write_side_files(model_dir, tmp, hf_model, spec)
-        made = factory.manifest_fields(exporter, opset, config)
+        made = factory.manifest_fields(ex)
         manifest = new_manifest(
             mode=mode, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=made["opset"],
             exporter=made["exporter"], graphs=graphs, vectors=strategy.vector_entries(ex), adapters=adapter_entries,
@@ -119,7 +120,7 @@ class TracedGraphs:
     def __init__(self, exporter: str, quantize):
         self.exporter, self.quantize = exporter, quantize
 
-    def check(self, strategy, config: dict, task: Task, dtype: str, exporter: str, quantize) -> None:
+    def check(self, strategy, config: dict, task: Task, dtype: str) -> None:
         """Every model the pipeline loads can be traced: nothing more to refuse."""
 
     def make(self, strategy, ex: Export, specs, tmp: str, hf_model) -> tuple[dict, list, dict]:
@@ -143,18 +144,19 @@ class TracedGraphs:
                                  "nodes": sum(onnx_graph.op_histogram(path).values())}
         return graphs, comparisons, quantized
 
-    def manifest_fields(self, exporter: str, opset: int, config: dict) -> dict:
+    def manifest_fields(self, ex: Export) -> dict:
         """What the factory says in the manifest: exporter, opset, extra cache and version keys."""
-        return {"exporter": exporter, "opset": opset, "cache": {}, "versions": {}}
+        return {"exporter": self.exporter, "opset": ex.opset, "cache": {}, "versions": {}}
 
     def genai_files(self, tmp: str, manifest: dict) -> dict:
         return write_genai_files(tmp, manifest)
 
 
-GRAPH_FACTORIES = {"traced": TracedGraphs, "fused": lambda exporter, quantize: BuilderGraphs()}
+GRAPH_FACTORIES = {"traced": TracedGraphs, "fused": BuilderGraphs}  # --graph: who makes the graphs
 
 
 def graph_factory(name: str, exporter: str, quantize):
+    """The factory of `--graph name`, given the options it must honour or refuse."""
     if name not in GRAPH_FACTORIES:
         raise IA3Error(f"unknown graph {name!r}; use one of {', '.join(GRAPH_FACTORIES)}")
     return GRAPH_FACTORIES[name](exporter, quantize)
