@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 
+from .dtypes import EXPORT_DTYPES
 from .errors import IA3Error
 from .jsonfile import read_json, shown
 
@@ -18,8 +19,7 @@ FORMAT_VERSION = 1
 # The one list of export modes: the CLI's choices, the manifest check, the export strategies
 # (export/modes/) and the runtime bindings (runtime/bindings.py) are all keyed by these names.
 MODES = (MERGED, SWAPPABLE, BANK, FOLDSWAP) = ("merged", "swappable", "bank", "foldswap")
-DTYPES = ("fp32", "fp16")
-NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16"}
+DTYPES = EXPORT_DTYPES  # what an export's dtype field may say (the dtype table's list)
 REQUIRED_KEYS = ("format", "format_version", "mode", "task", "model_type", "dtype", "graphs")
 
 # Graph contract names shared by the export (which writes them) and the runtime (which feeds them).

@@ -82,7 +82,7 @@ def feeds_for(manifest: dict, folder: str, batch: int, new: int, past: int, vari
         feeds |= read_onnx_adapter(os.path.join(folder, entry["file"]))
     if variant == "bank":
         per = [read_onnx_adapter(os.path.join(folder, a["file"])) for a in manifest["adapters"]]
-        feeds |= {v["name"]: np.stack([p[v["name"]] for p in per]) for v in manifest["vectors"]}
+        feeds |= {v["name"]: np.concatenate([p[v["name"]] for p in per]) for v in manifest["vectors"]}  # one-row banks
         feeds["adapter_ids"] = np.arange(batch, dtype=np.int64) % len(per)
     return feeds
 

@@ -135,7 +135,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
     from onnx import TensorProto, helper
 
     from ia3_export.export.modes.foldswap import FOLD_FILE, FoldTarget, build_fold_graph
-    from ia3_export.export.graph import ONNX_DTYPES
+    from ia3_export.dtypes import DTYPES
     from ia3_export.manifest import new_manifest, write_manifest
 
     os.makedirs(folder, exist_ok=True)
@@ -153,7 +153,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
 
     def external(name, shape):
         nonlocal offset
-        tensor = TensorProto(name=f"{name}.base", dims=shape, data_type=ONNX_DTYPES[dtype])
+        tensor = TensorProto(name=f"{name}.base", dims=shape, data_type=DTYPES[dtype].onnx)
         length = int(np.prod(shape)) * itemsize
         _point_to(tensor, FOLD_FILE + ".data", offset, length)
         segments.append([offset, length, dtype])
@@ -163,7 +163,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
     fold = build_fold_graph(targets, dims, dtype, 18, external)
     with open(os.path.join(folder, FOLD_FILE), "wb") as f:
         f.write(fold.SerializeToString())
-    elem = ONNX_DTYPES[dtype]
+    elem = DTYPES[dtype].onnx
     weights = [t.weight for t in targets]
     nodes = [helper.make_node("Shape", [w], [w + ".shape"]) for w in weights]
     nodes.append(helper.make_node("Concat", [w + ".shape" for w in weights], ["shapes"], axis=0))

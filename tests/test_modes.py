@@ -1,15 +1,8 @@
 """Modes are strategies over one export loop: one list of names, one class per mode, and a fifth
-mode is one new class. Also: the package's imports form no cycle."""
+mode is one new class."""
 from __future__ import annotations
 
-import ast
-import os
-
 import numpy as np
-
-import ia3_export
-
-PACKAGE = os.path.dirname(ia3_export.__file__)
 
 
 def test_one_list_of_modes_feeds_registry_bindings_and_cli():
@@ -58,71 +51,3 @@ def test_a_fifth_mode_is_one_class(monkeypatch, model_dir, adapter_dir, tmp_path
         base = session.run(None, feeds)[0]
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-6)
     assert np.abs(outputs[0] - base).max() > 1e-5  # the adapter's vectors moved the logits, far past 1e-6
-
-
-def _module_name(path: str, package: str) -> str:
-    relative = os.path.relpath(path, os.path.dirname(package))[:-3].replace(os.sep, ".")
-    return relative[:-len(".__init__")] if relative.endswith(".__init__") else relative
-
-
-def import_graph(package: str = PACKAGE, inside_functions: bool = False) -> dict[str, set[str]]:
-    """Module -> the in-package modules its module-level statements import. A submodule import also
-    runs the __init__ of its packages, so those count too, except the importer's own packages (they
-    are already being imported) and the root package (lazy)."""
-    files = {}
-    for root, _, names in os.walk(package):
-        files.update({_module_name(os.path.join(root, n), package): os.path.join(root, n) for n in names if n.endswith(".py")})
-    graph = {}
-    for module, path in files.items():
-        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-        edges = set()
-        tree = ast.parse(open(path, encoding="utf-8").read())
-        for node in ast.walk(tree) if inside_functions else tree.body:
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = package
-                for _ in range(node.level - 1):
-                    base = base.rpartition(".")[0]
-                base = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
-            for target in targets:
-                while target.startswith("ia3_export.") and not module.startswith(target + ".") and target != module:
-                    if target in files:
-                        edges.add(target)
-                    target = target.rpartition(".")[0]
-        graph[module] = edges
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state, stack = {}, []
-
-    def visit(node):
-        state[node] = "open"
-        stack.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        state[node] = "done"
-        stack.pop()
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node)):
-            return cycle
-    return None
-
-
-def test_no_import_cycle():
-    """Counting imports inside functions too: an import moved into a function to dodge a cycle is
-    still a cycle (main had export/build.py <-> export/foldswap.py)."""
-    graph = import_graph(inside_functions=True)
-    assert "ia3_export.export.pipeline" in graph["ia3_export.export"]  # the walker sees package imports
-    assert "ia3_export.export" in graph["ia3_export.parity.reference"]  # ... and the packages a submodule runs
-    assert not any(m.startswith("ia3_export.parity") for m in graph["ia3_export.export.pipeline"])  # export < parity
-    cycle = find_cycle(graph)
-    assert cycle is None, " -> ".join(cycle)

@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 
+from ..dtypes import numpy_dtype
 from ..errors import IA3Error
 
 # Protobuf cannot hold 2 GB; weights go to external data above this (with headroom for the graph).
 EXTERNAL_DATA_ABOVE = 2 ** 31 - 2 ** 26
-ONNX_DTYPES = {"fp32": 1, "fp16": 10}  # onnx.TensorProto.FLOAT / FLOAT16
 
 
 def load(path: str):
@@ -26,7 +26,7 @@ def add_overridable_ones(model, name: str, shape: tuple[int, ...], dtype: str) -
 
     if name not in {i.name for i in model.graph.input}:
         raise IA3Error(f"internal error: the traced graph has no input {name!r} (was the vector unused?)")
-    ones = np.ones(shape, dtype=np.float16 if dtype == "fp16" else np.float32)
+    ones = np.ones(shape, dtype=numpy_dtype(dtype))
     model.graph.initializer.append(numpy_helper.from_array(ones, name))
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from ..adapter_format import WEIGHTS_NAME
+from ..dtypes import numpy_dtype
 from ..loading import load_task_model
 from ..manifest import file_sha256, vector_name
 from .tasks import GraphSpec, Task
 from .wrappers import flatten_cache, returned_cache
 
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 # -- loading a model with adapters ------------------------------------------------------------
@@ -85,7 +85,7 @@ def probe_shape(model, task, dtype: str) -> ModelShape:
 def sample_feeds(graph: GraphSpec, task: Task, shape: ModelShape, seed: int = 0) -> list[tuple[str, dict]]:
     """(label, {input name: array}) cases for a graph's base inputs."""
     rng = np.random.default_rng(seed)
-    fdt = NP_DTYPES[shape.dtype]
+    fdt = numpy_dtype(shape.dtype)
 
     def ids(b, s):
         return rng.integers(4, shape.vocab_size, (b, s), dtype=np.int64)
@@ -159,7 +159,7 @@ def running(ia3, adapter: str | None):
 def adapter_vectors(ia3, adapter: str, paths: list[str], dtype: str) -> dict[str, np.ndarray]:
     """Input name -> 1-D vector of one adapter (only the vectors it has among `paths`)."""
     layers = ia3.ia3_layers()
-    return {vector_name(p): layers[p].ia3_l[adapter].detach().float().numpy().astype(NP_DTYPES[dtype])
+    return {vector_name(p): layers[p].ia3_l[adapter].detach().float().numpy().astype(numpy_dtype(dtype))
             for p in paths if adapter in layers[p].ia3_l}
 
 
@@ -167,4 +167,4 @@ def random_vectors(paths, dims, dtype, rows=None, seed=0) -> dict[str, np.ndarra
     """Input name -> vectors near 1 (within 0.5), [dim] or [rows, dim]: a scenario no adapter covers."""
     rng = np.random.default_rng(seed)
     shape = (lambda d: (d,)) if rows is None else (lambda d: (rows, d))
-    return {vector_name(p): (1 + 0.5 * rng.uniform(-1, 1, shape(dims[p]))).astype(NP_DTYPES[dtype]) for p in paths}
+    return {vector_name(p): (1 + 0.5 * rng.uniform(-1, 1, shape(dims[p]))).astype(numpy_dtype(dtype)) for p in paths}

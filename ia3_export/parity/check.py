@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..compare import compare_rows
+from ..dtypes import REFERENCE_DTYPES
 from ..errors import IA3Error
 from ..manifest import ADAPTER_IDS, VECTOR_SUFFIX
 from ..progress import stage
@@ -35,7 +36,6 @@ from .report import OutputCheck, ParityReport
 if TYPE_CHECKING:
     from .reference import Reference
 
-REFERENCE_DTYPES = ("fp64", "fp32")
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ import torch
 
 from .. import adapter_format as fmt
 from ..compare import row_index, row_keep, take_row
+from ..dtypes import numpy_dtype, torch_dtype
 from ..errors import IA3Error
 from ..export.modes import export_mode
 from ..export.reference import (adapter_sha256, load_model, probe_shape, running, sample_feeds, torch_outputs)
@@ -40,9 +41,9 @@ class Reference:
         self.names = adapter_names(self.adapters, "two --adapter folders have the same name; the folder name is the "
                                                   "adapter's name, so rename one")
         self._check_folded()
-        self.float_type = np.float64 if reference_dtype == "fp64" else np.float32
+        self.float_type = numpy_dtype(reference_dtype).type
         model = load_model(model_dir, self.task.auto_class, self.adapters, trust_remote_code=trust_remote_code,
-                           dtype=torch.float64 if reference_dtype == "fp64" else torch.float32)
+                           dtype=torch_dtype(reference_dtype))
         self.ia3 = None
         quantized = dequantize and manifest.get("quantization") is not None
         if quantized and self.mode.folds_adapters:  # folded as the export folds (modules_to_save included)

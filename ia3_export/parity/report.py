@@ -12,8 +12,8 @@ import xml.etree.ElementTree as ET
 
 from ..atomic import atomic_output_file
 from ..compare import Comparison
+from ..dtypes import DTYPES
 
-REFERENCE_NAMES = {"fp64": "float64", "fp32": "float32"}
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ class ParityReport:
         quantized = f", {self.quantization['method']}" if self.quantization else ""
         weights = " with the de-quantized weights" if self.quantization else ""
         return (f"parity: {self.model_type} {self.mode} export ({self.task}, {self.dtype}{quantized}) on {self.provider}{tf32} "
-                f"vs a {REFERENCE_NAMES.get(self.reference_dtype, self.reference_dtype)} PyTorch reference{weights}; "
+                f"vs a {DTYPES[self.reference_dtype].numpy if self.reference_dtype in DTYPES else self.reference_dtype} PyTorch reference{weights}; "
                 f"atol {self.atol:g}, rtol {self.rtol:g}")
 
     def agreement_line(self) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ... import dtypes
 from ...manifest import ADAPTER_IDS, BANK, vector_name
-from ..reference import NP_DTYPES, adapter_vectors, random_vectors, rows, running, torch_outputs
+from ..reference import adapter_vectors, random_vectors, rows, running, torch_outputs
 from ..validate import compare_outputs, ort_outputs
 from .base import Export, ExportMode
 
@@ -19,7 +20,7 @@ class Bank(ExportMode):
     def trace_inputs(self, ex: Export, graph, wrapper, part, feeds: dict):
         if part is None:
             return wrapper, [], [], {}
-        torch_dtype = torch.float16 if ex.dtype == "fp16" else torch.float32
+        torch_dtype = dtypes.torch_dtype(ex.dtype)
         args = [torch.arange(len(feeds["input_ids"])) % 2]
         args += [torch.ones((2, part.dims[p]), dtype=torch_dtype) for p in part.paths]
         axes = {ADAPTER_IDS: {0: "batch_size"}, **{vector_name(p): {0: "num_adapters"} for p in part.paths}}
@@ -33,7 +34,7 @@ class Bank(ExportMode):
         """`adapter_ids` for the rows and every bank: row 0 ones (no adapter), row k+1 adapters[k]."""
         paths, dims, dtype = part.paths, part.dims, ex.dtype
         per_adapter = [adapter_vectors(ex.ia3, a, paths, dtype) for a in ex.names]
-        ones = {vector_name(p): np.ones(dims[p], NP_DTYPES[dtype]) for p in paths}
+        ones = {vector_name(p): np.ones(dims[p], dtypes.numpy_dtype(dtype)) for p in paths}
         banks = {n: np.stack([one] + [v.get(n, one) for v in per_adapter]) for n, one in ones.items()}
         ids = np.array([0 if r is None else 1 + list(ex.names).index(r) for r in rows], np.int64)
         return {ADAPTER_IDS: ids, **banks}

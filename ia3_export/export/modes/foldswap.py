@@ -22,10 +22,10 @@ import numpy as np
 from onnx import helper, numpy_helper
 from torch import nn
 
+from ...dtypes import DTYPES, numpy_dtype
 from ...errors import IA3Error
 from ...manifest import FOLD_FILE, FOLD_GRAPH, FOLDSWAP, vector_name
 from .. import graph as onnx_graph
-from ..graph import ONNX_DTYPES
 from ..validate import cpu_session
 from .base import Export, ExportMode
 
@@ -73,7 +73,7 @@ class Foldswap(ExportMode):
 
     def fed(self, ex: Export, graph, vectors: dict) -> dict:
         """The fold graph's tensors for these vectors (ones elsewhere), as the runtime folds them."""
-        ones = {i.name: np.ones(i.shape, np.float16 if ex.dtype == "fp16" else np.float32) for i in self.fold.get_inputs()}
+        ones = {i.name: np.ones(i.shape, numpy_dtype(ex.dtype)) for i in self.fold.get_inputs()}
         tensors = fold_numpy(self.fold, ones | vectors)
         return {n: tensors[n] for n in self.weights_of(graph)}
 
@@ -178,7 +178,7 @@ def build_fold_graph(targets: list[FoldTarget], dims: dict, dtype: str, opset: i
     Input scaling of a Linear needs no reshape ([in] broadcasts over [out, in]); every other case
     is an Unsqueeze to the weight's vector axis. The fold always starts from the base values,
     never from the previous adapter: dividing by an old vector drifts and fails at zeros."""
-    elem = ONNX_DTYPES[dtype]
+    elem = DTYPES[dtype].onnx
     nodes, inputs, outputs, inits = [], [], [], []
     for i, t in enumerate(targets):
         vector = vector_name(t.path)
@@ -204,7 +204,7 @@ def build_fold_graph(targets: list[FoldTarget], dims: dict, dtype: str, opset: i
 
 def base_values(layers: dict, dtype: str):
     """`base` for build_fold_graph: the model's own tensors, in the export's dtype."""
-    np_dtype = np.float16 if dtype == "fp16" else np.float32
+    np_dtype = numpy_dtype(dtype)
     return lambda name, shape: numpy_helper.from_array(
         base_tensor(layers, name).detach().cpu().numpy().astype(np_dtype), f"{name}.base")
 
