@@ -39,11 +39,15 @@ from . import progress_option, trust_remote_code_option
               help="Quantize the LM head (the largest MatMul at a 32k vocabulary).")
 @click.option("--quantize-embeddings", is_flag=True,
               help="int4: also the input embeddings (GatherBlockQuantized; default float: a lookup has no speed to win).")
+@click.option("--graph", type=click.Choice(["traced", "fused"]), default="traced", show_default=True,
+              help="traced: torch.onnx traces the model (every task and mode); fused: onnxruntime-genai's model builder "
+                   "graph (GroupQueryAttention, fused q/k/v, shared KV buffer), Llama-family decoders, fp32 CPU, needs "
+                   "the `fused` extra (docs/export.md).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @trust_remote_code_option
 @progress_option
 def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter,
-            quantize, block_size, asymmetric, accuracy_level, quantize_lm_head, quantize_embeddings, force,
+            quantize, block_size, asymmetric, accuracy_level, quantize_lm_head, quantize_embeddings, graph, force,
             trust_remote_code):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..adapter_names import name_for
@@ -57,7 +61,7 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
     manifest = export_model(model_dir, out_dir, mode=mode, adapters=list(adapters), task=task, dtype=dtype, opset=opset,
                             target_modules=_modules(target_modules), feedforward_modules=_modules(feedforward_modules),
                             exporter=exporter, force=force, trust_remote_code=trust_remote_code,
-                            quantize=options)
+                            quantize=options, graph=graph)
     for path in adapters:  # an adapter's name is its folder's, made valid (adapter_names.name_for)
         folder, name = os.path.basename(os.path.normpath(path)), name_for(path)
         if name != folder and not export_mode(mode).folds_adapters:
@@ -66,6 +70,8 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
     graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes)" for g in manifest["graphs"].values())
     check = manifest["validation"]
     quantized = f", {quantize}" if quantize else ""
-    click.echo(f"exported {manifest['model_type']} {manifest['task']} ({mode}, {dtype}{quantized}, opset {opset}) -> {out_dir}: {graphs}; "
+    made_by = "" if graph == "traced" else f", {graph} graph"
+    click.echo(f"exported {manifest['model_type']} {manifest['task']} ({mode}, {dtype}{quantized}{made_by}, "
+               f"opset {manifest['opset']}) -> {out_dir}: {graphs}; "
                f"{len(manifest['vectors'])} vector inputs, {len(manifest['adapters'])} adapters; "
                f"validated {check['comparisons']} outputs, max abs diff {check['max_abs']:.2g}")

@@ -1,11 +1,12 @@
 """`export_model`: a model folder (+ adapters) -> a validated ONNX folder with a manifest.
 
 One loop for every mode: check the inputs, load the model, let the mode prepare where its IA3
-vectors come from (folded, graph inputs, a per-row bank, weights re-folded), trace each graph
-through the plain-tensor wrappers, let the mode edit it, quantize it if asked, compare it with
-PyTorch on ONNX Runtime in the mode's scenarios, and write everything atomically (graphs, the
-mode's artefacts, side files, the manifest): a failure anywhere leaves no output folder.
-What differs between modes is declared by their classes in export/modes/.
+vectors come from (folded, graph inputs, a per-row bank, weights re-folded), make the graphs with
+the `--graph` factory (`TracedGraphs`: trace each graph through the plain-tensor wrappers, let the
+mode edit it, quantize it if asked, compare it with PyTorch on ONNX Runtime in the mode's scenarios;
+`fused.BuilderGraphs`: onnxruntime-genai's model builder, vectors placed by graph edits), and write
+everything atomically (graphs, the mode's artefacts, side files, the manifest): a failure anywhere
+leaves no output folder. What differs between modes is declared by their classes in export/modes/.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ..progress import stage
 from ..tolerances import quantized_tolerance
 from . import graph as onnx_graph
 from .compat import traceable_masks
+from .fused import BuilderGraphs
 from .genai import validate_with_genai, write_genai_files
 from .modes import Export, export_mode
 from .quantize import quantize_graph, quantize_options
@@ -45,18 +47,21 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
                  task: str | None = None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                  target_modules: list[str] | str | None = None, feedforward_modules: list[str] | str | None = None,
                  exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False,
-                 quantize=None) -> dict:
+                 quantize=None, graph: str = "traced") -> dict:
     """Export and validate; returns the manifest written as `ia3_export.json`. `quantize`: None,
-    "int4", "int8" or a `QuantizeOptions` (see export/quantize.py)."""
+    "int4", "int8" or a `QuantizeOptions` (see export/quantize.py). `graph`: who makes the graphs
+    (`GRAPH_FACTORIES`: "traced" by torch.onnx, "fused" by onnxruntime-genai's model builder)."""
     strategy = _check_options(mode, dtype, opset, exporter)
     strategy.check_options(exporter, target_modules, feedforward_modules)
     quantize = quantize_options(quantize)
     if quantize is not None:
         quantize.check(strategy, dtype)
+    factory = graph_factory(graph, exporter, quantize)
     check_output(out_dir, force, inputs=[model_dir, *adapters])
     config = read_model_config(model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
     spec = resolve_task(task, config, model_dir, adapter_files)
+    factory.check(strategy, config, spec, dtype)
     names = adapter_names(adapter_files, "two adapters get the name {name!r} (an adapter's name is its folder name, "
                                          "with characters other than letters, digits, '_', '-', '.' replaced by '_'); "
                                          "rename one folder")
@@ -71,40 +76,26 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
     ex = Export(model_dir, spec, adapter_files, [] if strategy.folds_adapters else names, dtype, opset, shape, ia3,
                 vectors, graph_wrappers(hf_model, spec, shape, vectors, specs))
 
-    graphs, comparisons, quantized = {}, [], {}
     with atomic_output_dir(out_dir, force=force, inputs=[model_dir, *adapters]) as tmp:
         strategy.begin(ex, tmp)
-        for graph in specs:
-            wrapper, part = ex.parts[graph.key]
-            path = os.path.join(tmp, graph.file)
-            stage(f"tracing {graph.file}")
-            inputs, files = _trace(strategy, ex, graph, wrapper, part, path, exporter, tmp)
-            if quantize is not None:  # the model then holds the de-quantized weights: validation compares with them
-                stage(f"quantizing {graph.file} ({quantize.method})")
-                weights, files = quantize_graph(path, hf_model, quantize)
-                quantized[graph.key] = {"weights": weights}
-            stage(f"validating {graph.file} against PyTorch on ONNX Runtime")
-            with tolerance_of(quantize and quantized_tolerance(quantize.manifest_entry())[:2]):
-                comparisons += strategy.validate(ex, graph, wrapper, cpu_session(path), part)
-            raise_on_failure(comparisons, f"{graph.file} ({mode} export of {model_dir})")
-            graphs[graph.key] = {"file": graph.file, "inputs": inputs, "outputs": graph.outputs,
-                                 "external_data": files[1] if len(files) > 1 else None,
-                                 "nodes": sum(onnx_graph.op_histogram(path).values())}
+        graphs, comparisons, quantized = factory.make(strategy, ex, specs, tmp, hf_model)
         adapter_entries = strategy.write_adapters(ex, tmp)
         extra = strategy.finish(ex, tmp, graphs)
         write_side_files(model_dir, tmp, hf_model, spec)
+        made = factory.manifest_fields(ex)
         manifest = new_manifest(
-            mode=mode, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=opset, exporter=exporter,
-            graphs=graphs, vectors=strategy.vector_entries(ex), adapters=adapter_entries, tokens=special_tokens(hf_model),
+            mode=mode, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=made["opset"],
+            exporter=made["exporter"], graphs=graphs, vectors=strategy.vector_entries(ex), adapters=adapter_entries,
+            tokens=special_tokens(hf_model),
             cache={"graph": specs[-1].key, "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
-                   "head_dim": shape.head_dim} if spec.cache else None,
-            versions=package_versions(),
+                   "head_dim": shape.head_dim, **made["cache"]} if spec.cache else None,
+            versions=package_versions() | made["versions"],
             quantization=quantize and {**quantize.manifest_entry(), "graphs": quantized},
             validation={"comparisons": len(comparisons), "max_abs": max((c.max_abs for c in comparisons), default=0.0),
                         "tolerance": {"atol": comparisons[0].atol, "rtol": comparisons[0].rtol} if comparisons else None},
             **extra,
         )
-        manifest["genai"] = write_genai_files(tmp, manifest)  # onnxruntime-genai's config, or why it cannot serve it
+        manifest["genai"] = factory.genai_files(tmp, manifest)  # onnxruntime-genai's config, or why it cannot serve it
         write_manifest(tmp, manifest)
         validate_with_genai(tmp, manifest)
     return manifest
@@ -120,6 +111,55 @@ def _check_options(mode, dtype, opset, exporter):
     if exporter not in EXPORTERS:
         raise IA3Error(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
     return strategy
+
+
+class TracedGraphs:
+    """The default graph factory: each graph traced by torch.onnx through the plain-tensor wrappers,
+    edited by the mode, quantized if asked and validated in the mode's scenarios."""
+
+    def __init__(self, exporter: str, quantize):
+        self.exporter, self.quantize = exporter, quantize
+
+    def check(self, strategy, config: dict, task: Task, dtype: str) -> None:
+        """Every model the pipeline loads can be traced: nothing more to refuse."""
+
+    def make(self, strategy, ex: Export, specs, tmp: str, hf_model) -> tuple[dict, list, dict]:
+        """(graphs entry of the manifest, comparisons, quantized weights per graph)."""
+        quantize, graphs, comparisons, quantized = self.quantize, {}, [], {}
+        for graph in specs:
+            wrapper, part = ex.parts[graph.key]
+            path = os.path.join(tmp, graph.file)
+            stage(f"tracing {graph.file}")
+            inputs, files = _trace(strategy, ex, graph, wrapper, part, path, self.exporter, tmp)
+            if quantize is not None:  # the model then holds the de-quantized weights: validation compares with them
+                stage(f"quantizing {graph.file} ({quantize.method})")
+                weights, files = quantize_graph(path, hf_model, quantize)
+                quantized[graph.key] = {"weights": weights}
+            stage(f"validating {graph.file} against PyTorch on ONNX Runtime")
+            with tolerance_of(quantize and quantized_tolerance(quantize.manifest_entry())[:2]):
+                comparisons += strategy.validate(ex, graph, wrapper, cpu_session(path), part)
+            raise_on_failure(comparisons, f"{graph.file} ({strategy.name} export of {ex.model_dir})")
+            graphs[graph.key] = {"file": graph.file, "inputs": inputs, "outputs": graph.outputs,
+                                 "external_data": files[1] if len(files) > 1 else None,
+                                 "nodes": sum(onnx_graph.op_histogram(path).values())}
+        return graphs, comparisons, quantized
+
+    def manifest_fields(self, ex: Export) -> dict:
+        """What the factory says in the manifest: exporter, opset, extra cache and version keys."""
+        return {"exporter": self.exporter, "opset": ex.opset, "cache": {}, "versions": {}}
+
+    def genai_files(self, tmp: str, manifest: dict) -> dict:
+        return write_genai_files(tmp, manifest)
+
+
+GRAPH_FACTORIES = {"traced": TracedGraphs, "fused": BuilderGraphs}  # --graph: who makes the graphs
+
+
+def graph_factory(name: str, exporter: str, quantize):
+    """The factory of `--graph name`, given the options it must honour or refuse."""
+    if name not in GRAPH_FACTORIES:
+        raise IA3Error(f"unknown graph {name!r}; use one of {', '.join(GRAPH_FACTORIES)}")
+    return GRAPH_FACTORIES[name](exporter, quantize)
 
 
 def _trace(strategy, ex: Export, graph, wrapper, part, path, exporter, tmp) -> tuple[list[str], list[str]]:
@@ -152,6 +192,7 @@ def _trace(strategy, ex: Export, graph, wrapper, part, path, exporter, tmp) -> t
     shutil.rmtree(scratch)
     onnx_graph.check(path)
     return inputs, files
+
 
 def write_side_files(model_dir: str, out: str, hf_model, spec: Task) -> None:
     """What serving reads beside the graphs: config.json naming the exported head, the tokenizer and

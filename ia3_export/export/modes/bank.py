@@ -30,6 +30,15 @@ class Bank(ExportMode):
         """A one-row bank, as `convert` writes: ORT's own adapter API then runs it (ids 0)."""
         return (1, dim)
 
+    def row_feeds(self, ex: Export, part, rows: list[str | None]) -> dict:
+        """`adapter_ids` for the rows and every bank: row 0 ones (no adapter), row k+1 adapters[k]."""
+        paths, dims, dtype = part.paths, part.dims, ex.dtype
+        per_adapter = [adapter_vectors(ex.ia3, a, paths, dtype) for a in ex.names]
+        ones = {vector_name(p): np.ones(dims[p], dtypes.numpy_dtype(dtype)) for p in paths}
+        banks = {n: np.stack([one] + [v.get(n, one) for v in per_adapter]) for n, one in ones.items()}
+        ids = np.array([0 if r is None else 1 + list(ex.names).index(r) for r in rows], np.int64)
+        return {ADAPTER_IDS: ids, **banks}
+
     def scenarios(self, ex: Export, label: str, graph, wrapper, session, part, feeds: dict) -> list:
         """Nothing fed (ids 0) against the base model; then either random banks through both sides, or
         a batch mixing the adapters row by row against each row run alone with its adapter."""
@@ -44,14 +53,10 @@ class Bank(ExportMode):
             return results + compare_outputs(f"{label}, random bank", graph.outputs,
                                              torch_outputs(wrapper, names + [ADAPTER_IDS] + vector_names, fed),
                                              ort_outputs(session, fed), dtype, feeds)
-        # Row 0 of every bank is ones (no adapter); row k+1 is adapters[k]. Row b of the batch uses b % (n+1).
-        per_adapter = [adapter_vectors(ex.ia3, a, paths, dtype) for a in ex.names]
-        ones = {n: np.ones(part.dims[p], dtypes.numpy_dtype(dtype)) for p, n in zip(paths, vector_names)}
-        banks = {n: np.stack([ones[n]] + [v.get(n, ones[n]) for v in per_adapter]) for n in vector_names}
-        ids = (np.arange(batch) % (len(ex.names) + 1)).astype(np.int64)
-        got = ort_outputs(session, feeds | {ADAPTER_IDS: ids} | banks)
-        for b in range(batch):  # each row alone, with its adapter, in PyTorch
-            adapter = None if ids[b] == 0 else ex.names[ids[b] - 1]
+        # Row b of the batch uses no adapter, adapters[0], ... in turn
+        adapters = [([None] + list(ex.names))[b % (len(ex.names) + 1)] for b in range(batch)]
+        got = ort_outputs(session, feeds | self.row_feeds(ex, part, adapters))
+        for b, adapter in enumerate(adapters):  # each row alone, with its adapter, in PyTorch
             with running(ex.ia3, adapter):
                 reference = torch_outputs(wrapper, names, rows(feeds, b))
             results += compare_outputs(f"{label}, bank row {b} ({adapter or 'no adapter'})", graph.outputs,

@@ -50,6 +50,7 @@ class ExportMode:
     graph_defaults = True  # the model graphs hold the vectors as overridable initializers of ones
     quantize_refusal: str | None = None  # why --quantize cannot apply, or None
     genai_refusal: str | None = None  # why onnxruntime-genai cannot serve the export, or None
+    fused_refusal: str | None = None  # why `--graph fused` (the model builder's graph) cannot carry the mode, or None
 
     # -- before loading ---------------------------------------------------------------------------
     def check_options(self, exporter: str, target_modules, feedforward_modules) -> None:
@@ -142,6 +143,13 @@ class ExportMode:
                                    torch_outputs(wrapper, names + list(random), feeds | random),
                                    ort_outputs(session, feeds | self.fed(ex, graph, random)), dtype, feeds)
         return results
+
+    def row_feeds(self, ex: Export, part, rows: list[str | None]) -> dict:
+        """The vector inputs that run batch row b with adapter rows[b] (None: the base model); here one
+        adapter serves the whole batch, so rows[0] decides. Nothing for a graph without vectors."""
+        if part is None or rows[0] is None:
+            return {}
+        return adapter_vectors(ex.ia3, rows[0], part.paths, ex.dtype)
 
     def fed(self, ex: Export, graph, vectors: dict) -> dict:
         """What the graph is fed for these vectors (input name -> [dim]): the vectors themselves."""

@@ -37,6 +37,8 @@ class Foldswap(ExportMode):
                         "cannot be quantized; see docs/export.md); use --mode swappable or bank")
     genai_refusal = ("a foldswap export's targeted weights are graph inputs that only ia3-export's runtime fills "
                      "(from fold.onnx); onnxruntime-genai cannot; export --mode swappable")
+    fused_refusal = ("--graph fused does not combine with --mode foldswap (the builder's graph holds its weights as "
+                     "initializers, not the inputs fold.onnx fills); use --mode swappable or --graph traced")
 
     def check_options(self, exporter: str, target_modules, feedforward_modules) -> None:
         if exporter != "torchscript":
