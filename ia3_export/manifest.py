@@ -27,6 +27,9 @@ VECTOR_SUFFIX = ".ia3_l"  # a vector input is its module path + PEFT's parameter
 ADAPTER_IDS = "adapter_ids"  # a bank export's per-row adapter index, [batch] int64
 FOLD_GRAPH = "fold"  # a foldswap export's fold graph: vectors in, folded weights out
 FOLD_FILE = "fold.onnx"
+# How a decoder graph keeps its KV cache (cache.kv_layout): present = past + this step in a new buffer
+# (our traced exports), or one buffer of the run's length bound as past AND present (GroupQueryAttention).
+KV_LAYOUTS = (KV_CONCAT, KV_SHARED) = ("concat", "shared")
 
 
 def vector_name(path: str) -> str:

@@ -106,7 +106,7 @@ def test_merged_is_the_builder_graph_and_matches_peft_merged(llama, exports):
     ops = op_histogram(os.path.join(folder, "model.onnx"))
     assert ops.get("GroupQueryAttention") == 2, ops
     manifest = json.load(open(os.path.join(folder, "ia3_export.json")))
-    assert manifest["mode"] == "merged" and manifest["vectors"] == [] and manifest["cache"]["layout"] == "gqa"
+    assert manifest["mode"] == "merged" and manifest["vectors"] == [] and manifest["cache"]["kv_layout"] == "shared"
     assert "position_ids" not in manifest["graphs"]["model"]["inputs"]
     genai = json.load(open(os.path.join(folder, "genai_config.json")))
     assert genai["search"]["past_present_share_buffer"] is True
@@ -222,7 +222,7 @@ def test_cli_exports_fused_and_refuses_foldswap_in_one_line(llama, tmp_path):
     assert result.exit_code == 0, result.output
     assert "fused graph" in result.stdout
     manifest = json.load(open(out / "ia3_export.json"))
-    assert manifest["cache"]["layout"] == "gqa" and manifest["cache"]["position_ids"] is False
+    assert manifest["cache"]["kv_layout"] == "shared" and manifest["cache"]["position_ids"] is False
     assert manifest["exporter"].startswith("onnxruntime-genai-builder")
     refused = run_cli("export", model, "--out", tmp_path / "fs", "--mode", "foldswap", "--graph", "fused")
     assert_one_line_error(refused, 2, "--graph fused does not combine with --mode foldswap")
@@ -329,3 +329,22 @@ def test_a_vector_left_unplaced_fails_validation_and_writes_nothing(llama, tmp_p
     with pytest.raises(CheckFailed, match=r"model.onnx \(fused swappable export"):
         export_model(model, str(tmp_path / "out"), mode="swappable", adapters=[adapter], graph="fused")
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("mode", ["merged", "swappable", "bank"])
+def test_ia3session_generates_peft_greedy_tokens_on_fused_exports(llama, exports, mode):
+    """The runtime users deploy drives a fused folder through its shared KV buffer (right-padded batch of
+    prompts of different lengths): the tokens are transformers' greedy ones for the model with the adapter."""
+    from runtime_helpers import peft_greedy
+
+    from ia3_export.runtime import IA3Session
+    from ia3_export.runtime.generation import GenerationOptions, generate_ids
+
+    model, adapter, _ = llama
+    prompts = [[5, 9, 13, 200, 7], [11, 12]]
+    session = IA3Session(exports(mode))
+    name = None if mode == "merged" else session.load_adapter(adapter)
+    rows = {"merged": None, "swappable": [name, name], "bank": [name, None]}[mode]  # bank: one row without
+    got = generate_ids(session, prompts, rows, GenerationOptions(max_new_tokens=8))
+    assert got[0] == peft_greedy(model, adapter, prompts[:1], 8)[0]
+    assert got[1] == peft_greedy(model, None if mode == "bank" else adapter, prompts[1:], 8)[0]

@@ -27,7 +27,7 @@ Graph contract (what a runner needs to know):
   Batched prompts of different lengths must be RIGHT-padded: GroupQueryAttention takes each row's
   length from the mask's row sum and its tokens from position 0, so left padding (the traced
   graph's convention) gives wrong logits (tests/test_fused_export.py pins both).
-The manifest adds `cache.layout = "gqa"`, `cache.shared_buffer`, `cache.max_length` and
+The manifest adds `cache.kv_layout = "shared"`, `cache.max_length` and
 `cache.position_ids = false` (readers ignore keys they do not know).
 
 Why the builder: at a 1,024-token prompt its graph with the shared buffer decodes faster than the
@@ -48,7 +48,7 @@ import torch
 
 from ..errors import IA3Error
 from ..loading import copy_side_files, read_model_config
-from ..manifest import ADAPTER_IDS, vector_name
+from ..manifest import ADAPTER_IDS, KV_SHARED, vector_name
 from ..progress import stage
 from . import graph as onnx_graph
 from .genai import CONFIG_NAME, GENAI_TASK, TOKENIZER_FILES, unsupported
@@ -134,7 +134,7 @@ class BuilderGraphs:
 
         max_length = read_model_config(ex.model_dir).get("max_position_embeddings")
         return {"exporter": f"onnxruntime-genai-builder {BUILDER_VERSION}", "opset": self.opset,
-                "cache": {"layout": "gqa", "shared_buffer": True, "max_length": max_length, "position_ids": False},
+                "cache": {"kv_layout": KV_SHARED, "max_length": max_length, "position_ids": False},
                 "versions": {"onnxruntime_genai": onnxruntime_genai.__version__}}
 
     def genai_files(self, tmp: str, manifest: dict) -> dict:

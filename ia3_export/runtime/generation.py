@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import IA3Error
+from ..manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED
 
 PAST, PRESENT = "past_key_values", "present"
-KV_LAYOUTS = ("concat", "shared")  # what a manifest's cache.kv_layout may say (see kv_layout)
 
 
 class GenerationCapped(UserWarning):
@@ -264,7 +264,7 @@ def kv_layout(folder, graph) -> str:
         return declared
     if not any(n.startswith(PAST) for n in graph.inputs) or not _cache_names(graph):
         return "none"
-    return "concat" if "position_ids" in graph.inputs else "shared"
+    return KV_CONCAT if "position_ids" in graph.inputs else KV_SHARED
 
 
 class _Sequence:
@@ -325,14 +325,14 @@ def _decoder_logits(session, prompts, adapters, steps):
     are a view of the bound output: valid until the next send."""
     folder, graph = session.folder, session.graphs["model"]
     layout = kv_layout(folder, graph)
-    seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == "shared")
+    seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == KV_SHARED)
     with_positions = "position_ids" in graph.inputs
     if layout == "none":
         yield from _uncached_logits(session, seq, adapters, steps, with_positions)
         return
     cache = _cache_names(graph)
     feeds = seq.prompt(with_positions)
-    if layout == "shared":
+    if layout == KV_SHARED:
         kv = {name: graph.to_device(a) for name, a in
               _full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
         feeds.update(kv)
@@ -358,7 +358,7 @@ def _decoder_logits(session, prompts, adapters, steps):
             if step > 1:
                 seq.position += 1
             position.update_inplace(seq.position)
-        if layout == "concat":
+        if layout == KV_CONCAT:
             feeds.update({cache[n]: results[n] for n in cache})
         results = run.step(feeds)
         chosen = yield results["logits"].numpy()[:, -1, :]
