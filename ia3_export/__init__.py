@@ -8,11 +8,11 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "IA3Config": "ia3_export.config",
-    "IA3Model": "ia3_export.model",
+    "IA3Config": "ia3_export.core.config",
+    "IA3Model": "ia3_export.core.model",
     "IA3Error": "ia3_export.errors",
-    "read_adapter": "ia3_export.adapter_format",
-    "write_adapter": "ia3_export.adapter_format",
+    "read_adapter": "ia3_export.formats.adapter_format",
+    "write_adapter": "ia3_export.formats.adapter_format",
 }
 
 

@@ -5,7 +5,7 @@ provider and dtype), `VALIDATION` (the export's own check, against PyTorch in th
 on the CPU) and `QUANTIZED_TOLERANCES` (a quantized export, either check). A tolerance means |ort - reference| <= atol + rtol * |reference| at every compared position
 (`ia3_export.compare`). Each entry says what was measured and why the bound sits where it does;
 the margins are wide enough for real models, narrow enough that a wrong weight, a wrong vector
-or a wrong mask fails by orders of magnitude (see tests/test_parity_corruption.py).
+or a wrong mask fails by orders of magnitude (see tests/parity/test_parity_corruption.py).
 """
 from __future__ import annotations
 

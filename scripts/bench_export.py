@@ -28,10 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def build(work: str, args) -> tuple[str, list[str]]:
     """The model folder and 8 random adapters (PEFT format)."""
-    from ia3_export.config import IA3Config
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     model_dir = os.path.join(work, "model")
     if not os.path.isdir(model_dir):
@@ -67,7 +67,7 @@ def export_all(model_dir: str, adapters: list[str], work: str, dynamo: bool) -> 
 
 
 def feeds_for(manifest: dict, folder: str, batch: int, new: int, past: int, variant: str, rng) -> dict:
-    from ia3_export.onnx_adapter import read_onnx_adapter
+    from ia3_export.formats.onnx_adapter import read_onnx_adapter
 
     cache = manifest["cache"]
     vocab = 256

@@ -43,11 +43,11 @@ ONNX_FLOAT = {1: "float32", 10: "float16"}
 
 # -- prepare (CPU machine, full environment) --------------------------------------------------
 def prepare(work: str, args) -> None:
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     os.makedirs(work, exist_ok=True)
     model_dir = save_tiny(os.path.join(work, "base"), "llama", hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -85,11 +85,11 @@ def prepare(work: str, args) -> None:
 def parity_exports(folder: str) -> None:
     """The tiny Llama (fp32, real weights, ~1 MB): foldswap with two adapters and merged with each,
     for a device-side parity check in --run."""
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     model_dir = save_tiny(os.path.join(folder, "base"), "llama")
     adapters = []
@@ -136,7 +136,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
 
     from ia3_export.export.modes.foldswap import FOLD_FILE, FoldTarget, build_fold_graph
     from ia3_export.dtypes import DTYPES
-    from ia3_export.manifest import new_manifest, write_manifest
+    from ia3_export.formats.manifest import new_manifest, write_manifest
 
     os.makedirs(folder, exist_ok=True)
     s = SEVEN_B
@@ -345,7 +345,7 @@ def _optimized_ops(path: str, args) -> dict | None:
 
 
 def _write_vectors(session, path: str, rng) -> None:
-    from ia3_export.onnx_adapter import write_onnx_adapter
+    from ia3_export.formats.onnx_adapter import write_onnx_adapter
 
     tensors = {n: (1 + 0.3 * rng.uniform(-1, 1, spec.dim)).astype(session.folder.dtype)
                for n, spec in session.folder.vectors.items()}

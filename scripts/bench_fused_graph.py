@@ -38,11 +38,11 @@ def prepare(hidden: int, layers: int, vocab: int, max_positions: int) -> dict[st
     """Base model + adapter + four exports (ours/fused x merged/swappable), made once per shape."""
     import torch
 
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     torch.set_num_threads(2)
     root = os.path.join(tempfile.gettempdir(), f"ia3-bench-graph-h{hidden}-l{layers}-v{vocab}")
@@ -72,7 +72,7 @@ class Runner:
     def __init__(self, folder: str, threads: int, vectors: dict, shared: bool, max_length: int, last: bool = False):
         import onnxruntime as ort
 
-        from ia3_export.manifest import read_manifest
+        from ia3_export.formats.manifest import read_manifest
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3

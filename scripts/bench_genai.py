@@ -27,11 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = """
 import sys, torch
 torch.set_num_threads(2)
-from ia3_export.config import IA3Config
+from ia3_export.core.config import IA3Config
 from ia3_export.export import export_model
-from ia3_export.loading import load_base_model
-from ia3_export.model import IA3Model
-from ia3_export.tiny import randomize_adapter, save_tiny
+from ia3_export.core.loading import load_base_model
+from ia3_export.core.model import IA3Model
+from ia3_export.examples.tiny import randomize_adapter, save_tiny
 out, hidden, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 base = save_tiny(out + "/base", "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                  num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=512)

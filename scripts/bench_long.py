@@ -37,12 +37,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = """
 import sys, torch
 torch.set_num_threads(2)
-from ia3_export.config import IA3Config
+from ia3_export.core.config import IA3Config
 from ia3_export.export import export_model
-from ia3_export.loading import load_base_model
-from ia3_export.merge import merge_to_folder
-from ia3_export.model import IA3Model
-from ia3_export.tiny import randomize_adapter, save_tiny
+from ia3_export.core.loading import load_base_model
+from ia3_export.core.merge import merge_to_folder
+from ia3_export.core.model import IA3Model
+from ia3_export.examples.tiny import randomize_adapter, save_tiny
 out, hidden, layers, heads, kv_heads, vocab = sys.argv[1], *map(int, sys.argv[2:7])
 base = save_tiny(out + "/base", "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab,

@@ -32,11 +32,11 @@ def graph_bytes(folder: str) -> int:
 def build_llama(work: str, layers: int) -> dict:
     """fp32 merged, int4 merged, int4 swappable (one random adapter), int4 merged with int4 embeddings,
     int4 merged at accuracy level 4 (int8 activations)."""
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import QuantizeOptions, export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     model_dir = save_tiny(os.path.join(work, "llama"), "llama", num_hidden_layers=layers, **LLAMA)
     model = IA3Model(load_base_model(model_dir), IA3Config())
@@ -56,7 +56,7 @@ def build_llama(work: str, layers: int) -> dict:
 
 def build_minilm(work: str) -> dict:
     from ia3_export.export import export_model
-    from ia3_export.train.examples import minilm_dir
+    from ia3_export.examples.shipped import minilm_dir
 
     folders = {}
     for name, quantize in (("fp32", None), ("int8", "int8")):

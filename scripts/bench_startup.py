@@ -40,11 +40,11 @@ def wall(cmd: list[str], repeats: int) -> dict:
 
 def tiny_export() -> tuple[str, str]:
     """A tiny swappable llama export with one adapter (needs the full environment)."""
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     work = tempfile.mkdtemp(prefix="bench_startup-")
     base = save_tiny(os.path.join(work, "base"), "llama")

@@ -34,10 +34,10 @@ def export_folder(model_dir: str, out: str, mode: str, adapters: list[str]) -> s
 
 
 def build(work: str, hidden: int, layers: int, num_adapters: int) -> dict:
-    from ia3_export.config import IA3Config
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     model_dir = save_tiny(os.path.join(work, "base"), "llama", hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                           num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
@@ -105,7 +105,7 @@ def seven_b_folder(work: str) -> str:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from ia3_export.manifest import new_manifest, write_manifest
+    from ia3_export.formats.manifest import new_manifest, write_manifest
 
     names, nodes, inits, inputs, vectors = [], [], [], [], []
     for layer in range(SEVEN_B["layers"]):
@@ -189,7 +189,7 @@ def main():
     rng = np.random.default_rng(0)
     for i in range(2):
         path = os.path.join(seven_dir, f"7b_{i}.onnx_adapter")
-        from ia3_export.onnx_adapter import write_onnx_adapter
+        from ia3_export.formats.onnx_adapter import write_onnx_adapter
         write_onnx_adapter(path, {v: (1 + 0.1 * rng.standard_normal(s.dim)).astype(np.float32)
                                   for v, s in seven.folder.vectors.items()})
         seven.load_adapter(path, name=f"s{i}")

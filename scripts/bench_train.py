@@ -3,7 +3,7 @@
 Llama-shaped models from a config (random weights; speed does not depend on them), both
 wrapped with the same targets (k_proj, v_proj, down_proj; down_proj scales its input), one
 optimizer step = forward + causal-LM loss + backward + AdamW. Two shapes: `small` (5 M
-parameters, batch 4 x 128: the matmuls dominate) and `tiny` (ia3_export.tiny's Llama, batch
+parameters, batch 4 x 128: the matmuls dominate) and `tiny` (ia3_export.examples.tiny's Llama, batch
 1 x 16: Python and dispatch overhead dominate, as in small-batch decoding). Reported as
 ours / PEFT ratios from one run:
 - step time: the two are timed in interleaved rounds (ours, PEFT, PEFT, ours, ...) and
@@ -33,7 +33,7 @@ import torch
 SHAPES = {
     "small": (dict(vocab_size=4000, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False), 4, 128, 1),
-    "tiny": (None, 1, 16, 50),  # ia3_export.tiny's config
+    "tiny": (None, 1, 16, 50),  # ia3_export.examples.tiny's config
 }
 TARGETS, FEEDFORWARD = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 
@@ -41,7 +41,7 @@ TARGETS, FEEDFORWARD = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 def shape_config(shape: str):
     import transformers
 
-    from ia3_export.tiny import tiny_config
+    from ia3_export.examples.tiny import tiny_config
 
     arguments = SHAPES[shape][0]
     return transformers.LlamaConfig(**arguments) if arguments else tiny_config("llama")
@@ -56,8 +56,8 @@ def base_model(shape: str, seed: int = 0):
 
 def wrap(kind: str, model):
     if kind == "ours":
-        from ia3_export.config import IA3Config
-        from ia3_export.model import IA3Model
+        from ia3_export.core.config import IA3Config
+        from ia3_export.core.model import IA3Model
 
         return IA3Model(model, IA3Config(target_modules=TARGETS, feedforward_modules=FEEDFORWARD, task_type="CAUSAL_LM"))
     import peft

@@ -11,7 +11,7 @@ manifest and safetensors targets are structure-aware: they build the document fi
 nesting bombs) and the run is capped with RLIMIT_AS (--memory-mb above what the process already
 maps), so a header that decides how much memory is used fails the run instead of the machine.
 A safetensors file our reader accepts must read the same through the `safetensors` library.
-tests/test_fuzz.py runs the same targets with a few hundred cases; this script runs thousands:
+tests/formats/test_fuzz.py runs the same targets with a few hundred cases; this script runs thousands:
 
     .venv/bin/python scripts/fuzz.py [--examples 2000] [--target adapter|onnx_adapter|data|manifest|safetensors]
                                      [--seed N] [--memory-mb 1024] [--onnx EXPORTED_FOLDER]
@@ -181,8 +181,8 @@ class Targets:
 
     @functools.cached_property
     def model(self):
-        from ia3_export.loading import load_base_model
-        from ia3_export.model import IA3Model
+        from ia3_export.core.loading import load_base_model
+        from ia3_export.core.model import IA3Model
 
         return IA3Model(load_base_model(self.model_dir))
 
@@ -199,7 +199,7 @@ class Targets:
 
     def adapter(self, data) -> None:
         """A PEFT folder: read, loaded into a PyTorch model, loaded into an ONNX Runtime session."""
-        from ia3_export.adapter_format import read_adapter
+        from ia3_export.formats.adapter_format import read_adapter
 
         config = mutate_json(data, self.config)
         config_raw = json.dumps(config).encode() if data.draw(st.booleans()) else mutate_bytes(data, json.dumps(config).encode())
@@ -216,7 +216,7 @@ class Targets:
 
     def onnx_adapter(self, data) -> None:
         """An .onnx_adapter file: read, and loaded into a session (names, shapes, dtypes checked)."""
-        from ia3_export.onnx_adapter import read_onnx_adapter
+        from ia3_export.formats.onnx_adapter import read_onnx_adapter
 
         path = os.path.join(self.work, "fuzz.onnx_adapter")
         _write(path, mutate_bytes(data, self.onnx_adapter_bytes))
@@ -262,7 +262,7 @@ class Targets:
 
     def safetensors(self, data) -> None:
         """A safetensors file built entry by entry with hostile dtypes, shapes, ranges and bombs."""
-        from ia3_export.safetensors_io import read_safetensors
+        from ia3_export.formats.safetensors_io import read_safetensors
 
         path = os.path.join(self.work, "fuzz.safetensors")
         raw, zeros = data.draw(safetensors_files())
@@ -273,7 +273,7 @@ class Targets:
 
 def _serve(folder: str) -> None:
     """What the runtime does with a folder: open, describe (inspect), token ids, a session, one token."""
-    from ia3_export.inspect import export_summary
+    from ia3_export.runtime.inspect import export_summary
     from ia3_export.runtime import IA3Session, open_folder
 
     opened = open_folder(folder)
@@ -425,11 +425,11 @@ def run(targets: Targets, target: str, examples: int, seed: int | None = None) -
 
 def build(work: str) -> tuple[str, str, str]:
     """A tiny llama, a random adapter and its swappable export (reused when already in work)."""
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     model, adapter, onnx_dir = (os.path.join(work, n) for n in ("model", "adapter", "onnx"))
     if not os.path.isdir(onnx_dir):
@@ -450,7 +450,7 @@ def prepare(targets: Targets, names: list[str]) -> None:
     """Build what the targets use and import what they import, before the memory cap is set."""
     import safetensors.numpy  # noqa: F401  (the reference reader)
 
-    import ia3_export.inspect  # noqa: F401
+    import ia3_export.runtime.inspect  # noqa: F401
     if any(n not in TORCH_FREE for n in names):
         import ia3_export.train.data  # noqa: F401  (imports torch)
     for name in names:

@@ -12,7 +12,7 @@ try:
     import peft; res["peft"] = peft.__version__
 except Exception as e:
     res["peft"] = repr(e)
-from ia3_export.tiny import save_tiny
+from ia3_export.examples.tiny import save_tiny
 from ia3_export.train import train
 from safetensors.torch import load_file
 work = "/tmp/gtc"; os.makedirs(work, exist_ok=True)

@@ -38,7 +38,7 @@ MATRIX_FILE = "matrix.json"
 
 
 def architectures() -> list[str]:
-    from ia3_export.tiny import DECODERS, ENCODERS, SEQ2SEQ
+    from ia3_export.examples.tiny import DECODERS, ENCODERS, SEQ2SEQ
 
     return [*DECODERS, *ENCODERS, *SEQ2SEQ]
 
@@ -48,12 +48,12 @@ def prepare(folder: str, archs: list[str], modes: list[str], dtypes: list[str]) 
     """Tiny model + two adapters per architecture, then every export; failures are recorded, not fatal."""
     import torch
 
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.errors import IA3Error
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     os.makedirs(folder, exist_ok=True)

@@ -24,7 +24,7 @@ def classifier(workdir: str) -> dict:
     from ia3_export.runtime import IA3Session
     from ia3_export.runtime.tokenizer import TextTokenizer
     from ia3_export.train.data import read_rows
-    from ia3_export.train.examples import minilm_classifier
+    from ia3_export.examples.shipped import minilm_classifier
 
     trained = minilm_classifier(os.path.join(workdir, "minilm-adapter"), force=True)
     rows = [r.fields for r in read_rows(trained["eval_file"], "text-classification")]
@@ -58,7 +58,7 @@ def classifier(workdir: str) -> dict:
 def generator(workdir: str) -> dict:
     from ia3_export.export import export_model
     from ia3_export.runtime import IA3Session
-    from ia3_export.train.examples import ANIMALS, tiny_causal_lm
+    from ia3_export.examples.shipped import ANIMALS, tiny_causal_lm
 
     lm = tiny_causal_lm(os.path.join(workdir, "tiny-lm"), force=True)
     outputs = {}

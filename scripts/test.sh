@@ -25,8 +25,8 @@ step "main suite (transformers 5.x, installed wheel)"
 step "interop: optimum-onnx 0.1.0 on transformers 4.57"
 bash scripts/interop_optimum.sh
 step "IA3 core on transformers 4.57"
-.venv-optimum/bin/python -m pytest -q -p no:cacheprovider tests/test_config.py tests/test_core_model.py \
-  tests/test_peft_interop.py tests/test_fold.py tests/test_core_errors.py
+.venv-optimum/bin/python -m pytest -q -p no:cacheprovider tests/core/test_config.py tests/core/test_core_model.py \
+  tests/core/test_peft_interop.py tests/core/test_fold.py tests/core/test_core_errors.py
 step "lean serving install (no torch)"
 bash scripts/lean_check.sh
 step "interop: onnxruntime-genai 0.18 serves our exports and adapters"

@@ -35,7 +35,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(model_type, task=None) -> path of a tiny saved model (built once per session)."""
-    from ia3_export.tiny import save_tiny
+    from ia3_export.examples.tiny import save_tiny
 
     cache = {}
 
@@ -52,10 +52,10 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def adapter_dir(tmp_path_factory, model_dir):
     """adapter_dir(model_type, task=None, seed=1, **config) -> a PEFT-format adapter with random vectors."""
-    from ia3_export.config import IA3Config
-    from ia3_export.model import IA3Model
-    from ia3_export.loading import load_base_model
-    from ia3_export.tiny import randomize_adapter
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.model import IA3Model
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.examples.tiny import randomize_adapter
 
     cache = {}
 

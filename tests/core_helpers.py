@@ -38,7 +38,7 @@ def peft_ia3_config(model_type: str | None = None, **kwargs):
     """PEFT's IA3Config; with model_type and no targets, OUR default targets (not PEFT's)."""
     from peft import IA3Config as PeftIA3Config
 
-    from ia3_export.config import DEFAULT_TARGETS
+    from ia3_export.core.config import DEFAULT_TARGETS
 
     if model_type is not None and "target_modules" not in kwargs:
         targets, feedforward = DEFAULT_TARGETS[model_type]

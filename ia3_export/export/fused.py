@@ -26,7 +26,7 @@ Graph contract (what a runner needs to know):
   present output (IOBinding, same OrtValue); the mask's width then is the real total length.
   Batched prompts of different lengths must be RIGHT-padded: GroupQueryAttention takes each row's
   length from the mask's row sum and its tokens from position 0, so left padding (the traced
-  graph's convention) gives wrong logits (tests/test_fused_export.py pins both).
+  graph's convention) gives wrong logits (tests/export/test_fused_export.py pins both).
 The manifest adds `cache.kv_layout = "shared"`, `cache.max_length` and
 `cache.position_ids = false` (readers ignore keys they do not know).
 
@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from ..errors import IA3Error
-from ..loading import copy_side_files, read_model_config
-from ..manifest import ADAPTER_IDS, KV_SHARED, vector_name
+from ..core.loading import copy_side_files, read_model_config
+from ..formats.manifest import ADAPTER_IDS, KV_SHARED, vector_name
 from ..progress import stage
 from . import graph as onnx_graph
 from .genai import CONFIG_NAME, GENAI_TASK, TOKENIZER_FILES, unsupported
@@ -56,7 +56,7 @@ from .reference import running
 from .validate import compare_outputs, cpu_session, raise_on_failure
 
 BUILDER_VERSION = "0.18.0"
-FUSED_TYPES = ("llama", "mistral", "qwen2")  # what the builder builds and tests/test_fused_export.py checks
+FUSED_TYPES = ("llama", "mistral", "qwen2")  # what the builder builds and tests/export/test_fused_export.py checks
 GRAPH = "model.onnx"
 LOGITS_TO_KEEP = "logits_to_keep"
 _ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj")

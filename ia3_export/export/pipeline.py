@@ -19,12 +19,12 @@ import warnings
 import torch
 
 from .. import __version__
-from .. import adapter_format as fmt
-from ..atomic import atomic_output_dir, check_output
+from ..formats import adapter_format as fmt
+from ..formats.atomic import atomic_output_dir, check_output
 from ..errors import IA3Error
-from ..loading import copy_side_files, has_tokenizer, read_model_config, write_config
-from ..manifest import DTYPES, MERGED, new_manifest, write_manifest
-from ..merge import adapter_names
+from ..core.loading import copy_side_files, has_tokenizer, read_model_config, write_config
+from ..formats.manifest import DTYPES, MERGED, new_manifest, write_manifest
+from ..core.merge import adapter_names
 from ..progress import stage
 from ..tolerances import quantized_tolerance
 from . import graph as onnx_graph

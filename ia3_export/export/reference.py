@@ -17,10 +17,10 @@ import os
 import numpy as np
 import torch
 
-from ..adapter_format import WEIGHTS_NAME
+from ..formats.adapter_format import WEIGHTS_NAME
 from ..dtypes import numpy_dtype
-from ..loading import load_task_model
-from ..manifest import file_sha256, vector_name
+from ..core.loading import load_task_model
+from ..formats.manifest import file_sha256, vector_name
 from .tasks import GraphSpec, Task
 from .wrappers import flatten_cache, returned_cache
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import IA3Error
-from ..loading import adapters_task_type, auto_class_name, check_task
+from ..core.loading import adapters_task_type, auto_class_name, check_task
 from ..tasks import DECODERS, ENCODERS, EXPORT_TASKS, SEQ2SEQ, TASKS as TASK_TABLE, WITH_PAST, task_named, task_of_type
 
 

@@ -15,7 +15,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..manifest import ADAPTER_IDS, vector_name
+from ..formats.manifest import ADAPTER_IDS, vector_name
 
 
 def cache_argument(model: nn.Module) -> str:

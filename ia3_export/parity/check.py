@@ -22,10 +22,10 @@ import numpy as np
 from ..compare import compare_rows
 from ..dtypes import REFERENCE_DTYPES
 from ..errors import IA3Error
-from ..manifest import ADAPTER_IDS, VECTOR_SUFFIX
+from ..formats.manifest import ADAPTER_IDS, VECTOR_SUFFIX
 from ..progress import stage
-from ..jsonfile import read_json
-from ..loading import read_model_config
+from ..formats.jsonfile import read_json
+from ..core.loading import read_model_config
 from ..runtime.folder import open_folder
 from ..runtime.session import PROVIDERS, Graph, IA3Session
 from ..tolerances import quantized_tolerance, tolerance

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..compare import compare
-from ..loading import load_base_model
-from ..merge import fold_adapters
+from ..core.loading import load_base_model
+from ..core.merge import fold_adapters
 from .greedy import greedy_checks
 from .report import OutputCheck
 

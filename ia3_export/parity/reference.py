@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from .. import adapter_format as fmt
+from ..formats import adapter_format as fmt
 from ..compare import row_index, row_keep, take_row
 from ..dtypes import numpy_dtype, torch_dtype
 from ..errors import IA3Error
@@ -17,8 +17,8 @@ from ..export.modes import export_mode
 from ..export.reference import (adapter_sha256, load_model, probe_shape, running, sample_feeds, torch_outputs)
 from ..export.tasks import TASKS, graph_specs
 from ..export.wrappers import graph_wrappers
-from ..loading import adapters_task_type, check_task, read_model_config
-from ..merge import adapter_names, fold_adapters, with_adapters
+from ..core.loading import adapters_task_type, check_task, read_model_config
+from ..core.merge import adapter_names, fold_adapters, with_adapters
 from .quantized import load_dequantized_folder
 
 

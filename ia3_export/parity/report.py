@@ -10,7 +10,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 
-from ..atomic import atomic_output_file
+from ..formats.atomic import atomic_output_file
 from ..compare import Comparison
 from ..dtypes import DTYPES
 

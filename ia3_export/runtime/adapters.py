@@ -11,12 +11,12 @@ import os
 
 import numpy as np
 
-from ..adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter, read_config
-from ..adapter_names import check_name, name_for
+from ..formats.adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter, read_config
+from ..formats.adapter_names import check_name, name_for
 from ..errors import IA3Error
-from ..loading import check_task
-from ..atomic import check_output
-from ..onnx_adapter import SUFFIX, read_onnx_adapter, write_onnx_adapter
+from ..core.loading import check_task
+from ..formats.atomic import check_output
+from ..formats.onnx_adapter import SUFFIX, read_onnx_adapter, write_onnx_adapter
 from .folder import ExportedFolder, open_folder
 
 

@@ -22,7 +22,7 @@ import weakref
 import numpy as np
 
 from ..errors import IA3Error
-from ..manifest import ADAPTER_IDS, BANK, FOLDSWAP, MERGED, SWAPPABLE
+from ..formats.manifest import ADAPTER_IDS, BANK, FOLDSWAP, MERGED, SWAPPABLE
 from .foldswap import WeightFold
 
 _NO_HOLD = contextlib.nullcontext()  # a run that holds nothing (reusable)

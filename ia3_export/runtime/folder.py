@@ -12,8 +12,8 @@ import os
 
 from ..dtypes import DTYPES
 from ..errors import IA3Error
-from ..jsonfile import read_json
-from ..manifest import MANIFEST_NAME, Fields, confined, graph_path, read_manifest
+from ..formats.jsonfile import read_json
+from ..formats.manifest import MANIFEST_NAME, Fields, confined, graph_path, read_manifest
 from .bindings import binding_class
 
 GENERATION_CONFIG = "generation_config.json"

@@ -24,7 +24,7 @@ import threading
 import numpy as np
 
 from ..errors import IA3Error
-from ..manifest import FOLD_FILE, FOLD_GRAPH
+from ..formats.manifest import FOLD_FILE, FOLD_GRAPH
 
 
 class WeightFold:

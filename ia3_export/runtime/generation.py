@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import IA3Error
-from ..manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED
+from ..formats.manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED
 
 PAST, PRESENT = "past_key_values", "present"
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import IA3Error
-from ..jsonfile import parse_json, shown
+from ..formats.jsonfile import parse_json, shown
 from ..tasks import TASKS as TASK_TABLE, TRAIN_TASKS, task_named
 
 TASKS = {name: TASK_TABLE[name] for name in TRAIN_TASKS}  # the tasks training knows (fields, head, metric)

@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 
-from ..atomic import atomic_output_dir, check_output
-from ..config import IA3Config
+from ..formats.atomic import atomic_output_dir, check_output
+from ..core.config import IA3Config
 from ..dtypes import TRAIN_PRECISIONS, torch_dtype
 from ..errors import CheckFailed, IA3Error
-from ..labels import write_labels
-from ..loading import check_remote_code, has_tokenizer, load_base_model, read_model_config
-from ..model import IA3Model
+from ..formats.labels import write_labels
+from ..core.loading import check_remote_code, has_tokenizer, load_base_model, read_model_config
+from ..core.model import IA3Model
 from . import data as D
 from .distributed import Dist, setup
 from .report import metrics_table, plot_loss
@@ -429,7 +429,7 @@ class _Run:
     def _write(self, log: list[dict], metrics: dict) -> None:
         with atomic_output_dir(self.out, force=self.force, inputs=self.inputs) as tmp:
             self.model.save_adapter(tmp, force=True)
-            if self.labels is not None:  # the class names beside PEFT's files (ia3_export.labels)
+            if self.labels is not None:  # the class names beside PEFT's files (ia3_export.formats.labels)
                 write_labels(tmp, self.labels)
             with open(os.path.join(tmp, LOG_NAME), "w") as f:
                 for record in log:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ia3_export.tiny import save_tiny
+from ia3_export.examples.tiny import save_tiny
 
 EXPORT_CLI = os.environ.get("IA3_EXPORT_CLI", "inprocess")
 

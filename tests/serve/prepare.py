@@ -13,12 +13,12 @@ import sys
 
 
 def main(out: str) -> None:
-    from ia3_export.config import IA3Config
+    from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
-    from ia3_export.loading import load_base_model
-    from ia3_export.model import IA3Model
-    from ia3_export.tiny import randomize_adapter, save_tiny
-    from ia3_export.train.examples import minilm_dir
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
+    from ia3_export.examples.shipped import minilm_dir
 
     os.makedirs(out, exist_ok=True)
     for arch, task in (("llama", "causal-lm"), ("bert", "seq-cls")):

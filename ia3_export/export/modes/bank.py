@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ... import dtypes
-from ...manifest import ADAPTER_IDS, BANK, vector_name
+from ...formats.manifest import ADAPTER_IDS, BANK, vector_name
 from ..reference import adapter_vectors, random_vectors, rows, running, torch_outputs
 from ..validate import compare_outputs, ort_outputs
 from .base import Export, ExportMode

@@ -11,11 +11,11 @@ import os
 
 import torch
 
-from ...config import DEFAULT_TARGETS, IA3Config
+from ...core.config import DEFAULT_TARGETS, IA3Config
 from ...errors import IA3Error
-from ...manifest import vector_name
-from ...onnx_adapter import SUFFIX, write_onnx_adapter
-from ...merge import with_adapters
+from ...formats.manifest import vector_name
+from ...formats.onnx_adapter import SUFFIX, write_onnx_adapter
+from ...core.merge import with_adapters
 from ..reference import (adapter_sha256, adapter_vectors, random_vectors, running, sample_feeds,
                                  torch_outputs)
 from .. import graph as onnx_graph

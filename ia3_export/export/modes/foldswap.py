@@ -24,7 +24,7 @@ from torch import nn
 
 from ...dtypes import DTYPES, numpy_dtype
 from ...errors import IA3Error
-from ...manifest import FOLD_FILE, FOLD_GRAPH, FOLDSWAP, vector_name
+from ...formats.manifest import FOLD_FILE, FOLD_GRAPH, FOLDSWAP, vector_name
 from .. import graph as onnx_graph
 from ..validate import cpu_session
 from .base import Export, ExportMode

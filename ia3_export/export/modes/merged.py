@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ...errors import IA3Error
-from ...manifest import MERGED
-from ...merge import fold_adapters
+from ...formats.manifest import MERGED
+from ...core.merge import fold_adapters
 from .base import ExportMode
 
 

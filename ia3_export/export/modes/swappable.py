@@ -2,7 +2,7 @@
 adapter API and ia3-export's runtime feed one adapter per batch). The defaults of `ExportMode`."""
 from __future__ import annotations
 
-from ...manifest import SWAPPABLE
+from ...formats.manifest import SWAPPABLE
 from .base import ExportMode
 
 

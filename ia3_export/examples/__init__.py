@@ -1,0 +1,1 @@
+"""The embedded default: the demo, tiny models built from configs, the shipped data."""

@@ -1,0 +1,1 @@
+"""Files on disk: PEFT adapter folders, safetensors, .onnx_adapter, the export manifest, atomic writes."""

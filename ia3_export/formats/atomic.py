@@ -1,0 +1,258 @@
+"""Write an output all at once: build it beside the target, rename when complete.
+
+A failure (or a kill) mid-way leaves either the old output or nothing, never a half-written one.
+The rules every writer gets from here, so no command can forget one:
+- an output never is, holds or lies inside one of its inputs (real paths: symlinks cannot hide
+  it), `--force` or not, so no command can destroy what it reads;
+- an existing output is replaced only with `--force`, also when it appeared while this run was
+  working (another run writing the same path): the final rename refuses to replace it
+  (Linux `renameat2(RENAME_NOREPLACE)`, else a portable fallback), so of two racing runs one
+  wins and the other says so instead of silently replacing the first one's output;
+- outputs follow the umask like any file the user makes (not mkdtemp's private 0700/0600);
+- a failed write names the real output and the OS reason, never the hidden temporary.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import os
+import shutil
+import sys
+import tempfile
+
+from ..errors import IA3Error
+
+
+def check_output(path: str, force: bool = False, inputs=()) -> None:
+    """Fail fast, before any work: the output may not be one of the `inputs` (files or folders the
+    run reads), hold one or lie inside one; an existing output needs `force`."""
+    for source in inputs:
+        if source:
+            _refuse_overlap(os.path.abspath(path), os.path.abspath(source))
+    if os.path.lexists(path) and not force:
+        raise IA3Error(f"output {os.path.abspath(path)} already exists; choose another path or pass --force to replace it")
+
+
+def _refuse_overlap(out: str, source: str) -> None:
+    real_out, real_in = os.path.realpath(out), os.path.realpath(source)
+    same = real_out == real_in or (os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source))
+    common = os.path.commonpath([real_out, real_in])
+    relation = "is" if same else "contains" if common == real_out else "lies inside" if common == real_in else None
+    if relation:
+        raise IA3Error(f"output {out} {relation} the input {source}; an output may not replace or go inside what "
+                       "the command reads (--force or not): choose another output path")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, force: bool = False, inputs=()):
+    """Yield a temporary folder that becomes `path` when the block finishes without error."""
+    with _atomic(path, force, inputs, folder=True) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str, force: bool = False, inputs=()):
+    """Yield a temporary file path that becomes `path` when the block finishes without error."""
+    with _atomic(path, force, inputs, folder=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic(path: str, force: bool, inputs, folder: bool):
+    path = os.path.abspath(path)
+    check_output(path, force, inputs)
+    made = _missing_folders(os.path.dirname(path))
+    tmp = _temporary(path, folder)
+    try:
+        yield tmp
+        _follow_umask(tmp)
+        _commit(tmp, path, force, folder)
+    except BaseException as e:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        for parent in made:  # folders made for this output go again (if nothing else was put there)
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        named = _name_the_output(e, tmp, path)
+        if named is e:
+            raise
+        raise named from None
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders above an output that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _temporary(path: str, folder: bool) -> str:
+    """A new hidden folder or empty file beside `path` (private until it is complete)."""
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if folder:
+            return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        os.close(fd)
+        return tmp
+    except OSError as e:
+        raise IA3Error(f"cannot write to {parent} ({e.strerror}); choose a writable output folder") from None
+
+
+def _follow_umask(tmp: str) -> None:
+    """Give the output and everything in it the modes the umask gives (folders 0o777, files 0o666
+    less the umask): mkdtemp/mkstemp and some writers (safetensors) make them private (0700/0600),
+    which a service account reading the output under umask 022 cannot open."""
+    mask = _umask()
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~mask)
+    for parent, folders, files in os.walk(tmp):  # nothing for a file
+        for name, mode in [(n, 0o777) for n in folders] + [(n, 0o666) for n in files]:
+            if not os.path.islink(os.path.join(parent, name)):
+                os.chmod(os.path.join(parent, name), mode & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells (other threads may be writing)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _commit(tmp: str, path: str, force: bool, folder: bool) -> None:
+    """Rename tmp to path. Without force an output that exists by now (another run made it) stays;
+    with force a file is replaced atomically, a folder is moved aside first and removed after."""
+    if force and not folder and not os.path.isdir(path):
+        os.replace(tmp, path)
+        return
+    trash = None
+    for attempt in range(100):
+        if force and os.path.lexists(path):
+            trash = trash or tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+            with contextlib.suppress(FileNotFoundError):  # another --force run moved it first
+                os.rename(path, os.path.join(trash, f"old-{attempt}" if attempt else "old"))
+        if _rename_noreplace(tmp, path):
+            if trash:  # only once the new output is in place: a failure before leaves the old one aside
+                shutil.rmtree(trash, ignore_errors=True)
+            return
+        if not force:
+            raise IA3Error(f"output {path} appeared while this run was writing it (another run writing the same "
+                           "output?); it was left as it is: choose another path or pass --force to replace it")
+    raise IA3Error(f"output {path} kept reappearing while this run replaced it; stop the other runs writing it")
+
+
+RENAME_NOREPLACE = 1  # linux/fs.h
+AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2 (glibc >= 2.28), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _rename_noreplace(src: str, dst: str) -> bool:
+    """Rename src to dst unless dst exists, in one atomic step; False (and nothing moved) when it exists."""
+    sys.audit("os.rename", src, dst, -1, -1)  # the event os.rename raises: audit hooks see the commit
+    rename = _renameat2()
+    if rename is not None:
+        if rename(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            return False
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # else: this file system lacks the flag
+            raise OSError(code, os.strerror(code), dst)
+    return _rename_noreplace_portable(src, dst)
+
+
+def _rename_noreplace_portable(src: str, dst: str) -> bool:
+    """Without renameat2: a folder rename refuses a non-empty target (every output folder holds files);
+    a file is hard-linked (which refuses an existing name) and the temporary name removed."""
+    try:
+        if os.path.isdir(src):
+            os.rename(src, dst)
+        else:
+            os.link(src, dst)
+            os.remove(src)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            return False
+        if os.path.isdir(src) or os.path.lexists(dst):
+            raise
+    os.rename(src, dst)  # no hard links on this file system: the name was free a moment ago
+    return True
+
+
+# How writers in native code (safetensors' Rust I/O, ONNX Runtime, torch.save) word a failed write;
+# some say no more than that, so the OS reason is then diagnosed (`_os_reason`).
+_WRITE_FAILURES = ("I/O error", "No space left on device", "File too large", "Disk quota exceeded",
+                   "Read-only file system", "Failed to write", "file write failed", "unexpected pos")
+
+
+def _name_the_output(error: BaseException, tmp: str, path: str) -> BaseException:
+    """The error to show for a failure inside the block: one that names `path` (never the hidden
+    temporary) and, for a failed write, the OS reason. Other failures pass unchanged."""
+    def real(text: str) -> str:
+        return text.replace(tmp, path)
+
+    if isinstance(error, IA3Error):  # e.g. a nested writer's message: same type, real names
+        cause = error.__cause__ and _name_the_output(error.__cause__, tmp, path)
+        if cause is not None and cause is not error.__cause__:
+            return cause  # a step that wrapped a failed write (e.g. the ONNX exporter's): the write is the news
+        error.args = tuple(real(a) if isinstance(a, str) else a for a in error.args)
+        return error
+    if isinstance(error, OSError):
+        target = real(os.fsdecode(error.filename)) if error.filename is not None else path
+        if error.filename is not None and not (target == path or target.startswith(path + os.sep)):
+            return error  # reading an input failed: its own message names it
+        reason = error.strerror or str(error)
+    else:
+        text = str(error)
+        found = [text.index(f) for f in _WRITE_FAILURES if f in text] if isinstance(error, Exception) else []
+        if not found:
+            return error
+        target, reason = path, real(text[min(found):].splitlines()[0][:200])
+        diagnosis = _os_reason(os.path.dirname(path))
+        if diagnosis and diagnosis.split(":")[0] not in reason:
+            reason += f" ({diagnosis})"
+    return IA3Error(f"cannot write {target}: {reason}; check free space, quotas and permissions")
+
+
+def _os_reason(folder: str) -> str | None:
+    """Why a write under `folder` fails, for writers that only say that it failed."""
+    try:
+        import resource
+
+        stats = os.statvfs(folder)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError):
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if stats.f_bavail == 0:
+        return os.strerror(errno.ENOSPC)
+    if limit != resource.RLIM_INFINITY:
+        return f"{os.strerror(errno.EFBIG)}: this process may write files of at most {limit} bytes (ulimit -f)"
+    return None

@@ -1,0 +1,69 @@
+"""The one JSON reader for what users hand us (configs, manifests, safetensors headers, data rows).
+
+Python's `json` recurses once per nesting level, so a file nested 100,000 deep raises
+RecursionError. The nesting depth is measured first, without recursion (strings blanked out
+by a regex, then a running sum over the brackets left), and text nested deeper than MAX_DEPTH
+is refused before `json.loads` sees it. Files are size-capped before they are read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from ..errors import IA3Error
+
+MAX_DEPTH = 64  # real configs, manifests and rows nest a handful of levels
+MAX_BYTES = 64 * 1024 * 1024  # a config or manifest is kilobytes
+# A string token, or an unterminated one up to the end: every match attempt succeeds, so the scan is linear.
+_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def nesting_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON text (brackets inside strings do not count).
+
+    Exact for valid JSON; for invalid JSON it is exact up to the first error, which is as far as
+    the parser gets, so a depth within the limit here means no deep recursion in `json.loads`."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def parse_json(text: str | bytes, where: str):
+    """Parsed JSON text; invalid or too deeply nested text is an IA3Error naming `where`."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8-sig")
+        # fewer openings than the limit cannot nest deeper (most rows): no scan needed
+        if text.count("[") + text.count("{") > MAX_DEPTH and (depth := nesting_depth(text)) > MAX_DEPTH:
+            raise IA3Error(f"{where}: JSON nested {depth} levels deep (at most {MAX_DEPTH} are read); "
+                           "the file is corrupted or hostile, re-create it")
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, too many digits, bad UTF-8
+        raise IA3Error(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]}); fix or re-create the file") from None
+
+
+def read_json(path: str, max_bytes: int = MAX_BYTES):
+    """The parsed content of a JSON file; too large, invalid or too deep is an IA3Error naming the file."""
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise IA3Error(f"{path}: {size} bytes, more than the {max_bytes} a JSON file here may hold; "
+                           "is it the right file?")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
+    return parse_json(raw, path)
+
+
+def shown(value, limit: int = 80) -> str:
+    """An untrusted value for an error message: its repr, one line, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
