@@ -3,11 +3,10 @@
 One Llama-shaped model with random weights and a random IA3 adapter, in one process, the same ORT thread
 count everywhere, interleaved rounds (alternating order), medians. Cells, each against the anchor
 (genai driving the builder's export of the same merged model, `python -m onnxruntime_genai.models.builder
--p fp32 -e cpu`):
-- ours_merged: IA3Session on our merged export;
-- ours_swappable: IA3Session on our swappable export, the adapter active;
-- genai_merged: genai on our merged export;
-- ours_builder: IA3Session on the builder's graph (its shared-KV layout, see runtime/generation.py);
+-p fp32 -e cpu`, run by hand here):
+- ours_merged, ours_swappable: IA3Session on our traced exports (`--graph traced`, the default);
+- fused_merged, fused_swappable: IA3Session on our `--graph fused` exports (swappable: adapter active);
+- genai_fused_merged, genai_fused_swappable: genai on the same fused exports (swappable: our .onnx_adapter);
 - genai_builder: the anchor.
 Every run generates exactly NEW tokens (ours ignores EOS; genai's min_length holds it off).
 Export needs torch: $FULL_PYTHON (default .venv/bin/python) builds the folders once; this script runs
@@ -18,7 +17,6 @@ where onnxruntime-genai is installed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -43,6 +41,7 @@ from ia3_export.core.loading import load_base_model
 from ia3_export.core.merge import merge_to_folder
 from ia3_export.core.model import IA3Model
 from ia3_export.examples.tiny import randomize_adapter, save_tiny
+from ia3_export.export.fused import run_builder
 out, hidden, layers, heads, kv_heads, vocab = sys.argv[1], *map(int, sys.argv[2:7])
 base = save_tiny(out + "/base", "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab,
@@ -52,48 +51,22 @@ randomize_adapter(model, "default", seed=1)
 adapter = model.save_adapter(out + "/adapter")
 export_model(base, out + "/merged", mode="merged", adapters=[adapter])
 export_model(base, out + "/swappable", mode="swappable", adapters=[adapter])
+export_model(base, out + "/fused_merged", mode="merged", adapters=[adapter], graph="fused")
+export_model(base, out + "/fused_swappable", mode="swappable", adapters=[adapter], graph="fused")
 merge_to_folder(base, [adapter], out + "/hf_merged")
+run_builder(out + "/hf_merged", out + "/builder", out + "/builder-cache")
 """
-BUILDER_FILES = ("model.onnx", "model.onnx.data")
-
-
-def run_builder(hf_dir: str, out: str, python: str = sys.executable) -> str:
-    """onnxruntime-genai's model builder, fp32 CPU, on a transformers folder."""
-    subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", out, "-p", "fp32", "-e", "cpu",
-                    "-c", out + "-cache"], check=True, stdout=subprocess.DEVNULL)
-    shutil.rmtree(out + "-cache", ignore_errors=True)
-    return out
-
-
-def adopt_builder_graph(merged_export: str, builder_dir: str, out: str) -> str:
-    """Our merged export folder with the builder's model.onnx (+ data) and genai_config.json in place of ours:
-    what IA3Session opens to drive the builder's shared-KV layout."""
-    import onnxruntime as ort
-
-    shutil.copytree(merged_export, out)
-    for name in (*BUILDER_FILES, "genai_config.json"):
-        shutil.copy(os.path.join(builder_dir, name), out)
-    graph = ort.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
-    with open(os.path.join(out, "ia3_export.json")) as f:
-        manifest = json.load(f)
-    manifest["graphs"]["model"].update(inputs=[i.name for i in graph.get_inputs()],
-                                       outputs=[o.name for o in graph.get_outputs()], external_data=BUILDER_FILES[1])
-    with open(os.path.join(out, "ia3_export.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return out
+FOLDERS = ("merged", "swappable", "fused_merged", "fused_swappable", "builder")
 
 
 def prepare(args) -> dict:
     shape = (args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
     folder = os.path.join(tempfile.gettempdir(), "ia3-bench-long-" + "-".join(map(str, shape)))
-    if not os.path.isdir(os.path.join(folder, "builder_adopted")):
+    if not all(os.path.isdir(os.path.join(folder, name)) for name in FOLDERS):
         shutil.rmtree(folder, ignore_errors=True)
         full = os.environ.get("FULL_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
         subprocess.run([full, "-c", PREPARE, folder, *map(str, shape)], check=True)
-        run_builder(os.path.join(folder, "hf_merged"), os.path.join(folder, "builder"))
-        adopt_builder_graph(os.path.join(folder, "merged"), os.path.join(folder, "builder"),
-                            os.path.join(folder, "builder_adopted"))
-    return {name: os.path.join(folder, name) for name in ("merged", "swappable", "builder", "builder_adopted")}
+    return {name: os.path.join(folder, name) for name in FOLDERS}
 
 
 ANCHOR = "genai_builder"
@@ -125,8 +98,10 @@ def main() -> None:
     runtimes = {
         "ours_merged": Ours(folders["merged"], args.threads, adapter=None),
         "ours_swappable": Ours(folders["swappable"], args.threads, adapter="adapter"),
-        "genai_merged": Genai(folders["merged"], args.threads, adapter=None),
-        "ours_builder": Ours(folders["builder_adopted"], args.threads, adapter=None),
+        "fused_merged": Ours(folders["fused_merged"], args.threads, adapter=None),
+        "fused_swappable": Ours(folders["fused_swappable"], args.threads, adapter="adapter"),
+        "genai_fused_merged": Genai(folders["fused_merged"], args.threads, adapter=None),
+        "genai_fused_swappable": Genai(folders["fused_swappable"], args.threads, adapter="adapter"),
         ANCHOR: Genai(folders["builder"], args.threads, adapter=None),
     }
     rng = np.random.default_rng(0)

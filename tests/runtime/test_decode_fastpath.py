@@ -3,15 +3,12 @@ of its own, and the runtime also drives onnxruntime-genai's model-builder layout
 one KV buffer shared by past and present, no position_ids), checked against transformers."""
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
 from runtime_helpers import PROMPTS, export_once, open_session, peft_greedy
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench_long.py")
 NEW = 10
 
 
@@ -60,28 +57,23 @@ def test_requests_interleaved_on_one_thread_keep_their_own_adapter(llama):
 @pytest.fixture(scope="module")
 def builder_export(tmp_path_factory):
     """A tiny llama (head size 16: the CPU GroupQueryAttention kernel needs a multiple of 16) with a random
-    IA3 adapter, merged; the builder's export of the merged model inside our merged export's folder."""
+    IA3 adapter, exported merged with `--graph fused` (onnxruntime-genai's model builder makes the graph)."""
     pytest.importorskip("onnxruntime_genai")
     from ia3_export.core.config import IA3Config
-    from ia3_export.export import export_model
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.merge import merge_to_folder
     from ia3_export.core.model import IA3Model
     from ia3_export.examples.tiny import randomize_adapter, save_tiny
+    from ia3_export.export import export_model
 
-    spec = importlib.util.spec_from_file_location("bench_long", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     root = tmp_path_factory.mktemp("builder")
     base = save_tiny(str(root / "base"), "llama", hidden_size=64, head_dim=16)
     model = IA3Model(load_base_model(base), IA3Config())
     randomize_adapter(model, "default", seed=3)
     adapter = model.save_adapter(str(root / "adapter"))
-    export_model(base, str(root / "merged"), mode="merged", adapters=[adapter])
+    export_model(base, str(root / "fused"), mode="merged", adapters=[adapter], graph="fused")
     merge_to_folder(base, [adapter], str(root / "hf_merged"))
-    builder = bench.run_builder(str(root / "hf_merged"), str(root / "builder"))
-    return {"base": base, "adapter": adapter, "hf_merged": str(root / "hf_merged"),
-            "folder": bench.adopt_builder_graph(str(root / "merged"), builder, str(root / "adopted"))}
+    return {"base": base, "adapter": adapter, "hf_merged": str(root / "hf_merged"), "folder": str(root / "fused")}
 
 
 def test_builder_layout_is_detected_from_the_graph(builder_export):
