@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..formats import adapter_format as fmt
 from ..formats.atomic import atomic_output_dir, check_output
+from ..dtypes import torch_dtype
 from ..errors import IA3Error
 from ..core.loading import copy_side_files, has_tokenizer, read_model_config, write_config
 from ..formats.manifest import DTYPES, MERGED, new_manifest, write_manifest
@@ -69,7 +70,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     stage(f"loading {model_dir} ({spec.name}, {mode}, {dtype})")
     model = load_model(model_dir, spec.auto_class, adapter_files, trust_remote_code=trust_remote_code,
-                       dtype=torch.float16 if dtype == "fp16" else torch.float32)
+                       dtype=torch_dtype(dtype))
     ia3, vectors, hf_model = strategy.prepare(model, adapter_files, target_modules, feedforward_modules)
     shape = probe_shape(hf_model, spec, dtype)
     specs = graph_specs(spec, shape.num_layers, token_type_ids=config["model_type"] == "bert")

@@ -12,6 +12,7 @@ import os
 import torch
 
 from ...core.config import DEFAULT_TARGETS, IA3Config
+from ...dtypes import torch_dtype
 from ...errors import IA3Error
 from ...formats.manifest import vector_name
 from ...formats.onnx_adapter import SUFFIX, write_onnx_adapter
@@ -98,8 +99,8 @@ class ExportMode:
         """(module to trace, extra input names, their sample tensors for `feeds`, their dynamic axes)."""
         if part is None:
             return wrapper, [], [], {}
-        torch_dtype = torch.float16 if ex.dtype == "fp16" else torch.float32
-        return wrapper, part.input_names(), [torch.ones(part.dims[p], dtype=torch_dtype) for p in part.paths], {}
+        dtype = torch_dtype(ex.dtype)
+        return wrapper, part.input_names(), [torch.ones(part.dims[p], dtype=dtype) for p in part.paths], {}
 
     def edit_graph(self, ex: Export, graph, model, part) -> None:
         """The traced graph, before it is saved: each vector input becomes an overridable initializer

@@ -22,6 +22,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 from torch import nn
 
+from ...core.layers import scaled_axis
 from ...dtypes import DTYPES, numpy_dtype
 from ...errors import IA3Error
 from ...formats.manifest import FOLD_FILE, FOLD_GRAPH, FOLDSWAP, vector_name
@@ -118,8 +119,8 @@ class FoldTarget:
 
     @property
     def vector_axis(self) -> int:
-        """The weight axis the vector runs along: rows [out] of a Linear for output scaling, etc."""
-        return (0 if self.feedforward else 1) if self.conv1d else (1 if self.feedforward else 0)
+        """The weight axis the vector runs along (core.layers.scaled_axis: the one rule)."""
+        return scaled_axis(self.feedforward, self.conv1d)
 
 
 def fold_targets(ia3, parts: dict) -> list[FoldTarget]:
