@@ -4,7 +4,7 @@ import os
 import click
 
 from ..core.config import parse_modules as _modules
-from ..formats.manifest import MERGED, MODES
+from ..formats.manifest import GRAPHS, MERGED, MODES, TRACED
 from ..tasks import EXPORT_TASKS as TASKS
 from .options import progress_option, trust_remote_code_option
 
@@ -39,7 +39,7 @@ from .options import progress_option, trust_remote_code_option
               help="Quantize the LM head (the largest MatMul at a 32k vocabulary).")
 @click.option("--quantize-embeddings", is_flag=True,
               help="int4: also the input embeddings (GatherBlockQuantized; default float: a lookup has no speed to win).")
-@click.option("--graph", type=click.Choice(["traced", "fused"]), default="traced", show_default=True,
+@click.option("--graph", type=click.Choice(GRAPHS), default=TRACED, show_default=True,
               help="traced: torch.onnx traces the model (every task and mode); fused: onnxruntime-genai's model builder "
                    "graph (GroupQueryAttention, fused q/k/v, shared KV buffer), Llama-family decoders, fp32 CPU, needs "
                    "the `fused` extra (docs/export.md).")
@@ -70,7 +70,7 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
     graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes)" for g in manifest["graphs"].values())
     check = manifest["validation"]
     quantized = f", {quantize}" if quantize else ""
-    made_by = "" if graph == "traced" else f", {graph} graph"
+    made_by = "" if graph == TRACED else f", {graph} graph"
     click.echo(f"exported {manifest['model_type']} {manifest['task']} ({mode}, {dtype}{quantized}{made_by}, "
                f"opset {manifest['opset']}) -> {out_dir}: {graphs}; "
                f"{len(manifest['vectors'])} vector inputs, {len(manifest['adapters'])} adapters; "

@@ -24,7 +24,7 @@ from ..formats.atomic import atomic_output_dir, check_output
 from ..dtypes import torch_dtype
 from ..errors import IA3Error
 from ..core.loading import copy_side_files, has_tokenizer, read_model_config, write_config
-from ..formats.manifest import DTYPES, MERGED, new_manifest, write_manifest
+from ..formats.manifest import DTYPES, FUSED, MERGED, TRACED, new_manifest, write_manifest
 from ..core.merge import adapter_names
 from ..progress import stage
 from ..tolerances import quantized_tolerance
@@ -48,7 +48,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
                  task: str | None = None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                  target_modules: list[str] | str | None = None, feedforward_modules: list[str] | str | None = None,
                  exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False,
-                 quantize=None, graph: str = "traced") -> dict:
+                 quantize=None, graph: str = TRACED) -> dict:
     """Export and validate; returns the manifest written as `ia3_export.json`. `quantize`: None,
     "int4", "int8" or a `QuantizeOptions` (see export/quantize.py). `graph`: who makes the graphs
     (`GRAPH_FACTORIES`: "traced" by torch.onnx, "fused" by onnxruntime-genai's model builder)."""
@@ -153,7 +153,7 @@ class TracedGraphs:
         return write_genai_files(tmp, manifest)
 
 
-GRAPH_FACTORIES = {"traced": TracedGraphs, "fused": BuilderGraphs}  # --graph: who makes the graphs
+GRAPH_FACTORIES = {TRACED: TracedGraphs, FUSED: BuilderGraphs}  # --graph: who makes the graphs
 
 
 def graph_factory(name: str, exporter: str, quantize):
