@@ -47,6 +47,8 @@ BROKEN_INSPECT = """
 import os, signal, time
 import ia3_export.cli.inspect as target
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when started in the background
+
 def broken(*args, **kwargs):
     if {error!r} == "SIGINT":  # a real Ctrl-C, delivered by the kernel
         os.kill(os.getpid(), signal.SIGINT)
