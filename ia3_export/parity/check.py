@@ -22,7 +22,7 @@ import numpy as np
 from ..compare import compare_rows
 from ..dtypes import REFERENCE_DTYPES
 from ..errors import IA3Error
-from ..formats.manifest import ADAPTER_IDS, VECTOR_SUFFIX
+from ..formats.manifest import ADAPTER_IDS, KV_SHARED, VECTOR_SUFFIX
 from ..progress import stage
 from ..formats.jsonfile import read_json
 from ..core.loading import read_model_config
@@ -32,6 +32,7 @@ from ..tolerances import quantized_tolerance, tolerance
 from .greedy import greedy_checks
 from .quantized import float_agreement, weight_checks
 from .report import OutputCheck, ParityReport
+from .shared_kv import onnx_spec, shared_kv_checks
 
 if TYPE_CHECKING:
     from .reference import Reference
@@ -89,11 +90,17 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     _check_same_model(model_dir, folder)
     stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
     reference = Reference(model_dir, folder, adapters, options.reference_dtype, options.trust_remote_code)
-    _check_layout(reference.graphs, session)
+    shared = (folder.cache or {}).get("kv_layout") == KV_SHARED  # one KV buffer for past and present (--graph fused)
+    _check_layout([onnx_spec(g) for g in reference.graphs] if shared else reference.graphs, session)
     for name, source in reference.ort_sources().items():
         session.load_adapter(source, name=name)
     for graph in reference.graphs:
         stage(f"comparing {graph.file} on {options.provider}")
+        if shared:  # a case is a whole request: the past is what the graph wrote, not a fed one
+            report.outputs += shared_kv_checks(reference, session, graph, options.seed, atol, rtol,
+                                               options.provider if reference.mode.graph_defaults else None,
+                                               provider_options)
+            continue
         for index, (case, feeds) in enumerate(reference.cases(graph, options.seed)):
             for label, rows in reference.scenarios(len(feeds["input_ids"]), index):
                 got = session.run(feeds, graph=graph.key, adapters=reference.ort_rows(rows), outputs=graph.outputs)
