@@ -7,7 +7,9 @@ adapter. So one comparison covers three claims at once: the graph computes the m
 bank export's row b uses adapter b. Padded positions are not compared: their values are
 undefined (`compare_rows`). The PyTorch side and the inputs (the export validation's cases) are the
 reference harness's (export/reference.py, parity/reference.py), the ONNX side is the runtime users deploy
-(`ia3_export.runtime.IA3Session`), and every number goes through `ia3_export.compare`.
+(`ia3_export.runtime.IA3Session`), and every number goes through `ia3_export.compare`. A folder
+whose manifest declares one KV buffer shared by past and present (`cache.kv_layout`, `--graph
+fused`: right padding, no position_ids) runs whole requests instead (parity/shared_kv.py).
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     _check_same_model(model_dir, folder)
     stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
     reference = Reference(model_dir, folder, adapters, options.reference_dtype, options.trust_remote_code)
+    # as the manifest declares it (never guessed from the inputs: a renamed position_ids is a broken graph)
     shared = (folder.cache or {}).get("kv_layout") == KV_SHARED  # one KV buffer for past and present (--graph fused)
     _check_layout([onnx_spec(g) for g in reference.graphs] if shared else reference.graphs, session)
     for name, source in reference.ort_sources().items():

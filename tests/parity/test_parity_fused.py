@@ -25,38 +25,6 @@ from cli_helpers import run_cli  # noqa: E402
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A tiny llama with head size 16 (ORT's CPU GroupQueryAttention needs a multiple of 16) and an adapter."""
-    from ia3_export.core.config import IA3Config
-    from ia3_export.core.loading import load_base_model
-    from ia3_export.core.model import IA3Model
-    from ia3_export.examples.tiny import randomize_adapter, save_tiny
-
-    root = tmp_path_factory.mktemp("fused-parity")
-    model = save_tiny(str(root / "model"), "llama", hidden_size=64)
-    ia3 = IA3Model(load_base_model(model), IA3Config())
-    randomize_adapter(ia3, "default", seed=5)
-    return model, ia3.save_adapter(str(root / "ad")), root
-
-
-@pytest.fixture(scope="module")
-def fused(llama):
-    """mode -> fused export folder (built once per module)."""
-    from ia3_export.export import export_model
-
-    model, adapter, root = llama
-    made = {}
-
-    def make(mode: str) -> str:
-        if mode not in made:
-            made[mode] = str(root / mode)
-            export_model(model, made[mode], mode=mode, adapters=[adapter], graph="fused")
-        return made[mode]
-
-    return make
-
-
 def assert_covers_a_whole_request(report, mode: str) -> None:
     """The verdict rests on every kind of run: right-padded prefill, decode steps, greedy tokens."""
     assert report.passed, "\n".join(f.line() for f in report.failures()[:5])
@@ -75,18 +43,18 @@ def assert_covers_a_whole_request(report, mode: str) -> None:
         assert any(s.startswith("nothing fed") for s in scenarios), scenarios
 
 
-def test_cli_passes_a_fused_swappable_folder(llama, fused):
+def test_cli_passes_a_fused_swappable_folder(fused_llama, fused_exports):
     """The reported bug: exit 2 'model.onnx has no input position_ids' on a fused folder; now exit 0."""
-    model, adapter, _ = llama
-    result = run_cli("parity", model, fused("swappable"), "--adapter", adapter, "--steps", str(STEPS))
+    model, adapter, _ = fused_llama
+    result = run_cli("parity", model, fused_exports("swappable"), "--adapter", adapter, "--steps", str(STEPS))
     assert result.exit_code == 0, result.output
     assert "PASS: 21/21 output comparisons and 6/6 greedy-token checks passed" in result.output, result.output
 
 
 @pytest.mark.parametrize("mode", ["merged", "swappable", "bank"])
-def test_fused_folders_pass_prefill_decode_and_greedy(llama, fused, mode):
-    model, adapter, _ = llama
-    report = check_parity(model, fused(mode), [adapter], greedy_steps=STEPS)
+def test_fused_folders_pass_prefill_decode_and_greedy(fused_llama, fused_exports, mode):
+    model, adapter, _ = fused_llama
+    report = check_parity(model, fused_exports(mode), [adapter], greedy_steps=STEPS)
     assert_covers_a_whole_request(report, mode)
 
 
@@ -110,11 +78,11 @@ def failing(report) -> set[tuple[str, str]]:
     return {(o.output, o.scenario) for o in report.outputs if not o.comparison.passed}
 
 
-def test_a_weight_scaled_by_one_percent_fails_naming_logits(llama, fused, tmp_path):
+def test_a_weight_scaled_by_one_percent_fails_naming_logits(fused_llama, fused_exports, tmp_path):
     """Layer 1's fused q/k/v weight x 1.01 in a merged folder: every logits check of the prefill and the
     decode steps fails (exit 1 in the CLI), not a structural error."""
-    model, adapter, _ = llama
-    folder = corrupted_copy(fused("merged"), tmp_path / "bad", lambda t: "layers.1" in t.name and "qkv" in t.name
+    model, adapter, _ = fused_llama
+    folder = corrupted_copy(fused_exports("merged"), tmp_path / "bad", lambda t: "layers.1" in t.name and "qkv" in t.name
                             and len(t.dims) == 2)
     report = check_parity(model, folder, [adapter], greedy_steps=0)
     assert not report.passed
@@ -123,11 +91,11 @@ def test_a_weight_scaled_by_one_percent_fails_naming_logits(llama, fused, tmp_pa
     assert any("decode step" in s for _, s in bad) and any(s.endswith("prefill") for _, s in bad), bad
 
 
-def test_a_default_vector_scaled_fails_only_with_nothing_fed(llama, fused, tmp_path):
+def test_a_default_vector_scaled_fails_only_with_nothing_fed(fused_llama, fused_exports, tmp_path):
     """A swappable folder's overridable ones (layer 1 down_proj) x 1.01: what plain ONNX Runtime users
     get without an adapter is no longer the base model; the runs with vectors fed still pass."""
-    model, adapter, _ = llama
-    folder = corrupted_copy(fused("swappable"), tmp_path / "bad",
+    model, adapter, _ = fused_llama
+    folder = corrupted_copy(fused_exports("swappable"), tmp_path / "bad",
                             lambda t: t.name == "model.layers.1.mlp.down_proj.ia3_l")
     report = check_parity(model, folder, [adapter], greedy_steps=0)
     assert not report.passed
