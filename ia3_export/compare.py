@@ -92,8 +92,12 @@ def real_positions(output: str, feeds: dict | None, shape: tuple) -> np.ndarray 
     return None
 
 
-def row_keep(graph, feeds: dict, row: int) -> dict[str, np.ndarray]:
-    """Axis name -> positions of real tokens in this row (from its attention mask)."""
+def row_keep(graph, feeds: dict, row: int, right_padded: bool = False) -> dict[str, np.ndarray]:
+    """Axis name -> positions of real tokens in this row (from its attention mask).
+
+    Left padding (transformers' way): the new tokens are the mask's last columns. `right_padded`
+    (GroupQueryAttention over a shared KV buffer): a row's tokens start at column 0, so a prompt's
+    real tokens are its mask's ones and a continuation's new tokens are all real, the row's last ones."""
     keep = {}
     for mask_name in MASKS:
         if mask_name not in feeds:
@@ -104,7 +108,11 @@ def row_keep(graph, feeds: dict, row: int) -> dict[str, np.ndarray]:
         if axis in SPLIT_AXES:
             past_axis, new_axis = SPLIT_AXES[axis]
             new = feeds["input_ids"].shape[1]
-            keep[past_axis], keep[new_axis] = mask[:len(mask) - new], mask[len(mask) - new:]
+            if right_padded and len(mask) > new:
+                past = np.arange(len(mask) - new) < int(mask.sum()) - new
+                keep[past_axis], keep[new_axis] = past, np.ones(new, dtype=bool)
+            else:
+                keep[past_axis], keep[new_axis] = mask[:len(mask) - new], mask[len(mask) - new:]
     return keep
 
 

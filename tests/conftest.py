@@ -69,3 +69,36 @@ def adapter_dir(tmp_path_factory, model_dir):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fused_llama(tmp_path_factory):
+    """(model, adapter, root): a tiny llama with head size 16 (ORT's CPU GroupQueryAttention needs a
+    multiple of 16) and a random adapter, for the `--graph fused` tests (export and parity)."""
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
+
+    root = tmp_path_factory.mktemp("fused")
+    model = save_tiny(str(root / "model"), "llama", hidden_size=64)
+    ia3 = IA3Model(load_base_model(model), IA3Config())
+    randomize_adapter(ia3, "default", seed=3)
+    return model, ia3.save_adapter(str(root / "ad")), root
+
+
+@pytest.fixture(scope="session")
+def fused_exports(fused_llama):
+    """fused_exports(mode) -> the `--graph fused` export of `fused_llama` (built once per session)."""
+    from ia3_export.export import export_model
+
+    model, adapter, root = fused_llama
+    made = {}
+
+    def make(mode: str) -> str:
+        if mode not in made:
+            made[mode] = str(root / mode)
+            export_model(model, made[mode], mode=mode, adapters=[adapter], graph="fused")
+        return made[mode]
+
+    return make

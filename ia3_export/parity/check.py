@@ -7,7 +7,9 @@ adapter. So one comparison covers three claims at once: the graph computes the m
 bank export's row b uses adapter b. Padded positions are not compared: their values are
 undefined (`compare_rows`). The PyTorch side and the inputs (the export validation's cases) are the
 reference harness's (export/reference.py, parity/reference.py), the ONNX side is the runtime users deploy
-(`ia3_export.runtime.IA3Session`), and every number goes through `ia3_export.compare`.
+(`ia3_export.runtime.IA3Session`), and every number goes through `ia3_export.compare`. A folder
+whose manifest declares one KV buffer shared by past and present (`cache.kv_layout`, `--graph
+fused`: right padding, no position_ids) runs whole requests instead (parity/shared_kv.py).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from ..compare import compare_rows
 from ..dtypes import REFERENCE_DTYPES
 from ..errors import IA3Error
-from ..formats.manifest import ADAPTER_IDS, VECTOR_SUFFIX
+from ..formats.manifest import ADAPTER_IDS, KV_SHARED, VECTOR_SUFFIX
 from ..progress import stage
 from ..formats.jsonfile import read_json
 from ..core.loading import read_model_config
@@ -32,6 +34,7 @@ from ..tolerances import quantized_tolerance, tolerance
 from .greedy import greedy_checks
 from .quantized import float_agreement, weight_checks
 from .report import OutputCheck, ParityReport
+from .shared_kv import onnx_spec, shared_kv_checks
 
 if TYPE_CHECKING:
     from .reference import Reference
@@ -89,11 +92,18 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     _check_same_model(model_dir, folder)
     stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
     reference = Reference(model_dir, folder, adapters, options.reference_dtype, options.trust_remote_code)
-    _check_layout(reference.graphs, session)
+    # as the manifest declares it (never guessed from the inputs: a renamed position_ids is a broken graph)
+    shared = (folder.cache or {}).get("kv_layout") == KV_SHARED  # one KV buffer for past and present (--graph fused)
+    _check_layout([onnx_spec(g) for g in reference.graphs] if shared else reference.graphs, session)
     for name, source in reference.ort_sources().items():
         session.load_adapter(source, name=name)
     for graph in reference.graphs:
         stage(f"comparing {graph.file} on {options.provider}")
+        if shared:  # a case is a whole request: the past is what the graph wrote, not a fed one
+            report.outputs += shared_kv_checks(reference, session, graph, options.seed, atol, rtol,
+                                               options.provider if reference.mode.graph_defaults else None,
+                                               provider_options)
+            continue
         for index, (case, feeds) in enumerate(reference.cases(graph, options.seed)):
             for label, rows in reference.scenarios(len(feeds["input_ids"]), index):
                 got = session.run(feeds, graph=graph.key, adapters=reference.ort_rows(rows), outputs=graph.outputs)

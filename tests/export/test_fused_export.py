@@ -25,35 +25,15 @@ PREFIX = "base_model.model."
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A tiny llama with head size 16 (ORT's CPU GroupQueryAttention needs a multiple of 16) and an adapter."""
-    from ia3_export.core.config import IA3Config
-    from ia3_export.core.loading import load_base_model
-    from ia3_export.core.model import IA3Model
-    from ia3_export.examples.tiny import randomize_adapter, save_tiny
-
-    root = tmp_path_factory.mktemp("fused")
-    model = save_tiny(str(root / "model"), "llama", hidden_size=64)
-    ia3 = IA3Model(load_base_model(model), IA3Config())
-    randomize_adapter(ia3, "default", seed=3)
-    return model, ia3.save_adapter(str(root / "ad")), root
+def llama(fused_llama):
+    """(model, adapter, root): conftest's tiny llama with head size 16 and its adapter."""
+    return fused_llama
 
 
 @pytest.fixture(scope="module")
-def exports(llama):
-    """mode -> exported folder (built once per module)."""
-    from ia3_export.export import export_model
-
-    model, adapter, root = llama
-    made = {}
-
-    def make(mode: str) -> str:
-        if mode not in made:
-            made[mode] = str(root / mode)
-            export_model(model, made[mode], mode=mode, adapters=[adapter], graph="fused")
-        return made[mode]
-
-    return make
+def exports(fused_exports):
+    """mode -> exported folder (conftest's, built once per session)."""
+    return fused_exports
 
 
 def peft_logits(model_dir: str, adapter: str | None, ids: np.ndarray, merge: bool = False) -> np.ndarray:
