@@ -18,7 +18,7 @@ import numpy as np
 
 from ..compare import compare_rows, row_index, row_keep
 from ..formats.manifest import ADAPTER_IDS
-from ..runtime.generation import _decoder_logits, empty_cache, position_ids
+from ..runtime.generation import decoder_logits, empty_cache, position_ids
 from ..runtime.session import Graph
 from .report import OutputCheck
 
@@ -77,7 +77,7 @@ def _generation_runs(session, adapters, prompts, fed: np.ndarray, graph, expecte
     prefill's last positions and each decode step. The feeds each run saw (one new token per row after
     the prompt, the mask one column wider per step) say, by the right-padding rule, which position it computed."""
     lengths, width = np.array([len(p) for p in prompts]), max(map(len, prompts))
-    loop = _decoder_logits(session, prompts, adapters, fed.shape[1] + 1)
+    loop = decoder_logits(session, prompts, adapters, fed.shape[1] + 1)
     try:
         logits = next(loop)
         for step in range(fed.shape[1] + 1):

@@ -151,7 +151,7 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
                        "needs a causal-lm or seq2seq-lm export")
     steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq)
     rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
-    loop = _seq2seq_logits if seq2seq else _decoder_logits
+    loop = _seq2seq_logits if seq2seq else decoder_logits
     return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
 
 
@@ -316,7 +316,7 @@ class _Sequence:
         return self.mask[:, :self.length]
 
 
-def _decoder_logits(session, prompts, adapters, steps):
+def decoder_logits(session, prompts, adapters, steps):
     """Yields last-position logits; receives each step's tokens. Validation, adapter binding and the
     buffers happen once per request (`IA3Session.step_run`); a decode step writes the new token and
     position in place, binds the grown mask view and, in the concat layout, the previous step's

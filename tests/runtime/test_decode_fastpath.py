@@ -103,10 +103,10 @@ def test_builder_graph_logits_match_transformers_at_every_step(builder_export):
     from transformers import AutoModelForCausalLM
 
     from ia3_export.runtime import IA3Session
-    from ia3_export.runtime.generation import _decoder_logits
+    from ia3_export.runtime.generation import decoder_logits
 
     prompt, follow = [5, 6, 7, 8, 9, 10], [30, 31, 32, 33, 34, 35, 36]
-    loop = _decoder_logits(IA3Session(builder_export["folder"]), [prompt], None, len(follow) + 1)
+    loop = decoder_logits(IA3Session(builder_export["folder"]), [prompt], None, len(follow) + 1)
     got = [next(loop).copy()] + [loop.send([t]).copy() for t in follow]  # a step's logits live until the next send
     model = AutoModelForCausalLM.from_pretrained(builder_export["hf_merged"]).eval()
     with torch.no_grad():
