@@ -112,9 +112,10 @@ def validate_with_genai(folder: str, manifest: dict) -> str | None:
         params.set_search_options(do_sample=False, max_length=len(prompt) + steps)
         generator = og.Generator(model, params)
         generator.append_tokens([prompt])
+        theirs = []  # each chosen token: get_sequence leaves out the EOS that ends the run
         while not generator.is_done():
             generator.generate_next_token()
-        theirs = list(generator.get_sequence(0))[len(prompt):]
+            theirs.append(int(generator.get_next_tokens()[0]))
     except Exception as e:  # genai raises bare RuntimeErrors
         raise CheckFailed(f"{folder}: onnxruntime-genai {og.__version__} cannot serve this export "
                           f"({str(e).splitlines()[0][:300]})") from None
