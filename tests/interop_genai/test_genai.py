@@ -26,16 +26,19 @@ def path(*parts):
 
 
 def genai_greedy(model, prompt_ids, adapters=None, name=None) -> list[int]:
-    """onnxruntime-genai's greedy tokens after the prompt (it stops after EOS, which it keeps)."""
+    """onnxruntime-genai's greedy tokens after the prompt, EOS included (get_sequence leaves out the EOS that
+    ends a run, so each chosen token is collected)."""
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt_ids) + EXPECTED["max_new_tokens"])
     generator = og.Generator(model, params)
     if adapters is not None:
         generator.set_active_adapter(adapters, name)
     generator.append_tokens([prompt_ids])
+    chosen = []
     while not generator.is_done():
         generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt_ids):]
+        chosen.append(int(generator.get_next_tokens()[0]))
+    return chosen
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
