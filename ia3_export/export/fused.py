@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import IA3Error
-from ..core.loading import copy_side_files, read_model_config
+from ..core.loading import copy_side_files
 from ..formats.manifest import ADAPTER_IDS, KV_SHARED, vector_name
 from ..progress import stage
 from . import graph as onnx_graph
@@ -72,6 +72,7 @@ class BuilderGraphs:
 
     def check(self, strategy, config: dict, task, dtype: str) -> None:
         """Refuse, before any work, what the builder cannot make or this factory cannot validate."""
+        self.config = config  # the model's config.json, read by `make` and `manifest_fields`
         if strategy.fused_refusal:
             raise IA3Error(strategy.fused_refusal)
         if dtype != "fp32":
@@ -110,7 +111,7 @@ class BuilderGraphs:
         model = onnx_graph.load(path)
         if part is not None and part.paths:
             stage("placing the IA3 vectors on the fused graph")
-            place_vectors(model, part, read_model_config(ex.model_dir), bank=strategy.per_row)
+            place_vectors(model, part, self.config, bank=strategy.per_row)
         add_logits_to_keep(model)
         for stale in (GRAPH, GRAPH + ".data"):
             os.remove(os.path.join(tmp, stale))
@@ -132,7 +133,7 @@ class BuilderGraphs:
         """The builder as exporter, its opset, and the cache layout a runner needs (module doc)."""
         import onnxruntime_genai
 
-        max_length = read_model_config(ex.model_dir).get("max_position_embeddings")
+        max_length = self.config.get("max_position_embeddings")
         return {"exporter": f"onnxruntime-genai-builder {BUILDER_VERSION}", "opset": self.opset,
                 "cache": {"kv_layout": KV_SHARED, "max_length": max_length, "position_ids": False},
                 "versions": {"onnxruntime_genai": onnxruntime_genai.__version__}}

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import IA3Error
+from ..dtypes import of_ort
 from ..formats.manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED
 
 PAST, PRESENT = "past_key_values", "present"
@@ -389,8 +390,7 @@ def _full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) 
 
 def _numpy_type(graph, output: str):
     """numpy type of a graph output, from ORT's type string ("tensor(float)")."""
-    kind = next(o.type for o in graph.session.get_outputs() if o.name == output)
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}[kind]
+    return of_ort(next(o.type for o in graph.session.get_outputs() if o.name == output)).np
 
 
 def _eos(folder, options: GenerationOptions) -> set[int]:

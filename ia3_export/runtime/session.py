@@ -116,11 +116,15 @@ class Graph:
         binding.clear_binding_outputs()
         for name in outputs:
             binding.bind_output(name, *self.device)
+        self.run_binding(binding)
+        return dict(zip(outputs, binding.get_outputs()))
+
+    def run_binding(self, binding) -> None:
+        """Run on a bound IOBinding; ONNX Runtime's failure becomes one line."""
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:
             raise IA3Error(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
-        return dict(zip(outputs, binding.get_outputs()))
 
 
 @dataclasses.dataclass
@@ -181,13 +185,8 @@ class StepRun:
                 else:
                     binding.bind_ortvalue_output(name, value)
             self._rebind = any(v is None for v in self.outputs.values())
-        try:
-            with self._hold():
-                self.graph.session.run_with_iobinding(binding)
-        except IA3Error:
-            raise
-        except Exception as e:
-            raise IA3Error(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
+        with self._hold():
+            self.graph.run_binding(binding)
         if not self._rebind:
             return self.outputs  # every output was bound to a value ORT wrote into: no wrappers to build
         return dict(zip(self.outputs, binding.get_outputs()))
