@@ -89,16 +89,16 @@ def fused_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fused_exports(fused_llama):
-    """fused_exports(mode) -> the `--graph fused` export of `fused_llama` (built once per session)."""
+    """fused_exports(mode, dtype) -> the `--graph fused` export of `fused_llama` (built once per session)."""
     from ia3_export.export import export_model
 
     model, adapter, root = fused_llama
     made = {}
 
-    def make(mode: str) -> str:
-        if mode not in made:
-            made[mode] = str(root / mode)
-            export_model(model, made[mode], mode=mode, adapters=[adapter], graph="fused")
-        return made[mode]
+    def make(mode: str, dtype: str = "fp32") -> str:
+        if (mode, dtype) not in made:
+            made[mode, dtype] = str(root / f"{mode}-{dtype}")
+            export_model(model, made[mode, dtype], mode=mode, adapters=[adapter], graph="fused", dtype=dtype)
+        return made[mode, dtype]
 
     return make

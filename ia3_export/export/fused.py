@@ -1,7 +1,8 @@
 """`--graph fused`: the export pipeline's graph made by onnxruntime-genai's model builder.
 
 `BuilderGraphs` is the graph factory `export_model(..., graph="fused")` uses instead of tracing:
-`model.onnx` is the graph of `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` (fused
+`model.onnx` is the graph of `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` (`--dtype fp16`:
+`-p fp16 -e cuda`, see `BUILDS`) (fused
 q/k/v MatMul, ORT's `GroupQueryAttention` with rotary embeddings, a KV cache buffer shared between
 past and present), with the IA3 vectors placed by graph edits on the builder's named nodes. The
 mode decides, through its traits, what the builder is given and what is placed:
@@ -46,9 +47,10 @@ import sys
 import numpy as np
 import torch
 
+from ..dtypes import DTYPES, numpy_dtype, of_ort
 from ..errors import IA3Error
 from ..core.loading import copy_side_files
-from ..formats.manifest import ADAPTER_IDS, KV_SHARED, vector_name
+from ..formats.manifest import ADAPTER_IDS, KV_SHARED, LOGITS_TO_KEEP, vector_name
 from ..progress import stage
 from . import graph as onnx_graph
 from .genai import CONFIG_NAME, GENAI_TASK, TOKENIZER_FILES, unsupported
@@ -56,9 +58,13 @@ from .reference import running
 from .validate import compare_outputs, cpu_session, raise_on_failure
 
 BUILDER_VERSION = "0.18.0"
+# export dtype -> the builder's (precision, execution provider). fp16 is the builder's CUDA graph: for
+# -e cpu it makes fp16 graphs without GroupQueryAttention or the shared buffer (MultiHeadAttention,
+# position_ids, Concat caches); its CUDA graph runs on ONNX Runtime's CPU kernels too (GQA has fp16 there),
+# which is how export validation and parity check it on a machine without a GPU.
+BUILDS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
 FUSED_TYPES = ("llama", "mistral", "qwen2")  # what the builder builds and tests/export/test_fused_export.py checks
 GRAPH = "model.onnx"
-LOGITS_TO_KEEP = "logits_to_keep"
 _ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj")
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 _BUILDER_BLOCKS = {"self_attn": "attn", "mlp": "mlp"}
@@ -75,9 +81,9 @@ class BuilderGraphs:
         self.config = config  # the model's config.json, read by `make` and `manifest_fields`
         if strategy.fused_refusal:
             raise IA3Error(strategy.fused_refusal)
-        if dtype != "fp32":
-            raise IA3Error(f"--graph fused is fp32 only (onnxruntime-genai's builder makes fp16 graphs for CUDA), "
-                           f"not {dtype}; use --graph traced for fp16")
+        if dtype not in BUILDS:
+            raise IA3Error(f"--graph fused makes {' or '.join(BUILDS)} graphs, not {dtype}; use --graph traced")
+        self.dtype = dtype
         if self.quantize is not None:
             raise IA3Error("--quantize does not combine with --graph fused; use --graph traced")
         if self.exporter != "torchscript":
@@ -106,12 +112,12 @@ class BuilderGraphs:
             source = os.path.join(work, "folded")
             hf_model.save_pretrained(source)
             copy_side_files(ex.model_dir, source)
-        run_builder(source, tmp, os.path.join(work, "cache"))
+        run_builder(source, tmp, os.path.join(work, "cache"), *BUILDS[self.dtype])
         path = os.path.join(tmp, GRAPH)
         model = onnx_graph.load(path)
         if part is not None and part.paths:
             stage("placing the IA3 vectors on the fused graph")
-            place_vectors(model, part, self.config, bank=strategy.per_row)
+            place_vectors(model, part, self.config, bank=strategy.per_row, dtype=self.dtype)
         add_logits_to_keep(model)
         for stale in (GRAPH, GRAPH + ".data"):
             os.remove(os.path.join(tmp, stale))
@@ -159,12 +165,12 @@ def require_builder() -> None:
                        f"edited), found {onnxruntime_genai.__version__}; pip install onnxruntime-genai=={BUILDER_VERSION}")
 
 
-def run_builder(model_dir: str, out_dir: str, cache_dir: str) -> None:
+def run_builder(model_dir: str, out_dir: str, cache_dir: str, precision: str = "fp32", provider: str = "cpu") -> None:
     """`python -m onnxruntime_genai.models.builder` in a subprocess of this interpreter (its Python API
     needs the CLI's own option parsing first); its chatter is kept and shown only on failure."""
-    stage(f"building the fused graph with onnxruntime-genai {BUILDER_VERSION}'s model builder")
+    stage(f"building the fused graph with onnxruntime-genai {BUILDER_VERSION}'s model builder ({precision}, {provider})")
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_dir, "-o", out_dir,
-               "-p", "fp32", "-e", "cpu", "-c", cache_dir]
+               "-p", precision, "-e", provider, "-c", cache_dir]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not os.path.isfile(os.path.join(out_dir, GRAPH)):
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
@@ -177,8 +183,8 @@ class _Edits:
     """New nodes for one graph: `prelude` (reading only graph inputs) goes first, each Mul right
     before the node it feeds, so the node list stays topologically sorted."""
 
-    def __init__(self, model, bank: bool):
-        self.model, self.bank = model, bank
+    def __init__(self, model, bank: bool, dtype: str = "fp32"):
+        self.model, self.bank, self.dtype = model, bank, dtype
         self.prelude, self.before = [], {}  # before: id(node) -> new nodes placed before it
         self.count = 0
 
@@ -213,7 +219,7 @@ class _Edits:
         if not before and not after:
             return tensor
         pads = self.constant(np.array([before, after], np.int64), "pads")
-        one = self.constant(np.array(1.0, np.float32), "one")
+        one = self.constant(np.array(1.0, numpy_dtype(self.dtype)), "one")
         return self.node("Pad", [tensor, pads, one, self.constant(np.array([-1], np.int64), "axes")], "padded")
 
     def scale_edge(self, node, index: int, factor: str) -> None:
@@ -229,19 +235,19 @@ class _Edits:
         self.model.graph.node.extend(nodes)
 
 
-def place_vectors(model, part, config: dict, bank: bool) -> None:
+def place_vectors(model, part, config: dict, bank: bool, dtype: str = "fp32") -> None:
     """One graph input per IA3 vector of `part` (wrappers.VectorInputs) and the Muls that apply it;
     with `bank`, `[num_adapters, dim]` inputs gathered by `adapter_ids` (an input right after the base ones)."""
     from onnx import TensorProto, helper
 
     nodes = {n.name: n for n in model.graph.node}
-    edits = _Edits(model, bank)
+    edits = _Edits(model, bank, dtype)
     base_inputs = list(model.graph.input)
     attention: dict[int, dict[str, str]] = {}
     for path in part.paths:
         name, dim = vector_name(path), part.dims[path]
-        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["num_adapters", dim] if bank else [dim]))
-        onnx_graph.add_overridable_ones(model, name, (1, dim) if bank else (dim,), "fp32")
+        model.graph.input.append(helper.make_tensor_value_info(name, DTYPES[dtype].onnx, ["num_adapters", dim] if bank else [dim]))
+        onnx_graph.add_overridable_ones(model, name, (1, dim) if bank else (dim,), dtype)
         match = _ATTENTION.fullmatch(path)
         if match and not part.feedforward[path]:
             attention.setdefault(int(match.group(1)), {})[match.group(2)] = name
@@ -354,7 +360,7 @@ def run_cached(session, ids: np.ndarray, previous: dict | None, extra: dict, kv_
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             if previous is None:
-                feeds[i.name] = np.zeros((len(ids), kv_shape[0], 0, kv_shape[1]), np.float32)
+                feeds[i.name] = np.zeros((len(ids), kv_shape[0], 0, kv_shape[1]), of_ort(i.type).np)
             else:
                 feeds[i.name] = previous[i.name.replace("past_key_values.", "present.")]
             past = feeds[i.name].shape[2]

@@ -106,7 +106,9 @@ def validate_with_genai(folder: str, manifest: dict) -> str | None:
         return None
     prompt, steps = [5, 6, 7, 8], 4
     try:
-        model = og.Model(folder)
+        config = og.Config(folder)
+        config.clear_providers()  # the CPU, like our runtime here (an fp16 export's config names CUDA)
+        model = og.Model(config)
         og.Tokenizer(model)
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=len(prompt) + steps)

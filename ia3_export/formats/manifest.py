@@ -26,6 +26,7 @@ REQUIRED_KEYS = ("format", "format_version", "mode", "task", "model_type", "dtyp
 # Graph contract names shared by the export (which writes them) and the runtime (which feeds them).
 VECTOR_SUFFIX = ".ia3_l"  # a vector input is its module path + PEFT's parameter name
 ADAPTER_IDS = "adapter_ids"  # a bank export's per-row adapter index, [batch] int64
+LOGITS_TO_KEEP = "logits_to_keep"  # a fused graph's [1] int64: the LM head on the last k positions (0: all)
 FOLD_GRAPH = "fold"  # a foldswap export's fold graph: vectors in, folded weights out
 FOLD_FILE = "fold.onnx"
 # How a decoder graph keeps its KV cache (cache.kv_layout): present = past + this step in a new buffer

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..dtypes import of_ort
-from ..formats.manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED
+from ..formats.manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED, LOGITS_TO_KEEP
 
 PAST, PRESENT = "past_key_values", "present"
 
@@ -295,15 +295,20 @@ class _Sequence:
     def total(self) -> int:
         return self.ids.shape[1]
 
-    def prompt(self, with_positions: bool) -> dict:
+    def prompt(self, with_positions: bool, keep_logits: bool = False) -> dict:
+        """The prefill's feeds. `keep_logits` (a graph with `logits_to_keep`): the LM head runs on the last
+        columns only, as few as still hold every row's last prompt token (1 unless right-padded rows differ)."""
         feeds = {"input_ids": self.ids[:, :self.length], "attention_mask": self.mask[:, :self.length]}
         if with_positions:
             feeds["position_ids"] = position_ids(feeds["attention_mask"])
+        if keep_logits:
+            feeds[LOGITS_TO_KEEP] = np.array([self.length - int(self.ends.min()) + 1], np.int64)
         return feeds
 
     def last(self, logits: np.ndarray) -> np.ndarray:
-        """Each row's logits at its last prompt token, from the prompt's [batch, length, vocab]."""
-        return logits[self.rows, self.ends - 1]
+        """Each row's logits at its last prompt token, from the prompt's [batch, kept columns, vocab]
+        (the last `kept` of the prompt's columns)."""
+        return logits[self.rows, self.ends - 1 - (self.length - logits.shape[1])]
 
     def push(self, tokens) -> None:
         """Append one token per row; `token` now holds it."""
@@ -332,7 +337,8 @@ def decoder_logits(session, prompts, adapters, steps):
         yield from _uncached_logits(session, seq, adapters, steps, with_positions)
         return
     cache = _cache_names(graph)
-    feeds = seq.prompt(with_positions)
+    keep_logits = LOGITS_TO_KEEP in graph.initializer_inputs  # a fused graph's; a step's 1 column is kept by any k
+    feeds = seq.prompt(with_positions, keep_logits)
     if layout == KV_SHARED:
         kv = {name: graph.to_device(a) for name, a in
               _full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}

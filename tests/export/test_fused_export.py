@@ -97,6 +97,28 @@ def test_merged_is_the_builder_graph_and_matches_peft_merged(llama, exports):
     assert not base.passed  # the adapter really is folded in
 
 
+def test_fp16_is_the_builders_cuda_graph_and_matches_peft_within_the_fp16_bound(llama, exports):
+    """--dtype fp16: the builder's CUDA graph (GroupQueryAttention, shared buffer; its CPU fp16 graph has
+    neither), fp16 vector inputs, and logits that match PEFT's float64 model within fp16's bound, not fp32's."""
+    import onnx
+
+    model, adapter, _ = llama
+    folder = exports("swappable", "fp16")
+    graph = onnx.load(os.path.join(folder, "model.onnx")).graph
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2
+    types = {i.name: i.type.tensor_type.elem_type for i in [*graph.input, *graph.output]}
+    vectors = adapter_vectors(adapter)
+    assert {types[name] for name in vectors} == {types["logits"]} == {onnx.TensorProto.FLOAT16}
+    genai = json.load(open(os.path.join(folder, "genai_config.json")))
+    assert "cuda" in genai["model"]["decoder"]["session_options"]["provider_options"][0]
+    assert genai["search"]["past_present_share_buffer"] is True
+    got = prefill_and_step(session(folder), IDS, {k: v.astype(np.float16) for k, v in vectors.items()})
+    want = peft_logits(model, adapter, IDS)
+    fp16 = tolerance("cpu", "fp16")
+    assert compare("logits", want, got, fp16.atol, fp16.rtol).passed
+    assert not compare("logits", want, got, TOL.atol, TOL.rtol).passed  # the fp16 error is real
+
+
 def test_swappable_fuses_k_and_v_into_one_mul_and_matches_peft(llama, exports):
     model, adapter, _ = llama
     folder = exports("swappable")
@@ -180,7 +202,6 @@ def test_unsupported_models_are_refused_before_building(tmp_path, model_type, ov
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"dtype": "fp16"}, "fp32 only"),
     ({"quantize": "int4"}, "--quantize does not combine with --graph fused"),
     ({"exporter": "dynamo"}, "drop --exporter dynamo"),
     ({"task": "text-generation"}, "not text-generation;"),

@@ -97,6 +97,24 @@ def test_builder_graph_generates_what_transformers_generates(builder_export):
     assert got == peft_greedy(builder_export["base"], builder_export["adapter"], prompts, 16)
 
 
+def test_prefill_runs_the_lm_head_on_the_columns_that_hold_a_last_prompt_token(builder_export, monkeypatch):
+    """`logits_to_keep` in the prefill: 1 when the rows end together; with right-padded rows of lengths 6,
+    2, 3 the last 6 - 2 + 1 = 5 columns (row 1's last token is column 1 of 6). The tokens stay PEFT's."""
+    from ia3_export.runtime import IA3Session
+    from ia3_export.runtime.generation import GenerationOptions, generate_ids
+
+    kept = []
+    step_run = IA3Session.step_run
+    monkeypatch.setattr(IA3Session, "step_run", lambda self, graph, adapters, feeds: (
+        kept.append(feeds["logits_to_keep"].tolist()), step_run(self, graph, adapters, feeds))[1])
+    s = IA3Session(builder_export["folder"])
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41], [7, 8, 9]]
+    got = generate_ids(s, prompts, None, GenerationOptions(max_new_tokens=8))
+    assert kept == [[5]]
+    assert got == peft_greedy(builder_export["base"], builder_export["adapter"], prompts, 8)
+    assert generate_ids(s, prompts[:1], None, GenerationOptions(max_new_tokens=8)) == got[:1] and kept[-1] == [1]
+
+
 def test_builder_graph_logits_match_transformers_at_every_step(builder_export):
     """The logits each step yields, fed transformers' own tokens, match the merged model's logits in fp32."""
     import torch
