@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The CUDA parity matrix: every tiny architecture x merged, swappable, bank x fp32 (TF32 on and
-off) and fp16, on ONNX Runtime's CUDAExecutionProvider, against the float64 PyTorch reference.
+off) and fp16, on ONNX Runtime's CUDAExecutionProvider, against the float64 PyTorch reference; and
+the same for `--graph fused` exports (onnxruntime-genai's builder: llama, mistral, qwen2 with head
+size 16; the fp16 one is the builder's CUDA graph) where --prepare has the builder installed.
 
 Two steps, because the GPU machine may lack what exporting needs (onnxscript, this torch):
 
@@ -34,6 +36,7 @@ sys.path.insert(0, ROOT)  # the GPU machine runs from a copy of the repo, not an
 
 MODES = ("merged", "swappable", "bank")
 DTYPES = ("fp32", "fp16")
+GRAPHS = ("traced", "fused")
 MATRIX_FILE = "matrix.json"
 
 
@@ -44,8 +47,8 @@ def architectures() -> list[str]:
 
 
 # -- --prepare (CPU machine) ------------------------------------------------------------------
-def prepare(folder: str, archs: list[str], modes: list[str], dtypes: list[str]) -> list[dict]:
-    """Tiny model + two adapters per architecture, then every export; failures are recorded, not fatal."""
+def prepare(folder: str, archs: list[str], modes: list[str], dtypes: list[str], graphs: list[str]) -> list[dict]:
+    """Tiny model + two adapters per architecture (and graph), then every export; failures are recorded, not fatal."""
     import torch
 
     from ia3_export.core.config import IA3Config
@@ -54,17 +57,19 @@ def prepare(folder: str, archs: list[str], modes: list[str], dtypes: list[str]) 
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
     from ia3_export.examples.tiny import randomize_adapter, save_tiny
+    from ia3_export.export.fused import FUSED_TYPES
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     os.makedirs(folder, exist_ok=True)
     entries = []
-    for arch in archs:
-        model_dir = os.path.join(folder, "models", arch)
+    for arch, graph in [(a, g) for a in archs for g in graphs if g == "traced" or a in FUSED_TYPES]:
+        name = arch if graph == "traced" else f"{arch}-h64"  # the fused graph's CPU kernel: head size 16
+        model_dir = os.path.join(folder, "models", name)
         if not os.path.isdir(model_dir):
-            save_tiny(model_dir, arch)
+            save_tiny(model_dir, arch, **({} if graph == "traced" else {"hidden_size": 64}))
         adapters = []
         for seed in (1, 2):
-            path = os.path.join(folder, "adapters", f"{arch}-a{seed}")
+            path = os.path.join(folder, "adapters", f"{name}-a{seed}")
             if not os.path.isdir(path):
                 ia3 = IA3Model(load_base_model(model_dir), IA3Config())
                 randomize_adapter(ia3, "default", seed=seed)
@@ -73,19 +78,20 @@ def prepare(folder: str, archs: list[str], modes: list[str], dtypes: list[str]) 
         for mode in modes:
             for dtype in dtypes:
                 used = adapters[:1] if mode == "merged" else adapters
-                out = os.path.join(folder, "exports", f"{arch}-{mode}-{dtype}")
-                entry = {"arch": arch, "mode": mode, "dtype": dtype, "model": rel(model_dir, folder),
+                out = os.path.join(folder, "exports", f"{arch}-{mode}-{dtype}" + ("-fused" if graph == "fused" else ""))
+                entry = {"arch": arch, "graph": graph, "mode": mode, "dtype": dtype, "model": rel(model_dir, folder),
                          "adapters": [rel(a, folder) for a in used], "export": rel(out, folder), "error": None}
                 start = time.perf_counter()
                 try:
-                    export_model(model_dir, out, mode=mode, adapters=used, dtype=dtype, force=True)
+                    export_model(model_dir, out, mode=mode, adapters=used, dtype=dtype, graph=graph, force=True)
                 except (IA3Error, RuntimeError, ValueError) as e:
                     entry["error"] = f"export failed: {str(e).splitlines()[0][:300]}"
-                print(f"{arch:9s} {mode:9s} {dtype}: {entry['error'] or 'exported'} ({time.perf_counter() - start:.1f} s)",
+                print(f"{arch:9s} {graph:6s} {mode:9s} {dtype}: {entry['error'] or 'exported'} "
+                      f"({time.perf_counter() - start:.1f} s)",
                       flush=True)
                 entries.append(entry)
-    done = {(e["arch"], e["mode"], e["dtype"]) for e in entries}  # a re-prepared subset replaces its rows only
-    kept = [e for e in read_matrix(folder) if (e["arch"], e["mode"], e["dtype"]) not in done]
+    done = {key(e) for e in entries}  # a re-prepared subset replaces its rows only
+    kept = [e for e in read_matrix(folder) if key(e) not in done]
     with open(os.path.join(folder, MATRIX_FILE), "w", encoding="utf-8") as f:
         json.dump({"entries": sorted(kept + entries, key=matrix_order)}, f, indent=2)
     with tarfile.open(archive_path(folder), "w:xz") as tar:
@@ -101,10 +107,16 @@ def read_matrix(folder: str) -> list[dict]:
         return json.load(f)["entries"]
 
 
+def key(entry: dict) -> tuple[str, str, str, str]:
+    """One export of the matrix (rows of a matrix prepared before the graph column are traced)."""
+    return entry["arch"], entry.get("graph", "traced"), entry["mode"], entry["dtype"]
+
+
 def matrix_order(entry: dict) -> tuple:
     archs = architectures()
     arch = archs.index(entry["arch"]) if entry["arch"] in archs else len(archs)
-    return arch, entry["arch"], MODES.index(entry["mode"]), DTYPES.index(entry["dtype"])
+    _, graph, mode, dtype = key(entry)
+    return arch, entry["arch"], GRAPHS.index(graph), MODES.index(mode), DTYPES.index(dtype)
 
 
 def archive_path(folder: str) -> str:
@@ -133,7 +145,7 @@ def run_entry(folder: str, entry: dict, provider: str, steps: int) -> list[dict]
     """One export, every TF32 variant: a result row each (runs in a worker process)."""
     rows = []
     for tf32 in variants(provider, entry["dtype"]):
-        row = {k: entry[k] for k in ("arch", "mode", "dtype")} | {"provider": provider, "tf32": tf32}
+        row = dict(zip(("arch", "graph", "mode", "dtype"), key(entry))) | {"provider": provider, "tf32": tf32}
         start = time.perf_counter()
         if entry.get("error"):
             rows.append(row | {"passed": False, "error": entry["error"], "seconds": 0.0})
@@ -168,11 +180,12 @@ def _worker_init(provider: str) -> None:
             onnxruntime.preload_dlls()  # CUDA 13 / cuDNN 9 from the torch wheel, before any CUDA session
 
 
-def run(folder: str, provider: str, out: str, workers: int, steps: int, archs, modes, dtypes) -> int:
+def run(folder: str, provider: str, out: str, workers: int, steps: int, archs, modes, dtypes, graphs) -> int:
     if folder.endswith(".tar.xz"):
         with tempfile.TemporaryDirectory(prefix="gpu-parity-") as tmp:
-            return run(unpack(folder, tmp), provider, out, workers, steps, archs, modes, dtypes)
-    entries = [e for e in read_matrix(folder) if e["arch"] in archs and e["mode"] in modes and e["dtype"] in dtypes]
+            return run(unpack(folder, tmp), provider, out, workers, steps, archs, modes, dtypes, graphs)
+    entries = [e for e in read_matrix(folder) if e["arch"] in archs and key(e)[1] in graphs and e["mode"] in modes
+               and e["dtype"] in dtypes]
     start = time.perf_counter()
     rows = []
     os.makedirs(out, exist_ok=True)
@@ -181,11 +194,11 @@ def run(folder: str, provider: str, out: str, workers: int, steps: int, archs, m
         rows.append(row)
         partial.write(json.dumps({k: v for k, v in row.items() if k != "report"}, default=str) + "\n")
         partial.flush()
-        print(f"{'ok  ' if row['passed'] else 'FAIL'} {row['arch']:9s} {row['mode']:9s} {row['dtype']} "
+        print(f"{'ok  ' if row['passed'] else 'FAIL'} {row['arch']:9s} {row['graph']:6s} {row['mode']:9s} {row['dtype']} "
               f"tf32={row['tf32']}: {row.get('error') or row['summary']}", flush=True)
     partial.close()
-    order = {(a, m, d): i for i, (a, m, d) in enumerate((e["arch"], e["mode"], e["dtype"]) for e in entries)}
-    rows.sort(key=lambda r: (order[(r["arch"], r["mode"], r["dtype"])], r["tf32"] is False))
+    order = {key(e): i for i, e in enumerate(entries)}
+    rows.sort(key=lambda r: (order[key(r)], r["tf32"] is False))
     environment = _environment(provider)
     result = {"environment": environment, "seconds": round(time.perf_counter() - start, 1),
               "passed": all(r["passed"] for r in rows), "rows": rows}
@@ -243,7 +256,8 @@ def markdown(result: dict) -> str:
             verdict = "pass" if r["passed"] else "FAIL: " + (r["failures"][0][:120] if r["failures"] else "")
             max_abs, tol = f"{r['max_abs']:.2e}", f"{r['atol']:g} / {r['rtol']:g}"
             greedy = f"{r['greedy_identical']}/{r['greedy']}" if r["greedy"] else "-"
-        lines.append(f"| {r['arch']} | {r['mode']} | {r['dtype']} | {tf32} | {verdict.replace('|', '/')} | {max_abs} | "
+        arch = r["arch"] if r["graph"] == "traced" else f"{r['arch']} (fused)"
+        lines.append(f"| {arch} | {r['mode']} | {r['dtype']} | {tf32} | {verdict.replace('|', '/')} | {max_abs} | "
                      f"{tol} | {greedy} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
@@ -263,16 +277,19 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", action="append", help="only these architectures (repeatable)")
     parser.add_argument("--mode", action="append", choices=MODES, help="only these modes (repeatable)")
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (repeatable)")
+    parser.add_argument("--graph", action="append", choices=GRAPHS,
+                        help="only these graphs (repeatable; fused: llama, mistral, qwen2, needs onnxruntime-genai)")
     args = parser.parse_args(argv)
     archs, modes, dtypes = args.arch or architectures(), args.mode or list(MODES), args.dtype or list(DTYPES)
+    graphs = args.graph or list(GRAPHS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.prepare:
-        entries = prepare(args.prepare, archs, modes, dtypes)
+        entries = prepare(args.prepare, archs, modes, dtypes, graphs)
         failed = [e for e in entries if e["error"]]
         print(f"prepared {len(entries) - len(failed)}/{len(entries)} exports in {args.prepare} and "
               f"{archive_path(args.prepare)}")
         return 0
-    return run(args.run, args.provider, args.out, max(0, args.workers), args.steps, archs, modes, dtypes)
+    return run(args.run, args.provider, args.out, max(0, args.workers), args.steps, archs, modes, dtypes, graphs)
 
 
 if __name__ == "__main__":

@@ -195,15 +195,20 @@ def test_gpu_script_prepare_and_cpu_run(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     matrix, out = str(tmp_path / "matrix"), str(tmp_path / "out")
-    assert script.main(["--prepare", matrix, "--arch", "gpt2", "--mode", "bank", "--dtype", "fp16"]) == 0
+    fused = importlib.util.find_spec("onnxruntime_genai") is not None  # the builder makes the fused graph
+    assert script.main(["--prepare", matrix, "--arch", "gpt2", "--mode", "bank", "--dtype", "fp16"]
+                       + (["--arch", "llama", "--graph", "traced", "--graph", "fused"] if fused else [])) == 0
     archive = matrix + ".tar.xz"  # what travels to the GPU machine
     assert script.main(["--run", archive, "--provider", "cpu", "--out", out, "--workers", "0", "--steps", "2"]) == 0
     result = json.loads(open(os.path.join(out, "gpu_parity.json")).read())
-    (row,) = result["rows"]
-    assert row["passed"] and row["arch"] == "gpt2" and row["dtype"] == "fp16" and row["tf32"] is None
-    assert row["atol"] == tolerance("cpu", "fp16").atol and row["greedy_identical"] == row["greedy"] == 3
+    rows = {(r["arch"], r["graph"]): r for r in result["rows"]}
+    assert set(rows) == {("gpt2", "traced")} | ({("llama", "traced"), ("llama", "fused")} if fused else set())
+    for row in rows.values():
+        assert row["passed"] and row["dtype"] == "fp16" and row["tf32"] is None
+        assert row["atol"] == tolerance("cpu", "fp16").atol and row["greedy_identical"] == row["greedy"] > 0
     table = open(os.path.join(out, "gpu_parity.md")).read()
     assert "| gpt2 | bank | fp16 | - | pass |" in table
+    assert not fused or "| llama (fused) | bank | fp16 | - | pass |" in table
     # Without a GPU the CUDA run fails every row with the reason (exit 1), never passes.
     if not _has_cuda():
         assert script.main(["--run", matrix, "--out", out, "--workers", "0"]) == 1
