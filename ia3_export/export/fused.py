@@ -63,7 +63,11 @@ BUILDER_VERSION = "0.18.0"
 # position_ids, Concat caches); its CUDA graph runs on ONNX Runtime's CPU kernels too (GQA has fp16 there),
 # which is how export validation and parity check it on a machine without a GPU.
 BUILDS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
-FUSED_TYPES = ("llama", "mistral", "qwen2")  # what the builder builds and tests/export/test_fused_export.py checks
+# what the builder builds and tests/export/test_fused_export.py checks. Tried and left out (0.18.0): qwen3 (its
+# q/k norms sit between the projection and GroupQueryAttention, so a k vector there is normalised away: export
+# validation fails), gemma2 (sliding-window GroupQueryAttention needs a cache of at least the window from the
+# first run), phi3 (the builder refuses the tiny config).
+FUSED_TYPES = ("llama", "mistral", "qwen2", "gemma")
 GRAPH = "model.onnx"
 _ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj")
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")

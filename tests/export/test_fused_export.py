@@ -188,7 +188,8 @@ def test_bank_mixes_adapter_and_base_rows(llama, exports):
 
 
 @pytest.mark.parametrize("model_type, overrides, message", [
-    ("gpt2", {}, "supports llama, mistral, qwen2 decoders"),
+    ("gpt2", {}, "supports llama, mistral, qwen2, gemma decoders"),
+    ("qwen3", {"head_dim": 16}, "not 'qwen3'"),
     ("llama", {}, "multiple of 16"),
 ])
 def test_unsupported_models_are_refused_before_building(tmp_path, model_type, overrides, message):
@@ -252,16 +253,17 @@ def test_batched_prompts_must_be_right_padded(llama, exports):
     assert not results["left"].passed
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma"])
 def test_other_builder_decoders_swappable_match_peft(tmp_path, model_type):
-    """qwen2's q/k/v carry a bias (the tiny one a non-zero one): the k/v vectors must scale after it."""
+    """qwen2's q/k/v carry a bias (the tiny one a non-zero one): the k/v vectors must scale after it;
+    gemma scales its embeddings and ties its LM head (the tiny one's head size set to 16)."""
     from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
     from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
-    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64)
+    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16)
     ia3 = IA3Model(load_base_model(model), IA3Config())
     randomize_adapter(ia3, "default", seed=5)
     adapter = ia3.save_adapter(str(tmp_path / "ad"))
