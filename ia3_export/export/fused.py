@@ -63,11 +63,10 @@ BUILDER_VERSION = "0.18.0"
 # position_ids, Concat caches); its CUDA graph runs on ONNX Runtime's CPU kernels too (GQA has fp16 there),
 # which is how export validation and parity check it on a machine without a GPU.
 BUILDS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
-# what the builder builds and tests/export/test_fused_export.py checks. Tried and left out (0.18.0): qwen3 (its
-# q/k norms sit between the projection and GroupQueryAttention, so a k vector there is normalised away: export
-# validation fails), gemma2 (sliding-window GroupQueryAttention needs a cache of at least the window from the
-# first run), phi3 (the builder refuses the tiny config).
-FUSED_TYPES = ("llama", "mistral", "qwen2", "gemma")
+# what the builder builds and tests/export/test_fused_export.py checks. Tried and left out (0.18.0): gemma2
+# (sliding-window GroupQueryAttention needs a cache of at least the window from the first run), phi3 (the
+# builder refuses the tiny config).
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 GRAPH = "model.onnx"
 _ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj")
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
@@ -271,12 +270,15 @@ def place_vectors(model, part, config: dict, bank: bool, dtype: str = "fp32") ->
 
 
 def _place_attention(edits: _Edits, nodes: dict, layer: int, slots: dict[str, str], widths: dict[str, int]) -> None:
-    """q/k/v vectors of one layer: one Mul on the fused q/k/v input of its GroupQueryAttention, or
-    one Mul per separate q, k, v input where the builder did not fuse them."""
+    """q/k/v vectors of one layer: one Mul on the fused q/k/v projection's output where it feeds its
+    GroupQueryAttention (or the Split in front of the q/k norms, qwen3: a k vector after k_norm would be
+    normalised away), or one Mul per separate q, k, v input where the builder did not fuse them."""
     gqa = nodes.get(f"/model/layers.{layer}/attn/GroupQueryAttention")
     if gqa is None:
         raise IA3Error(f"the builder's graph has no GroupQueryAttention for layer {layer}; use --graph traced")
-    if len(gqa.input) > 1 and gqa.input[1]:  # separate query, key, value inputs
+    split = nodes.get(f"/model/layers.{layer}/attn/qkv_proj/Split")
+    packed = gqa if split is None else split  # the node whose input 0 is the fused projection's output
+    if split is None and len(gqa.input) > 1 and gqa.input[1]:  # separate query, key, value inputs
         for slot, vector in slots.items():
             edits.scale_edge(gqa, "qkv".index(slot), edits.row(vector))
         return
@@ -286,7 +288,7 @@ def _place_attention(edits: _Edits, nodes: dict, layer: int, slots: dict[str, st
         after = sum(widths[s] for s in "qkv"["qkv".index(slot) + 1:])
         padded = edits.padded(edits.row(vector), before, after)
         factor = padded if factor is None else edits.node("Mul", [factor, padded], "qkv_scale")
-    edits.scale_edge(gqa, 0, factor)
+    edits.scale_edge(packed, 0, factor)
 
 
 def _place_linear(edits: _Edits, nodes: dict, path: str, vector: str, feedforward: bool) -> None:

@@ -188,8 +188,8 @@ def test_bank_mixes_adapter_and_base_rows(llama, exports):
 
 
 @pytest.mark.parametrize("model_type, overrides, message", [
-    ("gpt2", {}, "supports llama, mistral, qwen2, gemma decoders"),
-    ("qwen3", {"head_dim": 16}, "not 'qwen3'"),
+    ("gpt2", {}, "supports llama, mistral, qwen2, qwen3, gemma decoders"),
+    ("gemma2", {"head_dim": 16}, "not 'gemma2'"),
     ("llama", {}, "multiple of 16"),
 ])
 def test_unsupported_models_are_refused_before_building(tmp_path, model_type, overrides, message):
@@ -253,10 +253,12 @@ def test_batched_prompts_must_be_right_padded(llama, exports):
     assert not results["left"].passed
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma"])
 def test_other_builder_decoders_swappable_match_peft(tmp_path, model_type):
     """qwen2's q/k/v carry a bias (the tiny one a non-zero one): the k/v vectors must scale after it;
-    gemma scales its embeddings and ties its LM head (the tiny one's head size set to 16)."""
+    qwen3 normalises q and k per head after the projection: the k vector must scale before that norm (on
+    the attention's input it is normalised away); gemma scales its embeddings and ties its LM head (the
+    tiny qwen3's and gemma's head size set to 16)."""
     from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
     from ia3_export.core.loading import load_base_model
