@@ -64,9 +64,8 @@ BUILDER_VERSION = "0.18.0"
 # which is how export validation and parity check it on a machine without a GPU.
 BUILDS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
 # what the builder builds and tests/export/test_fused_export.py checks. Tried and left out (0.18.0): gemma2
-# (sliding-window GroupQueryAttention needs a cache of at least the window from the first run), phi3 (the
-# builder refuses the tiny config).
-FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+# (sliding-window GroupQueryAttention needs a cache of at least the window from the first run).
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 GRAPH = "model.onnx"
 _ATTENTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj")
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")

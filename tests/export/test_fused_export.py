@@ -188,7 +188,7 @@ def test_bank_mixes_adapter_and_base_rows(llama, exports):
 
 
 @pytest.mark.parametrize("model_type, overrides, message", [
-    ("gpt2", {}, "supports llama, mistral, qwen2, qwen3, gemma decoders"),
+    ("gpt2", {}, "supports llama, mistral, qwen2, qwen3, gemma, phi3 decoders"),
     ("gemma2", {"head_dim": 16}, "not 'gemma2'"),
     ("llama", {}, "multiple of 16"),
 ])
@@ -253,19 +253,22 @@ def test_batched_prompts_must_be_right_padded(llama, exports):
     assert not results["left"].passed
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma"])
-def test_other_builder_decoders_swappable_match_peft(tmp_path, model_type):
+@pytest.mark.parametrize("model_type, overrides", [
+    ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("gemma", {}),
+    ("phi3", {"max_position_embeddings": 4096}),  # the original context, else the builder takes it for LongRoPE
+])
+def test_other_builder_decoders_swappable_match_peft(tmp_path, model_type, overrides):
     """qwen2's q/k/v carry a bias (the tiny one a non-zero one): the k/v vectors must scale after it;
     qwen3 normalises q and k per head after the projection: the k vector must scale before that norm (on
-    the attention's input it is normalised away); gemma scales its embeddings and ties its LM head (the
-    tiny qwen3's and gemma's head size set to 16)."""
+    the attention's input it is normalised away); gemma scales its embeddings and ties its LM head; phi3's
+    q/k/v are ONE module in transformers too (PEFT scales its whole output: one vector)."""
     from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
     from ia3_export.examples.tiny import randomize_adapter, save_tiny
 
-    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16)
+    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16, **overrides)
     ia3 = IA3Model(load_base_model(model), IA3Config())
     randomize_adapter(ia3, "default", seed=5)
     adapter = ia3.save_adapter(str(tmp_path / "ad"))
