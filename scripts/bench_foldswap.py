@@ -146,8 +146,8 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
                                   ("self_attn.v_proj", (s["kv"], s["hidden"]), False),
                                   ("mlp.down_proj", (s["hidden"], s["intermediate"]), True)):
             path = f"model.layers.{i}.{module}"
-            targets.append(FoldTarget(path, "model", ff, False, shape, False))
             dims[path] = shape[1] if ff else shape[0]
+            targets.append(FoldTarget.module(path, "model", ff, False, shape, False, dims[path]))
     segments, offset = [], 0
     itemsize = np.dtype(NP[dtype]).itemsize
 
@@ -160,7 +160,7 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
         offset += _aligned(length)
         return tensor
 
-    fold = build_fold_graph(targets, dims, dtype, 18, external)
+    fold = build_fold_graph(targets, dtype, 18, external)
     with open(os.path.join(folder, FOLD_FILE), "wb") as f:
         f.write(fold.SerializeToString())
     elem = DTYPES[dtype].onnx
@@ -172,12 +172,13 @@ def seven_b_folder(folder: str, dtype: str, layers: int = SEVEN_B["layers"]) -> 
                               [helper.make_tensor_value_info("shapes", TensorProto.INT64, [2 * len(weights)])])
     with open(os.path.join(folder, "model.onnx"), "wb") as f:
         f.write(helper.make_model(model, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString())
-    vectors = [{"name": f"{t.path}.ia3_l", "graph": "fold", "dim": dims[t.path], "feedforward": t.feedforward} for t in targets]
+    vectors = [{"name": f"{t.paths[0]}.ia3_l", "graph": "fold", "dim": dims[t.paths[0]], "feedforward": t.feedforward}
+               for t in targets]
     write_manifest(folder, new_manifest(
         mode="foldswap", task="feature-extraction", model_type="llama", dtype=dtype, opset=18, exporter="bench",
         graphs={"model": {"file": "model.onnx"}, "fold": {"file": FOLD_FILE}}, cache=None, vectors=vectors,
         adapters=[], tokens={}, versions={},
-        weights=[{"name": t.weight, "graph": "model", "vector": f"{t.path}.ia3_l", "shape": list(t.weight_shape)}
+        weights=[{"name": t.weight, "graph": "model", "vector": f"{t.paths[0]}.ia3_l", "shape": list(t.weight_shape)}
                  for t in targets]))
     with open(os.path.join(folder, STRIPPED), "w") as f:
         json.dump({FOLD_FILE + ".data": {"size": offset, "segments": segments}}, f)

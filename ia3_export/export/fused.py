@@ -13,7 +13,17 @@ mode decides, through its traits, what the builder is given and what is placed:
   any other vector a Mul on its MatMul's input (feed-forward, e.g. `down_proj`) or output;
 - a per-row mode (`per_row`): the same with `[num_adapters, dim]` banks and `adapter_ids[batch]`,
   one Gather per vector;
-- a mode with a `fused_refusal` (foldswap: its weights are graph inputs) is refused.
+- a mode that lifts the weights (`lifts_weights`, foldswap): the base model is built, then each
+  targeted tensor leaves the initializers and becomes a pure graph input of the same name
+  (`lift_fold_targets`; no copy stays in model.onnx): a layer's fused q/k/v MatMul weight
+  `model.layers.{i}.attn.qkv_proj.MatMul.weight` ([in, out]: its rows are torch's columns) and its
+  bias `...qkv_proj.Add.bias` where the model has one (qwen2), both scaled along the output by
+  [q | k | v] (ones for a module not targeted), and a feed-forward MatMul weight
+  (`...mlp.down_proj.MatMul.weight`, scaled along its rows). fold.onnx holds their base values
+  (modes/foldswap.py). The manifest's `weights` entries name each tensor, its graph and shape, and
+  `vector`, the first vector that scales it; `vectors` lists them all where there are several (the
+  fused q/k/v weight and bias);
+- a mode with a `fused_refusal` is refused.
 
 Graph contract (what a runner needs to know):
 - inputs `input_ids [batch, seq]`, `attention_mask [batch, total]` (int64; no `position_ids`:
@@ -117,7 +127,10 @@ class BuilderGraphs:
         run_builder(source, tmp, os.path.join(work, "cache"), *BUILDS[self.dtype])
         path = os.path.join(tmp, GRAPH)
         model = onnx_graph.load(path)
-        if part is not None and part.paths:
+        if strategy.lifts_weights:  # foldswap: the targeted tensors become the inputs fold.onnx fills
+            stage("lifting the IA3-targeted weights of the fused graph into fold.onnx")
+            strategy.fold_from(ex, *lift_fold_targets(model, part, self.config, spec.key, ex.dtype))
+        elif part is not None and part.paths:
             stage("placing the IA3 vectors on the fused graph")
             place_vectors(model, part, self.config, bank=strategy.per_row, dtype=self.dtype)
         add_logits_to_keep(model)
@@ -255,9 +268,7 @@ def place_vectors(model, part, config: dict, bank: bool, dtype: str = "fp32") ->
             attention.setdefault(int(match.group(1)), {})[match.group(2)] = name
         else:
             _place_linear(edits, nodes, path, name, part.feedforward[path])
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    widths = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+    widths = _qkv_widths(config)
     for layer, slots in attention.items():
         _place_attention(edits, nodes, layer, slots, widths)
     if bank:  # the base inputs first, adapter_ids right after them, as the traced graph orders them
@@ -266,6 +277,13 @@ def place_vectors(model, part, config: dict, bank: bool, dtype: str = "fp32") ->
         model.graph.input.extend([*base_inputs, helper.make_tensor_value_info(ADAPTER_IDS, TensorProto.INT64, ["batch_size"]),
                                   *vectors])
     edits.apply()
+
+
+def _qkv_widths(config: dict) -> dict[str, int]:
+    """The widths of the q, k and v parts of a layer's fused q/k/v output, in that order."""
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
 
 
 def _place_attention(edits: _Edits, nodes: dict, layer: int, slots: dict[str, str], widths: dict[str, int]) -> None:
@@ -293,22 +311,69 @@ def _place_attention(edits: _Edits, nodes: dict, layer: int, slots: dict[str, st
 def _place_linear(edits: _Edits, nodes: dict, path: str, vector: str, feedforward: bool) -> None:
     """A vector on a plain projection: a Mul on its MatMul's input (feed-forward) or on its output
     (after the bias Add where there is one)."""
+    node = _projection(nodes, path)
+    if feedforward:
+        edits.scale_edge(node, 0, edits.row(vector))
+        return
+    bias = _bias_add(nodes, node)
+    output = bias.output[0] if bias is not None else node.output[0]
+    consumers = [(n, i) for n in edits.model.graph.node for i, x in enumerate(n.input) if x == output]
+    factor = edits.row(vector)
+    for n, i in consumers:
+        edits.scale_edge(n, i, factor)
+
+
+def _projection(nodes: dict, path: str):
+    """The builder's MatMul of module `path` (`model.layers.0.mlp.down_proj` -> `/model/layers.0/mlp/down_proj/MatMul`)."""
     match = _MODULE.fullmatch(path)
     node = match and nodes.get(f"/model/layers.{match.group(1)}/{_BUILDER_BLOCKS[match.group(2)]}/{match.group(3)}/MatMul")
     if node is None:
         raise IA3Error(f"the builder's graph has no MatMul for {path}; --graph fused places vectors on "
                        "self_attn q/k/v and the mlp/self_attn projections; use --graph traced")
-    if feedforward:
-        edits.scale_edge(node, 0, edits.row(vector))
-        return
-    output = node.output[0]
-    bias = next((n for n in nodes.values() if n.op_type == "Add" and output in n.input
-                 and n.name.startswith(node.name.rsplit("/", 1)[0])), None)
-    output = bias.output[0] if bias is not None else output
-    consumers = [(n, i) for n in edits.model.graph.node for i, x in enumerate(n.input) if x == output]
-    factor = edits.row(vector)
-    for n, i in consumers:
-        edits.scale_edge(n, i, factor)
+    return node
+
+
+def _bias_add(nodes: dict, matmul):
+    """The Add of the same projection that adds a bias to `matmul`'s output, or None."""
+    block = matmul.name.rsplit("/", 1)[0]
+    return next((n for n in nodes.values() if n.op_type == "Add" and matmul.output[0] in n.input
+                 and n.name.startswith(block)), None)
+
+
+def lift_fold_targets(model, part, config: dict, graph: str, dtype: str) -> tuple[list, object]:
+    """Foldswap on the builder's graph (module doc): every tensor the vectors of `part` scale leaves the
+    initializers and becomes a pure graph input. Returns their `FoldTarget`s and the `base` of
+    build_fold_graph (the lifted values), for `Foldswap.fold_from`."""
+    from onnx import helper, numpy_helper
+
+    from .modes.foldswap import FoldTarget
+
+    nodes = {n.name: n for n in model.graph.node}
+    groups: dict[str, tuple] = {}  # MatMul name -> (node, feedforward, slot -> module path); "" for a module alone
+    for path in part.paths if part else []:
+        feedforward, match = part.feedforward[path], _ATTENTION.fullmatch(path)
+        qkv = match and not feedforward and nodes.get(f"/model/layers.{match.group(1)}/attn/qkv_proj/MatMul")
+        node = qkv or _projection(nodes, path)  # q/k/v the builder did not fuse: their own MatMuls
+        groups.setdefault(node.name, (node, feedforward, {}))[2][match.group(2) if qkv else ""] = path
+    initializers = {t.name: t for t in model.graph.initializer}
+    widths, targets = _qkv_widths(config), []
+    for node, feedforward, slots in groups.values():
+        weight = initializers.get(node.input[1])
+        if weight is None:
+            raise IA3Error(f"the builder's {node.name} reads its weight from {node.input[1]}, not an initializer; "
+                           "use --graph traced")
+        add = None if feedforward else _bias_add(nodes, node)
+        bias = next((x for x in add.input if x in initializers), None) if add is not None else None
+        segments = ((slots[""], part.dims[slots[""]]),) if "" in slots else tuple((slots.get(s), widths[s]) for s in "qkv")
+        targets.append(FoldTarget(weight.name, graph, feedforward, True, tuple(weight.dims), bias, segments))
+    names = [n for t in targets for n in t.tensors]
+    lifted = {n: (initializers[n].data_type, numpy_helper.to_array(initializers[n])) for n in names}
+    kept = [t for t in model.graph.initializer if t.name not in lifted]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(helper.make_tensor_value_info(n, elem, list(array.shape)) for n, (elem, array) in lifted.items())
+    np_dtype = numpy_dtype(dtype)
+    return targets, lambda name, shape: numpy_helper.from_array(lifted[name][1].astype(np_dtype), f"{name}.base")
 
 
 def add_logits_to_keep(model) -> None:

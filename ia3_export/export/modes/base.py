@@ -52,6 +52,7 @@ class ExportMode:
     quantize_refusal: str | None = None  # why --quantize cannot apply, or None
     genai_refusal: str | None = None  # why onnxruntime-genai cannot serve the export, or None
     fused_refusal: str | None = None  # why `--graph fused` (the model builder's graph) cannot carry the mode, or None
+    lifts_weights = False  # `--graph fused`: the targeted weights become graph inputs a fold graph fills (`fold_from`)
 
     # -- before loading ---------------------------------------------------------------------------
     def check_options(self, exporter: str, target_modules, feedforward_modules) -> None:
