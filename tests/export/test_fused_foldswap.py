@@ -1,0 +1,192 @@
+"""`--mode foldswap` on `--graph fused`: the builder's graph of the base model with its targeted
+tensors (the fused q/k/v MatMul weight, its bias where there is one, down_proj's weight) as pure
+graph inputs, filled by fold.onnx (export/fused.py's `lift_fold_targets`, export/modes/foldswap.py).
+
+The references are independent of our core: PEFT's own IA3 model in float64 (logits, greedy tokens)
+and the model's safetensors file (the base values fold.onnx holds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime_genai")
+
+from ia3_export.compare import compare  # noqa: E402
+
+from cli_helpers import run_cli  # noqa: E402
+from test_fused_export import IDS, TOL, adapter_vectors, peft_logits, prefill_and_step, session  # noqa: E402
+
+PROMPTS = [[5, 9, 13, 200, 7], [11, 12]]
+
+
+def fold(folder: str, vectors: dict) -> dict[str, np.ndarray]:
+    """fold.onnx run on ONNX Runtime for these vectors (ones for every other input): tensor name -> value."""
+    import onnxruntime as ort
+
+    fold_session = ort.InferenceSession(os.path.join(folder, "fold.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.ones(i.shape, np.float32) for i in fold_session.get_inputs()} | vectors
+    names = [o.name for o in fold_session.get_outputs()]
+    return dict(zip(names, fold_session.run(names, feeds)))
+
+
+def manifest_of(folder: str) -> dict:
+    with open(os.path.join(folder, "ia3_export.json")) as f:
+        return json.load(f)
+
+
+def test_folded_tensors_give_peft_logits_for_the_adapter_and_the_base_model(fused_llama, fused_exports):
+    model, adapter, _ = fused_llama
+    folder = fused_exports("foldswap")
+    sess = session(folder)
+    with_adapter = prefill_and_step(sess, IDS, fold(folder, adapter_vectors(adapter)))
+    result = compare("logits", peft_logits(model, adapter, IDS), with_adapter, TOL.atol, TOL.rtol)
+    assert result.passed, result.line()
+    base = prefill_and_step(sess, IDS, fold(folder, {}))  # vectors of ones
+    result = compare("logits", peft_logits(model, None, IDS), base, TOL.atol, TOL.rtol)
+    assert result.passed, result.line()
+    assert not compare("logits", with_adapter, base, TOL.atol, TOL.rtol).passed  # the adapter really acts
+
+
+def test_model_onnx_holds_no_targeted_weight_and_fold_onnx_holds_the_base_values(fused_llama, fused_exports):
+    """The targeted tensors are pure inputs of model.onnx (no initializer of that name or those values);
+    fold.onnx's base values are the model's own weights in the builder's [in, out] layout, q/k/v side by side."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    model, _, _ = fused_llama
+    folder = fused_exports("foldswap")
+    manifest = manifest_of(folder)
+    graph = onnx.load(os.path.join(folder, "model.onnx")).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    bases = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.path.join(folder, "fold.onnx")).graph.initializer}
+    hf = load_file(os.path.join(model, "model.safetensors"))
+    weights = {w["name"]: w for w in manifest["weights"]}
+    for layer in range(2):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        expected = {f"model.layers.{layer}.attn.qkv_proj.MatMul.weight":
+                    np.concatenate([hf[f"{attn}.{m}_proj.weight"] for m in "qkv"]).T,
+                    f"model.layers.{layer}.mlp.down_proj.MatMul.weight": hf[f"{mlp}.down_proj.weight"].T}
+        for name, value in expected.items():
+            np.testing.assert_array_equal(bases[f"{name}.base"], value)
+            assert name in {i.name for i in graph.input} and name not in initializers
+            assert not any(v.shape == value.shape and np.array_equal(v, value) for v in initializers.values()), name
+            assert weights[name]["graph"] == "model" and weights[name]["shape"] == list(value.shape)
+        qkv = weights[f"model.layers.{layer}.attn.qkv_proj.MatMul.weight"]
+        assert qkv["vectors"] == [f"{attn}.k_proj.ia3_l", f"{attn}.v_proj.ia3_l"] and qkv["vector"] == qkv["vectors"][0]
+    assert manifest["genai"]["supported"] is False and not os.path.exists(os.path.join(folder, "genai_config.json"))
+
+
+@pytest.fixture(scope="module")
+def two_adapters(fused_llama, tmp_path_factory):
+    """(model, adapter a, adapter b, folder): a fused foldswap export shipping two adapters."""
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter
+    from ia3_export.export import export_model
+
+    model, first, _ = fused_llama
+    root = tmp_path_factory.mktemp("fused-foldswap")
+    ia3 = IA3Model(load_base_model(model), IA3Config())
+    randomize_adapter(ia3, "default", seed=11)
+    second = ia3.save_adapter(str(root / "b"))
+    export_model(model, str(root / "out"), mode="foldswap", adapters=[first, second], graph="fused")
+    return model, first, second, str(root / "out")
+
+
+def test_ia3session_generates_peft_tokens_and_switches_adapters_and_back(two_adapters):
+    """The runtime folds its working copy on each switch (shared KV buffer, the fast decode path) and
+    runs the base model when no adapter is set: each adapter's tokens are PEFT's greedy ones."""
+    from runtime_helpers import peft_greedy
+
+    from ia3_export.runtime import IA3Session
+    from ia3_export.runtime.generation import GenerationOptions, generate_ids
+
+    model, first, second, folder = two_adapters
+    expected = {name: peft_greedy(model, path, PROMPTS, 8) for name, path in (("a", first), ("b", second), (None, None))}
+    assert expected["a"] != expected["b"] != expected[None] != expected["a"]  # the check can tell them apart
+    session = IA3Session(folder)
+    assert session.folder.cache["kv_layout"] == "shared"
+    options = GenerationOptions(max_new_tokens=8)
+    assert generate_ids(session, PROMPTS, None, options) == expected[None]  # nothing set: the base model
+    session.load_adapter(first, "a")
+    session.load_adapter(second, "b")
+    for name in ("a", "b", "a", None, "b"):
+        session.set_adapter(name)
+        assert generate_ids(session, PROMPTS, None, options) == expected[name], name
+    assert generate_ids(session, PROMPTS, ["a", "a"], options) == expected["a"]  # per request, folded back
+
+
+@pytest.fixture(scope="module")
+def cli_folder(fused_llama, tmp_path_factory):
+    model, adapter, _ = fused_llama
+    out = tmp_path_factory.mktemp("fused-foldswap-cli") / "out"
+    result = run_cli("export", model, "--out", out, "--mode", "foldswap", "--adapter", adapter, "--graph", "fused")
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+def test_cli_exports_and_parity_passes(fused_llama, cli_folder):
+    model, adapter, _ = fused_llama
+    assert manifest_of(cli_folder)["cache"]["kv_layout"] == "shared"
+    assert not os.path.exists(os.path.join(cli_folder, "genai_config.json"))
+    result = run_cli("parity", model, cli_folder, "--adapter", adapter, "--steps", "3")
+    assert result.exit_code == 0, result.output
+    assert "PASS: 20/20 output comparisons and 6/6 greedy-token checks passed" in result.output, result.output
+
+
+def test_parity_fails_naming_logits_when_a_base_weight_in_fold_onnx_is_scaled(fused_llama, cli_folder, tmp_path):
+    """Layer 1's fused q/k/v base value x 1.01 inside fold.onnx: every folded weight (base model and
+    adapter alike) is off, and parity fails on logits (exit 1), not with a structural error."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ia3_export.parity.check import check_parity
+
+    model, adapter, _ = fused_llama
+    bad = str(tmp_path / "bad")
+    shutil.copytree(cli_folder, bad)
+    path = os.path.join(bad, "fold.onnx")
+    fold_model = onnx.load(path)
+    name = "model.layers.1.attn.qkv_proj.MatMul.weight.base"
+    tensor = next(t for t in fold_model.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(1.01), name))
+    onnx.save(fold_model, path)
+    result = run_cli("parity", model, bad, "--adapter", adapter, "--steps", "0")
+    assert result.exit_code == 1, result.output
+    report = check_parity(model, bad, [adapter], greedy_steps=0)
+    failed = {(o.output, o.scenario) for o in report.outputs if not o.comparison.passed}
+    assert {output for output, _ in failed} == {"logits"}
+    assert any("decode step" in s for _, s in failed) and any(s.endswith("prefill") for _, s in failed), failed
+    rows = {row for _, s in failed if s.startswith("adapters ") for row in s.split(" ", 1)[1].split(", ")[0].split(",")}
+    assert rows == {"-", "ad"}, failed  # the base model and the adapter alike
+
+
+def test_qwen2_q_and_v_with_bias_export_validates_and_matches_peft(tmp_path):
+    """qwen2's q/k/v carry a bias; PEFT's qwen2 targets (q, v) leave ones over k in the middle of the
+    fused output, and the bias is scaled like the weight's output."""
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
+    from ia3_export.export import export_model
+
+    model = save_tiny(str(tmp_path / "m"), "qwen2", hidden_size=64)
+    ia3 = IA3Model(load_base_model(model), IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     feedforward_modules=["down_proj"]))
+    randomize_adapter(ia3, "default", seed=5)
+    adapter = ia3.save_adapter(str(tmp_path / "ad"))
+    folder = str(tmp_path / "out")
+    manifest = export_model(model, folder, mode="foldswap", adapters=[adapter], graph="fused")
+    assert manifest["validation"]["comparisons"] == 8  # base and adapter: batch 1 and 2, prefill and a decode step
+    bias = next(w for w in manifest["weights"] if w["name"] == "model.layers.0.attn.qkv_proj.Add.bias")
+    assert bias["vectors"] == ["model.layers.0.self_attn.q_proj.ia3_l", "model.layers.0.self_attn.v_proj.ia3_l"]
+    result = compare("logits", peft_logits(model, adapter, IDS),
+                     prefill_and_step(session(folder), IDS, fold(folder, adapter_vectors(adapter))), TOL.atol, TOL.rtol)
+    assert result.passed, result.line()
