@@ -148,6 +148,7 @@ def check_manifest(manifest, folder: str, path: str) -> None:
         field.of(weight, where, dict)
         for key in ("name", "vector"):
             field.of(weight.get(key), f"{where}.{key}", str)
+        field.names(weight.get("vectors", []), f"{where}.vectors")  # several vectors (a fused q/k/v weight)
         field.choice(weight.get("graph"), f"{where}.graph", graphs)
         shape = field.of(weight.get("shape"), f"{where}.shape", list)
         if not 1 <= len(shape) <= 8:

@@ -82,6 +82,21 @@ def test_model_onnx_holds_no_targeted_weight_and_fold_onnx_holds_the_base_values
     assert manifest["genai"]["supported"] is False and not os.path.exists(os.path.join(folder, "genai_config.json"))
 
 
+def test_a_forged_vectors_entry_is_refused_in_one_line(fused_exports, tmp_path):
+    """`weights[*].vectors` is checked like every manifest field: a string where a list of names belongs is refused."""
+    from ia3_export.errors import IA3Error
+    from ia3_export.formats.manifest import read_manifest
+
+    folder = str(tmp_path / "forged")
+    shutil.copytree(fused_exports("foldswap"), folder)
+    manifest = manifest_of(folder)
+    manifest["weights"][0]["vectors"] = "model.layers.0.self_attn.k_proj.ia3_l"
+    with open(os.path.join(folder, "ia3_export.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(IA3Error, match=r"weights\[0\]\.vectors is .*expected a list of names"):
+        read_manifest(folder)
+
+
 @pytest.fixture(scope="module")
 def two_adapters(fused_llama, tmp_path_factory):
     """(model, adapter a, adapter b, folder): a fused foldswap export shipping two adapters."""
