@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("onnxruntime_genai")
 
 from ia3_export.compare import compare  # noqa: E402
+from ia3_export.tolerances import tolerance  # noqa: E402
 
 from cli_helpers import run_cli  # noqa: E402
 from test_fused_export import IDS, TOL, adapter_vectors, peft_logits, prefill_and_step, session  # noqa: E402
@@ -29,7 +30,8 @@ def fold(folder: str, vectors: dict) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     fold_session = ort.InferenceSession(os.path.join(folder, "fold.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.ones(i.shape, np.float32) for i in fold_session.get_inputs()} | vectors
+    dtype = np.float16 if fold_session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    feeds = {i.name: np.ones(i.shape, dtype) for i in fold_session.get_inputs()} | {k: v.astype(dtype) for k, v in vectors.items()}
     names = [o.name for o in fold_session.get_outputs()]
     return dict(zip(names, fold_session.run(names, feeds)))
 
@@ -50,6 +52,21 @@ def test_folded_tensors_give_peft_logits_for_the_adapter_and_the_base_model(fuse
     result = compare("logits", peft_logits(model, None, IDS), base, TOL.atol, TOL.rtol)
     assert result.passed, result.line()
     assert not compare("logits", with_adapter, base, TOL.atol, TOL.rtol).passed  # the adapter really acts
+
+
+def test_fp16_folds_the_builders_cuda_graph_within_the_fp16_bound(fused_llama, fused_exports):
+    """--dtype fp16 (the builder's CUDA graph): the lifted inputs and fold.onnx are fp16, and the logits
+    match PEFT's float64 model within fp16's bound."""
+    import onnx
+
+    model, adapter, _ = fused_llama
+    folder = fused_exports("foldswap", "fp16")
+    inputs = {i.name: i.type.tensor_type.elem_type for i in onnx.load(os.path.join(folder, "model.onnx")).graph.input}
+    assert {inputs[w["name"]] for w in manifest_of(folder)["weights"]} == {onnx.TensorProto.FLOAT16}
+    got = prefill_and_step(session(folder), IDS, fold(folder, adapter_vectors(adapter)))
+    fp16 = tolerance("cpu", "fp16")
+    result = compare("logits", peft_logits(model, adapter, IDS), got, fp16.atol, fp16.rtol)
+    assert result.passed, result.line()
 
 
 def test_model_onnx_holds_no_targeted_weight_and_fold_onnx_holds_the_base_values(fused_llama, fused_exports):
