@@ -324,7 +324,7 @@ def _place_linear(edits: _Edits, nodes: dict, path: str, vector: str, feedforwar
 
 
 def _projection(nodes: dict, path: str):
-    """The builder's MatMul of module `path` (`model.layers.0.mlp.down_proj` -> `/model/layers.0/mlp/down_proj/MatMul`)."""
+    """The builder's MatMul of module `path` (`model.layers.0.mlp.down_proj`: `/model/layers.0/mlp/down_proj/MatMul`)."""
     match = _MODULE.fullmatch(path)
     node = match and nodes.get(f"/model/layers.{match.group(1)}/{_BUILDER_BLOCKS[match.group(2)]}/{match.group(3)}/MatMul")
     if node is None:
@@ -364,14 +364,17 @@ def lift_fold_targets(model, part, config: dict, graph: str, dtype: str) -> tupl
                            "use --graph traced")
         add = None if feedforward else _bias_add(nodes, node)
         bias = next((x for x in add.input if x in initializers), None) if add is not None else None
-        segments = ((slots[""], part.dims[slots[""]]),) if "" in slots else tuple((slots.get(s), widths[s]) for s in "qkv")
+        if "" in slots:  # a module alone: its own vector
+            segments = ((slots[""], part.dims[slots[""]]),)
+        else:  # the fused q/k/v output: [q | k | v], ones for a module not targeted
+            segments = tuple((slots.get(s), widths[s]) for s in "qkv")
         targets.append(FoldTarget(weight.name, graph, feedforward, True, tuple(weight.dims), bias, segments))
     names = [n for t in targets for n in t.tensors]
     lifted = {n: (initializers[n].data_type, numpy_helper.to_array(initializers[n])) for n in names}
     kept = [t for t in model.graph.initializer if t.name not in lifted]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    model.graph.input.extend(helper.make_tensor_value_info(n, elem, list(array.shape)) for n, (elem, array) in lifted.items())
+    model.graph.input.extend(helper.make_tensor_value_info(n, elem, list(value.shape)) for n, (elem, value) in lifted.items())
     np_dtype = numpy_dtype(dtype)
     return targets, lambda name, shape: numpy_helper.from_array(lifted[name][1].astype(np_dtype), f"{name}.base")
 

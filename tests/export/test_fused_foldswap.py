@@ -31,7 +31,8 @@ def fold(folder: str, vectors: dict) -> dict[str, np.ndarray]:
 
     fold_session = ort.InferenceSession(os.path.join(folder, "fold.onnx"), providers=["CPUExecutionProvider"])
     dtype = np.float16 if fold_session.get_inputs()[0].type == "tensor(float16)" else np.float32
-    feeds = {i.name: np.ones(i.shape, dtype) for i in fold_session.get_inputs()} | {k: v.astype(dtype) for k, v in vectors.items()}
+    feeds = {i.name: np.ones(i.shape, dtype) for i in fold_session.get_inputs()}
+    feeds.update((name, vector.astype(dtype)) for name, vector in vectors.items())
     names = [o.name for o in fold_session.get_outputs()]
     return dict(zip(names, fold_session.run(names, feeds)))
 
@@ -200,16 +201,18 @@ def test_parity_fails_naming_logits_when_a_base_weight_in_fold_onnx_is_scaled(fu
     assert rows == {"-", "ad"}, failed  # the base model and the adapter alike
 
 
-def test_qwen2_q_and_v_with_bias_export_validates_and_matches_peft(tmp_path):
-    """qwen2's q/k/v carry a bias; PEFT's qwen2 targets (q, v) leave ones over k in the middle of the
-    fused output, and the bias is scaled like the weight's output."""
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma"])
+def test_other_builder_decoders_with_q_and_v_export_validate_and_match_peft(tmp_path, model_type):
+    """PEFT's qwen2 targets (q, v) leave ones over k in the middle of the fused output; qwen2's q/k/v carry
+    a bias, scaled like the weight's output; qwen3 normalises q and k per head after the projection (a
+    folded weight scales before that norm, as PEFT does); gemma scales its embeddings and ties its head."""
     from ia3_export.core.config import IA3Config
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
     from ia3_export.examples.tiny import randomize_adapter, save_tiny
     from ia3_export.export import export_model
 
-    model = save_tiny(str(tmp_path / "m"), "qwen2", hidden_size=64)
+    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16)
     ia3 = IA3Model(load_base_model(model), IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
                                                      feedforward_modules=["down_proj"]))
     randomize_adapter(ia3, "default", seed=5)
@@ -217,8 +220,11 @@ def test_qwen2_q_and_v_with_bias_export_validates_and_matches_peft(tmp_path):
     folder = str(tmp_path / "out")
     manifest = export_model(model, folder, mode="foldswap", adapters=[adapter], graph="fused")
     assert manifest["validation"]["comparisons"] == 8  # base and adapter: batch 1 and 2, prefill and a decode step
-    bias = next(w for w in manifest["weights"] if w["name"] == "model.layers.0.attn.qkv_proj.Add.bias")
-    assert bias["vectors"] == ["model.layers.0.self_attn.q_proj.ia3_l", "model.layers.0.self_attn.v_proj.ia3_l"]
+    qkv = {w["name"]: w for w in manifest["weights"] if "qkv_proj" in w["name"] and ".layers.0." in w["name"]}
+    assert set(qkv) == {"model.layers.0.attn.qkv_proj.MatMul.weight"} | (
+        {"model.layers.0.attn.qkv_proj.Add.bias"} if model_type == "qwen2" else set())
+    for entry in qkv.values():
+        assert entry["vectors"] == ["model.layers.0.self_attn.q_proj.ia3_l", "model.layers.0.self_attn.v_proj.ia3_l"]
     result = compare("logits", peft_logits(model, adapter, IDS),
                      prefill_and_step(session(folder), IDS, fold(folder, adapter_vectors(adapter))), TOL.atol, TOL.rtol)
     assert result.passed, result.line()
