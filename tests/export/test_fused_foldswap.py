@@ -201,20 +201,26 @@ def test_parity_fails_naming_logits_when_a_base_weight_in_fold_onnx_is_scaled(fu
     assert rows == {"-", "ad"}, failed  # the base model and the adapter alike
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma"])
-def test_other_builder_decoders_with_q_and_v_export_validate_and_match_peft(tmp_path, model_type):
-    """PEFT's qwen2 targets (q, v) leave ones over k in the middle of the fused output; qwen2's q/k/v carry
-    a bias, scaled like the weight's output; qwen3 normalises q and k per head after the projection (a
-    folded weight scales before that norm, as PEFT does); gemma scales its embeddings and ties its head."""
+Q_AND_V = ["q_proj", "v_proj", "down_proj"]  # PEFT's qwen2 default (with down_proj): ones over k, in the middle
+
+
+@pytest.mark.parametrize("model_type, targets, overrides", [
+    ("mistral", Q_AND_V, {}), ("qwen2", Q_AND_V, {}), ("qwen3", Q_AND_V, {}), ("gemma", Q_AND_V, {}),
+    ("phi3", ["qkv_proj", "down_proj"], {"max_position_embeddings": 4096}),  # else the builder takes it for LongRoPE
+])
+def test_other_builder_decoders_export_validate_and_match_peft(tmp_path, model_type, targets, overrides):
+    """q and v leave ones over k in the middle of the fused output; qwen2's q/k/v carry a bias, scaled like
+    the weight's output; qwen3 normalises q and k per head after the projection (a folded weight scales
+    before that norm, as PEFT does); gemma scales its embeddings and ties its head; phi3's q/k/v are one
+    module in transformers too (one vector over the whole fused weight)."""
     from ia3_export.core.config import IA3Config
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
     from ia3_export.examples.tiny import randomize_adapter, save_tiny
     from ia3_export.export import export_model
 
-    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16)
-    ia3 = IA3Model(load_base_model(model), IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
-                                                     feedforward_modules=["down_proj"]))
+    model = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16, **overrides)
+    ia3 = IA3Model(load_base_model(model), IA3Config(target_modules=targets, feedforward_modules=["down_proj"]))
     randomize_adapter(ia3, "default", seed=5)
     adapter = ia3.save_adapter(str(tmp_path / "ad"))
     folder = str(tmp_path / "out")
@@ -223,8 +229,9 @@ def test_other_builder_decoders_with_q_and_v_export_validate_and_match_peft(tmp_
     qkv = {w["name"]: w for w in manifest["weights"] if "qkv_proj" in w["name"] and ".layers.0." in w["name"]}
     assert set(qkv) == {"model.layers.0.attn.qkv_proj.MatMul.weight"} | (
         {"model.layers.0.attn.qkv_proj.Add.bias"} if model_type == "qwen2" else set())
+    vectors = [f"model.layers.0.self_attn.{t}.ia3_l" for t in targets[:-1]]
     for entry in qkv.values():
-        assert entry["vectors"] == ["model.layers.0.self_attn.q_proj.ia3_l", "model.layers.0.self_attn.v_proj.ia3_l"]
+        assert entry.get("vectors", [entry["vector"]]) == vectors and entry["vector"] == vectors[0]
     result = compare("logits", peft_logits(model, adapter, IDS),
                      prefill_and_step(session(folder), IDS, fold(folder, adapter_vectors(adapter))), TOL.atol, TOL.rtol)
     assert result.passed, result.line()
