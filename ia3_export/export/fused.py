@@ -19,9 +19,8 @@ mode decides, through its traits, what the builder is given and what is placed:
   `model.layers.{i}.attn.qkv_proj.MatMul.weight` ([in, out]: its rows are torch's columns) and its
   bias `...qkv_proj.Add.bias` where the model has one (qwen2), both scaled along the output by
   [q | k | v] (ones for a module not targeted; phi3's qkv_proj is one module, one vector), and a
-  feed-forward MatMul weight
-  (`...mlp.down_proj.MatMul.weight`, scaled along its rows). fold.onnx holds their base values
-  (modes/foldswap.py). The manifest's `weights` entries name each tensor, its graph and shape, and
+  feed-forward MatMul weight (`...mlp.down_proj.MatMul.weight`, scaled along its rows). fold.onnx
+  holds their base values (modes/foldswap.py). The manifest's `weights` entries name each tensor, its graph and shape, and
   `vector`, the first vector that scales it; `vectors` lists them all where there are several (the
   fused q/k/v weight and bias);
 - a mode with a `fused_refusal` is refused.
