@@ -5,7 +5,8 @@ count everywhere, interleaved rounds (alternating order), medians. Cells, each a
 (genai driving the builder's export of the same merged model, `python -m onnxruntime_genai.models.builder
 -p fp32 -e cpu`, run by hand here):
 - ours_merged, ours_swappable: IA3Session on our traced exports (`--graph traced`, the default);
-- fused_merged, fused_swappable: IA3Session on our `--graph fused` exports (swappable: adapter active);
+- fused_merged, fused_swappable, fused_foldswap: IA3Session on our `--graph fused` exports (swappable and
+  foldswap: adapter active; foldswap's weights are graph inputs its fold graph filled);
 - genai_fused_merged, genai_fused_swappable: genai on the same fused exports (swappable: our .onnx_adapter);
 - genai_builder: the anchor.
 Every run generates exactly NEW tokens (ours ignores EOS; genai's min_length holds it off).
@@ -13,6 +14,7 @@ Export needs torch: $FULL_PYTHON (default .venv/bin/python) builds the folders o
 where onnxruntime-genai is installed.
 
   .venv/bin/python scripts/bench_long.py [--quick] [--rounds 5] [--long-rounds 3] [--threads 2] [--out docs/]
+      [--hidden 2048 --runners fused_merged fused_swappable ...]   (-> bench_long_h2048.json)
 """
 from __future__ import annotations
 
@@ -43,30 +45,46 @@ from ia3_export.core.model import IA3Model
 from ia3_export.examples.tiny import randomize_adapter, save_tiny
 from ia3_export.export.fused import run_builder
 out, hidden, layers, heads, kv_heads, vocab = sys.argv[1], *map(int, sys.argv[2:7])
-base = save_tiny(out + "/base", "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab,
-                 max_position_embeddings=2048)
-model = IA3Model(load_base_model(base), IA3Config())
-randomize_adapter(model, "default", seed=1)
-adapter = model.save_adapter(out + "/adapter")
-export_model(base, out + "/merged", mode="merged", adapters=[adapter])
-export_model(base, out + "/swappable", mode="swappable", adapters=[adapter])
-export_model(base, out + "/fused_merged", mode="merged", adapters=[adapter], graph="fused")
-export_model(base, out + "/fused_swappable", mode="swappable", adapters=[adapter], graph="fused")
-merge_to_folder(base, [adapter], out + "/hf_merged")
-run_builder(out + "/hf_merged", out + "/builder", out + "/builder-cache")
+wanted = set(sys.argv[7:])  # the folders still missing
+base, adapter = out + "/base", out + "/adapter"
+if not os.path.isdir(adapter):
+    save_tiny(base, "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab,
+              max_position_embeddings=2048)
+    model = IA3Model(load_base_model(base), IA3Config())
+    randomize_adapter(model, "default", seed=1)
+    model.save_adapter(adapter)
+for name, mode, graph in (("merged", "merged", "traced"), ("swappable", "swappable", "traced"),
+                          ("fused_merged", "merged", "fused"), ("fused_swappable", "swappable", "fused"),
+                          ("fused_foldswap", "foldswap", "fused")):
+    if name in wanted:
+        export_model(base, out + "/" + name, mode=mode, adapters=[adapter], graph=graph)
+if "builder" in wanted:
+    merge_to_folder(base, [adapter], out + "/hf_merged", force=True)
+    run_builder(out + "/hf_merged", out + "/builder", out + "/builder-cache")
 """
-FOLDERS = ("merged", "swappable", "fused_merged", "fused_swappable", "builder")
+# runner -> (its folder, how it runs it)
+RUNNERS = {
+    "ours_merged": ("merged", "ours", None),
+    "ours_swappable": ("swappable", "ours", "adapter"),
+    "fused_merged": ("fused_merged", "ours", None),
+    "fused_swappable": ("fused_swappable", "ours", "adapter"),
+    "fused_foldswap": ("fused_foldswap", "ours", "adapter"),
+    "genai_fused_merged": ("fused_merged", "genai", None),
+    "genai_fused_swappable": ("fused_swappable", "genai", "adapter"),
+    "genai_builder": ("builder", "genai", None),
+}
 
 
-def prepare(args) -> dict:
+def prepare(args, folders: set[str]) -> dict:
+    """Export what is missing (kept between runs in the temp dir, one folder per model shape)."""
     shape = (args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
     folder = os.path.join(tempfile.gettempdir(), "ia3-bench-long-" + "-".join(map(str, shape)))
-    if not all(os.path.isdir(os.path.join(folder, name)) for name in FOLDERS):
-        shutil.rmtree(folder, ignore_errors=True)
+    missing = sorted(name for name in folders if not os.path.isdir(os.path.join(folder, name)))
+    if missing:
         full = os.environ.get("FULL_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
-        subprocess.run([full, "-c", PREPARE, folder, *map(str, shape)], check=True)
-    return {name: os.path.join(folder, name) for name in FOLDERS}
+        subprocess.run([full, "-c", "import os\n" + PREPARE, folder, *map(str, shape), *missing], check=True)
+    return {name: os.path.join(folder, name) for name in folders}
 
 
 ANCHOR = "genai_builder"
@@ -86,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--long-rounds", type=int, default=3, help="rounds for prompts of 512 tokens and more")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runners", nargs="+", choices=[r for r in RUNNERS if r != ANCHOR], default=None,
+                        help="only these (the anchor always runs; default: all)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args()
     if args.quick:
@@ -94,16 +114,10 @@ def main() -> None:
     import onnxruntime
     import onnxruntime_genai as og
 
-    folders = prepare(args)
-    runtimes = {
-        "ours_merged": Ours(folders["merged"], args.threads, adapter=None),
-        "ours_swappable": Ours(folders["swappable"], args.threads, adapter="adapter"),
-        "fused_merged": Ours(folders["fused_merged"], args.threads, adapter=None),
-        "fused_swappable": Ours(folders["fused_swappable"], args.threads, adapter="adapter"),
-        "genai_fused_merged": Genai(folders["fused_merged"], args.threads, adapter=None),
-        "genai_fused_swappable": Genai(folders["fused_swappable"], args.threads, adapter="adapter"),
-        ANCHOR: Genai(folders["builder"], args.threads, adapter=None),
-    }
+    chosen = [r for r in RUNNERS if r == ANCHOR or args.runners is None or r in args.runners]
+    folders = prepare(args, {RUNNERS[r][0] for r in chosen})
+    runtimes = {r: {"ours": Ours, "genai": Genai}[RUNNERS[r][1]](folders[RUNNERS[r][0]], args.threads,
+                                                                 adapter=RUNNERS[r][2]) for r in chosen}
     rng = np.random.default_rng(0)
     warm = rng.integers(4, args.vocab, (1, 16)).tolist()
     for rt in runtimes.values():
@@ -137,14 +151,15 @@ def main() -> None:
                 "total_over_anchor": {name: total[name] / total[ANCHOR] for name in runtimes},
                 "decode_step_over_anchor": {name: step_ms[name] / step_ms[ANCHOR] for name in runtimes},
                 "tokens_per_s": {name: batch * args.new / total[name] for name in runtimes},
-                "same_tokens_as_ours_merged": {name: tokens[name] == tokens["ours_merged"] for name in runtimes},
+                "same_tokens_as_anchor": {name: tokens[name] == tokens[ANCHOR] for name in runtimes},
                 "totals_s": totals,
             }
             result["cells"][f"prompt{prompt_len}_batch{batch}"] = cell
             print(f"prompt {prompt_len} batch {batch}: total/anchor",
                   {k: round(v, 3) for k, v in cell["total_over_anchor"].items()}, "step/anchor",
                   {k: round(v, 3) for k, v in cell["decode_step_over_anchor"].items()}, flush=True)
-    write_result(args.out, "bench_long" + ("_quick" if args.quick else ""), result, stamp=False)
+    name = "bench_long" + ("_quick" if args.quick else f"_h{args.hidden}" if args.hidden != 1024 else "")
+    write_result(args.out, name, result, stamp=False)
 
 
 if __name__ == "__main__":
