@@ -64,8 +64,10 @@ from ..formats.manifest import ADAPTER_IDS, KV_SHARED, LOGITS_TO_KEEP, vector_na
 from ..progress import stage
 from . import graph as onnx_graph
 from .genai import CONFIG_NAME, GENAI_TASK, TOKENIZER_FILES, unsupported
+from ..tolerances import quantized_tolerance
+from .quantize import quantize_graph
 from .reference import running
-from .validate import compare_outputs, cpu_session, raise_on_failure
+from .validate import compare_outputs, cpu_session, raise_on_failure, tolerance_of
 
 BUILDER_VERSION = "0.18.0"
 # export dtype -> the builder's (precision, execution provider). fp16 is the builder's CUDA graph: for
@@ -96,8 +98,6 @@ class BuilderGraphs:
         if dtype not in BUILDS:
             raise IA3Error(f"--graph fused makes {' or '.join(BUILDS)} graphs, not {dtype}; use --graph traced")
         self.dtype = dtype
-        if self.quantize is not None:
-            raise IA3Error("--quantize does not combine with --graph fused; use --graph traced")
         if self.exporter != "torchscript":
             raise IA3Error(f"--exporter chooses the tracer of --graph traced; drop --exporter {self.exporter} "
                            "with --graph fused")
@@ -141,14 +141,26 @@ class BuilderGraphs:
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         # no onnx.checker: the builder's own graph fails it (SimplifiedLayerNormalization is an ORT op the
         # builder puts in the default domain); ONNX Runtime loading it below is the check
+        quantized, files = self.quantized(path, hf_model, spec.key, files)
         stage(f"validating {GRAPH} (fused) against PyTorch on ONNX Runtime")
-        comparisons = validate(strategy, ex, hf_model, part, cpu_session(path))
+        with tolerance_of(self.quantize and quantized_tolerance(self.quantize.manifest_entry())[:2]):
+            comparisons = validate(strategy, ex, hf_model, part, cpu_session(path))
         raise_on_failure(comparisons, f"{GRAPH} (fused {strategy.name} export of {ex.model_dir})")
         inputs, outputs = onnx_graph.io_names(model)
         graphs = {spec.key: {"file": GRAPH, "inputs": inputs, "outputs": outputs,
                              "external_data": files[1] if len(files) > 1 else None,
-                             "nodes": sum(onnx_graph.op_histogram(model).values())}}
-        return graphs, comparisons, {}
+                             "nodes": sum(onnx_graph.op_histogram(path).values())}}
+        return graphs, comparisons, quantized
+
+    def quantized(self, path: str, hf_model, key: str, files: list) -> tuple[dict, list]:
+        """`--quantize int4`: the traced path's transform on the finished graph (vectors placed), its
+        q/k/v MatMul recorded as the three parameters it packs; `hf_model` then holds the de-quantized
+        weights, so validation compares with what the graph computes. (quantized weights, graph files)."""
+        if self.quantize is None:
+            return {}, files
+        stage(f"quantizing {GRAPH} ({self.quantize.method})")
+        weights, files = quantize_graph(path, hf_model, self.quantize)
+        return {key: {"weights": weights}}, files
 
     def manifest_fields(self, ex) -> dict:
         """The builder as exporter, its opset, and the cache layout a runner needs (module doc)."""

@@ -12,7 +12,11 @@ quantized base serves every adapter. A merged export folds first, then quantizes
 
 Each quantized weight is recorded in the manifest with the PyTorch parameter it came from
 (found by value), so `dequantized_weights` can read the exact weights the graph computes with
-back into a PyTorch model: the reference for export validation and `ia3-export parity`.
+back into a PyTorch model: the reference for export validation and `ia3-export parity`. A weight
+that packs several parameters side by side along N (onnxruntime-genai's builder packs q, k and v
+into one MatMul, `--graph fused`) is recorded as `[[parameter, width], ...]` in that order (a plain
+name: one parameter, the whole width; what older folders hold) and split back when read. A MatMul
+weight that is none of the model's linear layers, alone or packed, is refused, never left float.
 """
 from __future__ import annotations
 
@@ -92,22 +96,28 @@ def quantize_options(quantize) -> QuantizeOptions | None:
 
 
 def quantize_graph(path: str, model, options: QuantizeOptions) -> tuple[dict, list[str]]:
-    """Quantize the traced graph at `path` in place; returns {quantized initializer: parameter name}
-    and the graph's files. `model` is the PyTorch model the graph was traced from: it gets the
-    de-quantized weights, so the validation that follows compares the graph with what it computes."""
+    """Quantize the graph at `path` in place; returns {quantized initializer: its source (a parameter
+    name, or `[[parameter, width], ...]` packed along N)} and the graph's files. `model` is the PyTorch
+    model the graph was made from: it gets the de-quantized weights, so the validation that follows
+    compares the graph with what it computes."""
     graph_model = onnx_graph.load(path)
     sources = _weight_sources(model)
     inits = {i.name: i for i in graph_model.graph.initializer}
-    targets, skipped = {}, []  # float weight name -> parameter
+    targets, skipped = {}, []  # float weight name -> its source
     for node in graph_model.graph.node:
         op_index = {"MatMul": 1, "Gather": 0}.get(node.op_type)
         if op_index is None or node.input[op_index] not in inits:
             continue
         weight = node.input[op_index]
-        found = sources.get(_digest(_array(inits[weight])))
+        array = _array(inits[weight])
+        found = sources.find(array) if node.op_type == "MatMul" else sources.by_digest.get(_digest(array))
         if node.op_type == "Gather" and not (options.embeddings and found and found[1] == "embedding"):
             skipped += [node.name] if options.embeddings else []  # position/type tables stay float
             continue
+        if found is None and array.ndim == 2 and array.dtype == np.float32:
+            raise IA3Error(f"{os.path.basename(path)}: the weight of {node.name} ({array.shape[0]}x{array.shape[1]}) is "
+                           "none of the model's linear layers, alone or packed, so it would stay float unchecked; "
+                           "export without --quantize")
         if found is None or (found[1] == "lm_head" and not options.lm_head):
             skipped.append(node.name)
             continue
@@ -173,13 +183,50 @@ def _quantize(graph_model, options: QuantizeOptions, skipped: list[str]):
         return onnx.load(dst)
 
 
-def _weight_sources(model) -> dict[str, tuple[str, str]]:
-    """digest of each linear/embedding weight as the graph holds it -> (parameter name, kind)."""
+class _Sources:
+    """The model's linear and embedding weights by value, as a graph holds them (a MatMul weight as [K, N])."""
+
+    def __init__(self):
+        self.by_digest: dict[str, tuple[str, str]] = {}  # digest -> (parameter name, kind)
+        self.widths: dict[int, set[int]] = {}  # K -> the N of the linear layers with that K
+
+    def add(self, array: np.ndarray, param: str, kind: str) -> None:
+        self.by_digest.setdefault(_digest(array), (param, kind))
+        if kind == "linear":
+            self.widths.setdefault(array.shape[0], set()).add(array.shape[1])
+
+    def find(self, weight: np.ndarray):
+        """(source, kind) of a MatMul weight [K, N], or None: one parameter's name, or the linear layers it
+        packs side by side along N as [[parameter, width], ...] (the builder's q/k/v MatMul), found
+        left to right by the value of each slice."""
+        found = self.by_digest.get(_digest(weight))
+        if found is not None or weight.ndim != 2:
+            return found
+        parts, start, n = [], 0, weight.shape[1]
+        widths = sorted(self.widths.get(weight.shape[0], ()), reverse=True)
+        while start < n:
+            part = next(((self.by_digest[d], w) for w in widths if start + w <= n
+                         and (d := _digest(weight[:, start:start + w])) in self.by_digest), None)
+            if part is None or part[0][1] != "linear":
+                return None
+            parts.append([part[0][0], part[1]])
+            start += part[1]
+        return (parts, "linear") if len(parts) > 1 else None
+
+
+def source_parts(source, width: int | None = None) -> list[tuple[str, int | None]]:
+    """A manifest source (a parameter name, or `[[parameter, width], ...]`) -> [(parameter, width)];
+    a plain name spans the whole `width`."""
+    return [(source, width)] if isinstance(source, str) else [(param, w) for param, w in source]
+
+
+def _weight_sources(model) -> _Sources:
+    """Each linear/embedding weight of `model`, by value as the graph holds it."""
     import torch
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    sources = {}
+    sources = _Sources()
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
         if hasattr(module, "base_layer") or weight is None or weight.dim() != 2:
@@ -187,13 +234,13 @@ def _weight_sources(model) -> dict[str, tuple[str, str]]:
         param = parameter_name(name)
         array = weight.detach().float().numpy()
         if module is inputs:
-            sources[_digest(array)] = (param, "embedding")
+            sources.by_digest[_digest(array)] = (param, "embedding")
         if isinstance(module, torch.nn.Embedding):  # other tables (T5's per-stack copies of `shared`) are no MatMul
             continue
         kind = "lm_head" if module is output else "linear"
         # nn.Linear holds [out, in] (the graph's MatMul weight is its transpose); GPT-2's Conv1D holds [in, out].
         as_matmul = array if type(module).__name__ == "Conv1D" else array.T
-        sources.setdefault(_digest(as_matmul), (param, kind))
+        sources.add(as_matmul, param, kind)
     return sources
 
 
@@ -215,34 +262,49 @@ def _array(tensor) -> np.ndarray:
 
 
 # -- reading the quantized weights back ---------------------------------------------------------
-def dequantized_weights(onnx_path: str, weights: dict[str, str]) -> dict[str, np.ndarray]:
+def dequantized_weights(onnx_path: str, weights: dict) -> dict[str, np.ndarray]:
     """Parameter name -> the float64 weight (PyTorch's orientation) that the graph computes with,
     decoded from its quantized initializers with numpy (not with ONNX Runtime)."""
     return {param: w for param, (w, _) in quantized_weights(onnx_path, weights).items()}
 
 
-def quantized_weights(onnx_path: str, weights: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def quantized_weights(onnx_path: str, weights: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Parameter name -> (de-quantized weight, the scale of each element's block), both float64 in
-    PyTorch's [out, in] orientation (embeddings: [vocab, hidden])."""
+    PyTorch's [out, in] orientation (embeddings: [vocab, hidden]); a weight packing several parameters
+    along N is split into theirs."""
     import onnx
 
     model = onnx.load(onnx_path, load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
     decoders = {"MatMulNBits": _nbits_weight, "MatMulInteger": _int8_weight}
-    out = {}
+    out, read = {}, set()
     for node in model.graph.node:
         for qname in node.input[:2]:
-            param = weights.get(qname)
-            if param is None or param in out:
+            source = weights.get(qname)
+            if source is None or qname in read:
                 continue
+            read.add(qname)
             if node.op_type in decoders:
-                out[param] = tuple(a.T for a in decoders[node.op_type](node, inits))  # [K, N] -> [N, K]
+                weight, scale = decoders[node.op_type](node, inits)  # [K, N]
+                out |= _split(node, source, weight, scale)
             elif node.op_type == "GatherBlockQuantized":
-                out[param] = _gather_weight(node, inits)
-    missing = sorted(set(weights.values()) - set(out))
+                out[source] = _gather_weight(node, inits)
+    missing = sorted({p for source in weights.values() for p, _ in source_parts(source)} - set(out))
     if missing:
         raise IA3Error(f"{onnx_path}: no quantized node reads the weight of {missing[0]} that the manifest lists; "
                        f"re-export the model")
+    return out
+
+
+def _split(node, source, weight: np.ndarray, scale: np.ndarray) -> dict:
+    """A [K, N] weight and its scales -> each source parameter's [width, K] pair, left to right along N."""
+    parts, n = source_parts(source, weight.shape[1]), weight.shape[1]
+    if sum(width for _, width in parts) != n:
+        raise IA3Error(f"{node.name}: the manifest splits its {n} columns into {[w for _, w in parts]}; re-export the model")
+    out, start = {}, 0
+    for param, width in parts:
+        out[param] = (weight[:, start:start + width].T, scale[:, start:start + width].T)
+        start += width
     return out
 
 
@@ -308,7 +370,7 @@ def _gather_weight(node, inits) -> np.ndarray:
     return (q - zero) * expand(scales), expand(scales)
 
 
-def load_dequantized(model, onnx_path: str, weights: dict[str, str]) -> None:
+def load_dequantized(model, onnx_path: str, weights: dict) -> None:
     """Put the de-quantized weights of one graph into `model` (tied weights are untied: the graph
     quantizes the LM head but gathers the float embedding)."""
     import torch

@@ -177,7 +177,12 @@ def _check_quantization(field: "Fields", quantization, graphs: dict) -> None:
         where = f"quantization.graphs.{name}"
         field.choice(name, "quantization.graphs", graphs)
         weights = field.of(field.of(entry, where, dict).get("weights"), f"{where}.weights", dict, optional=True) or {}
-        field.names(list(weights.values()), f"{where}.weights")
+        for source in weights.values():  # a parameter name, or [[name, width], ...] packed along N
+            if not isinstance(source, str) and not (isinstance(source, list) and source and all(
+                    isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in source)):
+                field.fail(f"{where}.weights", source, "a parameter name or a list of [name, width]")
+            for _, width in [] if isinstance(source, str) else source:
+                field.count(width, f"{where}.weights", minimum=1)
 
 
 class Fields:
