@@ -145,7 +145,7 @@ MANIFEST_FIELDS = {
     "quantization-block-string": (setter("quantization", {"method": "int4", "block_size": "32"}),
                                   "quantization.block_size is '32'"),
     "quantization-weights-not-names": (setter("quantization", {"method": "int8", "graphs": {"model": {"weights": {"w": 1}}}}),
-                                       "quantization.graphs.model.weights is [1]"),
+                                       "quantization.graphs.model.weights is 1,"),
     "genai-string": (setter("genai", "yes"), "genai is 'yes'"),
     "genai-files-number": (setter("genai", {"supported": True, "files": 3}), "genai.files is 3"),
     "manifest-a-list": (lambda m: "[1, 2]", "not an ia3-export manifest"),
