@@ -41,6 +41,10 @@ Graph contract (what a runner needs to know):
 The manifest adds `cache.kv_layout = "shared"`, `cache.max_length` and
 `cache.position_ids = false` (readers ignore keys they do not know).
 
+`--quantize` (fp32 only): export/quantize.py's transform on the finished graph (vectors placed,
+`logits_to_keep` added), as on a traced graph; the packed q/k/v MatMul is recorded as the three
+parameters it packs, each with its width, and `hf_model` gets the de-quantized weights before validation.
+
 Why the builder: at a 1,024-token prompt its graph with the shared buffer decodes faster than the
 traced one (issue 18; docs/bench_fused_graph.json). It is a pinned dependency (`BUILDER_VERSION`,
 the `fused` extra): the graph edits rely on its node names. Its graph fails onnx.checker (ORT ops
