@@ -66,9 +66,9 @@ from ..errors import IA3Error
 from ..core.loading import copy_side_files
 from ..formats.manifest import ADAPTER_IDS, KV_SHARED, LOGITS_TO_KEEP, vector_name
 from ..progress import stage
+from ..tolerances import quantized_tolerance
 from . import graph as onnx_graph
 from .genai import CONFIG_NAME, GENAI_TASK, TOKENIZER_FILES, unsupported
-from ..tolerances import quantized_tolerance
 from .quantize import quantize_graph
 from .reference import running
 from .validate import compare_outputs, cpu_session, raise_on_failure, tolerance_of
@@ -157,7 +157,7 @@ class BuilderGraphs:
         return graphs, comparisons, quantized
 
     def quantized(self, path: str, hf_model, key: str, files: list) -> tuple[dict, list]:
-        """`--quantize int4`: the traced path's transform on the finished graph (vectors placed), its
+        """`--quantize`: the traced path's transform on the finished graph (vectors placed), its
         q/k/v MatMul recorded as the three parameters it packs; `hf_model` then holds the de-quantized
         weights, so validation compares with what the graph computes. (quantized weights, graph files)."""
         if self.quantize is None:

@@ -14,9 +14,11 @@ Each quantized weight is recorded in the manifest with the PyTorch parameter it 
 (found by value), so `dequantized_weights` can read the exact weights the graph computes with
 back into a PyTorch model: the reference for export validation and `ia3-export parity`. A weight
 that packs several parameters side by side along N (onnxruntime-genai's builder packs q, k and v
-into one MatMul, `--graph fused`) is recorded as `[[parameter, width], ...]` in that order (a plain
-name: one parameter, the whole width; what older folders hold) and split back when read. A MatMul
-weight that is none of the model's linear layers, alone or packed, is refused, never left float.
+into one MatMul, `--graph fused`) is recorded as `[[parameter, width], ...]` in that order, one that
+holds a slice of a parameter (the builder splits phi3's gate_up_proj into two MatMuls) as
+`[[parameter, width, offset]]` (a plain name: one parameter, the whole width; what older folders
+hold), and put back together when read. A MatMul weight that is none of the model's linear layers,
+alone, packed or sliced, is refused, never left float.
 """
 from __future__ import annotations
 
@@ -188,22 +190,34 @@ class _Sources:
 
     def __init__(self):
         self.by_digest: dict[str, tuple[str, str]] = {}  # digest -> (parameter name, kind)
-        self.widths: dict[int, set[int]] = {}  # K -> the N of the linear layers with that K
+        self.linears: dict[int, list[tuple[str, np.ndarray]]] = {}  # K -> the linear layers with that K, [K, N]
 
     def add(self, array: np.ndarray, param: str, kind: str) -> None:
         self.by_digest.setdefault(_digest(array), (param, kind))
         if kind == "linear":
-            self.widths.setdefault(array.shape[0], set()).add(array.shape[1])
+            self.linears.setdefault(array.shape[0], []).append((param, array))
 
     def find(self, weight: np.ndarray):
-        """(source, kind) of a MatMul weight [K, N], or None: one parameter's name, or the linear layers it
+        """(source, kind) of a MatMul weight [K, N], or None: one parameter's name, the linear layers it
         packs side by side along N as [[parameter, width], ...] (the builder's q/k/v MatMul), found
-        left to right by the value of each slice."""
+        left to right by the value of each slice, or the one linear layer it is a slice of, as
+        [[parameter, width, offset]] (offset: a multiple of the width)."""
         found = self.by_digest.get(_digest(weight))
         if found is not None or weight.ndim != 2:
             return found
+        return self._packed(weight) or self._sliced(weight)
+
+    def _sliced(self, weight: np.ndarray):
+        digest, n = _digest(weight), weight.shape[1]
+        for param, array in self.linears.get(weight.shape[0], ()):
+            for offset in range(0, array.shape[1] - n + 1, n) if array.shape[1] > n else ():
+                if _digest(array[:, offset:offset + n]) == digest:
+                    return [[param, n, offset]], "linear"
+        return None
+
+    def _packed(self, weight: np.ndarray):
         parts, start, n = [], 0, weight.shape[1]
-        widths = sorted(self.widths.get(weight.shape[0], ()), reverse=True)
+        widths = sorted({a.shape[1] for _, a in self.linears.get(weight.shape[0], ())}, reverse=True)
         while start < n:
             part = next(((self.by_digest[d], w) for w in widths if start + w <= n
                          and (d := _digest(weight[:, start:start + w])) in self.by_digest), None)
@@ -214,10 +228,10 @@ class _Sources:
         return (parts, "linear") if len(parts) > 1 else None
 
 
-def source_parts(source, width: int | None = None) -> list[tuple[str, int | None]]:
-    """A manifest source (a parameter name, or `[[parameter, width], ...]`) -> [(parameter, width)];
-    a plain name spans the whole `width`."""
-    return [(source, width)] if isinstance(source, str) else [(param, w) for param, w in source]
+def source_parts(source, width: int | None = None) -> list[tuple[str, int | None, int]]:
+    """A manifest source (a parameter name, or `[[parameter, width(, offset)], ...]`) -> [(parameter,
+    width, offset along the parameter's output)]; a plain name spans the whole `width` from 0."""
+    return [(source, width, 0)] if isinstance(source, str) else [(p[0], p[1], p[2] if len(p) > 2 else 0) for p in source]
 
 
 def _weight_sources(model) -> _Sources:
@@ -271,13 +285,13 @@ def dequantized_weights(onnx_path: str, weights: dict) -> dict[str, np.ndarray]:
 def quantized_weights(onnx_path: str, weights: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Parameter name -> (de-quantized weight, the scale of each element's block), both float64 in
     PyTorch's [out, in] orientation (embeddings: [vocab, hidden]); a weight packing several parameters
-    along N is split into theirs."""
+    along N is split into theirs, slices of one parameter are joined."""
     import onnx
 
     model = onnx.load(onnx_path, load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
     decoders = {"MatMulNBits": _nbits_weight, "MatMulInteger": _int8_weight}
-    out, read = {}, set()
+    out, pieces, read = {}, {}, set()  # pieces: parameter -> [(offset, weight, scale)]
     for node in model.graph.node:
         for qname in node.input[:2]:
             source = weights.get(qname)
@@ -286,10 +300,17 @@ def quantized_weights(onnx_path: str, weights: dict) -> dict[str, tuple[np.ndarr
             read.add(qname)
             if node.op_type in decoders:
                 weight, scale = decoders[node.op_type](node, inits)  # [K, N]
-                out |= _split(node, source, weight, scale)
+                for param, piece in _split(node, source, weight, scale).items():
+                    pieces.setdefault(param, []).append(piece)
             elif node.op_type == "GatherBlockQuantized":
                 out[source] = _gather_weight(node, inits)
-    missing = sorted({p for source in weights.values() for p, _ in source_parts(source)} - set(out))
+    for param, parts in pieces.items():
+        parts.sort(key=lambda piece: piece[0])
+        if [offset for offset, _, _ in parts] != list(np.cumsum([0] + [w.shape[0] for _, w, _ in parts[:-1]])):
+            raise IA3Error(f"{onnx_path}: the slices of {param} that the manifest lists do not follow each other; "
+                           "re-export the model")
+        out[param] = tuple(np.concatenate([piece[i] for piece in parts]) for i in (1, 2))
+    missing = sorted({p for source in weights.values() for p, _, _ in source_parts(source)} - set(out))
     if missing:
         raise IA3Error(f"{onnx_path}: no quantized node reads the weight of {missing[0]} that the manifest lists; "
                        f"re-export the model")
@@ -297,13 +318,15 @@ def quantized_weights(onnx_path: str, weights: dict) -> dict[str, tuple[np.ndarr
 
 
 def _split(node, source, weight: np.ndarray, scale: np.ndarray) -> dict:
-    """A [K, N] weight and its scales -> each source parameter's [width, K] pair, left to right along N."""
+    """A [K, N] weight and its scales -> each source parameter's (offset, [width, K] weight, scales),
+    left to right along N."""
     parts, n = source_parts(source, weight.shape[1]), weight.shape[1]
-    if sum(width for _, width in parts) != n:
-        raise IA3Error(f"{node.name}: the manifest splits its {n} columns into {[w for _, w in parts]}; re-export the model")
+    if sum(width for _, width, _ in parts) != n:
+        raise IA3Error(f"{node.name}: the manifest splits its {n} columns into {[w for _, w, _ in parts]}; "
+                       "re-export the model")
     out, start = {}, 0
-    for param, width in parts:
-        out[param] = (weight[:, start:start + width].T, scale[:, start:start + width].T)
+    for param, width, offset in parts:
+        out[param] = (offset, weight[:, start:start + width].T, scale[:, start:start + width].T)
         start += width
     return out
 

@@ -177,12 +177,13 @@ def _check_quantization(field: "Fields", quantization, graphs: dict) -> None:
         where = f"quantization.graphs.{name}"
         field.choice(name, "quantization.graphs", graphs)
         weights = field.of(field.of(entry, where, dict).get("weights"), f"{where}.weights", dict, optional=True) or {}
-        for source in weights.values():  # a parameter name, or [[name, width], ...] packed along N
+        for source in weights.values():  # a parameter name, or [[name, width(, offset)], ...] packed along N
             if not isinstance(source, str) and not (isinstance(source, list) and source and all(
-                    isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in source)):
-                field.fail(f"{where}.weights", source, "a parameter name or a list of [name, width]")
-            for _, width in [] if isinstance(source, str) else source:
-                field.count(width, f"{where}.weights", minimum=1)
+                    isinstance(p, list) and len(p) in (2, 3) and isinstance(p[0], str) for p in source)):
+                field.fail(f"{where}.weights", source, "a parameter name or a list of [name, width(, offset)]")
+            for part in [] if isinstance(source, str) else source:
+                field.count(part[1], f"{where}.weights", minimum=1)
+                field.count(part[2] if len(part) > 2 else 0, f"{where}.weights")
 
 
 class Fields:

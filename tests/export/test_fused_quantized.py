@@ -303,6 +303,46 @@ def test_qwen2_biases_stay_float_and_a_scaled_bias_fails_parity_naming_logits(ex
     assert not report.passed and {o.output for o in report.outputs if not o.comparison.passed} == {"logits"}
 
 
+@pytest.mark.parametrize("model_type, targets, overrides", [
+    ("mistral", None, {}), ("qwen3", ["q_proj", "v_proj", "down_proj"], {}), ("gemma", ["q_proj", "v_proj", "down_proj"], {}),
+    ("phi3", ["qkv_proj", "down_proj"], {"max_position_embeddings": 4096}),  # else the builder takes it for LongRoPE
+])
+def test_the_other_builder_decoders_quantize_and_pass_parity(tmp_path, model_type, targets, overrides):
+    """Every projection of the other --graph fused decoders is MatMulNBits and recorded: q/k/v packed (phi3:
+    one qkv_proj module in transformers too), phi3's gate_up_proj, which the builder splits into gate and up
+    MatMuls, as two slices of one parameter; parity (the reference joins them back) passes."""
+    from ia3_export.core.config import IA3Config
+    from ia3_export.core.loading import load_base_model
+    from ia3_export.core.model import IA3Model
+    from ia3_export.examples.tiny import randomize_adapter, save_tiny
+    from ia3_export.export import export_model
+    from ia3_export.parity.check import check_parity
+
+    model_dir = save_tiny(str(tmp_path / "m"), model_type, hidden_size=64, head_dim=16, **overrides)
+    config = IA3Config(target_modules=targets, feedforward_modules=["down_proj"]) if targets else IA3Config()
+    ia3 = IA3Model(load_base_model(model_dir), config)
+    randomize_adapter(ia3, "default", seed=5)
+    adapter = ia3.save_adapter(str(tmp_path / "ad"))
+    folder = str(tmp_path / "out")
+    export_model(model_dir, folder, mode="swappable", adapters=[adapter], graph="fused", quantize="int4")
+    model = graph(folder)
+    nbits = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == 11 and not [n for n in model.graph.node if n.op_type == "MatMul"
+                                      and n.input[1] in {i.name for i in model.graph.initializer}]
+    weights = manifest(folder)["quantization"]["graphs"]["model"]["weights"]
+    qkv, gate, up = (weights[nbits[f"/model/layers.1/{p}/MatMul_Q4"]] for p in ("attn/qkv_proj", "mlp/gate_proj", "mlp/up_proj"))
+    intermediate = json.load(open(os.path.join(model_dir, "config.json")))["intermediate_size"]
+    if model_type == "phi3":
+        assert qkv == "model.layers.1.self_attn.qkv_proj.weight"
+        assert [gate, up] == [[["model.layers.1.mlp.gate_up_proj.weight", intermediate, offset]]
+                              for offset in (0, intermediate)]
+    else:
+        assert [p for p, _ in qkv] == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"]
+        assert [gate, up] == [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up")]
+    report = check_parity(model_dir, folder, [adapter], greedy_steps=2)
+    assert report.passed, "\n".join(f.line() for f in report.failures()[:5])
+
+
 def test_int8_exports_the_same_way(fused_llama, exports):
     """--quantize int8 (dynamic: MatMulInteger) takes the same path: every projection, the packed qkv
     recorded, validated and parity-checked within int8's bound."""
@@ -347,7 +387,9 @@ def test_a_matmul_weight_of_no_linear_layer_is_refused_not_left_float(fused_llam
 @pytest.mark.parametrize("source, ok", [
     ("model.layers.0.self_attn.q_proj.weight", True),  # what folders before packed sources hold
     ([["model.layers.0.self_attn.q_proj.weight", 64], ["model.layers.0.self_attn.k_proj.weight", 32]], True),
+    ([["model.layers.0.mlp.gate_up_proj.weight", 64, 64]], True),  # a slice of one parameter
     ([["model.layers.0.self_attn.q_proj.weight", 0]], False),
+    ([["model.layers.0.mlp.gate_up_proj.weight", 64, -64]], False),
     ([["model.layers.0.self_attn.q_proj.weight"]], False),
     ([], False),
     (7, False),
