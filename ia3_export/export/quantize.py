@@ -118,7 +118,7 @@ def quantize_graph(path: str, model, options: QuantizeOptions) -> tuple[dict, li
             continue
         if found is None and array.ndim == 2 and array.dtype == np.float32:
             raise IA3Error(f"{os.path.basename(path)}: the weight of {node.name} ({array.shape[0]}x{array.shape[1]}) is "
-                           "none of the model's linear layers, alone or packed, so it would stay float unchecked; "
+                           "none of the model's linear layers, alone, packed or sliced, so it would stay float unchecked; "
                            "export without --quantize")
         if found is None or (found[1] == "lm_head" and not options.lm_head):
             skipped.append(node.name)
