@@ -10,10 +10,16 @@ count everywhere, interleaved rounds (alternating order), medians. Cells, each a
 - genai_fused_merged, genai_fused_swappable: genai on the same fused exports (swappable: our .onnx_adapter);
 - genai_builder: the anchor.
 Every run generates exactly NEW tokens (ours ignores EOS; genai's min_length holds it off).
+--quantize int4: the fused exports with `--quantize int4` (our defaults: block 32, symmetric, accuracy level
+0, LM head quantized; fused_merged, fused_swappable and their genai cells) and the same at accuracy level 4
+(`*_level4`: int8 activations, what the builder's int4 graph uses) against the builder's own `-p int4 -e cpu`
+graph under genai as the anchor (no traced or foldswap cells); the MatMulNBits attributes of every graph are
+recorded (-> bench_long_int4.json).
 Export needs torch: $FULL_PYTHON (default .venv/bin/python) builds the folders once; this script runs
 where onnxruntime-genai is installed.
 
-  .venv/bin/python scripts/bench_long.py [--quick] [--rounds 5] [--long-rounds 3] [--threads 2] [--out docs/]
+  .venv/bin/python scripts/bench_long.py [--quick] [--quantize int4] [--rounds 5] [--long-rounds 3] [--threads 2]
+      [--out docs/]
       [--hidden 2048 --runners fused_merged fused_swappable ...]   (-> bench_long_h2048.json)
 """
 from __future__ import annotations
@@ -45,7 +51,8 @@ from ia3_export.core.model import IA3Model
 from ia3_export.examples.tiny import randomize_adapter, save_tiny
 from ia3_export.export.fused import run_builder
 out, hidden, layers, heads, kv_heads, vocab = sys.argv[1], *map(int, sys.argv[2:7])
-wanted = set(sys.argv[7:])  # the folders still missing
+quantize = None if sys.argv[7] == "none" else sys.argv[7]
+wanted = set(sys.argv[8:])  # the folders still missing
 base, adapter = out + "/base", out + "/adapter"
 if not os.path.isdir(adapter):
     save_tiny(base, "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -54,14 +61,18 @@ if not os.path.isdir(adapter):
     model = IA3Model(load_base_model(base), IA3Config())
     randomize_adapter(model, "default", seed=1)
     model.save_adapter(adapter)
+if quantize is not None:
+    from ia3_export.export import QuantizeOptions
 for name, mode, graph in (("merged", "merged", "traced"), ("swappable", "swappable", "traced"),
                           ("fused_merged", "merged", "fused"), ("fused_swappable", "swappable", "fused"),
-                          ("fused_foldswap", "foldswap", "fused")):
+                          ("fused_foldswap", "foldswap", "fused"), ("fused_merged_level4", "merged", "fused"),
+                          ("fused_swappable_level4", "swappable", "fused")):
     if name in wanted:
-        export_model(base, out + "/" + name, mode=mode, adapters=[adapter], graph=graph)
+        options = quantize and QuantizeOptions(quantize, accuracy_level=4 if name.endswith("level4") else 0)
+        export_model(base, out + "/" + name, mode=mode, adapters=[adapter], graph=graph, quantize=options)
 if "builder" in wanted:
     merge_to_folder(base, [adapter], out + "/hf_merged", force=True)
-    run_builder(out + "/hf_merged", out + "/builder", out + "/builder-cache")
+    run_builder(out + "/hf_merged", out + "/builder", out + "/builder-cache", quantize or "fp32")
 """
 # runner -> (its folder, how it runs it)
 RUNNERS = {
@@ -72,19 +83,40 @@ RUNNERS = {
     "fused_foldswap": ("fused_foldswap", "ours", "adapter"),
     "genai_fused_merged": ("fused_merged", "genai", None),
     "genai_fused_swappable": ("fused_swappable", "genai", "adapter"),
+    "fused_merged_level4": ("fused_merged_level4", "ours", None),  # --quantize only, as the next three
+    "fused_swappable_level4": ("fused_swappable_level4", "ours", "adapter"),
+    "genai_fused_merged_level4": ("fused_merged_level4", "genai", None),
+    "genai_fused_swappable_level4": ("fused_swappable_level4", "genai", "adapter"),
     "genai_builder": ("builder", "genai", None),
 }
+FLOAT_ONLY = ("ours_merged", "ours_swappable", "fused_foldswap")  # traced, or refusing --quantize
+QUANTIZED_ONLY = tuple(r for r in RUNNERS if r.endswith("level4"))
 
 
 def prepare(args, folders: set[str]) -> dict:
     """Export what is missing (kept between runs in the temp dir, one folder per model shape)."""
     shape = (args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
-    folder = os.path.join(tempfile.gettempdir(), "ia3-bench-long-" + "-".join(map(str, shape)))
+    folder = os.path.join(tempfile.gettempdir(), "ia3-bench-long-" + "-".join(map(str, shape))
+                          + (f"-{args.quantize}" if args.quantize else ""))
     missing = sorted(name for name in folders if not os.path.isdir(os.path.join(folder, name)))
     if missing:
         full = os.environ.get("FULL_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
-        subprocess.run([full, "-c", "import os\n" + PREPARE, folder, *map(str, shape), *missing], check=True)
+        subprocess.run([full, "-c", "import os\n" + PREPARE, folder, *map(str, shape), args.quantize or "none",
+                        *missing], check=True)
     return {name: os.path.join(folder, name) for name in folders}
+
+
+def nbits_attributes(folder: str) -> dict:
+    """How many MatMulNBits nodes of a graph have each (bits, block_size, accuracy_level)."""
+    import onnx
+
+    model = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False)
+    seen: dict = {}
+    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        key = ", ".join(f"{k} {attrs.get(k, 0)}" for k in ("bits", "block_size", "accuracy_level"))
+        seen[key] = seen.get(key, 0) + 1
+    return seen
 
 
 ANCHOR = "genai_builder"
@@ -107,6 +139,7 @@ def main() -> None:
     parser.add_argument("--runners", nargs="+", choices=[r for r in RUNNERS if r != ANCHOR], default=None,
                         help="only these (the anchor always runs; default: all)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    parser.add_argument("--quantize", choices=["int4"], help="fused int4 exports vs the builder's -p int4 graph")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.heads, args.kv_heads, args.prompts = 256, 2, 4, 2, [32, 128]
@@ -114,7 +147,8 @@ def main() -> None:
     import onnxruntime
     import onnxruntime_genai as og
 
-    chosen = [r for r in RUNNERS if r == ANCHOR or args.runners is None or r in args.runners]
+    offered = [r for r in RUNNERS if r not in (FLOAT_ONLY if args.quantize else QUANTIZED_ONLY)]
+    chosen = [r for r in offered if r == ANCHOR or args.runners is None or r in args.runners]
     folders = prepare(args, {RUNNERS[r][0] for r in chosen})
     runtimes = {r: {"ours": Ours, "genai": Genai}[RUNNERS[r][1]](folders[RUNNERS[r][0]], args.threads,
                                                                  adapter=RUNNERS[r][2]) for r in chosen}
@@ -128,6 +162,9 @@ def main() -> None:
               "new_tokens": args.new, "threads": args.threads, "anchor": ANCHOR,
               "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": og.__version__},
               "cells": {}}
+    if args.quantize:
+        result["quantize"] = {"method": args.quantize, "anchor": f"builder -p {args.quantize} -e cpu", "matmulnbits":
+                              {name: nbits_attributes(path) for name, path in sorted(folders.items())}}
     for prompt_len in args.prompts:
         for batch in args.batches:
             rounds = args.long_rounds if prompt_len >= 512 else args.rounds
@@ -158,7 +195,8 @@ def main() -> None:
             print(f"prompt {prompt_len} batch {batch}: total/anchor",
                   {k: round(v, 3) for k, v in cell["total_over_anchor"].items()}, "step/anchor",
                   {k: round(v, 3) for k, v in cell["decode_step_over_anchor"].items()}, flush=True)
-    name = "bench_long" + ("_quick" if args.quick else f"_h{args.hidden}" if args.hidden != 1024 else "")
+    name = ("bench_long" + (f"_{args.quantize}" if args.quantize else "")
+            + ("_quick" if args.quick else f"_h{args.hidden}" if args.hidden != 1024 else ""))
     write_result(args.out, name, result, stamp=False)
 
 
