@@ -20,9 +20,9 @@ mode decides, through its traits, what the builder is given and what is placed:
   bias `...qkv_proj.Add.bias` where the model has one (qwen2), both scaled along the output by
   [q | k | v] (ones for a module not targeted; phi3's qkv_proj is one module, one vector), and a
   feed-forward MatMul weight (`...mlp.down_proj.MatMul.weight`, scaled along its rows). fold.onnx
-  holds their base values (modes/foldswap.py). The manifest's `weights` entries name each tensor, its graph and shape, and
-  `vector`, the first vector that scales it; `vectors` lists them all where there are several (the
-  fused q/k/v weight and bias);
+  holds their base values (modes/foldswap.py). The manifest's `weights` entries name each tensor,
+  its graph and shape, and `vector`, the first vector that scales it; `vectors` lists them all where
+  there are several (the fused q/k/v weight and bias);
 - a mode with a `fused_refusal` is refused.
 
 Graph contract (what a runner needs to know):
@@ -277,7 +277,8 @@ def place_vectors(model, part, config: dict, bank: bool, dtype: str = "fp32") ->
     attention: dict[int, dict[str, str]] = {}
     for path in part.paths:
         name, dim = vector_name(path), part.dims[path]
-        model.graph.input.append(helper.make_tensor_value_info(name, DTYPES[dtype].onnx, ["num_adapters", dim] if bank else [dim]))
+        shape = ["num_adapters", dim] if bank else [dim]
+        model.graph.input.append(helper.make_tensor_value_info(name, DTYPES[dtype].onnx, shape))
         onnx_graph.add_overridable_ones(model, name, (1, dim) if bank else (dim,), dtype)
         match = _ATTENTION.fullmatch(path)
         if match and not part.feedforward[path]:
@@ -341,8 +342,10 @@ def _place_linear(edits: _Edits, nodes: dict, path: str, vector: str, feedforwar
 
 def _projection(nodes: dict, path: str):
     """The builder's MatMul of module `path` (`model.layers.0.mlp.down_proj`: `/model/layers.0/mlp/down_proj/MatMul`)."""
-    match = _MODULE.fullmatch(path)
-    node = match and nodes.get(f"/model/layers.{match.group(1)}/{_BUILDER_BLOCKS[match.group(2)]}/{match.group(3)}/MatMul")
+    match, node = _MODULE.fullmatch(path), None
+    if match:
+        layer, block, name = match.groups()
+        node = nodes.get(f"/model/layers.{layer}/{_BUILDER_BLOCKS[block]}/{name}/MatMul")
     if node is None:
         raise IA3Error(f"the builder's graph has no MatMul for {path}; --graph fused places vectors on "
                        "self_attn q/k/v and the mlp/self_attn projections; use --graph traced")
@@ -390,7 +393,8 @@ def lift_fold_targets(model, part, config: dict, graph: str, dtype: str) -> tupl
     kept = [t for t in model.graph.initializer if t.name not in lifted]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    model.graph.input.extend(helper.make_tensor_value_info(n, elem, list(value.shape)) for n, (elem, value) in lifted.items())
+    model.graph.input.extend(helper.make_tensor_value_info(n, elem, list(value.shape))
+                             for n, (elem, value) in lifted.items())
     np_dtype = numpy_dtype(dtype)
     return targets, lambda name, shape: numpy_helper.from_array(lifted[name][1].astype(np_dtype), f"{name}.base")
 
