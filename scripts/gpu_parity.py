@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The CUDA parity matrix: every tiny architecture x merged, swappable, bank x fp32 (TF32 on and
 off) and fp16, on ONNX Runtime's CUDAExecutionProvider, against the float64 PyTorch reference; and
-the same for `--graph fused` exports (onnxruntime-genai's builder: llama, mistral, qwen2, qwen3, gemma, phi3 with head
+the same for `--graph fused` exports (onnxruntime-genai's builder: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3 with head
 size 16; the fp16 one is the builder's CUDA graph) where --prepare has the builder installed.
 
 Two steps, because the GPU machine may lack what exporting needs (onnxscript, this torch):
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", action="append", choices=MODES, help="only these modes (repeatable)")
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (repeatable)")
     parser.add_argument("--graph", action="append", choices=GRAPHS,
-                        help="only these graphs (repeatable; fused: llama, mistral, qwen2, qwen3, gemma, phi3; needs onnxruntime-genai)")
+                        help="only these graphs (repeatable; fused: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3; needs onnxruntime-genai)")
     args = parser.parse_args(argv)
     archs, modes, dtypes = args.arch or architectures(), args.mode or list(MODES), args.dtype or list(DTYPES)
     graphs = args.graph or list(GRAPHS)
