@@ -122,9 +122,12 @@ def nbits_attributes(folder: str) -> dict:
 ANCHOR = "genai_builder"
 
 
+RUNTIMES = {"ours": Ours, "genai": Genai}  # RUNNERS' second field
+
+
 def _serve(conn, kind: str, folder: str, threads: int, adapter) -> None:
     """One runner in a process of its own (see `Isolated`): generate per request, timed here."""
-    runner = {"ours": Ours, "genai": Genai}[kind](folder, threads, adapter=adapter)
+    runner = RUNTIMES[kind](folder, threads, adapter=adapter)
     while (job := conn.recv()) is not None:
         start = time.perf_counter()
         out, steps = runner.generate(*job)
@@ -154,7 +157,7 @@ class InProcess:
     """A runner in this process (`--same-process`)."""
 
     def __init__(self, kind: str, folder: str, threads: int, adapter):
-        self.runner = {"ours": Ours, "genai": Genai}[kind](folder, threads, adapter=adapter)
+        self.runner = RUNTIMES[kind](folder, threads, adapter=adapter)
 
     def generate(self, prompts, new: int):
         start = time.perf_counter()

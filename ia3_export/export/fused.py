@@ -22,8 +22,7 @@ mode decides, through its traits, what the builder is given and what is placed:
   feed-forward MatMul weight (`...mlp.down_proj.MatMul.weight`, scaled along its rows). fold.onnx
   holds their base values (modes/foldswap.py). The manifest's `weights` entries name each tensor,
   its graph and shape, and `vector`, the first vector that scales it; `vectors` lists them all where
-  there are several (the fused q/k/v weight and bias);
-- a mode with a `fused_refusal` is refused.
+  there are several (the fused q/k/v weight and bias).
 
 Graph contract (what a runner needs to know):
 - inputs `input_ids [batch, seq]`, `attention_mask [batch, total]` (int64; no `position_ids`:
@@ -96,8 +95,6 @@ class BuilderGraphs:
     def check(self, strategy, config: dict, task, dtype: str) -> None:
         """Refuse, before any work, what the builder cannot make or this factory cannot validate."""
         self.config = config  # the model's config.json, read by `make` and `manifest_fields`
-        if strategy.fused_refusal:
-            raise IA3Error(strategy.fused_refusal)
         if dtype not in BUILDS:
             raise IA3Error(f"--graph fused makes {' or '.join(BUILDS)} graphs, not {dtype}; use --graph traced")
         self.dtype = dtype

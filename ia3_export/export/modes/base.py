@@ -51,7 +51,6 @@ class ExportMode:
     graph_defaults = True  # the model graphs hold the vectors as overridable initializers of ones
     quantize_refusal: str | None = None  # why --quantize cannot apply, or None
     genai_refusal: str | None = None  # why onnxruntime-genai cannot serve the export, or None
-    fused_refusal: str | None = None  # why `--graph fused` (the model builder's graph) cannot carry the mode, or None
     lifts_weights = False  # `--graph fused`: the targeted weights become graph inputs a fold graph fills (`fold_from`)
 
     # -- before loading ---------------------------------------------------------------------------
