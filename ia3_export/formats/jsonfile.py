@@ -3,20 +3,19 @@
 Python's `json` recurses once per nesting level, so a file nested 100,000 deep raises
 RecursionError. The nesting depth is measured first, without recursion (strings blanked out
 by a regex, then a running sum over the brackets left), and text nested deeper than MAX_DEPTH
-is refused before `json.loads` sees it. Files are size-capped before they are read.
+is refused before `json.loads` sees it. Files are read through `reader` (regular files only, size-capped per kind).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import numpy as np
 
 from ..errors import IA3Error
+from .reader import read_bytes
 
 MAX_DEPTH = 64  # real configs, manifests and rows nest a handful of levels
-MAX_BYTES = 64 * 1024 * 1024  # a config or manifest is kilobytes
 # A string token, or an unterminated one up to the end: every match attempt succeeds, so the scan is linear.
 _STRING = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -49,18 +48,10 @@ def parse_json(text: str | bytes, where: str):
         raise IA3Error(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]}); fix or re-create the file") from None
 
 
-def read_json(path: str, max_bytes: int = MAX_BYTES):
-    """The parsed content of a JSON file; too large, invalid or too deep is an IA3Error naming the file."""
-    try:
-        size = os.path.getsize(path)
-        if size > max_bytes:
-            raise IA3Error(f"{path}: {size} bytes, more than the {max_bytes} a JSON file here may hold; "
-                           "is it the right file?")
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
-    return parse_json(raw, path)
+def read_json(path: str, kind: str = "json"):
+    """The parsed content of a JSON file (a regular file within its kind's cap, see `reader`);
+    too large, invalid or too deep is an IA3Error naming the file."""
+    return parse_json(read_bytes(path, kind), path)
 
 
 def shown(value, limit: int = 80) -> str:

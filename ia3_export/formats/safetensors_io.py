@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import IA3Error
 from ..dtypes import SAFETENSORS
 from .jsonfile import parse_json, shown
+from .reader import open_regular
 
 # What this reader turns into numpy arrays (bfloat16 read as its raw 16 bits, then widened).
 READABLE = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
@@ -50,8 +51,8 @@ class Header:
 def read_header(path: str) -> Header:
     """The checked header of a .safetensors file (no tensor data is read)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors") as f:
+            size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise IA3Error(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
@@ -124,7 +125,7 @@ def read_safetensors(path: str, max_bytes: int | None = None) -> dict[str, np.nd
             raise IA3Error(f"{path}: tensor {shown(entry.name)} has shape {entry.shape} and holds no values; "
                            "the file is corrupted")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors") as f:
             return {entry.name: _read(f, header, entry) for entry in header.entries.values()}
     except OSError as e:
         raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
