@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from ..errors import IA3Error
-from ..formats.jsonfile import read_json, shown
+from ..formats.jsonfile import read_json
 from ..formats.labels import label_config, label_fields
+from ..formats.model_config import check_model_config
+from ..formats.reader import check_regular, present, read_bytes, registers
 from ..formats.safetensors_io import read_header
 from ..tasks import ALL_NAMES, TASKS, auto_model_class, task_named, task_of_architectures, task_of_type
 
 # Task names (transformers pipelines', optimum's export tasks) -> the Auto class of their head.
 TASK_HEADS = {name: task_named(name).auto_class for name in ALL_NAMES}
-# JSON files in a model folder that transformers reads with Python's (recursive) json module.
-TRANSFORMERS_JSON = ("generation_config.json", "model.safetensors.index.json", "tokenizer_config.json",
-                     "special_tokens_map.json", "preprocessor_config.json")
+# JSON files in a model folder that transformers reads with Python's (recursive) json module, and their kinds.
+TRANSFORMERS_JSON = {"generation_config.json": "json", "model.safetensors.index.json": "json",
+                     "tokenizer_config.json": "tokenizer", "special_tokens_map.json": "tokenizer",
+                     "preprocessor_config.json": "json"}
 # Files copied beside a merged model or an ONNX export (never weights).
 SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -28,33 +30,32 @@ SIDE_FILES = (
 )
 
 
+@registers("model_dir", ("config.json", "json"))
 def read_model_config(model_dir: str) -> dict:
+    """A model folder's config.json, every field that sizes the model checked (formats/model_config.py)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
         raise IA3Error(f"model folder {model_dir} does not exist")
-    if not os.path.isfile(path):
+    if not present(path):
         raise IA3Error(f"{model_dir} has no config.json; pass a transformers model folder (save_pretrained output)")
-    config = read_json(path)
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise IA3Error(f"{path}: no model_type; is it a transformers config?")
-    if not isinstance(config["model_type"], str):
-        raise IA3Error(f"{path}: model_type is {shown(config['model_type'])}, expected a string; fix the config")
-    architectures = config.get("architectures")
-    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise IA3Error(f"{path}: architectures is {shown(architectures)}, expected a list of class names; fix the config")
-    return config
+    return check_model_config(read_json(path), path)
 
 
+@registers("model_dir", ("model.safetensors", "safetensors"), ("generation_config.json", "json"),
+           ("tokenizer_config.json", "tokenizer"))
 def check_model_files(model_dir: str) -> None:
     """What transformers will parse, checked first by our readers, so a hostile folder is one clear
-    error, not a traceback from inside transformers: every safetensors header against its file's
-    size (a truncated download), and the JSON files it reads with Python's recursive parser."""
+    error, not a traceback (or a hang on a FIFO) inside transformers: every safetensors header against
+    its file's size (a truncated download), the JSON files it reads with Python's recursive parser,
+    and the side files we copy (regular files within their caps)."""
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)
         if name.endswith(".safetensors"):
             read_header(path)
-        elif name in TRANSFORMERS_JSON and os.path.isfile(path):
-            read_json(path)
+        elif name in TRANSFORMERS_JSON:
+            read_json(path, TRANSFORMERS_JSON[name])
+        elif name in SIDE_FILES:
+            check_regular(path, "tokenizer")
 
 
 def auto_class_name(config: dict) -> str:
@@ -164,8 +165,10 @@ def copy_side_files(model_dir: str, out_dir: str) -> list[str]:
     copied = []
     for name in SIDE_FILES:
         src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(out_dir, name))
+        if present(src):
+            data = read_bytes(src, "tokenizer")
+            with open(os.path.join(out_dir, name), "wb") as f:  # inside the caller's atomic output folder
+                f.write(data)
             copied.append(name)
     return copied
 
@@ -187,4 +190,4 @@ def write_config(out_dir: str, model, model_dir: str | None = None) -> str:
 
 
 def has_tokenizer(model_dir: str) -> bool:
-    return any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    return any(present(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))

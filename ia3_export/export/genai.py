@@ -16,7 +16,8 @@ import json
 import os
 
 from ..errors import CheckFailed
-from ..runtime.folder import ExportedFolder
+from ..formats.jsonfile import read_json
+from ..runtime.folder import ExportedFolder, open_folder
 from ..runtime.generation import GenerationOptions, generate_ids
 from ..runtime.session import IA3Session
 from .modes import export_mode
@@ -105,6 +106,8 @@ def validate_with_genai(folder: str, manifest: dict) -> str | None:
     except ImportError:
         return None
     prompt, steps = [5, 6, 7, 8], 4
+    open_folder(folder)  # genai opens the graphs itself: their external data is checked first
+    read_json(os.path.join(folder, CONFIG_NAME))
     try:
         config = og.Config(folder)
         config.clear_providers()  # the CPU, like our runtime here (an fp16 export's config names CUDA)

@@ -8,14 +8,17 @@ import numpy as np
 
 from ..dtypes import numpy_dtype
 from ..errors import IA3Error
+from ..formats.onnx_graph import check_graph
 
 # Protobuf cannot hold 2 GB; weights go to external data above this (with headroom for the graph).
 EXTERNAL_DATA_ABOVE = 2 ** 31 - 2 ** 26
 
 
 def load(path: str):
+    """The model at `path` with its external data, after `check_graph` confined that data to its folder."""
     import onnx
 
+    check_graph(path)
     return onnx.load(path, load_external_data=True)
 
 

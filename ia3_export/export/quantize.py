@@ -288,7 +288,7 @@ def quantized_weights(onnx_path: str, weights: dict) -> dict[str, tuple[np.ndarr
     along N is split into theirs, slices of one parameter are joined."""
     import onnx
 
-    model = onnx.load(onnx_path, load_external_data=True)
+    model = onnx_graph.load(onnx_path)
     inits = {i.name: i for i in model.graph.initializer}
     decoders = {"MatMulNBits": _nbits_weight, "MatMulInteger": _int8_weight}
     out, pieces, read = {}, {}, set()  # pieces: parameter -> [(offset, weight, scale)]

@@ -18,6 +18,7 @@ from .atomic import atomic_output_dir
 from ..core.config import IA3Config
 from ..errors import IA3Error
 from .jsonfile import read_json
+from .reader import present, registers
 from .safetensors_io import read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -70,17 +71,19 @@ def vector_key(path: str) -> str:
     return f"{PREFIX}{path}{VECTOR_SUFFIX}"
 
 
+@registers("adapter_dir", (CONFIG_NAME, "json"), (WEIGHTS_NAME, "safetensors"))
 def read_adapter(path: str, max_bytes: int | None = None) -> AdapterFile:
     """Read and check a PEFT IA3 adapter folder; every problem is an IA3Error naming the file.
     `max_bytes` caps the tensor data a caller can use (checked against the header before reading)."""
     if not os.path.isdir(path):
-        raise IA3Error(f"adapter folder {path} does not exist (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+        what = "is not a folder" if present(path) else "does not exist"
+        raise IA3Error(f"adapter folder {path} {what} (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     config_path = os.path.join(path, CONFIG_NAME)
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(config_path):
+    if not present(config_path):
         raise IA3Error(f"{path} has no {CONFIG_NAME}; is it a PEFT adapter folder?")
-    if not os.path.isfile(weights_path):
-        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
+    if not present(weights_path):
+        if present(os.path.join(path, PICKLE_NAME)):
             raise IA3Error(
                 f"{os.path.join(path, PICKLE_NAME)} is a pickle, which can run code when loaded; refusing it. "
                 "Re-save the adapter as safetensors (PEFT: save_pretrained(..., safe_serialization=True)) "
@@ -94,6 +97,7 @@ def read_adapter(path: str, max_bytes: int | None = None) -> AdapterFile:
     return adapter
 
 
+@registers("adapter_dir", (CONFIG_NAME, "json"))
 def read_config(path: str) -> IA3Config:
     """The adapter folder's adapter_config.json alone (what it is, before any tensor is read)."""
     config_path = os.path.join(path, CONFIG_NAME)

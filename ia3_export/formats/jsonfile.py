@@ -4,6 +4,8 @@ Python's `json` recurses once per nesting level, so a file nested 100,000 deep r
 RecursionError. The nesting depth is measured first, without recursion (strings blanked out
 by a regex, then a running sum over the brackets left), and text nested deeper than MAX_DEPTH
 is refused before `json.loads` sees it. Files are read through `reader` (regular files only, size-capped per kind).
+A key given twice in one object is refused, naming it: Python keeps the last, other readers the
+first, so two `"mode"` keys in a manifest would mean different folders to different tools.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import re
 import numpy as np
 
 from ..errors import IA3Error
-from .reader import read_bytes
+from .reader import read_bytes, registers
 
 MAX_DEPTH = 64  # real configs, manifests and rows nest a handful of levels
 # A string token, or an unterminated one up to the end: every match attempt succeeds, so the scan is linear.
@@ -43,11 +45,27 @@ def parse_json(text: str | bytes, where: str):
         if text.count("[") + text.count("{") > MAX_DEPTH and (depth := nesting_depth(text)) > MAX_DEPTH:
             raise IA3Error(f"{where}: JSON nested {depth} levels deep (at most {MAX_DEPTH} are read); "
                            "the file is corrupted or hostile, re-create it")
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _Duplicate as e:
+        raise IA3Error(f"{where}: key {shown(e.args[0])} appears twice in one object (which one counts is "
+                       "ambiguous); keep one and fix or re-create the file") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, too many digits, bad UTF-8
         raise IA3Error(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]}); fix or re-create the file") from None
 
 
+class _Duplicate(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+@registers("json_file", ("", "json"))
 def read_json(path: str, kind: str = "json"):
     """The parsed content of a JSON file (a regular file within its kind's cap, see `reader`);
     too large, invalid or too deep is an IA3Error naming the file."""

@@ -19,6 +19,7 @@ import re
 
 from ..errors import IA3Error
 from .jsonfile import read_json
+from .reader import present, registers
 
 LABELS_NAME = "labels.json"
 # The output layer of a saved classification head (PEFT's `classifier`/`score`, RoBERTa's
@@ -34,10 +35,11 @@ def write_labels(folder: str, names: list[str]) -> str:
     return path
 
 
+@registers("adapter_dir", (LABELS_NAME, "json"))
 def read_labels(adapter_dir: str) -> list[str] | None:
     """The names in an adapter folder's labels.json, by class id; None when there is no such file."""
     path = os.path.join(adapter_dir or "", LABELS_NAME)
-    if not adapter_dir or not os.path.isfile(path):  # an adapter built in memory has no folder
+    if not adapter_dir or not present(path):  # an adapter built in memory has no folder
         return None
     data = read_json(path)
     id2label = data.get("id2label") if isinstance(data, dict) else None

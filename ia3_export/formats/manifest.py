@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 from ..dtypes import EXPORT_DTYPES
 from ..errors import IA3Error
 from .jsonfile import read_json, shown
+from .limits import CEILINGS, within
+from .reader import open_regular, present, registers
 
 MANIFEST_NAME = "ia3_export.json"
 FORMAT = "ia3-export"
@@ -42,7 +45,7 @@ def vector_name(path: str) -> str:
 def file_sha256(path: str) -> str:
     """The digest the manifest keeps of each adapter's weights file (parity matches adapters by it)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "safetensors") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -74,11 +77,12 @@ def write_manifest(folder: str, manifest: dict) -> str:
     return path
 
 
+@registers("export_dir", (MANIFEST_NAME, "json"))
 def read_manifest(folder: str) -> dict:
     """The manifest of an exported folder, every field the readers use checked for its type, range
     and confinement (`check_manifest`), so nothing downstream meets an unchecked value."""
     path = os.path.join(folder, MANIFEST_NAME)
-    if not os.path.isfile(path):
+    if not present(path):
         raise IA3Error(f"{folder} has no {MANIFEST_NAME}; is it a folder written by `ia3-export export`?")
     manifest = read_json(path)
     check_manifest(manifest, folder, path)
@@ -91,8 +95,9 @@ MAX_COUNT = 2**31 - 1  # dims, token ids, layer counts: anything larger is forge
 def check_manifest(manifest, folder: str, path: str) -> None:
     """Types, ranges and paths of the contract keys; an IA3Error naming the file and field otherwise.
 
-    Sizes (vector dims, weight shapes) are only bounded here: `ExportedFolder.check_inputs` checks
-    them against the graphs' declared inputs before anything is allocated."""
+    Sizes (vector dims, weight shapes, block sizes, cache heads) are checked against their ceilings
+    here (formats/limits.py); `open_folder` checks them against the graphs' declared inputs and the
+    bytes that back them before anything is allocated."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IA3Error(f"{path}: not an ia3-export manifest (format is not {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -119,8 +124,9 @@ def check_manifest(manifest, folder: str, path: str) -> None:
     cache = field.of(manifest.get("cache"), "cache", dict, optional=True)
     if cache is not None:
         field.choice(cache.get("graph"), "cache.graph", graphs)
-        for key in ("num_layers", "num_kv_heads", "head_dim"):
-            field.count(cache.get(key), f"cache.{key}", minimum=1, optional=True)
+        for key, ceiling in (("num_layers", "num_hidden_layers"), ("num_kv_heads", "num_attention_heads"),
+                             ("head_dim", "head_dim")):
+            field.within(cache.get(key), f"cache.{key}", ceiling, optional=True)
     seen = set()
     for i, vector in enumerate(field.of(manifest.get("vectors"), "vectors", list, optional=True) or []):
         where = f"vectors[{i}]"
@@ -130,7 +136,7 @@ def check_manifest(manifest, folder: str, path: str) -> None:
             raise IA3Error(f"{path}: {where}.name {shown(name)} is listed twice; re-export the model")
         seen.add(name)
         field.choice(vector.get("graph", "model"), f"{where}.graph", graphs)
-        field.count(vector.get("dim"), f"{where}.dim", minimum=1)
+        field.within(vector.get("dim"), f"{where}.dim", "vector_dim")
         field.of(vector.get("feedforward", False), f"{where}.feedforward", bool)
     for i, adapter in enumerate(field.of(manifest.get("adapters"), "adapters", list, optional=True) or []):
         where = f"adapters[{i}]"
@@ -155,6 +161,8 @@ def check_manifest(manifest, folder: str, path: str) -> None:
             raise IA3Error(f"{path}: {where}.shape has {len(shape)} dims; re-export the model")
         for d in shape:
             field.count(d, f"{where}.shape", minimum=1)
+        if math.prod(shape) > CEILINGS["weight_values"].value:
+            field.within(math.prod(shape), f"{where}.shape (its values)", "weight_values")
     _check_quantization(field, manifest.get("quantization"), graphs)
     genai = field.of(manifest.get("genai"), "genai", dict, optional=True)
     if genai is not None:
@@ -169,7 +177,9 @@ def _check_quantization(field: "Fields", quantization, graphs: dict) -> None:
     if quantization is None:
         return
     if field.choice(quantization.get("method"), "quantization.method", ("int4", "int8")) == "int4":
-        field.count(quantization.get("block_size"), "quantization.block_size", minimum=16)
+        block = field.within(quantization.get("block_size"), "quantization.block_size", "block_size", minimum=16)
+        if block & (block - 1):
+            field.fail("quantization.block_size", block, "a power of two (MatMulNBits' block sizes)")
         field.count(quantization.get("accuracy_level", 0), "quantization.accuracy_level")
     for key in ("lm_head", "embeddings", "symmetric"):
         field.of(quantization.get(key, False), f"quantization.{key}", bool)
@@ -209,6 +219,12 @@ class Fields:
         if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_COUNT:
             self.fail(field, value, f"an integer from {minimum} to {MAX_COUNT}")
         return value
+
+    def within(self, value, field: str, ceiling: str, minimum: int = 1, optional: bool = False) -> int | None:
+        """An integer from `minimum` to its ceiling in formats/limits.py."""
+        if value is None and optional:
+            return None
+        return within(ceiling, value, f"{self.path}: {field}", minimum)
 
     def choice(self, value, field: str, choices):
         if not isinstance(value, str) or value not in choices:

@@ -6,12 +6,11 @@ Torch-free: the serving install converts adapters too.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .atomic import atomic_output_file
 from ..errors import IA3Error
+from .reader import check_regular, pinned, registers
 
 SUFFIX = ".onnx_adapter"
 
@@ -35,20 +34,22 @@ def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_versio
     return path
 
 
+@registers("onnx_adapter_file", ("", "onnx_adapter"))
 def read_onnx_adapter(path: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """The tensors of an .onnx_adapter file (copied out of ORT's buffers). ORT reads the whole file,
-    so `max_bytes` (what the model's vectors can need) is checked against its size first."""
+    so it is handed the regular file checked here (`reader.pinned`), and `max_bytes` (what the
+    model's vectors can need) is checked against its size first."""
     import onnxruntime as ort
 
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise IA3Error(f"{path}: cannot read ({e.strerror})") from None
+    size = check_regular(path, "onnx_adapter").st_size
     if max_bytes is not None and size > max_bytes:
         raise IA3Error(f"{path}: {size} bytes, more than the {max_bytes} an adapter for this model can need; "
                        "is it the adapter of another model?")
     try:
-        adapter = ort.AdapterFormat.read_adapter(path)
+        with pinned(path, "onnx_adapter") as readable:
+            adapter = ort.AdapterFormat.read_adapter(readable)
         return {name: np.array(value.numpy(), copy=True) for name, value in adapter.get_parameters().items()}
+    except IA3Error:
+        raise
     except Exception as e:  # ORT raises a bare RuntimeError/Fail for any malformed file
         raise IA3Error(f"{path}: not a readable .onnx_adapter file ({str(e).splitlines()[0][:200]})") from None

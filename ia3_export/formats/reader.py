@@ -9,13 +9,21 @@ holds for every input surface, old and new, without the surface having to rememb
 - a file larger than its kind's cap (`KINDS`) is refused before a byte is read, so a sparse
   3 GB tokenizer.json costs nothing.
 Symlinks to regular files are followed (the Hugging Face cache is made of them); confining a
-graph's external data to its folder is `onnx_external`'s job.
+graph's external data to its folder is `onnx_graph`'s job.
+
+Every public entry point that reads a user's file registers itself with `registers` (what it
+takes, which files it opens in it, of which kind): tests/formats/test_reader_guards.py walks every
+registered reader with hostile files (a FIFO, a device, a socket, a folder, an oversized sparse
+file, JSON nested 100,000 deep) without being told about it, and scripts/fuzz.py feeds them
+mutated files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import stat
+from typing import Callable
 
 from ..errors import IA3Error
 
@@ -35,7 +43,8 @@ KINDS = {
     "json": Kind(64 * MiB, "a JSON file"),  # configs, manifests, labels: kilobytes
     "tokenizer": Kind(512 * MiB, "a tokenizer file"),  # the largest hub tokenizer.json files are ~35 MB
     "safetensors": Kind(1 << 40, "a safetensors file"),  # tensors are read by offset: the header is capped on its own
-    "graph": Kind(1 << 40, "an ONNX graph"),  # ONNX Runtime maps external data; protobuf itself stops at 2 GiB
+    "graph": Kind(2 * 1024 * MiB, "an ONNX graph"),  # protobuf stops at 2 GiB; larger weights are external data
+    "external_data": Kind(1 << 40, "a graph's external data file"),  # mapped by ONNX Runtime, checked by range
     "onnx_adapter": Kind(4 * 1024 * MiB, "an .onnx_adapter file"),  # vectors: megabytes at most
     "data": Kind(4 * 1024 * MiB, "a training data file"),  # rows are streamed, but a data set is bounded
     "text": Kind(16 * MiB, "a text file"),  # a prompt read from a file
@@ -109,3 +118,55 @@ def read_text(path: str, kind: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise IA3Error(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def present(path: str) -> bool:
+    """Whether anything is at `path` (a dangling symlink included): an optional input that is there
+    is read, and refused by name if it is no regular file, never skipped as if it were absent."""
+    return os.path.lexists(path)
+
+
+@contextlib.contextmanager
+def pinned(path: str, kind: str):
+    """A path for a native reader that opens files itself (ONNX Runtime's adapter reader): on Linux
+    /proc/self/fd/N of the descriptor checked here, so the file read is the regular file checked,
+    even if `path` is swapped for a FIFO in between; elsewhere `path` after the same check."""
+    with open_regular(path, kind) as f:
+        fd_path = f"/proc/self/fd/{f.fileno()}"
+        yield fd_path if os.path.exists(fd_path) else path
+
+
+# -- the registry of readers ------------------------------------------------------------------
+# What a registered reader takes; the guard tests hold a valid example of each and put a hostile
+# file in the place of each file the reader declares.
+ARGUMENTS = {
+    "json_file": "a JSON file", "graph_file": "an ONNX graph file", "safetensors_file": "a safetensors file",
+    "onnx_adapter_file": "an .onnx_adapter file", "adapter_dir": "a PEFT adapter folder",
+    "model_dir": "a transformers model folder", "export_dir": "an exported folder",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    """A public entry point that reads a user's file: `function(argument)`, opening `files`, each a
+    (name inside the argument, "" for the argument itself; its kind in KINDS)."""
+
+    name: str
+    function: Callable
+    argument: str
+    files: tuple[tuple[str, str], ...]
+
+
+READERS: dict[str, Registered] = {}
+
+
+def registers(argument: str, *files: tuple[str, str]):
+    """Decorator registering a reader (see `Registered`); each file it lists must be opened through
+    this module, so the tests' hostile files at that name are refused by name."""
+    assert argument in ARGUMENTS and files and all(kind in KINDS for _, kind in files), (argument, files)
+
+    def decorate(function):
+        name = f"{function.__module__}.{function.__qualname__}"
+        READERS[name] = Registered(name, function, argument, tuple(files))
+        return function
+    return decorate

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import IA3Error
 from ..dtypes import SAFETENSORS
 from .jsonfile import parse_json, shown
-from .reader import open_regular
+from .reader import open_regular, registers
 
 # What this reader turns into numpy arrays (bfloat16 read as its raw 16 bits, then widened).
 READABLE = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
@@ -110,6 +110,7 @@ def _check_layout(path: str, entries: dict[str, Entry], data_bytes: int) -> None
                        "(corrupted file, or data appended to it)")
 
 
+@registers("safetensors_file", ("", "safetensors"))
 def read_safetensors(path: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as numpy arrays (bfloat16 widened to float32), each read
     by its own offset. `max_bytes` caps the data a caller expects (checked before reading)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +25,6 @@ from ..dtypes import REFERENCE_DTYPES
 from ..errors import IA3Error
 from ..formats.manifest import ADAPTER_IDS, KV_SHARED, VECTOR_SUFFIX
 from ..progress import stage
-from ..formats.jsonfile import read_json
 from ..core.loading import read_model_config
 from ..runtime.folder import open_folder
 from ..runtime.session import PROVIDERS, Graph, IA3Session
@@ -140,12 +138,12 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 def _check_same_model(model_dir: str, folder) -> None:
     """The export carries the config.json it was made from: a model folder of other sizes is named as
     the wrong folder, not left to fail as a missing input or ONNX Runtime's dimension error."""
-    exported_path = os.path.join(folder.path, "config.json")
-    if not os.path.isfile(exported_path):
+    exported = folder.config  # read and checked field by field when the folder was opened ({} without one)
+    if not exported:
         return
-    exported, given = read_json(exported_path), read_model_config(model_dir)
+    given = read_model_config(model_dir)
     for field in SHAPE_FIELDS:
-        if isinstance(exported, dict) and exported.get(field) != given.get(field):
+        if exported.get(field) != given.get(field):
             raise IA3Error(f"{model_dir} is not the model {folder.path} was exported from: its {field} is "
                            f"{given.get(field)!r}, the export's config.json says {exported.get(field)!r}; pass the "
                            "model folder the export was made from")

@@ -17,6 +17,7 @@ from ..errors import IA3Error
 from ..core.loading import check_task
 from ..formats.atomic import check_output
 from ..formats.onnx_adapter import SUFFIX, read_onnx_adapter, write_onnx_adapter
+from ..formats.reader import present
 from .folder import ExportedFolder, open_folder
 
 
@@ -33,14 +34,14 @@ def resolve(folder: ExportedFolder, source: str) -> tuple[str, str]:
     same: what runs never depends on where the command was started. A bare word that is not
     shipped but exists here is refused with the spelling that means the path (`./NAME`)."""
     if is_path(source):
-        if not os.path.exists(source):
+        if not present(source):
             raise IA3Error(f"adapter {source!r} does not exist; pass a PEFT adapter folder or an {SUFFIX} file")
         return name_for(source), source
     shipped = ", ".join(sorted(folder.adapters)) or "none"
     if source in folder.adapters:
         check_name(source)
         return source, folder.adapter_file(source)
-    if os.path.exists(source):
+    if present(source):
         raise IA3Error(f"adapter {source!r} is not shipped in {folder.path} (shipped: {shipped}) but names a path "
                        f"here; pass ./{source} to load that path")
     raise IA3Error(f"adapter {source!r} is neither a PEFT folder, an {SUFFIX} file, nor an adapter shipped "
@@ -56,7 +57,7 @@ def max_bytes(folder: ExportedFolder) -> int:
 def read_tensors(path: str, folder: ExportedFolder) -> dict[str, np.ndarray]:
     """Input name -> array of an adapter, as stored (PEFT keys become input names)."""
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if not present(os.path.join(path, CONFIG_NAME)):
             raise IA3Error(f"{path} is a folder without {CONFIG_NAME}; pass a PEFT adapter folder or an {SUFFIX} file")
         check_task(folder.task, read_config(path).task_type, path, source="the export's task",  # before any tensor
                    hint=f"use an adapter trained for the task {folder.path} was exported for")

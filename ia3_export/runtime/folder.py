@@ -1,19 +1,24 @@
 """An exported folder as the runtime sees it: the manifest, its graphs, vectors, tokens, adapters.
 
-Only the JSON is read here (no ONNX Runtime), so `inspect` and `convert` can describe or check
-a folder without loading its weights.
+No ONNX Runtime here, so `inspect` and `convert` can describe or check a folder without loading
+its weights: the JSON files are read and checked field by field, and each graph's protobuf is
+walked (formats/onnx_graph.py) for its external data and for the inputs and initializers it
+declares, against which the manifest's sizes are checked before anything is allocated.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
+import math
 import os
 
 from ..dtypes import DTYPES
 from ..errors import IA3Error
 from ..formats.jsonfile import read_json
 from ..formats.manifest import MANIFEST_NAME, Fields, confined, graph_path, read_manifest
+from ..formats.model_config import check_model_config
+from ..formats.onnx_graph import GraphFacts, check_graph
+from ..formats.reader import present, registers
 from .bindings import binding_class
 
 GENERATION_CONFIG = "generation_config.json"
@@ -22,13 +27,10 @@ MODEL_CONFIG = "config.json"
 
 def max_positions(config: dict) -> int | None:
     """The most positions a model takes (config.json's max_position_embeddings, GPT-2's n_positions);
-    None where the config sets no limit (T5's relative positions)."""
+    None where the config sets no limit (T5's relative positions). The config was checked
+    (formats/model_config.py): a value present is a positive integer within its ceiling."""
     text = config.get("text_config") or config
-    for key in ("max_position_embeddings", "n_positions"):
-        value = text.get(key)
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-    return None
+    return next((text[key] for key in ("max_position_embeddings", "n_positions") if text.get(key) is not None), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +82,16 @@ class ExportedFolder:
         return {v["name"]: VectorSpec(v["name"], v.get("graph", "model"), v["dim"], v.get("feedforward", False))
                 for v in self.manifest.get("vectors") or []}
 
-    def check_inputs(self, declared: dict[str, dict[str, list]]) -> None:
+    def check_inputs(self, facts: dict[str, GraphFacts]) -> None:
         """Every vector (and foldswap weight) the manifest lists is an input of its graph with the size
-        the graph declares (graph -> input name -> shape), checked before any of them is allocated:
-        a forged dim must not decide how much memory a session takes."""
+        the graph declares, and all of them together are backed by the values the graphs' initializers
+        hold (the ones a vector starts from, the base weights a fold scales), checked before any of
+        them is allocated: a forged dim must not decide how much memory a session takes."""
         where = os.path.join(self.path, MANIFEST_NAME)
         expected = [(name, spec.graph, [spec.dim]) for name, spec in self.vectors.items()]
         expected += [(w["name"], w["graph"], w["shape"]) for w in self.manifest.get("weights") or []]
         for name, graph, shape in expected:
-            inputs = declared.get(graph, {})
+            inputs = facts[graph].inputs
             if name not in inputs:
                 raise IA3Error(f"{where}: the manifest lists input {name} but graph {graph!r} has no such input; "
                                "re-export the model")
@@ -96,6 +99,11 @@ class ExportedFolder:
             if actual[-len(shape):] != shape or len(actual) > len(shape) + self.stacked:
                 raise IA3Error(f"{where}: the manifest gives {name} the shape {shape} but graph {graph!r} declares "
                                f"{actual}; re-export the model")
+        declared = sum(math.prod(shape) for _, _, shape in expected)
+        backed = sum(t.count for f in facts.values() for t in f.initializers.values() if t.nbytes is not None)
+        if declared > 2 * backed:  # foldswap: weights + vectors <= 2 x the base weights; else vectors <= the ones
+            raise IA3Error(f"{where}: the manifest declares {declared} vector and weight values but the graphs hold "
+                           f"only {backed} values to back them; the folder is forged or truncated, re-export the model")
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -144,9 +152,11 @@ class ExportedFolder:
 
     def _json(self, name: str) -> dict:
         path = os.path.join(self.path, name)
-        if not os.path.isfile(path):
+        if not present(path):
             return {}
         data = read_json(path)
+        if name == MODEL_CONFIG:
+            return check_model_config(data, path)
         if not isinstance(data, dict):
             raise IA3Error(f"{path}: expected a JSON object, got {type(data).__name__}; restore the file")
         return data
@@ -158,15 +168,25 @@ class ExportedFolder:
         return value
 
 
+@registers("export_dir", (MANIFEST_NAME, "json"), ("model.onnx", "graph"), (MODEL_CONFIG, "json"),
+           (GENERATION_CONFIG, "json"))
 def open_folder(path: str) -> ExportedFolder:
-    """Read and check an exported folder's manifest; every problem names the file and the fix."""
+    """Read and check an exported folder: its manifest, each graph (external data confined, sizes
+    against the manifest's, see `check_inputs`) and its JSON files; every problem names the file and
+    the fix. ONNX Runtime (or genai) is handed a graph only after this."""
     if not os.path.isdir(path):
-        raise IA3Error(f"exported folder {path} does not exist")
+        raise IA3Error(f"exported folder {path} is not a folder" if present(path) else
+                       f"exported folder {path} does not exist")
     manifest = read_manifest(path)
     where = os.path.join(path, MANIFEST_NAME)
     folder = ExportedFolder(os.path.abspath(path), manifest)
+    facts = {}
     for name in manifest["graphs"]:
-        if not os.path.isfile(graph_path(folder.path, manifest, name)):
+        file = graph_path(folder.path, manifest, name)
+        if not present(file):
             raise IA3Error(f"{where}: graph {name!r} names {manifest['graphs'][name].get('file')}, which is missing; "
                            "re-export the model")
+        facts[name] = check_graph(file)
+    folder.check_inputs(facts)
+    folder.config, folder.generation_config  # read and checked now, not in the middle of a request
     return folder

@@ -62,19 +62,20 @@ def export_summary(path: str) -> dict:
     """An exported folder, from its manifest alone (no model load): mode, graphs, vectors, adapters."""
     import os
 
+    from ..formats.reader import check_regular, present
     from .folder import open_folder
 
     folder = open_folder(path)
     m = folder.manifest
     adapters = [{"name": a["name"], "file": a.get("file"), "source_sha256": a.get("sha256"),
-                 "present": bool(a.get("file")) and os.path.isfile(os.path.join(folder.path, a["file"]))}
+                 "present": bool(a.get("file")) and present(os.path.join(folder.path, a["file"]))}
                 for a in m.get("adapters") or []]
     vectors = folder.vectors
     return {
         "path": folder.path, "mode": folder.mode, "task": m.get("task"), "model_type": m.get("model_type"),
         "dtype": m.get("dtype"), "opset": m.get("opset"), "exporter": m.get("exporter"),
         "graphs": {k: {"file": g.get("file"), "inputs": len(g.get("inputs") or []), "outputs": len(g.get("outputs") or []),
-                       "bytes": os.path.getsize(folder.graph_file(k))} for k, g in folder.graphs.items()},
+                       "bytes": check_regular(folder.graph_file(k), "graph").st_size} for k, g in folder.graphs.items()},
         "cache": m.get("cache"), "num_vectors": len(vectors), "vector_values": sum(v.dim for v in vectors.values()),
         "feedforward_vectors": sum(v.feedforward for v in vectors.values()),
         "adapters": adapters, "tokens": m.get("tokens"), "versions": m.get("versions"),
@@ -111,13 +112,14 @@ def inspect_path(path: str, as_json: bool = False) -> str:
 
     from ..formats.manifest import MANIFEST_NAME
     from ..formats.onnx_adapter import SUFFIX
+    from ..formats.reader import present
 
-    if path.endswith(SUFFIX) or os.path.isfile(path):
-        if not os.path.isfile(path):
+    if path.endswith(SUFFIX) or not os.path.isdir(path):
+        if not present(path):
             raise IA3Error(f"{path} does not exist; pass an adapter folder, an {SUFFIX} file or an exported folder")
-        summary = onnx_adapter_summary(path)
+        summary = onnx_adapter_summary(path)  # a FIFO, device or socket is refused by name there
         return json.dumps(summary, indent=2) if as_json else "\n".join(_onnx_adapter_lines(summary))
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+    if present(os.path.join(path, MANIFEST_NAME)):
         summary = export_summary(path)
         return json.dumps(summary, indent=2) if as_json else "\n".join(_export_lines(summary))
     summary = adapter_summary(path)

@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from ..errors import IA3Error
+from ..formats.onnx_graph import check_graph
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
@@ -39,6 +40,7 @@ class Graph:
         import onnxruntime as ort
 
         self._ort = ort
+        check_graph(path)  # external data confined to the folder, whatever ONNX Runtime's version checks
         if options is None:  # quiet: vectors are initializers AND inputs on purpose, ORT warns about each
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -204,7 +206,6 @@ class IA3Session:
         self.provider = _check_provider(provider)
         self.graphs = {name: Graph(self.folder.graph_file(name), self.provider, session_options, provider_options)
                        for name in self.folder.graphs}
-        self._check_graph_inputs()
         self.adapters: dict[str, Adapter] = {}
         self.active: str | None = None
         self._lock = threading.RLock()  # serializes load/unload/set_adapter; runs never take it
@@ -290,10 +291,6 @@ class IA3Session:
     def step_run(self, graph: str, adapters: list[str | None] | None, feeds: dict) -> StepRun:
         """Repeated runs of `graph` for one request (see `StepRun`); `feeds` are its first step's inputs."""
         return StepRun(self, graph, adapters, feeds)
-
-    def _check_graph_inputs(self) -> None:
-        self.folder.check_inputs({name: {i.name: i.shape for i in [*g.inputs.values(), *g.initializer_inputs.values()]}
-                                  for name, g in self.graphs.items()})
 
     # -- generation ----------------------------------------------------------------------------
     def tokenizer(self):

@@ -430,7 +430,7 @@ def test_runtime_adapter_larger_than_the_model_needs_is_refused(llama, tmp_path)
 
 
 @pytest.mark.parametrize("mode,edit,message", [
-    ("swappable", setter("vectors", 0, "dim", 500_000_000), "the shape [500000000] but graph 'model' declares [16]"),
+    ("swappable", setter("vectors", 0, "dim", 1_000_000), "the shape [1000000] but graph 'model' declares [16]"),
     ("foldswap", lambda m: m["weights"][0].__setitem__("shape", [400_000, 2_000]),
      "the shape [400000, 2000] but graph 'model' declares [16, 32]"),
 ], ids=["vector-dim", "foldswap-weight-shape"])
