@@ -77,6 +77,7 @@ def check(path: str) -> None:
     """onnx's full check (including shape inference); reads external data from the file's folder."""
     import onnx
 
+    check_graph(path)
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:  # onnx raises ValidationError / InferenceError
