@@ -213,7 +213,10 @@ class _Walk:
         if not full.startswith(root + os.sep):
             raise IA3Error(f"{where}: external data location {shown(location)} resolves to {full}, outside the "
                            f"graph's folder {root} (a symlink out?); a graph's data must be a file in its own folder")
-        size = check_regular(full, "external_data").st_size
+        try:
+            size = check_regular(full, "external_data").st_size
+        except IA3Error as e:  # named with the graph and tensor that point at it
+            raise IA3Error(f"{where}: external data {e}") from None
         offset, length = (self.number(where, entries, key) for key in ("offset", "length"))
         offset = offset or 0
         length = size - offset if length is None else length
