@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Fuzz the inputs users hand us: adapter folders (config JSON + safetensors bytes), .onnx_adapter
-files, training data files, exported folders' manifests and safetensors headers. The only
+files, training data files, exported folders' manifests, model configs, tokenizer files and
+safetensors headers, and every reader registered with formats/reader.py (`registers`). The only
 acceptable outcomes are success or one clean IA3Error line; any other exception (MemoryError
 included), a hang (an alarm per case) or a crash (the process dies) is a bug.
 
@@ -11,10 +12,16 @@ manifest and safetensors targets are structure-aware: they build the document fi
 nesting bombs) and the run is capped with RLIMIT_AS (--memory-mb above what the process already
 maps), so a header that decides how much memory is used fails the run instead of the machine.
 A safetensors file our reader accepts must read the same through the `safetensors` library.
-tests/formats/test_fuzz.py runs the same targets with a few hundred cases; this script runs thousands:
+The config and tokenizer targets edit config.json / tokenizer_config.json / tokenizer.json field by
+field (hostile sizes, wrong types, nested sub-configs, huge strings, nesting bombs) and feed each
+registered reader that reads that file; the `readers` target mutates, for EVERY registered reader,
+each file it declares (bytes, or JSON trees), so a reader registered later is fuzzed untold.
+tests/formats/test_fuzz.py runs the same targets with a few hundred cases; this script runs thousands,
+or as many as fit in --seconds (CI: a bounded run under a memory cap):
 
-    .venv/bin/python scripts/fuzz.py [--examples 2000] [--target adapter|onnx_adapter|data|manifest|safetensors]
-                                     [--seed N] [--memory-mb 1024] [--onnx EXPORTED_FOLDER]
+    .venv/bin/python scripts/fuzz.py [--examples 2000] [--seconds S] [--target adapter|onnx_adapter|data|manifest|
+                                     config|tokenizer|readers|safetensors] [--seed N] [--memory-mb 1024]
+                                     [--onnx EXPORTED_FOLDER]
 """
 from __future__ import annotations
 
@@ -270,6 +277,98 @@ class Targets:
         os.truncate(path, len(raw) + zeros)  # zero bytes added by the file system, not held by hypothesis
         clean(lambda: _agrees_with_safetensors(path, read_safetensors(path)))
 
+    # -- model configs, tokenizer files, and every registered reader --------------------------------
+    @functools.cached_property
+    def samples(self) -> dict[str, str]:
+        """A valid example of each argument kind a registered reader takes (reader.ARGUMENTS); kinds
+        this run has nothing for (no model without torch) are left out, and their readers skipped."""
+        from ia3_export.formats import reader
+
+        folder, _ = self.export
+        out = {"export_dir": folder, "graph_file": os.path.join(folder, "model.onnx")}
+        json_file = os.path.join(self.work, "sample.json")
+        _write(json_file, b'{"a": [1, 2, {"b": "c"}]}')
+        out["json_file"] = json_file
+        shipped = [os.path.join(folder, "adapters", f) for f in sorted(os.listdir(os.path.join(folder, "adapters")))]
+        if shipped:
+            out["onnx_adapter_file"] = shipped[0]
+        model = self.model_dir or self.export_model_dir
+        out["model_dir"] = model
+        if self.adapter_dir:
+            out["adapter_dir"] = self.adapter_dir
+            out["safetensors_file"] = os.path.join(self.adapter_dir, "adapter_model.safetensors")
+        return {k: v for k, v in out.items() if k in reader.ARGUMENTS}
+
+    @functools.cached_property
+    def export_model_dir(self) -> str:
+        """Without a model folder (torch-free runs): the export's own JSON files stand in for one, which
+        is all the torch-free model readers read (config.json, generation and tokenizer files)."""
+        folder = os.path.join(self.work, "model_from_export")
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+                if os.path.exists(os.path.join(self.onnx_dir, name)):
+                    shutil.copy(os.path.join(self.onnx_dir, name), folder)
+        return folder
+
+    @functools.cached_property
+    def readers(self) -> list:
+        """(reader, argument sample) for every registered reader this run has a sample for."""
+        import importlib
+        import pkgutil
+
+        import ia3_export
+        from ia3_export.formats import reader
+
+        for module in pkgutil.walk_packages(ia3_export.__path__, "ia3_export."):
+            if not module.name.endswith("__main__") and not module.name.startswith(("ia3_export.cli", "ia3_export.serve")):
+                try:
+                    importlib.import_module(module.name)
+                except ImportError:  # torch-free runs: modules that need torch register nothing here
+                    pass
+        return [(entry, self.samples[entry.argument]) for _, entry in sorted(reader.READERS.items())
+                if entry.argument in self.samples]
+
+    def feed(self, data, names: tuple[str, ...] | None, mutate) -> None:
+        """Replace one file a registered reader declares (any, or one of `names`) in a private copy of
+        its argument with mutate(valid bytes), and call the reader: success or one IA3Error line."""
+        cases = [(entry, sample, file, kind) for entry, sample in self.readers for file, kind in entry.files
+                 if names is None or file in names]
+        if not cases:
+            return
+        entry, sample, file, kind = data.draw(st.sampled_from(cases))
+        copy = os.path.join(self.work, "fed")
+        if os.path.lexists(copy):
+            shutil.rmtree(copy) if os.path.isdir(copy) and not os.path.islink(copy) else os.remove(copy)
+        if os.path.isdir(sample):
+            shutil.copytree(sample, copy, symlinks=True)
+            target = os.path.join(copy, file)
+        else:
+            target = copy = copy + os.path.splitext(sample)[1]
+            shutil.copy(sample, copy)
+        original = b""
+        if os.path.isfile(target):
+            with open(target, "rb") as f:
+                original = f.read()
+        _write(target, mutate(data, original, kind, file))
+        clean(lambda: entry.function(copy))
+
+    def config(self, data) -> None:
+        """config.json edited field by field: read where a model folder's and an export's are read."""
+        self.feed(data, ("config.json",), lambda d, raw, kind, file: _json_case(d, raw, CONFIG_VALUES))
+
+    def tokenizer(self, data) -> None:
+        """tokenizer_config.json / tokenizer.json: nested, huge, wrong types, bombs."""
+        self.feed(data, TOKENIZER_FILES, lambda d, raw, kind, file: _json_case(d, raw, TOKENIZER_VALUES))
+
+    def registered(self, data) -> None:
+        """Any file of any registered reader: JSON trees edited, or bytes flipped, cut, forged."""
+        def mutate(d, raw, kind, file):
+            if kind in ("json", "tokenizer") and d.draw(st.booleans()):
+                return _json_case(d, raw, MANIFEST_VALUES)
+            return mutate_bytes(d, raw)
+        self.feed(data, None, mutate)
+
 
 def _serve(folder: str) -> None:
     """What the runtime does with a folder: open, describe (inspect), token ids, a session, one token."""
@@ -306,6 +405,31 @@ PATHS = st.sampled_from(["model.onnx", "../onnx/model.onnx", "/etc/hostname", "l
                          "", ".", "adapters", "nul\0.onnx", "fold.onnx", "adapters/adapter.onnx_adapter", "a" * 300])
 MANIFEST_VALUES = (JSON | HOSTILE_INTS | PATHS | NAMES | st.sampled_from(["1", "abc", 1.5, 1e300, True, [], {}, [16], ["x"]])
                    | st.lists(HOSTILE_INTS, max_size=3))
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+CONFIG_VALUES = (HOSTILE_INTS | st.sampled_from(["2048", "abc", 1.5, 1e300, True, None, [], {}, [16], {"vocab_size": 0},
+                                                 {"num_attention_heads": "8"}, {"text_config": "x"}, 10**12, 0, -5])
+                 | JSON)
+TOKENIZER_VALUES = (JSON | st.sampled_from(["a" * 1_000_000, "{" * 5000, 10**30, None, [], {}, [[["x"]]], True, -1])
+                    | st.lists(st.text(max_size=5), max_size=50) | st.dictionaries(st.text(max_size=8), JSON, max_size=20))
+
+
+def _json_case(data, raw: bytes, leaves) -> bytes:
+    """A valid JSON file edited as a tree (mostly), a nesting bomb, a duplicate key, or another file."""
+    op = data.draw(st.sampled_from(["tree", "tree", "tree", "bomb", "duplicate", "other"]))
+    try:
+        valid = json.loads(raw) if raw else {}
+    except ValueError:
+        valid = {}
+    if op == "bomb":
+        return depth_bomb(data.draw).encode()
+    if op == "duplicate" and isinstance(valid, dict) and valid:
+        key = data.draw(st.sampled_from(sorted(valid)))
+        return json.dumps(valid)[:-1].encode() + b", " + json.dumps({key: data.draw(leaves)})[1:].encode()
+    if op == "other":
+        return json.dumps(data.draw(leaves)).encode()
+    return json.dumps(mutate_tree(data, valid, leaves)).encode()
 
 
 def mutate_tree(data, value, leaves, depth: int = 0):
@@ -407,8 +531,8 @@ def safetensors_files(draw) -> tuple[bytes, int]:
 
 
 TARGETS = {"adapter": "adapter", "onnx_adapter": "onnx_adapter", "data": "training_data", "manifest": "manifest",
-           "safetensors": "safetensors"}
-TORCH_FREE = ("manifest", "safetensors")  # need only an exported folder
+           "config": "config", "tokenizer": "tokenizer", "readers": "registered", "safetensors": "safetensors"}
+TORCH_FREE = ("manifest", "config", "tokenizer", "readers", "safetensors")  # need only an exported folder
 
 
 def run(targets: Targets, target: str, examples: int, seed: int | None = None) -> None:
@@ -421,6 +545,20 @@ def run(targets: Targets, target: str, examples: int, seed: int | None = None) -
 
         test = with_seed(seed)(test)
     test()
+
+
+def run_for(targets: Targets, target: str, examples: int, seconds: float | None, seed: int | None = None) -> int:
+    """`run` for `examples` cases, or, with `seconds`, in batches from successive seeds until either
+    runs out (a bounded CI run). Returns how many cases ran."""
+    if seconds is None:
+        run(targets, target, examples, seed)
+        return examples
+    start, done, batch = time.monotonic(), 0, 0
+    while done < examples and time.monotonic() - start < seconds:
+        count = min(50, examples - done)
+        run(targets, target, count, (seed or 0) + batch)
+        done, batch = done + count, batch + 1
+    return done
 
 
 def build(work: str) -> tuple[str, str, str]:
@@ -443,7 +581,8 @@ def build(work: str) -> tuple[str, str, str]:
 
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 NEEDS = {"adapter": ("config", "weights", "model", "session"), "onnx_adapter": ("onnx_adapter_bytes", "session"),
-         "data": (), "manifest": ("export", "session"), "safetensors": ()}
+         "data": (), "manifest": ("export", "session"), "config": ("export", "readers"),
+         "tokenizer": ("export", "readers"), "readers": ("export", "readers"), "safetensors": ()}
 
 
 def prepare(targets: Targets, names: list[str]) -> None:
@@ -484,6 +623,7 @@ def limit_memory(headroom_mb: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000, help="cases per target")
+    parser.add_argument("--seconds", type=float, default=None, help="stop each target after about this long")
     parser.add_argument("--target", choices=list(TARGETS), action="append", help="default: all")
     parser.add_argument("--seed", type=int, default=None, help="random cases from this seed (default: derandomized)")
     parser.add_argument("--work", default=None)
@@ -497,6 +637,7 @@ def main() -> int:
         onnx = args.onnx or (build(work)[2] if any(n in TORCH_FREE for n in names) else None)
         for name in names:
             command = [sys.executable, __file__, "--target", name, "--examples", str(args.examples), "--work", work,
+                       *(["--seconds", str(args.seconds)] if args.seconds is not None else []),
                        "--memory-mb", str(args.memory_mb), *(["--seed", str(args.seed)] if args.seed is not None else []),
                        *(["--onnx", onnx] if name in TORCH_FREE else [])]
             if subprocess.run(command).returncode:
@@ -513,8 +654,8 @@ def main() -> int:
     print(f"address space capped at {cap / 1024**3:.2f} GiB", flush=True)
     for target in names:
         t = time.perf_counter()
-        run(targets, target, args.examples, args.seed)
-        print(f"{target}: {args.examples} cases, all clean ({time.perf_counter() - t:.0f} s, "
+        done = run_for(targets, target, args.examples, args.seconds, args.seed)
+        print(f"{target}: {done} cases, all clean ({time.perf_counter() - t:.0f} s, "
               f"address space {mapped_bytes() / 1024**3:.2f} GiB)", flush=True)
     return 0
 

@@ -15,7 +15,7 @@ import pytest
 from runtime_helpers import export_once
 
 EXAMPLES = {"adapter": 200, "onnx_adapter": 150, "data": 250}
-CAPPED_EXAMPLES = {"manifest": 150, "safetensors": 250}  # run in a child under RLIMIT_AS
+CAPPED_EXAMPLES = {"manifest": 150, "config": 60, "tokenizer": 150, "readers": 250, "safetensors": 250}  # a child under RLIMIT_AS
 FUZZ = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "fuzz.py")
 
 
@@ -60,8 +60,10 @@ def test_fuzz_catches_an_unclean_error(fuzz):
 
 @pytest.mark.parametrize("target", list(CAPPED_EXAMPLES))
 def test_fuzz_formats_under_a_memory_cap(swappable, tmp_path, target):
-    """Structure-aware manifests (opened, inspected, served, one token generated) and safetensors
-    files (read, and compared with the safetensors library), overlap and depth bombs included."""
+    """Structure-aware manifests (opened, inspected, served, one token generated), model configs and
+    tokenizer files (fed to every registered reader that reads them), every registered reader's files
+    mutated, and safetensors files (read, and compared with the safetensors library), overlap and
+    depth bombs included."""
     done = subprocess.run([sys.executable, FUZZ, "--target", target, "--examples", str(CAPPED_EXAMPLES[target]),
                            "--onnx", swappable, "--work", str(tmp_path), "--memory-mb", "1024"],
                           capture_output=True, text=True, timeout=600)
