@@ -5,12 +5,11 @@ the same message.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 from ..errors import IA3Error
-from ..formats.jsonfile import read_json, shown
+from ..formats.jsonfile import read_json, shown, write_json
 from ..formats.labels import label_config, label_fields
 from ..formats.safetensors_io import read_header
 from ..tasks import ALL_NAMES, TASKS, auto_model_class, task_named, task_of_architectures, task_of_type
@@ -180,10 +179,7 @@ def write_config(out_dir: str, model, model_dir: str | None = None) -> str:
     head = task_of_architectures([type(model).__name__])
     if head and head.labelled:
         config |= label_fields(model.config)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return path
+    return write_json(path, config, indent=2, ensure_ascii=False)
 
 
 def has_tokenizer(model_dir: str) -> bool:

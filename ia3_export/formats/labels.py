@@ -13,12 +13,11 @@ as many labels as the adapter's head has outputs. Torch-free: plain JSON and arr
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from ..errors import IA3Error
-from .jsonfile import read_json
+from .jsonfile import read_json, write_json
 
 LABELS_NAME = "labels.json"
 # The output layer of a saved classification head (PEFT's `classifier`/`score`, RoBERTa's
@@ -27,11 +26,8 @@ _HEAD_OUTPUT = re.compile(r"(^|\.)(classifier|score)(\.out_proj)?\.weight$")
 
 
 def write_labels(folder: str, names: list[str]) -> str:
-    path = os.path.join(folder, LABELS_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"id2label": {str(i): name for i, name in enumerate(names)}}, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return path
+    return write_json(os.path.join(folder, LABELS_NAME), {"id2label": {str(i): name for i, name in enumerate(names)}},
+                      indent=2, ensure_ascii=False)
 
 
 def read_labels(adapter_dir: str) -> list[str] | None:
