@@ -16,12 +16,12 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import stat
 
 import numpy as np
 import pytest
 from cli_helpers import assert_one_line_error, run_cli, strict_json
+from output_targets import HOSTILE, hostile
 
 import ia3_export
 from ia3_export.errors import IA3Error
@@ -140,48 +140,6 @@ def test_nothing_writes_beside_the_one_writer():
 
 
 # -- target rules, for both kinds of API output -------------------------------------------------
-def _device(tmp_path) -> str:
-    """A character device to aim at: a /dev/null twin made here when root (a failed guard harms
-    nothing real), else /dev/null itself (which the test cannot replace anyway)."""
-    if os.geteuid() != 0:
-        return "/dev/null"
-    path = str(tmp_path / "null")
-    os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    return path
-
-
-def hostile(tmp_path, case: str):
-    """(target path, message, check that it is untouched) for one hostile target."""
-    if case == "char-device":
-        path = _device(tmp_path)
-        return path, "is a character device", lambda: stat.S_ISCHR(os.lstat(path).st_mode)
-    if case == "fifo":
-        path = str(tmp_path / "fifo")
-        os.mkfifo(path)
-        return path, "is a FIFO", lambda: stat.S_ISFIFO(os.lstat(path).st_mode)
-    if case == "socket":
-        path = str(tmp_path / "sock")
-        server = socket.socket(socket.AF_UNIX)
-        server.bind(path)
-        server.close()
-        return path, "is a socket", lambda: stat.S_ISSOCK(os.lstat(path).st_mode)
-    if case == "symlink-to-a-file-elsewhere":
-        (tmp_path / "elsewhere").mkdir()
-        target = tmp_path / "elsewhere" / "precious.txt"
-        target.write_text("precious")
-        path = str(tmp_path / "link")
-        os.symlink(target, path)
-        return path, "is a symbolic link", lambda: os.readlink(path) == str(target) and target.read_text() == "precious"
-    if case == "folder-not-ours":
-        path = tmp_path / "mine"
-        path.mkdir()
-        (path / "notes.txt").write_text("mine")
-        return str(path), "holds notes.txt, which ia3-export did not write", lambda: (
-            os.listdir(path) == ["notes.txt"] and (path / "notes.txt").read_text() == "mine")
-    raise ValueError(case)
-
-
-HOSTILE = ["char-device", "fifo", "socket", "symlink-to-a-file-elsewhere", "folder-not-ours"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -254,6 +212,16 @@ def test_an_export_from_before_the_marker_is_recognised_by_its_manifest(tmp_path
     (forged / "ia3_export.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(IA3Error, match="holds ia3_export.json, which ia3-export did not write"):
         _write(forged, force=True, a="1")
+
+
+def test_a_workdir_is_written_into_never_replaced(tmp_path):
+    """The demo's --workdir and training's checkpoints folder: outputs go inside, beside a user's files."""
+    (tmp_path / "notes.txt").write_text("mine")
+    atomic.check_output(str(tmp_path), inputs=(), kind="workdir")
+    _write(tmp_path / "run", a="1")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "run"]
+    with pytest.raises(IA3Error, match=f"output {tmp_path / 'notes.txt'} is a file; this output is a folder"):
+        atomic.check_output(str(tmp_path / "notes.txt"), kind="workdir")
 
 
 def test_the_legacy_manifest_names_are_the_manifests():
