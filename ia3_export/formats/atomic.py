@@ -27,6 +27,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -44,6 +45,7 @@ MARKER = ".ia3-export"
 LEGACY_MANIFEST, LEGACY_FORMAT = "ia3_export.json", "ia3-export"
 KINDS = ("folder", "file", "workdir")  # an output folder, an output file, a folder outputs are written into
 _OPEN: set[str] = set()  # the temporaries of the output blocks open now
+_LEFT_BEHIND = re.compile(r"^\..+\.(tmp|old)-")  # `_temporary`'s and `_commit`'s names, which a kill can leave
 
 
 def check_output(path: str, force: bool = False, inputs=(), kind: str = "folder") -> None:
@@ -94,7 +96,8 @@ def _foreign(folder: str) -> str | None:
     Written here: what the folder's MARKER lists; all of a folder from an older version that holds
     our manifest (exports only: older adapter and merge folders cannot be told from a user's own,
     so they are refused); and a folder without a marker that holds only folders written here
-    (training's checkpoints folder, the demo's workdir). An empty folder holds nothing to lose."""
+    (training's checkpoints folder, the demo's workdir), or this module's own temporaries left by a
+    kill (`_LEFT_BEHIND`). An empty folder holds nothing to lose."""
     listed = _listed(folder)
     if listed is not None:
         extra = sorted(_tree(folder) - listed - {MARKER})
@@ -104,7 +107,7 @@ def _foreign(folder: str) -> str | None:
     for name in sorted(os.listdir(folder)):
         full = os.path.join(folder, name)
         inner = _foreign(full) if os.path.isdir(full) and not os.path.islink(full) else ""
-        if inner is not None:
+        if inner is not None and not _LEFT_BEHIND.match(name):
             return os.path.join(name, inner) if inner else name
     return None
 
@@ -124,7 +127,7 @@ def _listed(folder: str) -> set[str] | None:
         return None
     try:
         listed = json.loads(read_bytes(path, "json")).get("files")
-    except (IA3Error, ValueError, AttributeError):
+    except (IA3Error, OSError, ValueError, AttributeError):
         return None
     return set(listed) if isinstance(listed, list) and all(isinstance(p, str) for p in listed) else None
 
@@ -134,7 +137,7 @@ def _legacy_export(folder: str) -> bool:
     try:
         return (not os.path.islink(path) and os.path.isfile(path)
                 and json.loads(read_bytes(path, "json")).get("format") == LEGACY_FORMAT)
-    except (IA3Error, ValueError, AttributeError):
+    except (IA3Error, OSError, ValueError, AttributeError):
         return False
 
 
@@ -166,8 +169,9 @@ def check_finite(tensors: dict, where: str, dtype=None) -> None:
     (numpy), the values are checked as they will be stored: an entry beyond float16's range
     (65504) becomes inf when cast, and an export or conversion to that type must say so."""
     for name, value in tensors.items():
-        array = np.asarray(value.float().cpu().numpy() if hasattr(value, "float") and not isinstance(value, np.ndarray)
-                           else value)
+        if hasattr(value, "detach"):  # a torch tensor (a bfloat16 head: numpy has no bfloat16)
+            value = value.detach().float().cpu().numpy()
+        array = np.asarray(value)
         if not np.issubdtype(array.dtype, np.floating):
             continue
         with np.errstate(over="ignore", invalid="ignore"):

@@ -187,7 +187,8 @@ def test_force_replaces_a_folder_only_while_everything_in_it_is_ours(tmp_path):
 
 def test_an_empty_folder_and_a_folder_of_our_folders_are_replaced(tmp_path):
     """Nothing to lose in an empty folder; a folder holding only our outputs (training's checkpoints,
-    the demo's workdir) is ours too, and `remove_output` removes it, but not with a user's file."""
+    the demo's workdir) and temporaries a kill left is ours too, and `remove_output` removes it,
+    but not with a user's file."""
     (tmp_path / "empty").mkdir()
     _write(tmp_path / "empty", force=True, a="1")
     parent = tmp_path / "checkpoints"
@@ -197,6 +198,8 @@ def test_an_empty_folder_and_a_folder_of_our_folders_are_replaced(tmp_path):
     assert atomic.remove_output(str(parent / "step-1")) and not (parent / "step-1").exists()
     assert not atomic.remove_output(str(parent)) and (parent / "step-2" / "notes.txt").exists()
     (parent / "step-2" / "notes.txt").unlink()
+    (parent / ".step-3.tmp-x1y2").mkdir()  # what a kill while writing step 3 leaves
+    (parent / ".step-3.tmp-x1y2" / "adapter_model.safetensors").write_bytes(b"half")
     assert atomic.remove_output(str(parent)) and os.listdir(tmp_path) == ["empty"]
 
 
