@@ -7,6 +7,7 @@ the wheel fails a test. `run_cli` returns an object with click's CliRunner resul
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,11 @@ def assert_one_line_error(result: CliResult, code: int, message: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], lines[0]
     return lines[0]
+
+
+def strict_json(text: str):
+    """Parse JSON as strict parsers (jq, JavaScript) do: a bare NaN or Infinity fails the test."""
+    def refuse(constant):
+        raise AssertionError(f"not JSON: bare {constant}")
+
+    return json.loads(text, parse_constant=refuse)

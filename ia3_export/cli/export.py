@@ -6,12 +6,12 @@ import click
 from ..core.config import parse_modules as _modules
 from ..formats.manifest import GRAPHS, MERGED, MODES, TRACED
 from ..tasks import EXPORT_TASKS as TASKS
-from .options import progress_option, trust_remote_code_option
+from .options import OutputPath, progress_option, trust_remote_code_option
 
 
 @click.command("export")
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the ONNX export.")
+@click.option("--out", "out_dir", required=True, type=OutputPath("folder"), help="Folder for the ONNX export.")
 @click.option("--mode", type=click.Choice(MODES), default=MERGED, show_default=True,
               help="merged: adapters folded in; swappable: IA3 vectors as graph inputs; bank: a per-row adapter bank; "
                    "foldswap: targeted weights as inputs, re-folded on the device on a switch (docs/foldswap.md).")

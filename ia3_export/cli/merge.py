@@ -2,7 +2,7 @@
 import click
 
 from ..core.loading import TASK_HEADS
-from .options import progress_option, trust_remote_code_option
+from .options import OutputPath, progress_option, trust_remote_code_option
 
 TASKS = [t for t in TASK_HEADS if not t.endswith("-with-past")]
 
@@ -10,7 +10,7 @@ TASKS = [t for t in TASK_HEADS if not t.endswith("-with-past")]
 @click.command("merge")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@click.option("--out", "out_dir", required=True, type=OutputPath("folder"), help="Folder for the merged model.")
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="The head to load; default: the adapters' task_type, else MODEL_DIR's config.json.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

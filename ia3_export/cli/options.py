@@ -1,5 +1,26 @@
 """One module per command; each defines `command`, a click command. Imported lazily by cli.py."""
+import os
+
 import click
+
+
+class OutputPath(click.Path):
+    """The type of every option or argument naming an output: a "folder" or "file" the command
+    writes (replaced only with --force), or a "workdir" it writes its outputs into. The one writer's
+    target rules (`formats.atomic.check_target`: never a link, device, FIFO or socket; a folder
+    only if everything in it is ours) hold as the command line is parsed, before any work, and
+    tests/cli/test_outputs.py walks every parameter of this type of every command with hostile
+    targets, so a new output option is tested by being declared with it."""
+
+    def __init__(self, kind: str):
+        super().__init__(file_okay=kind == "file", dir_okay=kind != "file")
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        from ..formats.atomic import check_target
+
+        check_target(os.fspath(value), self.kind)
+        return super().convert(value, param, ctx)
 
 
 def trust_remote_code_option(command):

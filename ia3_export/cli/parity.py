@@ -1,7 +1,7 @@
 """`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]...`: exit 0 pass, 1 fail, 2 bad usage/input."""
 import click
 
-from .options import progress_option, trust_remote_code_option
+from .options import OutputPath, progress_option, trust_remote_code_option
 
 
 @click.command("parity")
@@ -19,9 +19,9 @@ from .options import progress_option, trust_remote_code_option
               help="CUDA fp32: let the CUDA provider use TF32 (its default); --no-tf32 sets use_tf32=0.")
 @click.option("--steps", "greedy_steps", type=int, default=8, show_default=True,
               help="Greedy tokens compared for generators (0: skip).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=OutputPath("file"), default=None,
               help="Write the full report as JSON (replaced if it exists, as pytest's --junitxml is).")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--junit", "junit_path", type=OutputPath("file"), default=None,
               help="Write JUnit XML (one test case per output comparison) for CI (replaced if it exists).")
 @trust_remote_code_option
 @progress_option
@@ -37,7 +37,7 @@ def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol
     inputs = [model_dir, onnx_dir, *adapters]
     for path in (json_path, junit_path):
         if path:
-            check_output(path, True, inputs)  # replaced on rerun, but never over or inside an input
+            check_output(path, True, inputs, "file")  # replaced on rerun, but never over or inside an input
     report = check_parity(model_dir, onnx_dir, list(adapters), ParityOptions(
         provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps,
         trust_remote_code=trust_remote_code))

@@ -9,7 +9,7 @@ import click
 from ..core.config import parse_modules
 from ..dtypes import TRAIN_PRECISIONS
 from ..tasks import TASKS, TRAIN_TASKS
-from .options import trust_remote_code_option
+from .options import OutputPath, trust_remote_code_option
 
 
 def _fields_help() -> str:
@@ -23,7 +23,7 @@ def _fields_help() -> str:
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training rows: JSONL or CSV.")
 @click.option("--task", required=True, type=click.Choice(TRAIN_TASKS),
               help=_fields_help() + " text-generation's loss is on the completion.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Adapter folder to write (PEFT format).")
+@click.option("--out", "out_dir", required=True, type=OutputPath("folder"), help="Adapter folder to write (PEFT format).")
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation rows; default: hold out --eval-fraction of --data.")
 @click.option("--eval-fraction", type=float, default=0.1, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=3e-3, show_default=True, help="Peak learning rate (the IA3 paper's).")

@@ -5,11 +5,10 @@ the same message.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import IA3Error
-from ..formats.jsonfile import read_json
+from ..formats.jsonfile import read_json, write_json
 from ..formats.labels import label_config, label_fields
 from ..formats.model_config import check_model_config
 from ..formats.reader import check_regular, present, read_bytes, registers
@@ -183,10 +182,7 @@ def write_config(out_dir: str, model, model_dir: str | None = None) -> str:
     head = task_of_architectures([type(model).__name__])
     if head and head.labelled:
         config |= label_fields(model.config)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return path
+    return write_json(path, config, indent=2, ensure_ascii=False)
 
 
 def has_tokenizer(model_dir: str) -> bool:

@@ -168,7 +168,7 @@ def run_demo(workdir: str, quick: bool = False) -> Report:
     inputs = [os.path.dirname(data_file("x"))]
     with contextlib.suppress(IA3Error):  # without MiniLM, its stage fails as a row of its own
         inputs.append(minilm_dir())
-    check_output(workdir, force=True, inputs=inputs)  # the demo writes its own files only
+    check_output(workdir, inputs=inputs, kind="workdir")  # the demo writes its own outputs inside, replacing only those
     os.makedirs(workdir, exist_ok=True)
     report = Report()
     start = time.perf_counter()

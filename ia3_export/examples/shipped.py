@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 
 import torch
 
-from ..formats.atomic import atomic_output_dir
+from ..formats.atomic import atomic_output_dir, open_for_writing
+from ..formats.jsonfile import dumps
 from ..errors import IA3Error
 from ..core.loading import load_base_model
 from ..core.model import IA3Model
@@ -110,9 +110,8 @@ def _sound_rate(samples: list[dict], which: str) -> float:
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    with open_for_writing(path) as f:
+        f.writelines(dumps(row) + "\n" for row in rows)
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..tasks import DECODERS, ENCODERS, FAMILIES, SEQ2SEQ, auto_model_class  # noqa: F401 (ENCODERS: for callers)
+from ..formats.atomic import atomic_output_dir
 
 VOCAB = 320
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -104,10 +105,11 @@ def save_tiny(path: str, model_type: str, task: str | None = None, seed: int = 0
 
     transformers.utils.logging.disable_progress_bar()
     model = tiny_model(model_type, task, seed, **overrides)
-    model.save_pretrained(path)
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left" if model_type in DECODERS else "right"
-    tokenizer.save_pretrained(path)
+    with atomic_output_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return path
 
 

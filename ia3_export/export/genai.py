@@ -12,11 +12,10 @@ weights are pure graph inputs that only our runtime fills, by running fold.onnx)
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import CheckFailed
-from ..formats.jsonfile import read_json
+from ..formats.jsonfile import read_json, write_json
 from ..runtime.folder import ExportedFolder, open_folder
 from ..runtime.generation import GenerationOptions, generate_ids
 from ..runtime.session import IA3Session
@@ -89,8 +88,7 @@ def write_genai_files(folder: str, manifest: dict) -> dict:
     reason = unsupported(manifest)
     if reason is not None:
         return {"supported": False, "reason": reason}
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:  # inside the atomic export folder
-        json.dump(genai_config(folder, manifest), f, indent=2)
+    write_json(os.path.join(folder, CONFIG_NAME), genai_config(folder, manifest), indent=2)
     files = [CONFIG_NAME, *[f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]]
     return {"supported": True, "files": files}
 

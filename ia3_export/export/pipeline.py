@@ -20,8 +20,8 @@ import torch
 
 from .. import __version__
 from ..formats import adapter_format as fmt
-from ..formats.atomic import atomic_output_dir, check_output
-from ..dtypes import torch_dtype
+from ..formats.atomic import atomic_output_dir, check_finite, check_output
+from ..dtypes import DTYPES as ALL_DTYPES, torch_dtype
 from ..errors import IA3Error
 from ..core.loading import copy_side_files, has_tokenizer, read_model_config, write_config
 from ..formats.manifest import DTYPES, FUSED, MERGED, TRACED, new_manifest, write_manifest
@@ -61,6 +61,8 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
     check_output(out_dir, force, inputs=[model_dir, *adapters])
     config = read_model_config(model_dir)
     adapter_files = [fmt.read_adapter(p) for p in adapters]
+    for a in adapter_files:  # as the export stores them: a vector entry of 1e5 is inf in float16
+        check_finite(a.tensors, a.path, ALL_DTYPES[dtype].numpy)
     spec = resolve_task(task, config, model_dir, adapter_files)
     factory.check(strategy, config, spec, dtype)
     names = adapter_names(adapter_files, "two adapters get the name {name!r} (an adapter's name is its folder name, "

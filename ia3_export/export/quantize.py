@@ -286,8 +286,6 @@ def quantized_weights(onnx_path: str, weights: dict) -> dict[str, tuple[np.ndarr
     """Parameter name -> (de-quantized weight, the scale of each element's block), both float64 in
     PyTorch's [out, in] orientation (embeddings: [vocab, hidden]); a weight packing several parameters
     along N is split into theirs, slices of one parameter are joined."""
-    import onnx
-
     model = onnx_graph.load(onnx_path)
     inits = {i.name: i for i in model.graph.initializer}
     decoders = {"MatMulNBits": _nbits_weight, "MatMulInteger": _int8_weight}

@@ -8,16 +8,15 @@ runs code from the file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 from .adapter_names import name_for
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_finite
 from ..core.config import IA3Config
 from ..errors import IA3Error
-from .jsonfile import read_json
+from .jsonfile import read_json, write_json
 from .reader import present, registers
 from .safetensors_io import read_safetensors
 
@@ -106,7 +105,8 @@ def read_config(path: str) -> IA3Config:
 
 def write_adapter(path: str, config: IA3Config, tensors: dict, force: bool = False) -> str:
     """Write a PEFT adapter folder atomically. `tensors` are numpy arrays (torch-free) or torch
-    tensors (needed for bfloat16 heads), under PEFT's keys."""
+    tensors (needed for bfloat16 heads), under PEFT's keys; a tensor holding inf or NaN is refused."""
+    check_finite(tensors, path)
     with atomic_output_dir(path, force=force) as tmp:
         weights = os.path.join(tmp, WEIGHTS_NAME)
         if any(type(v).__module__.startswith("torch") for v in tensors.values()):
@@ -114,8 +114,7 @@ def write_adapter(path: str, config: IA3Config, tensors: dict, force: bool = Fal
         else:
             from safetensors.numpy import save_file
         save_file(tensors, weights, metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
+        write_json(os.path.join(tmp, CONFIG_NAME), config.to_peft_dict(), indent=2, sort_keys=True)
     return path
 
 

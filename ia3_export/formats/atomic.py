@@ -9,7 +9,15 @@ The rules every writer gets from here, so no command can forget one:
   (Linux `renameat2(RENAME_NOREPLACE)`, else a portable fallback), so of two racing runs one
   wins and the other says so instead of silently replacing the first one's output;
 - outputs follow the umask like any file the user makes (not mkdtemp's private 0700/0600);
-- a failed write names the real output and the OS reason, never the hidden temporary.
+- a failed write names the real output and the OS reason, never the hidden temporary;
+- an output path is never a link, device, FIFO or socket (`check_target`, --force or not: as root,
+  replacing /dev/null would replace the machine's /dev/null), nor a folder for a file or the reverse;
+- `--force` replaces a folder only if everything in it was written here: every folder made here
+  holds a marker (`MARKER`) listing what this package wrote into it, and anything else inside
+  (a user's file) makes `--force` refuse, so no command deletes what it did not write (`_foreign`);
+- files inside an output are opened for writing only through `open_for_writing`, which refuses a
+  path outside an open output block, and tensors are checked finite before they are written
+  (`check_finite`).
 """
 from __future__ import annotations
 
@@ -17,22 +25,168 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 
+import numpy as np
+
 from ..errors import IA3Error
+from .reader import file_type, read_bytes
+
+# In every output folder made here: the paths (relative, sorted) this package wrote into it.
+MARKER = ".ia3-export"
+# Exports from versions before the marker are recognised by their manifest (formats/manifest.py's
+# MANIFEST_NAME and FORMAT; that module writes through this one, so it cannot be imported here).
+LEGACY_MANIFEST, LEGACY_FORMAT = "ia3_export.json", "ia3-export"
+KINDS = ("folder", "file", "workdir")  # an output folder, an output file, a folder outputs are written into
+_OPEN: set[str] = set()  # the temporaries of the output blocks open now
+_LEFT_BEHIND = re.compile(r"^\..+\.(tmp|old)-")  # `_temporary`'s and `_commit`'s names, which a kill can leave
 
 
-def check_output(path: str, force: bool = False, inputs=()) -> None:
+def check_output(path: str, force: bool = False, inputs=(), kind: str = "folder") -> None:
     """Fail fast, before any work: the output may not be one of the `inputs` (files or folders the
-    run reads), hold one or lie inside one; an existing output needs `force`."""
+    run reads), hold one or lie inside one; it must be a target `check_target` accepts for `kind`;
+    an existing output needs `force` (a workdir is written into, never replaced: it needs none)."""
     for source in inputs:
         if source:
             _refuse_overlap(os.path.abspath(path), os.path.abspath(source))
-    if os.path.lexists(path) and not force:
+    check_target(path, kind)
+    if os.path.lexists(path) and not force and kind != "workdir":
         raise IA3Error(f"output {os.path.abspath(path)} already exists; choose another path or pass --force to replace it")
+
+
+def check_target(path: str, kind: str = "folder") -> None:
+    """Refuse, by name and --force or not, an output path that is a symbolic link, a device, a FIFO
+    or a socket (replacing it would replace the device or the link); a folder where a file is
+    written or the reverse; or an existing output folder holding anything this package did not
+    write (`_foreign`). A workdir (`kind`) is a folder outputs are written into, never replaced."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise IA3Error(f"output {path}: cannot be checked ({e.strerror}); choose another path") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise IA3Error(f"output {path} is a symbolic link (to {os.readlink(path)}); outputs are never written over or "
+                       "through a link, --force or not: remove the link or choose another path")
+    what = file_type(info.st_mode)
+    if what not in (None, "a folder"):
+        raise IA3Error(f"output {path} is {what}; outputs are written only as regular files and folders, never over "
+                       "a device, FIFO or socket (--force or not): choose another path")
+    if kind == "file" and what:
+        raise IA3Error(f"output {path} is a folder; this output is a file: choose a file path")
+    if kind != "file" and not what:
+        raise IA3Error(f"output {path} is a file; this output is a folder: choose another path")
+    foreign = _foreign(path) if kind == "folder" else None
+    if foreign is not None:
+        raise IA3Error(f"output {path} holds {foreign}, which ia3-export did not write; --force replaces only what "
+                       "ia3-export wrote (never other files): move it out, or choose another path")
+
+
+def _foreign(folder: str) -> str | None:
+    """The first thing in `folder` this package did not write (a path relative to it), or None.
+
+    Written here: what the folder's MARKER lists; all of a folder from an older version that holds
+    our manifest (exports only: older adapter and merge folders cannot be told from a user's own,
+    so they are refused); and a folder without a marker that holds only folders written here
+    (training's checkpoints folder, the demo's workdir), or this module's own temporaries left by a
+    kill (`_LEFT_BEHIND`). An empty folder holds nothing to lose."""
+    listed = _listed(folder)
+    if listed is not None:
+        extra = sorted(_tree(folder) - listed - {MARKER})
+        return extra[0] if extra else None
+    if _legacy_export(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        inner = _foreign(full) if os.path.isdir(full) and not os.path.islink(full) else ""
+        if inner is not None and not _LEFT_BEHIND.match(name):
+            return os.path.join(name, inner) if inner else name
+    return None
+
+
+def _tree(folder: str) -> set[str]:
+    """Every file and folder under `folder` (relative paths; links are not followed)."""
+    found = set()
+    for parent, folders, files in os.walk(folder):
+        found.update(os.path.relpath(os.path.join(parent, n), folder) for n in folders + files)
+    return found
+
+
+def _listed(folder: str) -> set[str] | None:
+    """The paths the folder's marker lists; None without a readable marker."""
+    path = os.path.join(folder, MARKER)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        listed = json.loads(read_bytes(path, "json")).get("files")
+    except (IA3Error, OSError, ValueError, AttributeError):
+        return None
+    return set(listed) if isinstance(listed, list) and all(isinstance(p, str) for p in listed) else None
+
+
+def _legacy_export(folder: str) -> bool:
+    path = os.path.join(folder, LEGACY_MANIFEST)
+    try:
+        return (not os.path.islink(path) and os.path.isfile(path)
+                and json.loads(read_bytes(path, "json")).get("format") == LEGACY_FORMAT)
+    except (IA3Error, OSError, ValueError, AttributeError):
+        return False
+
+
+def remove_output(folder: str) -> bool:
+    """Remove a folder this package wrote (by `_foreign`'s rule); False, and nothing removed, when
+    it holds anything else or is not a real folder."""
+    if os.path.islink(folder) or not os.path.isdir(folder) or _foreign(folder) is not None:
+        return False
+    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=os.path.dirname(os.path.abspath(folder)))
+    os.rename(folder, os.path.join(trash, "old"))
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def open_for_writing(path: str, mode: str = "w", **kwargs):
+    """Open a file inside an open output block's temporary for writing (text is UTF-8): the one way
+    this package opens a file for writing, so nothing is written beside the atomic rules. A path
+    outside every open block is a bug (RuntimeError)."""
+    real = os.path.abspath(path)
+    if not any(real.startswith(tmp + os.sep) or real == tmp for tmp in _OPEN):
+        raise RuntimeError(f"{path} is not inside an output block; write it through atomic_output_dir/file")
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    return open(path, mode, **kwargs)
+
+
+def check_finite(tensors: dict, where: str, dtype=None) -> None:
+    """Refuse to write a tensor holding inf or NaN, naming it, the value and the fix. With `dtype`
+    (numpy), the values are checked as they will be stored: an entry beyond float16's range
+    (65504) becomes inf when cast, and an export or conversion to that type must say so."""
+    for name, value in tensors.items():
+        if hasattr(value, "detach"):  # a torch tensor (a bfloat16 head: numpy has no bfloat16)
+            value = value.detach().float().cpu().numpy()
+        array = np.asarray(value)
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = array if dtype is None else array.astype(dtype)
+        bad = ~np.isfinite(stored)
+        if not bad.any():
+            continue
+        value = array.reshape(-1)[np.flatnonzero(bad.reshape(-1))[0]]
+        if np.isfinite(value):
+            limit = np.finfo(dtype).max
+            raise IA3Error(f"{where}: {name} holds {float(value):g}, beyond {np.dtype(dtype).name}'s range "
+                           f"(+-{float(limit):g}): it would be stored as inf; keep the adapter in float32 (export with --dtype fp32), "
+                           "or scale the vector (retrain) so its entries stay within that range")
+        raise IA3Error(f"{where}: {name} holds {value} (not a finite number); nothing was written: the adapter is broken "
+                       "(a diverged training?): retrain it, or repair that tensor")
 
 
 def _refuse_overlap(out: str, source: str) -> None:
@@ -62,11 +216,14 @@ def atomic_output_file(path: str, force: bool = False, inputs=()):
 @contextlib.contextmanager
 def _atomic(path: str, force: bool, inputs, folder: bool):
     path = os.path.abspath(path)
-    check_output(path, force, inputs)
+    check_output(path, force, inputs, "folder" if folder else "file")
     made = _missing_folders(os.path.dirname(path))
     tmp = _temporary(path, folder)
+    _OPEN.add(tmp)
     try:
         yield tmp
+        if folder:
+            _mark(tmp)
         _follow_umask(tmp)
         _commit(tmp, path, force, folder)
     except BaseException as e:
@@ -82,6 +239,16 @@ def _atomic(path: str, force: bool, inputs, folder: bool):
         if named is e:
             raise
         raise named from None
+    finally:
+        _OPEN.discard(tmp)
+
+
+def _mark(tmp: str) -> None:
+    """Write the marker: what this package wrote into the output folder (see `_foreign`)."""
+    files = sorted(_tree(tmp) - {MARKER})
+    with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+        json.dump({"written_by": "ia3-export", "files": files}, f, indent=1)
+        f.write("\n")
 
 
 def _missing_folders(folder: str) -> list[str]:
@@ -134,7 +301,9 @@ def _umask() -> int:
 def _commit(tmp: str, path: str, force: bool, folder: bool) -> None:
     """Rename tmp to path. Without force an output that exists by now (another run made it) stays;
     with force a file is replaced atomically, a folder is moved aside first and removed after."""
-    if force and not folder and not os.path.isdir(path):
+    if force:  # what is there now (perhaps made while this run worked) must still be replaceable
+        check_target(path, "folder" if folder else "file")
+    if force and not folder:
         os.replace(tmp, path)
         return
     trash = None

@@ -1,4 +1,9 @@
-"""The one JSON reader for what users hand us (configs, manifests, safetensors headers, data rows).
+"""The one JSON reader for what users hand us (configs, manifests, safetensors headers, data rows),
+and the one JSON writer (`dumps`, `write_json`) for everything we print or write.
+
+JSON has no NaN or infinity (Python's `json` writes bare `NaN`, which strict parsers, jq and
+JavaScript refuse): `dumps` writes `null` for every non-finite number (a NaN loss, an inf
+tolerance), and `allow_nan=False` stops anything that slips past as a bug.
 
 Python's `json` recurses once per nesting level, so a file nested 100,000 deep raises
 RecursionError. The nesting depth is measured first, without recursion (strings blanked out
@@ -10,11 +15,13 @@ first, so two `"mode"` keys in a manifest would mean different folders to differ
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
 
 from ..errors import IA3Error
+from .atomic import open_for_writing
 from .reader import read_bytes, registers
 
 MAX_DEPTH = 64  # real configs, manifests and rows nest a handful of levels
@@ -76,3 +83,28 @@ def shown(value, limit: int = 80) -> str:
     """An untrusted value for an error message: its repr, one line, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def dumps(value, **options) -> str:
+    """Strict JSON text for `value` (json.dumps's `options`): non-finite numbers become null."""
+    return json.dumps(_finite(value), allow_nan=False, **options)
+
+
+def write_json(path: str, value, **options) -> str:
+    """Write `value` as strict JSON (`dumps`, a final newline) inside an output block's temporary."""
+    with open_for_writing(path) as f:
+        f.write(dumps(value, **options) + "\n")
+    return path
+
+
+def _finite(value):
+    """`value` with every non-finite float (Python or numpy) replaced by None, numpy numbers made plain."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

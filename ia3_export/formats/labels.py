@@ -13,12 +13,11 @@ as many labels as the adapter's head has outputs. Torch-free: plain JSON and arr
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from ..errors import IA3Error
-from .jsonfile import read_json
+from .jsonfile import read_json, write_json
 from .reader import present, registers
 
 LABELS_NAME = "labels.json"
@@ -28,11 +27,8 @@ _HEAD_OUTPUT = re.compile(r"(^|\.)(classifier|score)(\.out_proj)?\.weight$")
 
 
 def write_labels(folder: str, names: list[str]) -> str:
-    path = os.path.join(folder, LABELS_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"id2label": {str(i): name for i, name in enumerate(names)}}, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return path
+    return write_json(os.path.join(folder, LABELS_NAME), {"id2label": {str(i): name for i, name in enumerate(names)}},
+                      indent=2, ensure_ascii=False)
 
 
 @registers("adapter_dir", (LABELS_NAME, "json"))

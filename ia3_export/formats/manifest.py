@@ -6,13 +6,12 @@ contract; readers must ignore keys they do not know (writers may add more).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 
 from ..dtypes import EXPORT_DTYPES
 from ..errors import IA3Error
-from .jsonfile import read_json, shown
+from .jsonfile import read_json, shown, write_json
 from .limits import CEILINGS, within
 from .reader import open_regular, present, registers
 
@@ -70,11 +69,7 @@ def new_manifest(*, mode: str, task: str, model_type: str, dtype: str, opset: in
 
 
 def write_manifest(folder: str, manifest: dict) -> str:
-    path = os.path.join(folder, MANIFEST_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    return path
+    return write_json(os.path.join(folder, MANIFEST_NAME), manifest, indent=2)
 
 
 @registers("export_dir", (MANIFEST_NAME, "json"))

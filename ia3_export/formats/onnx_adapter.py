@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .atomic import atomic_output_file
+from .atomic import atomic_output_file, check_finite
 from ..errors import IA3Error
 from .reader import check_regular, pinned, registers
 
@@ -17,11 +17,12 @@ SUFFIX = ".onnx_adapter"
 
 def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_version: int = 1,
                        model_version: int = 1, force: bool = False, inputs=()) -> str:
-    """Write tensors (name -> array) as an .onnx_adapter file, atomically."""
+    """Write tensors (name -> array) as an .onnx_adapter file, atomically; inf or NaN is refused."""
     import onnxruntime as ort
 
     if not tensors:
         raise IA3Error(f"refusing to write {path}: the adapter has no tensors")
+    check_finite(tensors, path)
     arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}  # kept alive below
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
     adapter = ort.AdapterFormat()

@@ -6,11 +6,10 @@ comparison is one test case there: a failing output shows up by name without rea
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import xml.etree.ElementTree as ET
 
 from ..formats.atomic import atomic_output_file
+from ..formats import jsonfile
 from ..compare import Comparison
 from ..dtypes import DTYPES
 
@@ -132,9 +131,7 @@ class ParityReport:
 
     def write_json(self, path: str, force: bool = False, inputs=()) -> None:
         with atomic_output_file(path, force=force, inputs=inputs) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(_jsonable(self.as_dict()), f, indent=2)
-                f.write("\n")
+            jsonfile.write_json(tmp, self.as_dict(), indent=2)  # strict JSON: an inf or NaN difference is null
 
     def write_junit(self, path: str, force: bool = False, inputs=()) -> None:
         suite = ET.Element("testsuite", name=f"ia3-export parity {self.model_type} {self.mode} {self.provider}",
@@ -152,14 +149,3 @@ class ParityReport:
         root.append(suite)
         with atomic_output_file(path, force=force, inputs=inputs) as tmp:
             ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-
-
-def _jsonable(value):
-    """inf/nan are not JSON: written as strings so every reader can load the report."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

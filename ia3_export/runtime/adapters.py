@@ -15,7 +15,7 @@ from ..formats.adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter, r
 from ..formats.adapter_names import check_name, name_for
 from ..errors import IA3Error
 from ..core.loading import check_task
-from ..formats.atomic import check_output
+from ..formats.atomic import check_finite, check_output
 from ..formats.onnx_adapter import SUFFIX, read_onnx_adapter, write_onnx_adapter
 from ..formats.reader import present
 from .folder import ExportedFolder, open_folder
@@ -103,10 +103,8 @@ def check_tensors(tensors: dict[str, np.ndarray], folder: ExportedFolder, source
                 f"{source}: {name} has shape {tuple(value.shape)} but {folder.path} expects {spec.dim} values; "
                 "the adapter was trained for another model (other hidden sizes)"
             )
-        flat = value.reshape(-1).astype(np.float32)
-        if not np.isfinite(flat).all():
-            raise IA3Error(f"{source}: {name} holds non-finite values; retrain or repair the adapter")
-        out[name] = flat.astype(folder.dtype)
+        check_finite({name: value}, source, folder.dtype)  # as stored: 1e5 is inf in float16
+        out[name] = value.reshape(-1).astype(folder.dtype)
     return out
 
 
@@ -134,7 +132,7 @@ def convert_adapter(adapter_dir: str, model_dir: str, out: str, force: bool = Fa
     checking its task_type against the export's task and every vector's name, shape and dtype
     against the model's inputs. The file works with
     ONNX Runtime's own `LoraAdapter` + `RunOptions.add_active_adapter`, without ia3-export."""
-    check_output(out, force, inputs=[adapter_dir, model_dir])
+    check_output(out, force, inputs=[adapter_dir, model_dir], kind="file")
     if not out.endswith(SUFFIX):
         raise IA3Error(f"output {out} should end with {SUFFIX} (ONNX Runtime's adapter file)")
     folder = open_folder(model_dir)

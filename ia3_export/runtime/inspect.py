@@ -2,13 +2,12 @@
 parameter count, vector statistics (torch-free)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ..formats.adapter_format import read_adapter
 from ..core.config import describe
 from ..errors import IA3Error
+from ..formats.jsonfile import dumps
 
 
 def adapter_summary(path: str) -> dict:
@@ -118,13 +117,13 @@ def inspect_path(path: str, as_json: bool = False) -> str:
         if not present(path):
             raise IA3Error(f"{path} does not exist; pass an adapter folder, an {SUFFIX} file or an exported folder")
         summary = onnx_adapter_summary(path)  # a FIFO, device or socket is refused by name there
-        return json.dumps(summary, indent=2) if as_json else "\n".join(_onnx_adapter_lines(summary))
+        return dumps(summary, indent=2) if as_json else "\n".join(_onnx_adapter_lines(summary))
     if present(os.path.join(path, MANIFEST_NAME)):
         summary = export_summary(path)
-        return json.dumps(summary, indent=2) if as_json else "\n".join(_export_lines(summary))
+        return dumps(summary, indent=2) if as_json else "\n".join(_export_lines(summary))
     summary = adapter_summary(path)
     if as_json:
-        return json.dumps(summary, indent=2)
+        return dumps(summary, indent=2)  # strict JSON: non-finite numbers are null
     lines = [
         f"adapter: {summary['path']}",
         f"task_type: {summary['task_type']}",

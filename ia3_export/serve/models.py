@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import threading
 
 import numpy as np
 
 from ..errors import IA3Error
+from ..formats.jsonfile import dumps
 from ..runtime import GenerationOptions, generate_ids
 from ..tasks import EXPORT_TASKS, task_named
 from .adapters import AdapterPool
@@ -300,7 +300,7 @@ class Adapters:
                 result, error = self._act(request), ""
             except IA3Error as e:
                 result, error = None, _one_line(e)
-            answers.append({"result": _bytes(json.dumps(result)), "error": _bytes(error)})
+            answers.append({"result": _bytes(dumps(result)), "error": _bytes(error)})
         return answers
 
     def _act(self, request) -> object:

@@ -24,10 +24,11 @@ from typing import Callable
 
 import torch
 
-from ..formats.atomic import atomic_output_dir, check_output
+from ..formats.atomic import atomic_output_dir, check_output, open_for_writing, remove_output
 from ..core.config import IA3Config
 from ..dtypes import TRAIN_PRECISIONS, torch_dtype
 from ..errors import CheckFailed, IA3Error
+from ..formats.jsonfile import dumps, write_json
 from ..formats.labels import write_labels
 from ..core.loading import check_remote_code, has_tokenizer, load_base_model, read_model_config
 from ..core.model import IA3Model
@@ -148,7 +149,7 @@ def train(model_dir: str, data: str, task: str, out: str, *, eval_data: str | No
     D.check_task(task)
     inputs = [model_dir, data, eval_data]
     check_output(out, force, inputs)
-    check_output(os.path.abspath(out) + ".checkpoints", True, inputs)  # removed once OUT is written
+    check_output(os.path.abspath(out) + ".checkpoints", True, inputs, "workdir")  # removed once OUT is written
     dist = setup(options.device)
     try:
         if options.precision == "fp16" and dist.device.type != "cuda":
@@ -302,7 +303,7 @@ class _Run:
                    "train_seconds": round(elapsed, 2), "steps_per_second": round(done / elapsed, 3) if elapsed else 0.0}
         if dist.main:
             self._write(log, metrics)
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            remove_output(self.checkpoints)  # only if it holds nothing but our checkpoints
         dist.barrier()
         return TrainResult(self.out, metrics, log, self.labels)
 
@@ -401,8 +402,8 @@ class _Run:
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "scaler": scaler.state_dict(), "log": log, "fingerprint": fingerprint, "before": before},
                            os.path.join(tmp, STATE_NAME))
-            for old in sorted(os.listdir(self.checkpoints))[:-2]:  # keep the newest two
-                shutil.rmtree(os.path.join(self.checkpoints, old), ignore_errors=True)
+            for old in sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))[:-2]:  # the newest two stay
+                remove_output(os.path.join(self.checkpoints, old))
         self.dist.barrier()
 
     def _restore(self, named, optimizer, schedule, scaler, fingerprint) -> tuple[int, list[dict], dict]:
@@ -431,11 +432,9 @@ class _Run:
             self.model.save_adapter(tmp, force=True)
             if self.labels is not None:  # the class names beside PEFT's files (ia3_export.formats.labels)
                 write_labels(tmp, self.labels)
-            with open(os.path.join(tmp, LOG_NAME), "w") as f:
-                for record in log:
-                    f.write(json.dumps(record) + "\n")
+            with open_for_writing(os.path.join(tmp, LOG_NAME)) as f:  # strict JSON: a NaN loss is null
+                f.writelines(dumps(record) + "\n" for record in log)
             plot_loss(log, os.path.join(tmp, CURVE_NAME), title=f"IA3 {self.task} ({self.model.model_type})")
             args = dataclasses.asdict(self.o) | {"task": self.task, "world_size": self.dist.world,
                                                  "labels": self.labels, "metrics": metrics}
-            with open(os.path.join(tmp, ARGS_NAME), "w") as f:
-                json.dump(args, f, indent=2)
+            write_json(os.path.join(tmp, ARGS_NAME), args, indent=2)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, strict_json
 from core_helpers import max_diff, outputs
 from safetensors.numpy import load_file as load_numpy
 
@@ -60,15 +60,18 @@ def test_merge_two_adapters_folds_their_product(model_dir, adapter_dir, tmp_path
     assert max_diff(outputs(merged, "gpt2"), outputs(both, "gpt2")) <= 1e-5
 
 
-def test_merge_refuses_an_existing_output(model_dir, adapter_dir, tmp_path):
+def test_merge_replaces_only_its_own_output(model_dir, adapter_dir, tmp_path):
+    """--force replaces merge's own earlier output, never a folder holding a user's file (issue 22:
+    `merge --out . --force` deleted the user's other files)."""
     out = tmp_path / "out"
-    out.mkdir()
+    args = ("merge", model_dir("llama"), adapter_dir("llama"), "--out", out)
+    assert run(*args).exit_code == 0
+    assert_one_line_error(run(*args), 2, "already exists; choose another path or pass --force")
+    assert run(*args, "--force").exit_code == 0
     (out / "keep.txt").write_text("mine")
-    result = run("merge", model_dir("llama"), adapter_dir("llama"), "--out", out)
-    assert_one_line_error(result, 2, "already exists; choose another path or pass --force")
-    assert os.listdir(out) == ["keep.txt"]
-    assert run("merge", model_dir("llama"), adapter_dir("llama"), "--out", out, "--force").exit_code == 0
-    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    for force in ((), ("--force",)):
+        assert_one_line_error(run(*args, *force), 2, f"output {out} holds keep.txt, which ia3-export did not write")
+    assert (out / "keep.txt").read_text() == "mine" and "model.safetensors" in os.listdir(out)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -165,17 +168,22 @@ def test_failed_check_exits_1():
 
 
 def test_inspect_reads_onnx_adapter_files(tmp_path):
-    """An .onnx_adapter file is described by its tensors, named as the graph inputs they bind to."""
-    from ia3_export.formats.onnx_adapter import write_onnx_adapter
+    """An .onnx_adapter file is described by its tensors, named as the graph inputs they bind to; one
+    holding inf (made with ORT's own writer: ours refuses it) is described in strict JSON (null)."""
+    import onnxruntime as ort
 
     rng = np.random.default_rng(0)
     tensors = {"model.layers.0.self_attn.k_proj.ia3_l": rng.normal(1, 0.1, 16).astype(np.float32),
-               "model.layers.0.mlp.down_proj.ia3_l": np.array([0.0, 2.0, np.inf, 1.0], np.float32)}
-    path = write_onnx_adapter(str(tmp_path / "a.onnx_adapter"), tensors)
+               "model.layers.0.mlp.down_proj.ia3_l": np.array([0.0, 2.0, np.inf, 1.0], np.float32),
+               "model.layers.1.mlp.down_proj.ia3_l": np.full(4, np.nan, np.float32)}  # no finite value to sum up
+    path = str(tmp_path / "a.onnx_adapter")
+    writer = ort.AdapterFormat()
+    writer.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in tensors.items()})
+    writer.export_adapter(path)
     result = run("inspect", path, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["num_parameters"] == 20
+    summary = strict_json(result.stdout)
+    assert summary["num_parameters"] == 24
     rows = {r["name"]: r for r in summary["tensors"]}
     assert set(rows) == set(tensors)
     k = tensors["model.layers.0.self_attn.k_proj.ia3_l"]
@@ -183,6 +191,8 @@ def test_inspect_reads_onnx_adapter_files(tmp_path):
     assert np.isclose(rows["model.layers.0.self_attn.k_proj.ia3_l"]["mean"], k.mean())
     down = rows["model.layers.0.mlp.down_proj.ia3_l"]
     assert (down["zeros"], down["non_finite"], down["max"]) == (1, 1, 2.0)
+    nan = rows["model.layers.1.mlp.down_proj.ia3_l"]
+    assert (nan["min"], nan["mean"], nan["max"], nan["non_finite"]) == (None, None, None, 4)
     table = run("inspect", path)
     assert table.exit_code == 0 and "model.layers.0.mlp.down_proj.ia3_l" in table.stdout and "NON-FINITE" in table.stdout
     assert_one_line_error(run("inspect", tmp_path / "missing.onnx_adapter"), 2, "does not exist")

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from cli_helpers import assert_one_line_error, run_cli
+from output_targets import HOSTILE, hostile
 from safetensors.numpy import load_file
 from test_reliability import tree  # relative path -> sha256 of every file under a folder
 
@@ -114,6 +115,13 @@ OVERLAPS = {
 }
 
 
+# Cases the target rules (formats/atomic.check_target) refuse as the command line is parsed, before the
+# inputs are known: a link is never an output, nor a folder holding files we did not write.
+TARGET_REFUSED = {"merge-over-a-link-to-the-model": "is a symbolic link",
+                  "merge-over-a-folder-holding-the-model": "which ia3-export did not write",
+                  "train-over-a-folder-holding-the-data": "holds data/rows.jsonl, which ia3-export did not write"}
+
+
 @pytest.mark.parametrize("case", list(OVERLAPS))
 def test_no_output_is_inside_or_over_an_input(case, work):
     args, out, source = OVERLAPS[case]
@@ -126,7 +134,7 @@ def test_no_output_is_inside_or_over_an_input(case, work):
         if out_path.startswith(where["embedded"]) and os.path.exists(out_path):
             shutil.rmtree(out_path)
     line = assert_one_line_error(result, 2, f"output {out_path} ")
-    assert f"the input {source.format(**where)};" in line, line
+    assert TARGET_REFUSED.get(case, f"the input {source.format(**where)};") in line, line
     assert {p: tree(p) for p in before} == before  # nothing destroyed, nothing written
 
 
@@ -291,3 +299,56 @@ def test_ctrl_c_is_one_line_and_exit_130():
     result = run_cli("inspect", "anything", preload=BROKEN_INSPECT.format(error="SIGINT"))
     assert_one_line_error(result, 130, "interrupted")
     assert "Traceback" not in result.stderr
+
+
+def output_parameters():
+    """(command, parameter) for every output of every command: the parameters typed `OutputPath`.
+    Declaring a new output with that type puts it in this walk; nothing here names the commands."""
+    from ia3_export.cli import COMMANDS, _load
+    from ia3_export.cli.options import OutputPath
+
+    return [(name, p) for name, (module, _) in COMMANDS.items() for p in _load(module).params
+            if isinstance(p.type, OutputPath)]
+
+
+def _argv(name: str, output, target: str, placeholder: str) -> list[str]:
+    """A command line for `name` with `target` as the output (first, so it is parsed first), a
+    placeholder for every other required value and --force where the command has it: the output
+    check must refuse before anything else is looked at."""
+    import click
+
+    from ia3_export.cli import COMMANDS, _load
+
+    command = _load(COMMANDS[name][0])
+    head = [target] if isinstance(output, click.Argument) else [output.opts[0], target]
+    rest = []
+    for p in command.params:
+        if p is output or not p.required:
+            continue
+        value = p.type.choices[0] if isinstance(p.type, click.Choice) else placeholder
+        rest += [value] if isinstance(p, click.Argument) else [p.opts[0], value]
+    force = ["--force"] if any(p.name == "force" for p in command.params) else []
+    return [name, *head, *force, *rest]
+
+
+def test_the_output_walk_sees_every_output():
+    """A floor for the walk below (it must not pass by finding nothing)."""
+    found = {(name, p.name) for name, p in output_parameters()}
+    assert {("export", "out_dir"), ("merge", "out_dir"), ("train", "out_dir"), ("convert", "out"),
+            ("parity", "json_path"), ("parity", "junit_path"), ("demo", "workdir")} <= found
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+@pytest.mark.parametrize("name,output", output_parameters(), ids=lambda v: getattr(v, "name", v))
+def test_every_output_option_refuses_hostile_targets(name, output, case, tmp_path):
+    """Issue 22: `parity --json /dev/null` replaced the machine's /dev/null as root, `--json link`
+    replaced the link, `merge --out . --force` deleted a user's files. One line naming what the
+    target is, exit 2, and the target as it was, --force or not."""
+    target, message, untouched = hostile(tmp_path, case)
+    if case == "folder-not-ours" and output.type.kind == "workdir":
+        return  # a workdir is written into, beside the user's files (test_writers.py: test_a_workdir_...)
+    if case == "folder-not-ours" and output.type.kind == "file":
+        message = "is a folder; this output is a file"
+    result = run_cli(*_argv(name, output, target, str(tmp_path / "missing")))
+    assert_one_line_error(result, 2, f"output {target} {message}")
+    assert untouched()

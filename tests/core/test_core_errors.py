@@ -14,6 +14,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from ia3_export.formats.adapter_format import read_adapter
+from ia3_export.formats.atomic import MARKER
 from ia3_export.core.config import IA3Config
 from ia3_export.errors import IA3Error
 from ia3_export.core.loading import load_base_model
@@ -234,11 +235,10 @@ def test_existing_output_is_not_replaced_without_force(tmp_path):
     model = IA3Model(tiny_model("llama"), IA3Config())
     randomize_adapter(model, "default")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    model.save_adapter(str(out))
     with pytest.raises(IA3Error, match="already exists; choose another path or pass --force"):
         model.save_adapter(str(out))
-    assert os.listdir(out) == ["keep.txt"]
+    (out / WEIGHTS).write_bytes(b"an older output")
     model.save_adapter(str(out), force=True)
-    assert sorted(os.listdir(out)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(out)) == [MARKER, CONFIG, WEIGHTS] and (out / WEIGHTS).read_bytes() != b"an older output"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old folder left beside it

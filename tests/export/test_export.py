@@ -180,9 +180,11 @@ def test_adapter_for_another_architecture_is_refused(model_dir, adapter_dir, tmp
 def test_existing_output_needs_force(model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     with pytest.raises(IA3Error, match="already exists; choose another path or pass --force"):
         export_model(model_dir("bert"), str(out))
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(IA3Error, match="holds keep.txt, which ia3-export did not write; --force replaces only"):
+        export_model(model_dir("bert"), str(out), force=True)
     assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["out"]
 
 

@@ -141,13 +141,15 @@ def check_interrupted(fork, argv, out, tmp_path, same_as_new):
 
 
 def make_old(out: str) -> dict:
-    """A previous output the interrupted --force run must not half-destroy."""
+    """A previous output the interrupted --force run must not half-destroy (one it wrote: --force
+    replaces no other folder)."""
+    from ia3_export.formats.atomic import atomic_output_dir
+
     if out.endswith(".onnx_adapter"):
         with open(out, "wb") as f:
             f.write(b"old adapter")
     else:
-        os.makedirs(out)
-        with open(os.path.join(out, "old.txt"), "w") as f:
+        with atomic_output_dir(out) as tmp, open(os.path.join(tmp, "old.txt"), "w") as f:
             f.write("the previous output")
     return snapshot(out)
 
