@@ -25,6 +25,7 @@ from ..errors import IA3Error
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
+from .requests import Limits, register
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -199,8 +200,9 @@ class IA3Session:
     picks (runtime/bindings.py) decides how adapters reach the graphs."""
 
     def __init__(self, folder: str | ExportedFolder, provider: str = "cpu", session_options=None,
-                 provider_options: dict | None = None):
+                 provider_options: dict | None = None, limits: Limits | None = None):
         self.folder = folder if isinstance(folder, ExportedFolder) else open_folder(folder)
+        self.limits = limits or Limits()  # every request's bounds (runtime/requests.py)
         self.provider = _check_provider(provider)
         self.graphs = {name: Graph(self.folder.graph_file(name), self.provider, session_options, provider_options)
                        for name in self.folder.graphs}
@@ -297,12 +299,19 @@ class IA3Session:
 
     # -- generation ----------------------------------------------------------------------------
     def tokenizer(self):
-        from .tokenizer import TextTokenizer
+        """The folder's tokenizer, isolated in child processes within `limits` (runtime/tokenizer.py)."""
+        from .tokenizer import IsolatedTokenizer
 
         with self._lock:
             if not hasattr(self, "_tokenizer"):
-                self._tokenizer = TextTokenizer(self.folder.path)
+                self._tokenizer = IsolatedTokenizer(self.folder.path, self.limits)
         return self._tokenizer
+
+    def close(self) -> None:
+        """Stop the tokenizer's waiting processes (they also end with this process)."""
+        tokenizer = getattr(self, "_tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.close()
 
     def generate(self, prompt: str, adapter: str | None = ACTIVE, stream: bool = False, **options):
         """Generate a continuation of one prompt with `adapter` (None: the base model; left out: the
@@ -317,9 +326,9 @@ class IA3Session:
         a piece never splits a UTF-8 character, and the pieces join to `generate`'s text."""
         from .generation import GenerationOptions, TextStream, iter_tokens
 
-        tok = self.tokenizer()
+        opts, tok = GenerationOptions(**options), self.tokenizer()  # the numbers before the text
         name = self.active if adapter is ACTIVE else adapter
-        steps = iter_tokens(self, [tok.encode(prompt)], [name], GenerationOptions(**options), tok.decode)
+        steps = iter_tokens(self, [tok.encode(prompt)], [name], opts, tok.decode)
 
         def pieces():
             text = TextStream(tok.decode)
@@ -362,3 +371,16 @@ def _check_provider(provider: str) -> str:
         raise IA3Error(f"this onnxruntime has no {PROVIDERS[provider]} (it offers {', '.join(ort.get_available_providers())}); "
                        "install onnxruntime-gpu (pip install 'ia3-export[gpu]') or use --provider cpu")
     return provider
+
+
+@register("IA3Session.generate", ("causal-lm", "seq2seq-lm"), ("max_new_tokens", "seed", "temperature", "top_p"))
+def _open_request_path(folder: str, limits: Limits):
+    """The Python API as a request path (runtime/requests.py): one session, greedy unless a sampling field is given."""
+    session = IA3Session(folder, limits=limits)
+
+    def send(text, **fields) -> str:
+        sample = bool({"seed", "temperature", "top_p"} & set(fields))
+        return session.generate(text, adapter=None, do_sample=sample, **fields)
+
+    send.close = session.close
+    return send
