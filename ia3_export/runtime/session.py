@@ -226,15 +226,23 @@ class IA3Session:
     # -- adapters ------------------------------------------------------------------------------
     def load_adapter(self, source: str, name: str | None = None) -> str:
         """Load a PEFT folder, an .onnx_adapter file or a name shipped in the folder; returns its name."""
+        return self.add_adapter(self.read_adapter(source, name))
+
+    def read_adapter(self, source: str, name: str | None = None) -> Adapter:
+        """Read, check and place an adapter without registering it: no lock is held while its file is
+        read, so a slow read stalls no request (add it with `add_adapter`)."""
         if not self.binding.takes_adapters:
             self.binding.refuse_load()
         default, path, vectors = adapter_io.load_vectors(self.folder, source)
         name = adapter_io.check_name(name or default)
-        adapter = self._place(name, path, adapter_io.complete(vectors, self.folder))
+        return self._place(name, path, adapter_io.complete(vectors, self.folder))
+
+    def add_adapter(self, adapter: Adapter) -> str:
+        """Register an adapter from `read_adapter` (replacing one of the same name); returns its name."""
         with self._lock:
-            self.adapters[name] = adapter  # runs already going keep the adapter object they picked
+            self.adapters[adapter.name] = adapter  # runs already going keep the adapter object they picked
             self.binding.loaded(adapter)
-        return name
+        return adapter.name
 
     def load_shipped_adapters(self) -> list[str]:
         """Load every adapter listed in the folder's manifest."""

@@ -99,3 +99,44 @@ def test_hostile_requests_are_refused_and_the_next_request_still_answers(folders
             assert send(NORMAL, **normal) == expected, f"after {case}"
     finally:
         send.close()
+
+
+def test_a_slow_adapter_load_does_not_block_requests(tmp_path_factory, model_dir, adapter_dir, monkeypatch):
+    """The adapter pool's lock (every request takes it) is not held while an adapter file is read: with a
+    read that waits until told (an injected reader), requests for a loaded adapter and the list go on."""
+    import threading
+
+    from ia3_export.runtime import IA3Session, adapters as adapter_io
+    from ia3_export.serve.adapters import AdapterPool
+
+    first, second = adapter_dir("llama", seed=1), adapter_dir("llama", seed=2)
+    pool = AdapterPool(IA3Session(export_once(tmp_path_factory, model_dir("llama"), "swappable", [first])))
+    pool.session.load_shipped_adapters()
+    (shipped,) = pool.names()
+    reading, release = threading.Event(), threading.Event()
+    read = adapter_io.read_tensors
+
+    def slow_read(path, folder):
+        reading.set()
+        release.wait(120)
+        return read(path, folder)
+
+    monkeypatch.setattr(adapter_io, "read_tensors", slow_read)
+    added = []
+    loader = threading.Thread(target=lambda: added.append(pool.add(second, "late")))
+    loader.start()
+    assert reading.wait(120)
+    served = []
+
+    def request():
+        pool.acquire(shipped)
+        served.append(pool.names())
+        pool.release(shipped)
+
+    requester = threading.Thread(target=request, daemon=True)
+    requester.start()
+    requester.join(60)  # a deadlock detector, not a timing: blocked, it would never end
+    assert served == [[shipped]], "a request waited for the adapter being read"
+    release.set()
+    loader.join(120)
+    assert added == ["late"] and pool.names() == sorted([shipped, "late"])
