@@ -6,7 +6,7 @@ import click
 from ..core.config import parse_modules as _modules
 from ..formats.manifest import GRAPHS, MERGED, MODES, TRACED
 from ..tasks import EXPORT_TASKS as TASKS
-from .options import OutputPath, progress_option, trust_remote_code_option
+from .options import IntRange, OutputPath, progress_option, trust_remote_code_option
 
 
 @click.command("export")
@@ -20,7 +20,7 @@ from .options import OutputPath, progress_option, trust_remote_code_option
                    "written to adapters/<folder name>.onnx_adapter.")
 @click.option("--task", type=click.Choice(TASKS), default=None, help="optimum's task name; default: the adapters' task_type, else MODEL_DIR's config.json.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--opset", type=IntRange(1, 1000), default=18, show_default=True)
 @click.option("--target-modules", default=None,
               help="swappable/bank/foldswap: modules that get a vector input (comma list or regex); default: the adapters' "
                    "targets, else the architecture's defaults.")
@@ -30,9 +30,9 @@ from .options import OutputPath, progress_option, trust_remote_code_option
 @click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
               help="int4: MatMul weights to ONNX Runtime's MatMulNBits (decoders); int8: ONNX Runtime's dynamic "
                    "quantization (encoders, classifiers). merged/swappable/bank; the vectors stay float inputs.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per quantization block (along K).")
+@click.option("--block-size", type=IntRange(1, 65536), default=32, show_default=True, help="int4: weights per quantization block (along K).")
 @click.option("--asymmetric", is_flag=True, help="int4: per-block zero points (default symmetric: none).")
-@click.option("--accuracy-level", type=int, default=0, show_default=True,
+@click.option("--accuracy-level", type=IntRange(0, 4), default=0, show_default=True,
               help="int4: MatMulNBits' accuracy_level (0: fp32 arithmetic, exact to the de-quantized weights; 4: int8 "
                    "activations, faster on CPU).")
 @click.option("--quantize-lm-head/--keep-lm-head", default=True, show_default=True,

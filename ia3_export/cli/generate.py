@@ -1,6 +1,9 @@
 """`ia3-export generate ONNX_DIR --prompt TEXT`: generation on ONNX Runtime, torch-free."""
 import click
 
+from ..runtime.requests import INT_MAX, MAX_TEXT_BYTES, SEED_MAX, TOKENIZER_TIMEOUT_S, register
+from .options import FloatRange, IntRange
+
 
 @click.command("generate")
 @click.argument("onnx_dir", type=click.Path())
@@ -8,41 +11,83 @@ import click
 @click.option("--adapter", default=None,
               help="Adapter: a name shipped in the folder, or a path (with a '/', e.g. ./my-adapter) to a PEFT "
                    "adapter folder, or an .onnx_adapter file. A bare name is always a shipped one.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=int,
+@click.option("--max-new-tokens", default=32, show_default=True, type=IntRange(1, INT_MAX),
               help="Cut to the positions the model has left after the prompt (a note on stderr says so).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True, type=float)
-@click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--temperature", default=1.0, show_default=True, type=FloatRange(0, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=IntRange(0, INT_MAX),
+              help="Sample from the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=FloatRange(0, 1, min_open=True))
 @click.option("--stop", "stop_strings", multiple=True, help="Stop a prompt's text once it contains this string (repeatable).")
-@click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
-def command(onnx_dir, prompt, adapter, max_new_tokens, provider, sample, temperature, top_k, top_p, stop_strings, seed):
+@click.option("--seed", default=None, type=IntRange(0, SEED_MAX), help="Seed for sampling (reproducible output).")
+@click.option("--max-text-bytes", default=MAX_TEXT_BYTES, show_default=True, type=IntRange(1, INT_MAX),
+              help="Most bytes (UTF-8) a prompt may hold; checked before it is tokenized.")
+@click.option("--tokenizer-timeout", default=TOKENIZER_TIMEOUT_S, show_default=True, type=FloatRange(0, 3600, min_open=True),
+              help="Seconds the tokenizer may spend on one prompt (it runs in a child process, stopped after that).")
+def command(onnx_dir, prompt, adapter, max_new_tokens, provider, sample, temperature, top_k, top_p, stop_strings, seed,
+            max_text_bytes, tokenizer_timeout):
     """Generate text with an exported model (merged, swappable, bank or foldswap) on ONNX Runtime.
     One prompt is printed as it is generated; several are generated as one batch, one per line."""
     import warnings
 
     from ..runtime import IA3Session
     from ..runtime.generation import GenerationCapped, GenerationOptions
+    from ..runtime.requests import Limits
 
     options = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
                    top_p=top_p, stop_strings=list(stop_strings) or None, seed=seed)
     GenerationOptions(**options)  # bad options fail before the model is loaded
-    session = IA3Session(onnx_dir, provider=provider)
-    name = session.load_adapter(adapter) if adapter else None
-    session.set_adapter(name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", GenerationCapped)
+    session = IA3Session(onnx_dir, provider=provider,
+                         limits=Limits(max_text_bytes=max_text_bytes, tokenizer_timeout_s=tokenizer_timeout))
+    try:
+        name = session.load_adapter(adapter) if adapter else None
+        session.set_adapter(name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GenerationCapped)
+            if len(prompt) == 1:
+                pieces = session.stream(prompt[0], **options)
+            else:
+                texts = session.generate_batch([(p, name) for p in prompt], **options)
+        for w in caught:
+            click.echo(f"note: {w.message}", err=True)
         if len(prompt) == 1:
-            pieces = session.stream(prompt[0], **options)
+            for piece in pieces:
+                click.echo(piece, nl=False)
+            click.echo()
         else:
-            texts = session.generate_batch([(p, name) for p in prompt], **options)
-    for w in caught:
-        click.echo(f"note: {w.message}", err=True)
-    if len(prompt) == 1:
-        for piece in pieces:
-            click.echo(piece, nl=False)
-        click.echo()
-    else:
-        for text in texts:
-            click.echo(text)
+            for text in texts:
+                click.echo(text)
+    finally:
+        session.close()
+
+
+FLAGS = {"max_new_tokens": "--max-new-tokens", "seed": "--seed", "temperature": "--temperature", "top_p": "--top-p"}
+
+
+@register("cli generate", ("causal-lm", "seq2seq-lm"), tuple(FLAGS))
+def _open(folder: str, limits):
+    """This command as a request path (runtime/requests.py): each request is one run of the command, in
+    this process, as a user types it (bytes become argv's surrogate-escaped text)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from ..errors import IA3Error
+    from . import main
+
+    def send(text, **fields) -> str:
+        args = ["generate", folder, "--prompt", os.fsdecode(text) if isinstance(text, bytes) else text,
+                "--max-text-bytes", str(limits.max_text_bytes), "--tokenizer-timeout", str(limits.tokenizer_timeout_s)]
+        args += [a for k, v in fields.items() for a in (FLAGS[k], str(v))]
+        if {"seed", "temperature", "top_p"} & set(fields):
+            args.append("--sample")
+        result = CliRunner().invoke(main, args)
+        if result.exit_code == 2 and result.stderr.startswith("error: "):
+            raise IA3Error(result.stderr.strip().splitlines()[0][len("error: "):])
+        if result.exit_code != 0:
+            raise AssertionError(f"generate exited {result.exit_code}: {result.output[-2000:]}")
+        return result.stdout.rstrip("\n")
+
+    send.close = lambda: None
+    return send

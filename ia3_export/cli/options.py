@@ -1,7 +1,10 @@
 """One module per command; each defines `command`, a click command. Imported lazily by cli.py."""
+import math
 import os
 
 import click
+
+from ..errors import IA3Error
 
 
 class OutputPath(click.Path):
@@ -41,3 +44,37 @@ def progress_option(command):
 
     return click.option("--quiet", is_flag=True, expose_value=False, callback=show, is_eager=True,
                         help="No progress lines (they are shown only on a terminal anyway).")(command)
+
+
+class IntRange(click.IntRange):
+    """click's IntRange whose refusal is our one line (`--seed is -1; give a whole number in the range
+    0<=x<=4294967295`, exit 2), as every other bad input is. Every INT option takes one of these
+    (tests/cli/test_options.py walks the commands)."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            raise _refusal(value, param, self, "a whole number") from None
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities too, in our one line (see IntRange)."""
+
+    def convert(self, value, param, ctx):
+        try:
+            number = super().convert(value, param, ctx)
+        except click.BadParameter:
+            raise _refusal(value, param, self, "a finite number") from None
+        if not math.isfinite(number):
+            raise _refusal(number, param, self, "a finite number")
+        return number
+
+
+def _refusal(value, param, kind, what: str) -> IA3Error:
+    try:
+        shown = repr(float(value)) if isinstance(kind, click.FloatRange) else str(int(value))
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value)
+    flag = param.opts[0] if param is not None and param.opts else "the value"
+    return IA3Error(f"{flag} is {shown}; give {what} in the range {kind._describe_range()}")

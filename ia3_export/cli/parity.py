@@ -1,7 +1,7 @@
 """`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]...`: exit 0 pass, 1 fail, 2 bad usage/input."""
 import click
 
-from .options import OutputPath, progress_option, trust_remote_code_option
+from .options import FloatRange, IntRange, OutputPath, progress_option, trust_remote_code_option
 
 
 @click.command("parity")
@@ -13,11 +13,11 @@ from .options import OutputPath, progress_option, trust_remote_code_option
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", "reference_dtype", type=click.Choice(["fp64", "fp32"]), default="fp64", show_default=True,
               help="Precision of the PyTorch reference (the export's own dtype is in its manifest).")
-@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: by provider and dtype, see docs/parity.md).")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by provider and dtype).")
+@click.option("--atol", type=FloatRange(0), default=None, help="Absolute tolerance (default: by provider and dtype, see docs/parity.md).")
+@click.option("--rtol", type=FloatRange(0), default=None, help="Relative tolerance (default: by provider and dtype).")
 @click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="CUDA fp32: let the CUDA provider use TF32 (its default); --no-tf32 sets use_tf32=0.")
-@click.option("--steps", "greedy_steps", type=int, default=8, show_default=True,
+@click.option("--steps", "greedy_steps", type=IntRange(0, 4096), default=8, show_default=True,
               help="Greedy tokens compared for generators (0: skip).")
 @click.option("--json", "json_path", type=OutputPath("file"), default=None,
               help="Write the full report as JSON (replaced if it exists, as pytest's --junitxml is).")

@@ -1,6 +1,9 @@
 """`ia3-export serve ONNX_DIR`: serve an exported folder behind Triton Inference Server."""
 import click
 
+from ..runtime.requests import INT_MAX, MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S
+from .options import FloatRange, IntRange
+
 
 @click.command("serve")
 @click.argument("onnx_dir", type=click.Path())
@@ -8,26 +11,31 @@ import click
               help="Adapter to load at start-up: a PEFT folder or an .onnx_adapter file (repeat for more). "
                    "Adapters shipped in the folder are always loaded.")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--http-port", default=8000, show_default=True, type=int)
-@click.option("--grpc-port", default=8001, show_default=True, type=int)
-@click.option("--metrics-port", default=8002, show_default=True, type=int, help="Prometheus metrics (/metrics).")
-@click.option("--max-batch", default=16, show_default=True, type=int, help="Most requests Triton batches together.")
-@click.option("--max-queue-delay-us", default=2000, show_default=True, type=int,
+@click.option("--http-port", default=8000, show_default=True, type=IntRange(1, 65535))
+@click.option("--grpc-port", default=8001, show_default=True, type=IntRange(1, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=IntRange(1, 65535), help="Prometheus metrics (/metrics).")
+@click.option("--max-batch", default=16, show_default=True, type=IntRange(1, 1024), help="Most requests Triton batches together.")
+@click.option("--max-queue-delay-us", default=2000, show_default=True, type=IntRange(0, 60_000_000),
               help="How long a request may wait for others to batch with (microseconds).")
-@click.option("--instances", default=1, show_default=True, type=int,
+@click.option("--instances", default=1, show_default=True, type=IntRange(1, 64),
               help="Model instances running batches in parallel (one shared session).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--max-tokens", default=None, type=int,
+@click.option("--max-tokens", default=None, type=IntRange(1, INT_MAX),
               help="Most tokens per request (prompt + new tokens); default: the model's context length.")
-@click.option("--drain-timeout", default=30, show_default=True, type=int,
+@click.option("--drain-timeout", default=30, show_default=True, type=IntRange(1, 3600),
               help="Seconds a stop waits for the requests in flight.")
+@click.option("--max-text-bytes", default=MAX_TEXT_BYTES, show_default=True, type=IntRange(1, INT_MAX),
+              help="Most bytes (UTF-8) a request's text may hold; checked before it is tokenized.")
+@click.option("--tokenizer-timeout", default=TOKENIZER_TIMEOUT_S, show_default=True, type=FloatRange(0, 3600, min_open=True),
+              help="Seconds the tokenizer may spend on one request (it runs in child processes, stopped after that).")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
-            instances, provider, max_tokens, drain_timeout):
+            instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
     from ..serve import ServeConfig, Server
 
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
-                         max_queue_delay_us, instances, provider, max_tokens, drain_timeout)
+                         max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
+                         tokenizer_timeout)
     server = Server(config)
 
     def ready(s):

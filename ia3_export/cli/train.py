@@ -9,7 +9,8 @@ import click
 from ..core.config import parse_modules
 from ..dtypes import TRAIN_PRECISIONS
 from ..tasks import TASKS, TRAIN_TASKS
-from .options import OutputPath, trust_remote_code_option
+from ..runtime.requests import INT_MAX, SEED_MAX
+from .options import FloatRange, IntRange, OutputPath, trust_remote_code_option
 
 
 def _fields_help() -> str:
@@ -25,27 +26,27 @@ def _fields_help() -> str:
               help=_fields_help() + " text-generation's loss is on the completion.")
 @click.option("--out", "out_dir", required=True, type=OutputPath("folder"), help="Adapter folder to write (PEFT format).")
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="Evaluation rows; default: hold out --eval-fraction of --data.")
-@click.option("--eval-fraction", type=float, default=0.1, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=3e-3, show_default=True, help="Peak learning rate (the IA3 paper's).")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per process per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup, then linear decay to 0.")
-@click.option("--warmup-ratio", type=float, default=0.0, show_default=True, help="Warmup as a share of all steps (when --warmup-steps is 0).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip the gradient norm; 0 turns it off.")
+@click.option("--eval-fraction", type=FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True)
+@click.option("--lr", "learning_rate", type=FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate (the IA3 paper's).")
+@click.option("--epochs", type=IntRange(1, INT_MAX), default=3, show_default=True)
+@click.option("--max-steps", type=IntRange(1, INT_MAX), help="Optimizer steps; overrides --epochs.")
+@click.option("--batch-size", type=IntRange(1, INT_MAX), default=8, show_default=True, help="Examples per process per micro-batch.")
+@click.option("--grad-accum", type=IntRange(1, INT_MAX), default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--warmup-steps", type=IntRange(0, INT_MAX), default=0, show_default=True, help="Linear warmup, then linear decay to 0.")
+@click.option("--warmup-ratio", type=FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Warmup as a share of all steps (when --warmup-steps is 0).")
+@click.option("--weight-decay", type=FloatRange(0), default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=FloatRange(0), default=1.0, show_default=True, help="Clip the gradient norm; 0 turns it off.")
 @click.option("--optimizer", type=click.Choice(["adamw", "adafactor"]), default="adamw", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per example (longer ones are cut).")
+@click.option("--seed", type=IntRange(0, SEED_MAX), default=0, show_default=True)
+@click.option("--max-length", type=IntRange(1, INT_MAX), default=512, show_default=True, help="Tokens per example (longer ones are cut).")
 @click.option("--target-modules", help="Modules to scale: comma-separated names or a regex; default: per architecture.")
 @click.option("--feedforward-modules", help="Of those, the ones whose INPUT is scaled: names or a regex.")
 @click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), default="fp32", show_default=True,
               help="Autocast precision (fp16 needs CUDA); the IA3 vectors stay float32.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass to save memory.")
-@click.option("--eval-steps", type=int, help="Evaluate every N steps (always at the end).")
-@click.option("--save-steps", type=int, help="Checkpoint every N steps to OUT.checkpoints/ (for --resume).")
-@click.option("--log-steps", type=int, default=1, show_default=True, help="Write a train_log.jsonl record every N steps.")
+@click.option("--eval-steps", type=IntRange(1, INT_MAX), help="Evaluate every N steps (always at the end).")
+@click.option("--save-steps", type=IntRange(1, INT_MAX), help="Checkpoint every N steps to OUT.checkpoints/ (for --resume).")
+@click.option("--log-steps", type=IntRange(1, INT_MAX), default=1, show_default=True, help="Write a train_log.jsonl record every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.checkpoints/.")
 @click.option("--device", help="cpu, cuda, cuda:N or mps; default: the process's GPU if there is one.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")

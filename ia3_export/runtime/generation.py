@@ -10,7 +10,9 @@ whole run, and a step binds only what changed. Graphs in onnxruntime-genai's mod
 once, then the decoder loop. A row stops at EOS or a stop string (then receives padding)
 and the batch stops when every row has. A run never goes past the model's positions
 (config.json's max_position_embeddings): a prompt that fills them is refused, and
-max_new_tokens is cut to what is left (with a `GenerationCapped` warning).
+max_new_tokens is cut to what is left (with a `GenerationCapped` warning). Seq2seq runs are cut
+the same way: to the decoder's positions, or, where the model names none (T5's relative
+positions), to the session's `limits.max_new_tokens` ceiling.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 from ..errors import IA3Error
 from ..dtypes import of_ort
 from ..formats.manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED, LOGITS_TO_KEEP
+from .requests import INT_MAX, SEED_MAX
 
 PAST, PRESENT = "past_key_values", "present"
 
@@ -45,17 +48,18 @@ class GenerationOptions:
     eos_token_ids: list[int] | None = None  # default: generation_config.json's, else the manifest's
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise IA3Error(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= INT_MAX:
+            raise IA3Error(f"max_new_tokens must be an integer of at least 1 (at most {INT_MAX}), "
+                           f"got {self.max_new_tokens!r}")
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise IA3Error(f"temperature must be a finite number > 0, got {self.temperature!r}; "
                            "use greedy decoding (no --sample) for the most likely tokens")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT_MAX:
             raise IA3Error(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise IA3Error(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise IA3Error(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+            raise IA3Error(f"seed must be an integer from 0 to {SEED_MAX}, got {self.seed!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         if self.stop_strings is not None and not all(isinstance(x, str) and x for x in self.stop_strings):
@@ -81,7 +85,10 @@ class TokenChooser:
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """[batch, vocab] float64 sampling distribution after temperature, top-k and top-p."""
         o = self.options
-        scaled = logits.astype(np.float64) / o.temperature
+        # the top logit first, then the temperature: any temperature > 0 (1e-320 too) stays finite
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: wanted
+            scaled = (logits - logits.max(-1, keepdims=True)) / o.temperature
         if 0 < o.top_k < scaled.shape[-1]:  # ties with the k-th logit stay, as in transformers
             kth = np.partition(scaled, -o.top_k, axis=-1)[:, -o.top_k, None]
             scaled = np.where(scaled < kth, -np.inf, scaled)
@@ -150,7 +157,8 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
     if not seq2seq and ("model" not in session.graphs or "logits" not in session.graphs["model"].outputs):
         raise IA3Error(f"{session.folder.path} is a {session.folder.task or 'non-generative'} export; generation "
                        "needs a causal-lm or seq2seq-lm export")
-    steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq)
+    steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq,
+                              session.limits.max_new_tokens)
     rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
     loop = _seq2seq_logits if seq2seq else decoder_logits
     return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
@@ -197,10 +205,17 @@ class _Rows:
         return any(stop in text for stop in self.stops)
 
 
-def _new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool) -> int:
-    """max_new_tokens, cut to the positions left; a prompt that leaves none is an error naming both."""
+def _new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool, ceiling: int) -> int:
+    """max_new_tokens, cut to the positions left; a prompt that leaves none is an error naming both.
+    A seq2seq model without positions in its config is cut to `ceiling` (a decoder without them
+    has no cache limit we know of, and is cut the same way)."""
     limit = folder.max_positions
     if limit is None:
+        if max_new_tokens > ceiling:
+            warnings.warn(f"max_new_tokens {max_new_tokens} cut to {ceiling}: the model names no position limit "
+                          "and this session generates at most that many tokens (Limits.max_new_tokens)",
+                          GenerationCapped, stacklevel=3)
+            return ceiling
         return max_new_tokens
     if prompt_len > limit or (prompt_len >= limit and not seq2seq):
         together = "" if seq2seq else " for prompt and new tokens together"

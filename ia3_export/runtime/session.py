@@ -26,6 +26,7 @@ from ..formats.onnx_graph import check_graph
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
+from .requests import Limits, register
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -201,8 +202,9 @@ class IA3Session:
     picks (runtime/bindings.py) decides how adapters reach the graphs."""
 
     def __init__(self, folder: str | ExportedFolder, provider: str = "cpu", session_options=None,
-                 provider_options: dict | None = None):
+                 provider_options: dict | None = None, limits: Limits | None = None):
         self.folder = folder if isinstance(folder, ExportedFolder) else open_folder(folder)
+        self.limits = limits or Limits()  # every request's bounds (runtime/requests.py)
         self.provider = _check_provider(provider)
         self.graphs = {name: Graph(self.folder.graph_file(name), self.provider, session_options, provider_options)
                        for name in self.folder.graphs}
@@ -225,15 +227,23 @@ class IA3Session:
     # -- adapters ------------------------------------------------------------------------------
     def load_adapter(self, source: str, name: str | None = None) -> str:
         """Load a PEFT folder, an .onnx_adapter file or a name shipped in the folder; returns its name."""
+        return self.add_adapter(self.read_adapter(source, name))
+
+    def read_adapter(self, source: str, name: str | None = None) -> Adapter:
+        """Read, check and place an adapter without registering it: no lock is held while its file is
+        read, so a slow read stalls no request (add it with `add_adapter`)."""
         if not self.binding.takes_adapters:
             self.binding.refuse_load()
         default, path, vectors = adapter_io.load_vectors(self.folder, source)
         name = adapter_io.check_name(name or default)
-        adapter = self._place(name, path, adapter_io.complete(vectors, self.folder))
+        return self._place(name, path, adapter_io.complete(vectors, self.folder))
+
+    def add_adapter(self, adapter: Adapter) -> str:
+        """Register an adapter from `read_adapter` (replacing one of the same name); returns its name."""
         with self._lock:
-            self.adapters[name] = adapter  # runs already going keep the adapter object they picked
+            self.adapters[adapter.name] = adapter  # runs already going keep the adapter object they picked
             self.binding.loaded(adapter)
-        return name
+        return adapter.name
 
     def load_shipped_adapters(self) -> list[str]:
         """Load every adapter listed in the folder's manifest."""
@@ -294,12 +304,19 @@ class IA3Session:
 
     # -- generation ----------------------------------------------------------------------------
     def tokenizer(self):
-        from .tokenizer import TextTokenizer
+        """The folder's tokenizer, isolated in child processes within `limits` (runtime/tokenizer.py)."""
+        from .tokenizer import IsolatedTokenizer
 
         with self._lock:
             if not hasattr(self, "_tokenizer"):
-                self._tokenizer = TextTokenizer(self.folder.path)
+                self._tokenizer = IsolatedTokenizer(self.folder.path, self.limits)
         return self._tokenizer
+
+    def close(self) -> None:
+        """Stop the tokenizer's waiting processes (they also end with this process)."""
+        tokenizer = getattr(self, "_tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.close()
 
     def generate(self, prompt: str, adapter: str | None = ACTIVE, stream: bool = False, **options):
         """Generate a continuation of one prompt with `adapter` (None: the base model; left out: the
@@ -314,9 +331,9 @@ class IA3Session:
         a piece never splits a UTF-8 character, and the pieces join to `generate`'s text."""
         from .generation import GenerationOptions, TextStream, iter_tokens
 
-        tok = self.tokenizer()
+        opts, tok = GenerationOptions(**options), self.tokenizer()  # the numbers before the text
         name = self.active if adapter is ACTIVE else adapter
-        steps = iter_tokens(self, [tok.encode(prompt)], [name], GenerationOptions(**options), tok.decode)
+        steps = iter_tokens(self, [tok.encode(prompt)], [name], opts, tok.decode)
 
         def pieces():
             text = TextStream(tok.decode)
@@ -359,3 +376,16 @@ def _check_provider(provider: str) -> str:
         raise IA3Error(f"this onnxruntime has no {PROVIDERS[provider]} (it offers {', '.join(ort.get_available_providers())}); "
                        "install onnxruntime-gpu (pip install 'ia3-export[gpu]') or use --provider cpu")
     return provider
+
+
+@register("IA3Session.generate", ("causal-lm", "seq2seq-lm"), ("max_new_tokens", "seed", "temperature", "top_p"))
+def _open_request_path(folder: str, limits: Limits):
+    """The Python API as a request path (runtime/requests.py): one session, greedy unless a sampling field is given."""
+    session = IA3Session(folder, limits=limits)
+
+    def send(text, **fields) -> str:
+        sample = bool({"seed", "temperature", "top_p"} & set(fields))
+        return session.generate(text, adapter=None, do_sample=sample, **fields)
+
+    send.close = session.close
+    return send

@@ -10,13 +10,32 @@ transformers does more than load tokenizer.json, and each difference changes wha
 - named special tokens of tokenizer_config.json missing from tokenizer.json are added;
 - decoding skips special tokens and, when tokenizer_config.json asks for it (and the model is
   not BPE), cleans up tokenization spaces (" ." -> ".", " n't" -> "n't", ...).
+
+A tokenizer.json is untrusted input: its pre-tokenizer regex runs in Rust (Oniguruma), where a
+backtracking pattern can panic ("retry-limit-in-match over"; pyo3's PanicException is a
+BaseException) or take minutes on a long text, and neither can be stopped inside this process. A
+session therefore tokenizes through `IsolatedTokenizer`: `TextTokenizer` in a child process, each
+call within a time limit; a child that panics, dies or runs out of time is killed and the call is
+one IA3Error, the next call gets a fresh child. Text is checked (`requests.prompt_text`) before it
+is sent.
 """
 from __future__ import annotations
 
-import json
+import concurrent.futures
 import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
 
 from ..errors import IA3Error
+from ..formats.jsonfile import parse_json
+from ..formats.reader import read_bytes
+from .requests import Limits, prompt_text
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers' clean_up_tokenization, in its order
@@ -32,8 +51,9 @@ class TextTokenizer:
         if not os.path.isfile(path):
             raise IA3Error(f"{folder} has no tokenizer.json; export from a model folder with a fast tokenizer, "
                            "or pass token ids to the runtime directly")
+        raw = read_bytes(path, "tokenizer")
         try:
-            self.tokenizer = Tokenizer.from_file(path)
+            self.tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise IA3Error(f"{path}: not a readable tokenizer ({str(e)[:200]})") from None
         config = _read_config(os.path.join(folder, "tokenizer_config.json"))
@@ -67,13 +87,9 @@ class TextTokenizer:
 
 
 def _read_config(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise IA3Error(f"{path}: not readable JSON ({str(e)[:200]}); re-export the model or fix the file") from None
+    config = parse_json(read_bytes(path, "tokenizer"), path)  # size and depth capped
     return config if isinstance(config, dict) else {}
 
 
@@ -82,3 +98,167 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+class IsolatedTokenizer:
+    """`TextTokenizer`'s encode and decode, run in child processes (one per concurrent caller, kept
+    for the next call), each call within `limits.tokenizer_timeout_s`. `encode` checks the text
+    first (`requests.prompt_text`). A failed call (the tokenizer raised or panicked, the child died
+    or ran out of time) is one IA3Error; a child that panicked or timed out is killed, never reused."""
+
+    def __init__(self, folder: str, limits: Limits | None = None):
+        self.folder, self.limits = folder, limits or Limits()
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._give(self._take())  # a missing or unreadable tokenizer fails here, once
+
+    def encode(self, text: str | bytes) -> list[int]:
+        """Token ids with the special tokens the folder's tokenizer adds; never padded or truncated."""
+        return self._call("encode", prompt_text(text, self.limits.max_text_bytes))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text without special tokens, as transformers' decode(ids, skip_special_tokens=True)."""
+        return self._call("decode", [int(i) for i in ids])
+
+    def close(self) -> None:
+        """Stop the waiting children now (a later call starts a new one; they also stop when this process
+        ends: their input closes)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.kill()
+
+    def _call(self, op: str, arg):
+        worker = self._take()
+        try:
+            value = worker.ask((op, arg), self.limits.tokenizer_timeout_s)
+        except BaseException:
+            worker.kill()
+            raise
+        self._give(worker)
+        return value
+
+    def _take(self) -> "_Worker":
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _SPAWNER.submit(_Worker, self.folder).result()
+
+    def _give(self, worker: "_Worker") -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+
+START_TIMEOUT_S = 120.0  # loading a large tokenizer.json on a busy machine
+# Children are started from one long-lived thread: PR_SET_PDEATHSIG fires when the THREAD that started
+# a child ends, and a request thread may end while its child waits in the pool.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia3-tokenizer-spawner")
+_HEADER = struct.Struct("<Q")
+
+
+class _Worker:
+    """One child process running `_serve` on a folder: pickled (op, arg) in, ("ok"|"error", value) out."""
+
+    def __init__(self, folder: str):
+        code = "from ia3_export.runtime.tokenizer import _serve; _serve()"
+        self.process = subprocess.Popen([sys.executable, "-P", "-c", code, folder], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+        try:
+            self.ask(("ready", None), START_TIMEOUT_S)
+        except BaseException:
+            self.kill()
+            raise
+
+    def ask(self, message, timeout_s: float):
+        """Send one request; its value, or an IA3Error (the child's own message, a death or the time limit)."""
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            self.process.stdin.write(_HEADER.pack(len(data)) + data)
+            self.process.stdin.flush()
+            deadline = time.monotonic() + timeout_s
+            size = _HEADER.unpack(self._read(_HEADER.size, deadline, timeout_s))[0]
+            status, value = pickle.loads(self._read(size, deadline, timeout_s))
+        except (OSError, EOFError, pickle.UnpicklingError, struct.error):
+            code = self.process.poll()
+            raise IA3Error(f"the tokenizer's process stopped (exit code {code}) on this request; the folder's "
+                           "tokenizer.json is broken or hostile: fix or replace it") from None
+        if status == "error":
+            raise IA3Error(value)
+        return value
+
+    def _read(self, size: int, deadline: float, timeout_s: float) -> bytes:
+        out, fd = bytearray(), self.process.stdout.fileno()
+        while len(out) < size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise IA3Error(f"the tokenizer took longer than {timeout_s:g} s on this request and was stopped; "
+                               "send a shorter text, or fix the tokenizer.json (a pre-tokenizer regex that "
+                               "backtracks)")
+            chunk = os.read(fd, size - len(out))
+            if not chunk:
+                raise EOFError
+            out += chunk
+        return bytes(out)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+def _serve() -> None:
+    """The child's loop: load the folder's tokenizer, answer requests until the parent closes the pipe.
+
+    stdout is kept for the answers (fd 1 then points at stderr, which is /dev/null: Rust's panic
+    report goes nowhere); the child dies with its parent (PR_SET_PDEATHSIG) so a stuck regex never
+    outlives a killed server."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    inp = sys.stdin.buffer
+    _die_with_parent()
+    tokenizer, error = None, None
+    try:
+        tokenizer = TextTokenizer(sys.argv[1])
+    except IA3Error as e:
+        error = str(e)
+    except BaseException as e:  # noqa: BLE001 - a panic while loading
+        error = f"{sys.argv[1]}: the tokenizer cannot be loaded ({_describe(e)}); fix or replace tokenizer.json"
+    while True:
+        header = inp.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        op, arg = pickle.loads(inp.read(_HEADER.unpack(header)[0]))
+        if error is not None:
+            _answer(out, ("error", error))
+            return
+        try:
+            value = None if op == "ready" else getattr(tokenizer, op)(arg)
+        except BaseException as e:  # noqa: BLE001 - PanicException is a BaseException; nothing else runs here
+            _answer(out, ("error", f"the tokenizer failed on this request ({_describe(e)}); the folder's "
+                                   "tokenizer.json is broken or hostile: fix or replace it"))
+            return  # a panicked tokenizer may be left half-changed: the next call gets a fresh process
+        _answer(out, ("ok", value))
+
+
+def _answer(out, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(_HEADER.pack(len(data)) + data)
+    out.flush()
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

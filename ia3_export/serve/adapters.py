@@ -4,7 +4,8 @@ A generation reads its adapter at every decode step, so an adapter must not vani
 under a request that is running. The pool counts the requests using each adapter: removing one
 refuses new requests for it at once and unloads it when the last running request ends; adding
 refuses a name that is loaded or still leaving (remove it first), so a name never changes meaning
-while it is in use.
+while it is in use. The pool's lock, which every request takes, is never held while a file is read:
+an adapter is read and checked first, then swapped in under the lock.
 """
 from __future__ import annotations
 
@@ -34,13 +35,19 @@ class AdapterPool:
     def add(self, source: str, name: str | None = None) -> str:
         """Load a PEFT folder, an .onnx_adapter file or a name shipped in the folder; returns its name."""
         name = check_name(name) if name else resolve(self.session.folder, source)[0]
-        with self._lock:  # held while loading (milliseconds), so two adds of one name cannot race
-            if name in self._leaving:
-                raise IA3Error(f"adapter {name!r} is being removed ({self._in_use[name]} requests still use it); "
-                               "add it again once it is gone")
-            if name in self.session.adapters:
-                raise IA3Error(f"adapter {name!r} is already loaded; remove it first to replace it")
-            return self.session.load_adapter(source, name=name)
+        with self._lock:
+            self._refuse_taken(name)  # before the read, which may be slow
+        adapter = self.session.read_adapter(source, name=name)  # no lock held: requests go on
+        with self._lock:
+            self._refuse_taken(name)  # again: another add may have won while this one read
+            return self.session.add_adapter(adapter)
+
+    def _refuse_taken(self, name: str) -> None:
+        if name in self._leaving:
+            raise IA3Error(f"adapter {name!r} is being removed ({self._in_use[name]} requests still use it); "
+                           "add it again once it is gone")
+        if name in self.session.adapters:
+            raise IA3Error(f"adapter {name!r} is already loaded; remove it first to replace it")
 
     def remove(self, name: str) -> str:
         """Stop offering `name`; returns "removed", or "draining" while requests still use it."""

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.jsonfile import dumps
-from ..runtime import GenerationOptions, generate_ids
+from ..runtime import GenerationOptions, IA3Session, generate_ids
+from ..runtime.requests import register
 from ..tasks import EXPORT_TASKS, task_named
 from .adapters import AdapterPool
 
@@ -110,7 +111,7 @@ class Served:
         if has_text:
             if self.tokenizer is None:
                 raise IA3Error(f"{self._no_tokenizer}; send `input_ids`")
-            row.ids = self.encode(_string(request, "text"))
+            row.ids = self.tokenizer.encode(_raw(request, "text"))  # checked as UTF-8 within the byte limit first
         else:
             ids = np.asarray(request["input_ids"]).reshape(-1)
             row.ids = [int(i) for i in ids if i >= 0]
@@ -123,10 +124,6 @@ class Served:
                            + f", over this model's limit of {self.max_tokens}; shorten the prompt"
                            + (" or ask for fewer tokens" if reserve else ""))
         row.adapter = _string(request, "adapter") or None
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids as transformers gives them (no stored padding: batches pad by themselves)."""
-        return self.tokenizer.encode(text)
 
     def groups(self, rows: list[Row], alone=lambda row: False) -> list[list[Row]]:
         """ONNX Runtime batches: all rows together on a bank export, else one batch per adapter;
@@ -215,7 +212,7 @@ class Generate(ServedModel):
         row.options = GenerationOptions(
             max_new_tokens=_number(request, "max_new_tokens", None, int), do_sample=_number(request, "do_sample", False, bool),
             temperature=_number(request, "temperature", 1.0, float), top_p=_number(request, "top_p", 1.0, float),
-            seed=seed if seed >= 0 else None)
+            seed=None if seed == -1 else seed)  # -1: unseeded; other negatives are refused
         self.served.parse_prompt(row, request, reserve=row.options.max_new_tokens)
 
     def plan(self, rows: list[Row]) -> list[list[Row]]:
@@ -337,6 +334,35 @@ def model_for(session) -> type:
     return MODEL_FOR_FAMILY[family]
 
 
+def _open(model_cls: type, answer: str):
+    """A served model as a request path (runtime/requests.py): requests in Triton's form, handled as the
+    server handles them, on one session for every request sent."""
+
+    def open_path(folder: str, limits) -> callable:
+        model = model_cls(Served(IA3Session(folder, limits=limits)))
+        ports = {p.name: p for p in model.inputs}
+
+        def send(text: str | bytes, **fields) -> str:
+            request = {"text": np.array([[text.encode() if isinstance(text, str) else text]], dtype=object),
+                       "adapter": _bytes("")}
+            request.update({k: np.array([[v]], dtype=ports[k].dtype) for k, v in fields.items()})
+            (out,) = model([request])
+            error = out["error"][0][0].decode()
+            if error:
+                raise IA3Error(error)
+            return out[answer][0][0].decode()
+
+        send.close = model.served.session.close
+        return send
+
+    return open_path
+
+
+register("serve generate", ("causal-lm", "seq2seq-lm"), ("max_new_tokens", "seed", "temperature", "top_p"))(
+    _open(Generate, "text"))
+register("serve classify", ("seq-cls",))(_open(Classify, "label"))
+
+
 def _values(request, name: str) -> np.ndarray:
     values = np.asarray(request[name]).reshape(-1)
     if values.size != 1:
@@ -354,13 +380,21 @@ def _number(request, name: str, default, cast):
 
 
 def _string(request, name: str) -> str:
-    value = _values(request, name)[0]
+    value = _raw(request, name)
     if isinstance(value, str):
         return value
     try:
         return bytes(value).decode("utf-8")
-    except (TypeError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         raise IA3Error(f"input `{name}` is not UTF-8 text") from None
+
+
+def _raw(request, name: str) -> str | bytes:
+    """A BYTES input as Triton hands it over, not decoded yet (the tokenizer checks a prompt's size first)."""
+    value = _values(request, name)[0]
+    if not isinstance(value, (str, bytes, np.bytes_)):
+        raise IA3Error(f"input `{name}` is not text; send it as BYTES (UTF-8)")
+    return value
 
 
 def _bytes(text: str) -> np.ndarray:

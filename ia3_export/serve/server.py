@@ -23,6 +23,7 @@ import time
 
 from ..errors import CheckFailed, IA3Error
 from ..runtime import IA3Session
+from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
@@ -43,6 +44,8 @@ class ServeConfig:
     provider: str = "cpu"
     max_tokens: int | None = None  # prompt + new tokens per request; default: the model's context length
     drain_timeout_s: int = 30
+    max_text_bytes: int = MAX_TEXT_BYTES  # a request's text, checked before it is tokenized
+    tokenizer_timeout_s: float = TOKENIZER_TIMEOUT_S  # one request's tokenizer call (runtime/tokenizer.py)
 
     def __post_init__(self):
         for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
@@ -63,7 +66,8 @@ class Server:
             raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve,cpu]'")
         _check_ports(config)  # before loading a model that may take a while
         self.config = config
-        self.session = IA3Session(config.onnx_dir, provider=config.provider)
+        self.session = IA3Session(config.onnx_dir, provider=config.provider, limits=Limits(
+            max_text_bytes=config.max_text_bytes, tokenizer_timeout_s=config.tokenizer_timeout_s))
         self.served = Served(self.session, config.max_tokens)
         self.session.load_shipped_adapters()
         for source in config.adapters:
@@ -126,6 +130,7 @@ class Server:
         """Finish the requests in flight (up to drain_timeout_s), stop tritonserver, remove its workspace."""
         if self.triton is not None:
             self.triton.stop()
+        self.session.close()  # the tokenizer's processes
 
     def serve_forever(self, on_ready=None) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""

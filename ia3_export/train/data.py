@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
+import re
 
 import torch
 
 from ..errors import IA3Error
 from ..formats.jsonfile import parse_json, shown
+from ..formats.reader import read_text
 from ..tasks import TASKS as TASK_TABLE, TRAIN_TASKS, task_named
 
 TASKS = {name: TASK_TABLE[name] for name in TRAIN_TASKS}  # the tasks training knows (fields, head, metric)
@@ -34,20 +37,35 @@ def check_task(task: str) -> None:
 def read_rows(path: str, task: str) -> list[Row]:
     """Rows of a .jsonl/.json-lines or .csv file, each checked for the fields its task needs."""
     check_task(task)
-    if not os.path.isfile(path):
-        raise IA3Error(f"data file {path} does not exist or is not a file; pass a JSONL or CSV file")
-    rows = _read_csv(path) if path.lower().endswith((".csv", ".tsv")) else _read_jsonl(path)
+    if not os.path.lexists(path):
+        raise IA3Error(f"data file {path} does not exist; pass a JSONL or CSV file")
+    text = read_text(path, "data")  # a regular file within the data cap, UTF-8
+    rows = _read_csv(path, text) if path.lower().endswith((".csv", ".tsv")) else _read_jsonl(path, text)
     if not rows:
         raise IA3Error(f"{path}: no rows; the data set is empty")
     choices = TASKS[task].train_fields
     for row in rows:
         if not any(all(_present(row.fields, f) for f in fields) for fields in choices):
-            need = " or ".join(" + ".join(f"'{f}'" for f in fields) for fields in choices)
-            have = ", ".join(k if k.isprintable() else repr(k) for k in sorted(row.fields)) or "none"  # one line
-            raise IA3Error(f"{row.where}: the row needs {need} for {task} (its fields: {have})")
+            raise IA3Error(_misfit(row, task, choices))
         if TASKS[task].labelled and not _is_label(row.fields["label"]):
             raise IA3Error(f"{row.where}: label is {shown(row.fields['label'])}; a label is a string or a number")
     return rows
+
+
+def _misfit(row: Row, task: str, choices) -> str:
+    """Why a row fits none of its task's field sets: a field of the wrong type where every field is
+    there (say which, its type and what is expected), else the fields it lacks."""
+    for fields in choices:
+        if all(row.fields.get(f) is not None for f in fields):
+            for f in fields:
+                if not _present(row.fields, f):
+                    value = row.fields[f]
+                    got = "an empty string" if value == "" else f"{type(value).__name__} {shown(value, 40)}"
+                    wanted = "a non-empty string or a number" if f == "label" else "non-empty text (a string)"
+                    return f"{row.where}: field '{f}' is {got}; {task} needs '{f}' as {wanted}"
+    need = " or ".join(" + ".join(f"'{f}'" for f in fields) for fields in choices)
+    have = ", ".join(k if k.isprintable() else repr(k) for k in sorted(row.fields)) or "none"  # one line
+    return f"{row.where}: the row needs {need} for {task} (its fields: {have})"
 
 
 def _is_label(value) -> bool:
@@ -61,14 +79,9 @@ def _present(fields: dict, name: str) -> bool:
     return value is not None and (name == "label" or isinstance(value, str)) and value != ""
 
 
-def _read_jsonl(path: str) -> list[Row]:
+def _read_jsonl(path: str, text: str) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError:
-            raise IA3Error(f"{path}: not UTF-8 text; save it as UTF-8 JSONL (one JSON object per line)") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
         if not line.strip():
             continue
         value = parse_json(line, f"{path}:{number}")
@@ -78,18 +91,18 @@ def _read_jsonl(path: str) -> list[Row]:
     return rows
 
 
-def _read_csv(path: str) -> list[Row]:
+def _read_csv(path: str, text: str) -> list[Row]:
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
     rows = []
+    # csv refuses fields over 128 KB by default ("field larger than field limit"): the file's own size
+    # bounds every field, and the reader has capped that
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            for fields in reader:
-                if None in fields:
-                    raise IA3Error(f"{path}:{reader.line_num}: more values than the header has columns; quote fields that hold '{delimiter}'")
-                rows.append(Row({k: v for k, v in fields.items() if v is not None}, f"{path}:{reader.line_num}"))
-    except UnicodeDecodeError:
-        raise IA3Error(f"{path}: not UTF-8 text; save the CSV as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        for fields in reader:
+            if None in fields:
+                raise IA3Error(f"{path}:{reader.line_num}: more values than the header has columns; quote fields that hold '{delimiter}'")
+            rows.append(Row({k: v for k, v in fields.items() if v is not None}, f"{path}:{reader.line_num}"))
     except csv.Error as e:
         raise IA3Error(f"{path}: malformed CSV ({e})") from None
     return rows
@@ -106,13 +119,20 @@ def split_rows(rows: list[Row], fraction: float, seed: int, path: str) -> tuple[
 
 def label_names(train: list[Row], eval_rows: list[Row]) -> list[str]:
     """Label names in a stable order (numeric order for integer labels); eval labels must be known."""
-    names = sorted({str(r.fields["label"]) for r in train}, key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    names = sorted({str(r.fields["label"]) for r in train}, key=_label_order)
     if len(names) < 2:
         raise IA3Error(f"{train[0].where.rsplit(':', 1)[0]}: only one label ({names[0]!r}); classification needs at least 2")
     for row in eval_rows:
         if str(row.fields["label"]) not in names:
             raise IA3Error(f"{row.where}: label {row.fields['label']!r} does not occur in the training data (labels: {', '.join(names)})")
     return names
+
+
+def _label_order(name: str) -> tuple:
+    """Integers first, in numeric order ("-1", "2", "10"), then the other names. Only ASCII digits make an
+    integer: str.isdigit also accepts "²", which int() refuses."""
+    integer = re.fullmatch(r"-?[0-9]+", name)
+    return (integer is None, int(name) if integer else 0, name)
 
 
 @dataclasses.dataclass

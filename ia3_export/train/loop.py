@@ -121,6 +121,26 @@ def check_device(device: str) -> None:
         raise IA3Error("--device mps: this torch has no MPS (Apple GPU) backend; use --device cpu")
 
 
+MAX_MICRO_BATCHES = 10**8  # forward and backward passes in one run: days on any device this tool trains on
+MAX_VECTOR = 65504.0  # float16's largest value: a vector beyond it cannot be exported in fp16, and means a runaway
+
+
+def check_work(o: TrainOptions, rows: int, steps_per_epoch: int, world: int) -> int:
+    """The run's optimizer steps, once the work they imply is known to be bounded: each step runs
+    --grad-accum micro-batches per process, so steps x accumulation is the run's length, and a
+    micro-batch needs at least one example (an empty one still runs a forward and backward pass)."""
+    if o.grad_accum * world > rows:
+        raise IA3Error(f"--grad-accum {o.grad_accum} x {world} process(es) splits each step into more micro-batches than "
+                       f"the {rows} training examples; give --grad-accum {max(1, rows // world)} or less")
+    total = o.max_steps or steps_per_epoch * o.epochs
+    work = total * o.grad_accum
+    if work > MAX_MICRO_BATCHES:
+        where = "--max-steps" if o.max_steps else f"--epochs {o.epochs} x {steps_per_epoch} steps per epoch"
+        raise IA3Error(f"{total} steps ({where}) x --grad-accum {o.grad_accum} = {work} micro-batches, more than the "
+                       f"{MAX_MICRO_BATCHES} a run may take; lower --epochs or --max-steps, or --grad-accum")
+    return total
+
+
 @dataclasses.dataclass
 class TrainResult:
     adapter_dir: str
@@ -191,6 +211,9 @@ class _Run:
             raise IA3Error(f"{data}: no example has anything to learn within max-length {options.max_length} "
                            "(completions cut off?); raise --max-length")
         self.tokenizer = tokenizer
+        self.global_batch = options.batch_size * options.grad_accum * dist.world
+        self.steps_per_epoch = math.ceil(len(self.train_set) / self.global_batch)
+        self.total = check_work(options, len(self.train_set), self.steps_per_epoch, dist.world)
         self.model = self._build_model(model_dir, model_config)
 
     # -- setup -------------------------------------------------------------------------------
@@ -242,10 +265,7 @@ class _Run:
 
     # -- the run -----------------------------------------------------------------------------
     def go(self, resume: bool) -> TrainResult:
-        o, dist = self.o, self.dist
-        self.global_batch = o.batch_size * o.grad_accum * dist.world
-        self.steps_per_epoch = math.ceil(len(self.train_set) / self.global_batch)
-        total = o.max_steps or self.steps_per_epoch * o.epochs
+        o, dist, total = self.o, self.dist, self.total
         params = [p for p in self.model.parameters() if p.requires_grad]
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if o.optimizer == "adamw":
@@ -351,11 +371,15 @@ class _Run:
         return loss_total / n_terms
 
     def _check_finite(self, step: int, loss: float, params: list[torch.Tensor]) -> None:
-        """A NaN or infinite loss or vector means the run diverged: stop before that step is logged,
-        checkpointed or written, so no adapter of NaNs appears and the last good checkpoint stays."""
-        if math.isfinite(loss) and bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        """A NaN or infinite loss, or a vector beyond float16's range, means the run diverged (llama's
+        RMSNorm turns 1e30-sized activations back into a finite loss: the loss alone misses it). Stop
+        before that step is logged, checkpointed or written, so no runaway adapter appears and the last
+        good checkpoint stays."""
+        largest = float(torch.stack([p.detach().abs().max() for p in params]).max())  # NaN if any is NaN
+        if math.isfinite(loss) and largest <= MAX_VECTOR:
             return  # one device sync for all the vectors
-        what = f"the loss is {loss}" if not math.isfinite(loss) else "the vectors became non-finite"
+        what = (f"the loss is {loss}" if not math.isfinite(loss) else "the vectors became non-finite"
+                if not math.isfinite(largest) else f"a vector entry reached {largest:.3g}, beyond {MAX_VECTOR:g}")
         kept = f" (checkpoints so far stay in {self.checkpoints})" if os.path.isdir(self.checkpoints) else ""
         raise CheckFailed(f"training diverged at step {step} ({what}), so no adapter was written{kept}; "
                           f"train again with a lower --lr (this run: {self.o.learning_rate:g})")

@@ -159,20 +159,47 @@ def test_unavailable_device_is_refused():
 
 
 def test_diverging_training_stops_and_keeps_the_last_checkpoint(model_dir, train_data, tmp_path):
-    """lr 1e30 blows the vectors up at step 1: exit 1 naming the step and --lr, no adapter of NaNs,
-    the checkpoint written before the divergence kept (it used to exit 0 with a NaN adapter)."""
+    """lr 4e4 sends the vectors past float16's range within a few steps (llama's RMSNorm keeps the loss
+    finite, so a check on the loss alone let it write the adapter, exit 0): exit 1 naming the step and
+    --lr, no adapter, the checkpoint of the step before kept, every value in it within range."""
     from ia3_export.formats.safetensors_io import read_safetensors
 
     out = tmp_path / "adapter"
     result = run_cli("train", model_dir("llama"), "--data", train_data, "--task", "text-generation", "--out", out,
-                     "--max-steps", "4", "--save-steps", "1", "--lr", "1e30", "--quiet")
-    line = assert_one_line_error(result, 1, "training diverged at step 2")
-    assert "lower --lr" in line
-    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["adapter.checkpoints"]
-    (step,) = os.listdir(tmp_path / "adapter.checkpoints")
-    assert step == "step-00000001"
-    tensors = read_safetensors(str(tmp_path / "adapter.checkpoints" / step / "adapter_model.safetensors"))
-    assert tensors and all(np.isfinite(v).all() for v in tensors.values())
+                     "--max-steps", "8", "--save-steps", "1", "--lr", "4e4", "--quiet")
+    line = assert_one_line_error(result, 1, "training diverged at step ")
+    assert "beyond 65504" in line and "lower --lr" in line
+    step = int(re.search(r"diverged at step (\d+)", line).group(1))
+    assert step >= 2 and not out.exists() and sorted(os.listdir(tmp_path)) == ["adapter.checkpoints"]
+    kept = sorted(os.listdir(tmp_path / "adapter.checkpoints"))
+    assert kept[-1] == f"step-{step - 1:08d}"
+    tensors = read_safetensors(str(tmp_path / "adapter.checkpoints" / kept[-1] / "adapter_model.safetensors"))
+    assert tensors and all(np.isfinite(v).all() and np.abs(v).max() <= 65504 for v in tensors.values())
+
+
+def test_a_runaway_first_step_writes_nothing(model_dir, train_data, tmp_path):
+    """lr 1e30: the vectors reach 1e30 at step 1 while the loss stays finite; nothing is written."""
+    result = run_cli("train", model_dir("llama"), "--data", train_data, "--task", "text-generation",
+                     "--out", tmp_path / "adapter", "--max-steps", "4", "--save-steps", "1", "--lr", "1e30", "--quiet")
+    assert_one_line_error(result, 1, "training diverged at step 1 (a vector entry reached 1e+30, beyond 65504)")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grad-accum", "1000000000"], "--grad-accum 1000000000 x 1 process(es) splits each step into more micro-batches "
+                                     "than the 11 training examples; give --grad-accum 11 or less"),
+    (["--grad-accum", "5", "--max-steps", "100000000"], "100000000 steps (--max-steps) x --grad-accum 5 = 500000000 "
+                                                       "micro-batches, more than the 100000000 a run may take"),
+    (["--epochs", "2000000000"], "4000000000 steps (--epochs 2000000000 x 2 steps per epoch) x --grad-accum 1 = 4000000000"),
+    (["--seed", "-1"], "--seed is -1; give a whole number in the range 0<=x<=4294967295"),
+    (["--batch-size", "0"], "--batch-size is 0; give a whole number in the range 1<=x<=2147483647"),
+])
+def test_training_arithmetic_is_bounded(model_dir, train_data, tmp_path, args, message):
+    """Steps x accumulation is the run's length: bounded, refused in one line naming the product and the fix."""
+    result = run_cli("train", model_dir("llama"), "--data", train_data, "--task", "text-generation",
+                     "--out", tmp_path / "out", "--quiet", *args, timeout=300)
+    assert_one_line_error(result, 2, message)
+    assert os.listdir(tmp_path) == []
 
 
 def test_bad_parity_numbers_are_bad_usage_not_a_failed_check(model_dir, tmp_path_factory):

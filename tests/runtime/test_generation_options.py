@@ -22,13 +22,13 @@ def gpt2(tmp_path_factory, model_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sample", "--temperature", "nan"], "temperature must be a finite number > 0, got nan"),
-    (["--sample", "--temperature", "inf"], "temperature must be a finite number > 0, got inf"),
-    (["--sample", "--temperature", "0"], "temperature must be a finite number > 0"),
-    (["--top-p", "nan"], "top_p must be a number in (0, 1], got nan"),
-    (["--top-p", "0"], "top_p must be a number in (0, 1]"),
-    (["--top-k", "-1"], "top_k must be an integer >= 0"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be an integer of at least 1"),
+    (["--sample", "--temperature", "nan"], "--temperature is nan; give a finite number in the range x>0"),
+    (["--sample", "--temperature", "inf"], "--temperature is inf; give a finite number in the range x>0"),
+    (["--sample", "--temperature", "0"], "--temperature is 0.0; give a finite number in the range x>0"),
+    (["--top-p", "nan"], "--top-p is nan; give a finite number in the range 0<x<=1"),
+    (["--top-p", "0"], "--top-p is 0.0; give a finite number in the range 0<x<=1"),
+    (["--top-k", "-1"], "--top-k is -1; give a whole number in the range 0<=x<=2147483647"),
+    (["--max-new-tokens", "0"], "--max-new-tokens is 0; give a whole number in the range 1<=x<=2147483647"),
 ])
 def test_cli_bad_generation_options_are_one_line_usage_errors(gpt2, args, message):
     assert_one_line_error(run_cli("generate", gpt2[1], "--prompt", "hi", *args), 2, message)

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 
 TEXTS = ["", "Hello  World!", "  lead and trail  ", "naïve café — 日本語 🙂", "don 't do it , ok ?",
          "it's <s> a </s> test .", "<|endoftext|>x<pad>[SEP] [MASK]", "the quick brown fox jumps over the lazy dog " * 3]
@@ -165,3 +165,63 @@ def test_export_writes_the_tokenizer_transformers_builds(tmp_path, style, cls):
         assert ours.encode(text) == ids, text
         assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
     assert AutoTokenizer.from_pretrained(str(tmp_path / "onnx"))(texts[1])["input_ids"] == reference(texts[1])["input_ids"]
+
+
+# -- hostile tokenizer files and prompts (runtime/requests.py, the IsolatedTokenizer) -----------------
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory, model_dir):
+    from runtime_helpers import export_once
+
+    return export_once(tmp_path_factory, model_dir("llama"), "merged", [])
+
+
+def hostile_copy(tmp_path, export, name: str, write) -> str:
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(export, folder)
+    write(folder / name)
+    return str(folder)
+
+
+def sparse(path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("tokenizer.json", lambda p: sparse(p, 3 << 30), "tokenizer.json: 3221225472 bytes, more than the 536870912 a tokenizer"),
+    ("tokenizer_config.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+     "tokenizer_config.json: JSON nested 100000 levels deep (at most 64 are read)"),
+    ("tokenizer.json", lambda p: p.write_text("{not json"), "tokenizer.json: not a readable tokenizer"),
+])
+def test_hostile_tokenizer_files_are_one_line(tmp_path, llama_export, name, write, message):
+    """A 3 GB sparse tokenizer.json cost 3.1 GB of memory; a config nested 100,000 deep was an internal error."""
+    folder = hostile_copy(tmp_path, llama_export, name, write)
+    assert_one_line_error(run_cli("generate", folder, "--prompt", "hi", "--max-new-tokens", "2"), 2, message)
+
+
+def test_a_panicking_tokenizer_is_one_line_on_the_command_line(tmp_path, llama_export):
+    """Oniguruma panics past its retry limit (PanicException, a BaseException): it printed a 163-line
+    traceback; now the tokenizer's process dies alone and the command says so in one line."""
+    def write(path):
+        tok = json.loads((path.parent / "tokenizer.json").read_text())
+        split = {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": False}
+        tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, *filter(None, [tok["pre_tokenizer"]])]}
+        path.write_text(json.dumps(tok))
+
+    folder = hostile_copy(tmp_path, llama_export, "tokenizer.json", write)
+    result = run_cli("generate", folder, "--prompt", "a" * 40 + "b", "--max-new-tokens", "2")
+    assert_one_line_error(result, 2, "the tokenizer failed on this request (PanicException: Onig: Regex search error")
+
+
+def test_a_prompt_of_invalid_utf8_bytes_is_one_line(llama_export):
+    """argv bytes that are not UTF-8 reach Python as lone surrogates; the tokenizer used to fail on them."""
+    import subprocess
+
+    from cli_helpers import EXE
+
+    done = subprocess.run([EXE, "generate", llama_export, "--prompt", b"caf\xe9"], capture_output=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode().strip() == ("error: the prompt is not valid UTF-8 (byte 0xe9 at character 3); "
+                                            "send UTF-8 text")
