@@ -119,6 +119,11 @@ def _load(module: str) -> click.Command:
 @click.option("--debug", is_flag=True, help="Show the Python traceback of an internal error (also: IA3_EXPORT_DEBUG=1).")
 def main(debug):
     """Train IA3 adapters and ship them to ONNX Runtime."""
+    from .. import ort
+
+    if debug:  # read by ia3_export.ort (ORT's warnings) here and in every process we start
+        os.environ["IA3_EXPORT_DEBUG"] = "1"
+    ort.telemetry_off()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 import os
 
 from ..errors import CheckFailed
+from ..ort import genai
 from ..runtime.folder import ExportedFolder
 from ..runtime.generation import GenerationOptions, generate_ids
 from ..runtime.session import IA3Session
@@ -101,7 +102,7 @@ def validate_with_genai(folder: str, manifest: dict) -> str | None:
     if not (manifest.get("genai") or {}).get("supported"):
         return None
     try:
-        import onnxruntime_genai as og
+        og = genai()
     except ImportError:
         return None
     prompt, steps = [5, 6, 7, 8], 4

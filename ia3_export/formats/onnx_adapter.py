@@ -12,6 +12,7 @@ import numpy as np
 
 from .atomic import atomic_output_file
 from ..errors import IA3Error
+from ..ort import onnxruntime
 
 SUFFIX = ".onnx_adapter"
 
@@ -19,7 +20,7 @@ SUFFIX = ".onnx_adapter"
 def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_version: int = 1,
                        model_version: int = 1, force: bool = False, inputs=()) -> str:
     """Write tensors (name -> array) as an .onnx_adapter file, atomically."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if not tensors:
         raise IA3Error(f"refusing to write {path}: the adapter has no tensors")
@@ -38,7 +39,7 @@ def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_versio
 def read_onnx_adapter(path: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """The tensors of an .onnx_adapter file (copied out of ORT's buffers). ORT reads the whole file,
     so `max_bytes` (what the model's vectors can need) is checked against its size first."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     try:
         size = os.path.getsize(path)

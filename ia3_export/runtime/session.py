@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from ..errors import IA3Error
+from ..ort import onnxruntime, session_options
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
@@ -36,12 +37,10 @@ class Graph:
     """One InferenceSession; each thread has its own IOBinding, whose inputs keep their last value."""
 
     def __init__(self, path: str, provider: str, options=None, provider_options: dict | None = None):
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         self._ort = ort
         if options is None:  # quiet: vectors are initializers AND inputs on purpose, ORT warns about each
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
+            options = session_options()
         try:
             providers = [(PROVIDERS[provider], provider_options)] if provider_options else [PROVIDERS[provider]]
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
@@ -354,7 +353,7 @@ class IA3Session:
 
 
 def _check_provider(provider: str) -> str:
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if provider not in PROVIDERS:
         raise IA3Error(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
