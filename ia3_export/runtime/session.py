@@ -46,6 +46,10 @@ class Graph:
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as e:  # ORT raises bare RuntimeErrors (Fail, InvalidGraph, NoSuchFile)
             raise IA3Error(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]}); re-export the model") from None
+        if PROVIDERS[provider] not in self.session.get_providers():  # ORT falls back to the CPU, saying so only in its log
+            raise IA3Error(f"{path}: ONNX Runtime could not start {PROVIDERS[provider]} and fell back to "
+                           f"{', '.join(self.session.get_providers())}; rerun with --debug (or IA3_EXPORT_DEBUG=1) "
+                           "for its log (CUDA or cuDNN libraries missing?), or use --provider cpu")
         self.device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.initializer_inputs = {i.name: i for i in self.session.get_overridable_initializers()}

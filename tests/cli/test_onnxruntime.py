@@ -63,3 +63,20 @@ def test_onnxruntime_log_stays_off_stderr_unless_debug(exported, tmp_path):
     assert_one_line_error(run_cli(*args), 2, "ONNX Runtime failed to run the model")
     debug = run_cli("--debug", *args)
     assert debug.exit_code == 2 and "[E:onnxruntime" in debug.stderr, debug.stderr
+
+
+def test_a_provider_onnxruntime_could_not_start_is_refused_not_run_on_the_cpu(exported):
+    """With its log quiet, ORT's fallback to the CPU (CUDA libraries missing, or a CPU-only build) would
+    be silent: the session says which providers it got, and a missing one is an error."""
+    import warnings
+
+    from ia3_export.errors import IA3Error
+    from ia3_export.ort import onnxruntime
+    from ia3_export.runtime.session import Graph
+
+    if "CUDAExecutionProvider" in onnxruntime().get_available_providers():
+        pytest.skip("this onnxruntime starts CUDA")
+    with warnings.catch_warnings(), pytest.raises(IA3Error, match="could not start CUDAExecutionProvider and fell back "
+                                                                  "to CPUExecutionProvider; rerun with --debug"):
+        warnings.simplefilter("ignore")  # ORT's own UserWarning about the provider list
+        Graph(os.path.join(exported, "model.onnx"), "cuda")
