@@ -22,7 +22,7 @@ import threading
 import numpy as np
 
 from ..errors import IA3Error
-from ..ort import onnxruntime, session_options
+from ..ort import onnxruntime, session_options as default_session_options
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
@@ -40,7 +40,7 @@ class Graph:
         ort = onnxruntime()
         self._ort = ort
         if options is None:  # quiet: vectors are initializers AND inputs on purpose, ORT warns about each
-            options = session_options()
+            options = default_session_options()
         try:
             providers = [(PROVIDERS[provider], provider_options)] if provider_options else [PROVIDERS[provider]]
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
