@@ -37,6 +37,11 @@ def test_threads_out_of_range_are_refused(threads):
         TrainOptions(threads=threads)
 
 
+def test_threads_accept_one_to_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert TrainOptions(threads=1).threads == 1 and TrainOptions(threads=cores).threads == cores
+
+
 def test_cli_threads_zero_is_bad_usage(setup, tmp_path):
     base, data = setup
     result = run_cli("train", base, "--data", data, "--task", "text-classification", "--out", tmp_path / "out",
