@@ -9,8 +9,9 @@ environment before the first import, and every subprocess we start inherits it. 
 leaves ONNX Runtime's own default. A program that imported onnxruntime before ia3_export must set
 ORT_DISABLE_TELEMETRY=1 itself.
 
-Logs: ORT's default logger and our sessions log errors only, so its coloured warnings do not precede
-our one `error:` line; `--debug` (IA3_EXPORT_DEBUG=1) restores its warnings.
+Logs: ORT's default logger and our sessions log only fatal errors, so its coloured lines (warnings,
+and errors our own `error:` line repeats) do not precede that line; `--debug` (IA3_EXPORT_DEBUG=1)
+shows its warnings and errors.
 
 Which ONNX Runtime: `onnxruntime` (CPU) and `onnxruntime-gpu` (and the other builds) all own the
 `onnxruntime` module, so two of them overwrite each other's files; ORT's maintainers say to install

@@ -103,7 +103,9 @@ def _message(error: Exception) -> str:
 
 
 def _debug(ctx) -> bool:
-    return bool(ctx.params.get("debug")) or os.environ.get("IA3_EXPORT_DEBUG", "") not in ("", "0")
+    from .. import ort
+
+    return bool(ctx.params.get("debug")) or ort.debug()
 
 
 TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"  # as the README says
