@@ -1,9 +1,14 @@
-"""What every benchmark script shares: writing its result as JSON where the docs can quote it."""
+"""What every benchmark script shares: writing its result as JSON where the docs can quote it, and
+ONNX Runtime's telemetry off before a benchmark imports onnxruntime itself (ia3_export/ort.py)."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
+
+from ia3_export.ort import telemetry_off
+
+telemetry_off()
 
 
 def write_result(out_dir: str, name: str, result: dict, stamp: bool = True) -> str:

@@ -92,6 +92,9 @@ def _message(error: Exception) -> str:
         from .. import ort
 
         return ort.missing_message(error)
+    if isinstance(error, ImportError) and _EXTRAS.get(error.name) == "export":
+        return (f"this command needs {error.name}; install torch's CPU build first ({TORCH_CPU}; PyPI's default torch is "
+                "the multi-GB CUDA build), then: pip install 'ia3-export[export,cpu]' (README: Install)")
     if isinstance(error, ImportError) and error.name in _EXTRAS:
         return f"this command needs {error.name}; install it with: pip install 'ia3-export[{_EXTRAS[error.name]}]'"
     detail = str(error).splitlines()[0][:200] if str(error) else ""
@@ -100,9 +103,12 @@ def _message(error: Exception) -> str:
 
 
 def _debug(ctx) -> bool:
-    return bool(ctx.params.get("debug")) or os.environ.get("IA3_EXPORT_DEBUG", "") not in ("", "0")
+    from .. import ort
+
+    return bool(ctx.params.get("debug")) or ort.debug()
 
 
+TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"  # as the README says
 _EXTRAS = {"torch": "export", "transformers": "export", "onnx": "export", "peft": "dev", "matplotlib": "export"}  # the extra that installs each
 
 
@@ -119,6 +125,11 @@ def _load(module: str) -> click.Command:
 @click.option("--debug", is_flag=True, help="Show the Python traceback of an internal error (also: IA3_EXPORT_DEBUG=1).")
 def main(debug):
     """Train IA3 adapters and ship them to ONNX Runtime."""
+    from .. import ort
+
+    if debug:  # read by ia3_export.ort (ORT's warnings) here and in every process we start
+        os.environ["IA3_EXPORT_DEBUG"] = "1"
+    ort.telemetry_off()
 
 
 if __name__ == "__main__":

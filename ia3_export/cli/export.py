@@ -41,8 +41,8 @@ from .options import IntRange, OutputPath, progress_option, trust_remote_code_op
               help="int4: also the input embeddings (GatherBlockQuantized; default float: a lookup has no speed to win).")
 @click.option("--graph", type=click.Choice(GRAPHS), default=TRACED, show_default=True,
               help="traced: torch.onnx traces the model (every task and mode); fused: onnxruntime-genai's model builder "
-                   "graph (GroupQueryAttention, fused q/k/v, shared KV buffer), Llama-family decoders, fp32 CPU, needs "
-                   "the `fused` extra (docs/export.md).")
+                   "graph (GroupQueryAttention, fused q/k/v, shared KV buffer), Llama-family decoders, fp32 or fp16 (the "
+                   "builder's CUDA graph, which ONNX Runtime's CPU runs too), needs the `fused` extra (docs/export.md).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @trust_remote_code_option
 @progress_option

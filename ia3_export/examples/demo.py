@@ -16,14 +16,17 @@ from ..formats.manifest import BANK, FOLDSWAP, MERGED, SWAPPABLE
 
 
 class Report:
-    """Rows of (stage, result, check) printed as a table at the end."""
+    """Rows of (stage, result, check) printed as a table at the end. On a terminal each row also shows
+    as its stage ends (progress); piped, the table alone says it, once (as `progress` stays silent)."""
 
     def __init__(self):
         self.rows: list[tuple[str, str, bool]] = []
+        self.live = sys.stdout.isatty()
 
     def add(self, stage: str, result: str, ok: bool = True) -> None:
         self.rows.append((stage, result, ok))
-        print(f"[{'ok' if ok else 'FAIL'}] {stage}: {result}", flush=True)
+        if self.live:
+            print(f"[{'ok' if ok else 'FAIL'}] {stage}: {result}", flush=True)
 
     def render(self) -> str:
         width = max(len(s) for s, _, _ in self.rows)

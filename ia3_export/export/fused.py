@@ -62,6 +62,7 @@ import torch
 
 from ..dtypes import DTYPES, numpy_dtype, of_ort
 from ..errors import IA3Error
+from ..ort import child_environment, genai
 from ..core.loading import copy_side_files
 from ..formats.manifest import ADAPTER_IDS, KV_SHARED, LOGITS_TO_KEEP, vector_name
 from ..progress import stage
@@ -165,12 +166,10 @@ class BuilderGraphs:
 
     def manifest_fields(self, ex) -> dict:
         """The builder as exporter, its opset, and the cache layout a runner needs (module doc)."""
-        import onnxruntime_genai
-
         max_length = self.config.get("max_position_embeddings")
         return {"exporter": f"onnxruntime-genai-builder {BUILDER_VERSION}", "opset": self.opset,
                 "cache": {"kv_layout": KV_SHARED, "max_length": max_length, "position_ids": False},
-                "versions": {"onnxruntime_genai": onnxruntime_genai.__version__}}
+                "versions": {"onnxruntime_genai": genai().__version__}}
 
     def genai_files(self, tmp: str, manifest: dict) -> dict:
         """The builder's own genai_config.json (shared KV buffer) stays, unless genai cannot serve the mode."""
@@ -184,7 +183,7 @@ class BuilderGraphs:
 
 def require_builder() -> None:
     try:
-        import onnxruntime_genai
+        onnxruntime_genai = genai()
     except ImportError:
         raise IA3Error(f"--graph fused needs onnxruntime-genai's model builder; "
                        f"pip install 'ia3-export[fused]' (onnxruntime-genai=={BUILDER_VERSION})") from None
@@ -202,7 +201,7 @@ def run_builder(model_dir: str, out_dir: str, cache_dir: str, precision: str = "
                # one KV buffer of the request's length on every layer, sliding ones too (the default, a
                # window-long ring on sliding layers, cannot share past and present the way our runtime does)
                "--extra_options", "windowed_kv_cache=false"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment())
     if done.returncode != 0 or not os.path.isfile(os.path.join(out_dir, GRAPH)):
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         raise IA3Error(f"onnxruntime-genai's model builder failed on {model_dir}: "

@@ -16,6 +16,7 @@ import os
 
 from ..errors import CheckFailed
 from ..formats.jsonfile import read_json, write_json
+from ..ort import genai
 from ..runtime.folder import ExportedFolder, open_folder
 from ..runtime.generation import GenerationOptions, generate_ids
 from ..runtime.session import IA3Session
@@ -100,7 +101,7 @@ def validate_with_genai(folder: str, manifest: dict) -> str | None:
     if not (manifest.get("genai") or {}).get("supported"):
         return None
     try:
-        import onnxruntime_genai as og
+        og = genai()
     except ImportError:
         return None
     prompt, steps = [5, 6, 7, 8], 4

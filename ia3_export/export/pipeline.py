@@ -23,6 +23,7 @@ from ..formats import adapter_format as fmt
 from ..formats.atomic import atomic_output_dir, check_finite, check_output
 from ..dtypes import DTYPES as ALL_DTYPES, torch_dtype
 from ..errors import IA3Error
+from ..ort import onnxruntime
 from ..core.loading import copy_side_files, has_tokenizer, read_model_config, write_config
 from ..formats.manifest import DTYPES, FUSED, MERGED, TRACED, new_manifest, write_manifest
 from ..core.merge import adapter_names
@@ -247,10 +248,9 @@ def special_tokens(model) -> dict:
 
 def package_versions() -> dict:
     import onnx
-    import onnxruntime
     import transformers
 
     return {"ia3_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime().__version__}
 
 

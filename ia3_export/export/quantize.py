@@ -31,6 +31,7 @@ import os
 import numpy as np
 
 from ..errors import IA3Error
+from ..ort import onnxruntime
 from . import graph as onnx_graph
 
 METHODS = ("int4", "int8")
@@ -164,24 +165,24 @@ def _run_quantizer(graph_model, options: QuantizeOptions, skipped: list[str]):
 
 def _quantize(graph_model, options: QuantizeOptions, skipped: list[str]):
     if options.method == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(graph_model, bits=4, block_size=options.block_size,
-                                         is_symmetric=options.symmetric, accuracy_level=options.accuracy_level or None,
-                                         nodes_to_exclude=skipped,
-                                         op_types_to_quantize=("MatMul", "Gather") if options.embeddings else ("MatMul",))
+        nbits = onnxruntime("quantization.matmul_nbits_quantizer")
+        quantizer = nbits.MatMulNBitsQuantizer(graph_model, bits=4, block_size=options.block_size,
+                                               is_symmetric=options.symmetric, accuracy_level=options.accuracy_level or None,
+                                               nodes_to_exclude=skipped,
+                                               op_types_to_quantize=("MatMul", "Gather") if options.embeddings else ("MatMul",))
         quantizer.process()
         return quantizer.model.model
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantization = onnxruntime("quantization")
 
     with tempfile.TemporaryDirectory() as scratch:  # quantize_dynamic works on files
         src, dst = os.path.join(scratch, "float.onnx"), os.path.join(scratch, "int8.onnx")
         onnx.save_model(graph_model, src)
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         nodes_to_exclude=skipped, per_channel=True)  # MiniLM logits: 0.29 max abs vs float, 0.44 per tensor
+        quantization.quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=quantization.QuantType.QInt8,
+                                      nodes_to_exclude=skipped, per_channel=True)  # MiniLM logits: 0.29 max abs vs float, 0.44 per tensor
         return onnx_graph.load(dst)
 
 

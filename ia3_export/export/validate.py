@@ -12,6 +12,7 @@ import numpy as np
 from ..compare import Comparison, compare, real_positions
 from ..errors import CheckFailed
 from ..formats.onnx_graph import check_graph
+from ..ort import onnxruntime, session_options
 from ..tolerances import VALIDATION as TOLERANCES  # dtype -> bound; tests and benchmarks may widen it
 
 _tolerance_override: list[tuple[float, float]] = []  # set by `tolerance_of` (quantized exports)
@@ -33,13 +34,8 @@ def tolerance_of(bound: tuple[float, float] | None):
 
 def cpu_session(path: str):
     """An ONNX Runtime CPU session of the graph at `path`, after `check_graph` (external data confined)."""
-    import onnxruntime as ort
-
     check_graph(path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = SESSION_THREADS
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnxruntime().InferenceSession(path, session_options(SESSION_THREADS), providers=["CPUExecutionProvider"])
 
 
 def ort_outputs(session, feeds: dict, run_options=None) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ import numpy as np
 from .atomic import atomic_output_file, check_finite
 from ..errors import IA3Error
 from .reader import check_regular, pinned, registers
+from ..ort import onnxruntime
 
 SUFFIX = ".onnx_adapter"
 
@@ -18,7 +19,7 @@ SUFFIX = ".onnx_adapter"
 def write_onnx_adapter(path: str, tensors: dict[str, np.ndarray], adapter_version: int = 1,
                        model_version: int = 1, force: bool = False, inputs=()) -> str:
     """Write tensors (name -> array) as an .onnx_adapter file, atomically; inf or NaN is refused."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if not tensors:
         raise IA3Error(f"refusing to write {path}: the adapter has no tensors")
@@ -40,7 +41,7 @@ def read_onnx_adapter(path: str, max_bytes: int | None = None) -> dict[str, np.n
     """The tensors of an .onnx_adapter file (copied out of ORT's buffers). ORT reads the whole file,
     so it is handed the regular file checked here (`reader.pinned`), and `max_bytes` (what the
     model's vectors can need) is checked against its size first."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     size = check_regular(path, "onnx_adapter").st_size
     if max_bytes is not None and size > max_bytes:

@@ -23,6 +23,7 @@ import numpy as np
 from ..compare import compare_rows
 from ..dtypes import REFERENCE_DTYPES
 from ..errors import IA3Error
+from ..ort import onnxruntime
 from ..formats.manifest import ADAPTER_IDS, KV_SHARED, VECTOR_SUFFIX
 from ..progress import stage
 from ..core.loading import read_model_config
@@ -167,8 +168,7 @@ def _check_layout(graphs, session) -> None:
 
 def _preload_cuda() -> None:
     """onnxruntime-gpu >= 1.21 finds the CUDA/cuDNN libraries that torch ships only when asked first."""
-    import onnxruntime as ort
-
+    ort = onnxruntime()
     if hasattr(ort, "preload_dlls"):
         with contextlib.suppress(Exception):
             ort.preload_dlls()

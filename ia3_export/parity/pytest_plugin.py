@@ -60,8 +60,9 @@ def ia3_parity(request):
 
 
 def _skip_without_cuda() -> None:
-    import onnxruntime as ort
+    from ..ort import onnxruntime
 
+    ort = onnxruntime()
     providers = ort.get_available_providers()
     if "CUDAExecutionProvider" not in providers:
         pytest.skip(f"CUDAExecutionProvider is not available (onnxruntime {ort.__version__} offers "

@@ -24,6 +24,7 @@ import threading
 import numpy as np
 
 from ..errors import IA3Error
+from ..ort import onnxruntime
 from ..formats.manifest import FOLD_FILE, FOLD_GRAPH
 
 
@@ -31,8 +32,7 @@ class WeightFold:
     """Working copies of the targeted weights for one session, and the fold that fills them."""
 
     def __init__(self, folder, graphs: dict):
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         if FOLD_GRAPH not in graphs or not folder.manifest.get("weights"):
             raise IA3Error(f"{folder.path}: a {folder.mode} export needs the {FOLD_FILE} graph and the manifest's 'weights'; "
                            "re-export the model")

@@ -25,11 +25,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import IA3Error
+from ..tasks import EXPORT_TASKS, task_named
 from ..dtypes import of_ort
 from ..formats.manifest import KV_CONCAT, KV_LAYOUTS, KV_SHARED, LOGITS_TO_KEEP
 from .requests import INT_MAX, SEED_MAX
 
 PAST, PRESENT = "past_key_values", "present"
+GENERATIVE = ("causal-lm", "seq2seq-lm")  # the task families whose exports generate text
 
 
 class GenerationCapped(UserWarning):
@@ -154,9 +156,14 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
     if options.stop_strings and decode is None:
         raise IA3Error("stop strings need the tokenizer's decode; pass decode= (IA3Session.generate does)")
     seq2seq = "encoder" in session.graphs
-    if not seq2seq and ("model" not in session.graphs or "logits" not in session.graphs["model"].outputs):
-        raise IA3Error(f"{session.folder.path} is a {session.folder.task or 'non-generative'} export; generation "
-                       "needs a causal-lm or seq2seq-lm export")
+    task = session.folder.task
+    family = task_named(task).family if task in EXPORT_TASKS else None  # a classifier has `logits` too
+    if (family is not None and family not in GENERATIVE) or (
+            not seq2seq and ("model" not in session.graphs or "logits" not in session.graphs["model"].outputs)):
+        classify = "; `ia3-export serve` classifies text with it (no other command runs a classifier)" if (
+            family == "seq-cls") else ""
+        raise IA3Error(f"{session.folder.path} is a {task or 'non-generative'} export; generation needs a decoder "
+                       f"export (text-generation or text2text-generation){classify}")
     steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq,
                               session.limits.max_new_tokens)
     rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode, session.folder.pad_id())

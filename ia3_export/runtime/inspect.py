@@ -8,6 +8,8 @@ from ..formats.adapter_format import read_adapter
 from ..core.config import describe
 from ..errors import IA3Error
 from ..formats.jsonfile import dumps
+from ..tasks import EXPORT_TASKS, task_named
+from .generation import GENERATIVE
 
 
 def adapter_summary(path: str) -> dict:
@@ -78,9 +80,29 @@ def export_summary(path: str) -> dict:
         "cache": m.get("cache"), "num_vectors": len(vectors), "vector_values": sum(v.dim for v in vectors.values()),
         "feedforward_vectors": sum(v.feedforward for v in vectors.values()),
         "adapters": adapters, "tokens": m.get("tokens"), "versions": m.get("versions"),
-        "quantization": {k: v for k, v in (m.get("quantization") or {}).items() if k != "graphs"} or None,
+        "quantization": _quantization(m),
         "genai": m.get("genai"),
     }
+
+
+def _quantization(m: dict) -> dict | None:
+    """The manifest's quantization entry, its `lm_head` option replaced by the model's real head and
+    what became of it (the option is recorded for every export, a classifier's too)."""
+    q = m.get("quantization")
+    if not q:
+        return None
+    task = m.get("task")
+    found = task_named(task) if task in EXPORT_TASKS else None
+    if found is not None and found.family in GENERATIVE:
+        head = f"lm_head {q.get('method') if q.get('lm_head') else 'float'}"
+    elif found is not None and found.heads:
+        sources = {name.split(".")[0] for g in (q.get("graphs") or {}).values() for src in (g.get("weights") or {}).values()
+                   for name in ([src] if isinstance(src, str) else [part[0] for part in src])}
+        head = f"classifier {q.get('method') if sources & set(found.heads) else 'float'}"
+    else:
+        head = "none"
+    return {"method": q.get("method"), "head": head,
+            **{k: v for k, v in q.items() if k not in ("method", "lm_head", "graphs")}}
 
 
 def _export_lines(s: dict) -> list[str]:

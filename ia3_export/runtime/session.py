@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.onnx_graph import check_graph
+from ..ort import onnxruntime, session_options as default_session_options
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
@@ -38,18 +39,20 @@ class Graph:
     """One InferenceSession; each thread has its own IOBinding, whose inputs keep their last value."""
 
     def __init__(self, path: str, provider: str, options=None, provider_options: dict | None = None):
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         self._ort = ort
         check_graph(path)  # external data confined to the folder, whatever ONNX Runtime's version checks
         if options is None:  # quiet: vectors are initializers AND inputs on purpose, ORT warns about each
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
+            options = default_session_options()
         try:
             providers = [(PROVIDERS[provider], provider_options)] if provider_options else [PROVIDERS[provider]]
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as e:  # ORT raises bare RuntimeErrors (Fail, InvalidGraph, NoSuchFile)
             raise IA3Error(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]}); re-export the model") from None
+        if PROVIDERS[provider] not in self.session.get_providers():  # ORT falls back to the CPU, saying so only in its log
+            raise IA3Error(f"{path}: ONNX Runtime could not start {PROVIDERS[provider]} and fell back to "
+                           f"{', '.join(self.session.get_providers())}; rerun with --debug (or IA3_EXPORT_DEBUG=1) "
+                           "for its log (CUDA or cuDNN libraries missing?), or use --provider cpu")
         self.device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.initializer_inputs = {i.name: i for i in self.session.get_overridable_initializers()}
@@ -368,7 +371,7 @@ class IA3Session:
 
 
 def _check_provider(provider: str) -> str:
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if provider not in PROVIDERS:
         raise IA3Error(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")

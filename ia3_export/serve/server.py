@@ -22,6 +22,7 @@ import threading
 import time
 
 from ..errors import CheckFailed, IA3Error
+from ..ort import telemetry_off
 from ..runtime import IA3Session
 from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from .models import Adapters, Served, model_for
@@ -94,6 +95,7 @@ class Server:
         c = self.config
         _check_ports(c)
         _python_library_on_path()
+        telemetry_off()  # tritonserver and its backend stubs inherit this process's environment
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 return self._start_triton()

@@ -68,6 +68,7 @@ class TrainOptions:
     log_steps: int = 1
     device: str | None = None  # default: the process's GPU when there is one, else the CPU
     trust_remote_code: bool = False  # run the model folder's own code (auto_map); only for folders you trust
+    threads: int | None = None  # torch's intra-op CPU threads for the run (None: torch's default, one per core)
 
     def __post_init__(self):
         self.check()
@@ -97,6 +98,10 @@ class TrainOptions:
             raise IA3Error(f"precision {self.precision!r} is not known; use {', '.join(TRAIN_PRECISIONS)}")
         if self.device is not None:
             check_device(self.device)
+        if self.threads is not None:
+            cores = len(os.sched_getaffinity(0))
+            _number("threads", self.threads, f"a whole number from 1 to {cores} (this process's CPU cores)",
+                    lambda v: isinstance(v, int) and 1 <= v <= cores)
 
 
 def _flag(name: str) -> str:
@@ -109,16 +114,14 @@ def _number(name: str, value, wanted: str, in_range: Callable[[float], bool]) ->
 
 
 def check_device(device: str) -> None:
-    """cpu, cuda, cuda:N or mps, and present on this machine."""
+    """cpu, cuda or cuda:N (the devices training is tested on), and present on this machine."""
     kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise IA3Error(f"--device {device!r} is not a device this tool trains on; use cpu, cuda, cuda:N or mps")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise IA3Error(f"--device {device!r} is not a device this tool trains on; use cpu, cuda or cuda:N")
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if int(index or 0) >= count:
             raise IA3Error(f"--device {device}: this torch sees {count} CUDA device(s); use --device cpu or another index")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise IA3Error("--device mps: this torch has no MPS (Apple GPU) backend; use --device cpu")
 
 
 MAX_MICRO_BATCHES = 10**8  # forward and backward passes in one run: days on any device this tool trains on
@@ -171,6 +174,9 @@ def train(model_dir: str, data: str, task: str, out: str, *, eval_data: str | No
     check_output(out, force, inputs)
     check_output(os.path.abspath(out) + ".checkpoints", True, inputs, "workdir")  # removed once OUT is written
     dist = setup(options.device)
+    threads = torch.get_num_threads()
+    if options.threads:  # more threads than free cores mostly add synchronisation (README: Train)
+        torch.set_num_threads(options.threads)
     try:
         if options.precision == "fp16" and dist.device.type != "cuda":
             raise IA3Error("fp16 autocast needs a CUDA device; use --precision bf16 on the CPU")
@@ -178,6 +184,7 @@ def train(model_dir: str, data: str, task: str, out: str, *, eval_data: str | No
         run.force, run.inputs = force, inputs  # OUT's final write: the same rules as the check above
         return run.go(resume)
     finally:
+        torch.set_num_threads(threads)
         dist.close()
 
 

@@ -102,3 +102,23 @@ def _needs_torch(path: str) -> bool:
         elif isinstance(node, ast.ImportFrom) and not node.level:
             names.add((node.module or "").split(".")[0])
     return bool(names & {"torch", "transformers"})
+
+
+ONNXRUNTIME = ("onnxruntime", "onnxruntime_genai")
+
+
+def test_onnxruntime_is_imported_only_through_ia3_export_ort():
+    """ia3_export.ort switches telemetry off before ONNX Runtime loads and quiets its log: a module that
+    imports onnxruntime (or onnxruntime_genai, or a submodule) itself would skip both."""
+    found = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{module}:{node.lineno} {n}" for n in names if n.split(".")[0] in ONNXRUNTIME]
+    assert all(f.startswith("ia3_export.ort:") for f in found), [f for f in found if not f.startswith("ia3_export.ort:")]
+    assert found, "ia3_export.ort imports onnxruntime"

@@ -47,8 +47,11 @@ def test_failed_stages_show_in_the_last_line_and_the_exit_code(tmp_path):
 
 
 def test_a_passing_demo_says_so_in_the_last_line(tmp_path):
-    """The same script with only the (real, unbroken) core stage: exit 0, `total ok`."""
+    """The same script with only the (real, unbroken) core stage: exit 0, `total ok`. Piped (as
+    here), each stage is said once, in the table: the rows shown as stages end are for a terminal."""
     result = run_cli("demo", "--workdir", tmp_path / "demo", preload="import ia3_export.examples.demo as d\nd.STAGES = (d.core_stage,)\n")
     assert result.exit_code == 0, result.output
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.split()[:2] == ["total", "ok"] and "all 3 stages passed;" in last, last
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].split()[:2] == ["total", "ok"] and "all 3 stages passed;" in lines[-1], lines[-1]
+    for stage in ("add adapter", "fold into weights", "total"):
+        assert sum(stage in line for line in lines) == 1, (stage, result.stdout)

@@ -14,16 +14,17 @@ from ia3_export.cli import COMMANDS
 
 WHEEL = os.environ.get("IA3_WHEEL")  # set by scripts/test.sh to the wheel it built and installed
 
-NO_ONNXRUNTIME = """
+HIDE = """
 import sys
 
 class _Hide:
     def find_spec(self, name, path=None, target=None):
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        if name == {0!r} or name.startswith({0!r} + "."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 
 sys.meta_path.insert(0, _Hide())
 """
+NO_ONNXRUNTIME = HIDE.format("onnxruntime")
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -39,6 +40,14 @@ def test_missing_onnxruntime_is_one_line_naming_both_extras(tmp_path):
     result = run_cli("inspect", tmp_path / "a.onnx_adapter", preload=NO_ONNXRUNTIME)
     line = assert_one_line_error(result, 2, "ONNX Runtime cannot be imported")
     assert "ia3-export[cpu]" in line and "ia3-export[gpu]" in line
+
+
+def test_missing_torch_says_to_install_the_cpu_build_first(tmp_path, model_dir):
+    """PyPI's default Linux torch is the multi-GB CUDA build: the line gives the README's CPU index first."""
+    result = run_cli("export", model_dir("llama"), "--out", tmp_path / "out", "--mode", "merged", preload=HIDE.format("torch"))
+    line = assert_one_line_error(result, 2, "this command needs torch; install torch's CPU build first")
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in line
+    assert "pip install 'ia3-export[export,cpu]'" in line
 
 
 def test_two_onnxruntime_builds_are_named_in_a_warning(tmp_path):

@@ -37,6 +37,16 @@ def test_install_is_lean():
     assert [m for m in ("torch", "transformers", "onnx", "peft") if importlib.util.find_spec(m)] == []
 
 
+def test_onnxruntime_is_the_version_under_test():
+    """scripts/lean_check.sh's second pass pins the oldest ONNX Runtime the `cpu` extra allows."""
+    from importlib import metadata
+
+    floor = os.environ.get("IA3_LEAN_ORT")
+    if not floor:
+        pytest.skip("the newest-ONNX Runtime pass (IA3_LEAN_ORT names the floor in the second pass)")
+    assert metadata.version("onnxruntime").startswith(floor + "."), metadata.version("onnxruntime")
+
+
 @pytest.mark.parametrize("mode", ["swappable", "bank"])
 def test_generation_with_peft_folders_matches_peft(mode, expected):
     from ia3_export.runtime import GenerationOptions, IA3Session, generate_ids
@@ -87,4 +97,6 @@ def test_generate_and_inspect_commands():
 def test_commands_needing_torch_name_the_extra(tmp_path):
     result = cli("export", path("base"), "--out", str(tmp_path / "x"), "--mode", "merged")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: this command needs torch; install it with: pip install 'ia3-export[export]'"
+    assert result.stderr.strip() == ("error: this command needs torch; install torch's CPU build first (pip install "
+                                     "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; PyPI's default torch "
+                                     "is the multi-GB CUDA build), then: pip install 'ia3-export[export,cpu]' (README: Install)")
