@@ -264,7 +264,8 @@ class Engine:
         seq = _Sequence([row.prompt], row.max_new, self.session.folder.pad_id(), right_pad=self.layout == KV_SHARED)
         _, results, _ = prefill(self.session, seq, [row.adapter], self.layout)
         row.seen = len(row.prompt)
-        row.kv = {past: results[name].numpy()[:, :, :row.seen] for name, past in self.cache.items()}
+        # a copy: numpy() is a view, and the shared layout's buffer goes with the prefill's run
+        row.kv = {past: results[name].numpy()[:, :, :row.seen].copy() for name, past in self.cache.items()}
         if self._advance(row, row.choose(seq.last(results["logits"].numpy()))[0]):
             group = self.groups.setdefault(None if self.session.binding.mixes_adapters else row.adapter, _Group())
             self._split(group)
