@@ -129,9 +129,8 @@ class Engine:
         graph = session.graphs.get("model")
         self.layout = kv_layout(session.folder, graph) if graph is not None and "logits" in graph.outputs else None
         if self.layout not in (KV_CONCAT, KV_SHARED):
-            raise IA3Error(f"{session.folder.path}: the engine runs causal-lm exports with a KV cache, this is "
-                           f"{'a graph without one' if self.layout else 'a ' + str(session.folder.task) + ' export'}; "
-                           "use IA3Session.generate for it")
+            raise IA3Error(f"{session.folder.path} is a {session.folder.task or 'non-generative'} export without a "
+                           "decoder KV cache; the engine runs causal-lm exports (IA3Session.generate runs the others)")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("kv_token_budget", kv_token_budget)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise IA3Error(f"{name} must be an integer of at least 1, got {value!r}")
