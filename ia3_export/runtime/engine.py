@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
-from .generation import (GenerationOptions, RowStop, TokenChooser, _is_real, _Sequence, cache_names, eos_ids,
+from .generation import (GenerationOptions, RowStop, TokenChooser, _is_int, _is_real, _Sequence, cache_names, eos_ids,
                          kv_layout, new_token_budget, prefill)
 
 
@@ -158,6 +158,8 @@ class Engine:
         prompt = session.tokenizer().encode(request.prompt) if isinstance(request.prompt, str) else list(request.prompt)
         if not prompt:
             raise IA3Error("every prompt needs at least one token")
+        if not all(_is_int(t) for t in prompt):
+            raise IA3Error(f"a prompt is text or a list of integer token ids, got {prompt[:8]!r}")
         if request.adapter is not None:
             if not session.binding.takes_adapters:
                 raise IA3Error(f"{session.folder.path} is a merged export (its adapter is folded into the weights); "
@@ -273,6 +275,10 @@ class Engine:
     def _decode(self, group: _Group) -> None:
         """One step of every row in the group as one batch; rows that end leave it."""
         if group.kv is None:
+            for row in [r for r in group.rows if r.adapter is not None and r.adapter not in self.session.adapters]:
+                self._finish(row, "error", f"adapter {row.adapter!r} was unloaded while the request ran; submit it again")
+            if not group.rows:
+                return
             self._gather(group)
         rows, layout = group.rows, self.layout
         feeds = {"input_ids": np.array([[r.pending] for r in rows], np.int64)}

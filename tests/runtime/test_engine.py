@@ -208,6 +208,25 @@ def test_cancel_frees_the_row_at_the_next_step(llama):
     assert handles[1].result(0).tokens == alone(s, stays)
 
 
+def test_an_adapter_unloaded_while_its_request_runs_ends_it_with_error(llama):
+    """Unloading an adapter under a running bank row ends that request (next time the batch is gathered)
+    with a clear error; the rows beside it keep their tokens."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    engine = Engine(s)
+    stays, late = request([8, 9, 10], "adapter2", max_new_tokens=15), request([20, 21], max_new_tokens=5)
+    handles = [engine.submit(request([5, 6, 7], "adapter1", max_new_tokens=15)), engine.submit(stays)]
+    engine.step()
+    s.unload_adapter("adapter1")
+    handles.append(engine.submit(late))
+    while engine.step():
+        pass
+    gone = handles[0].result(0)
+    assert gone.finish_reason == "error" and gone.error == "adapter 'adapter1' was unloaded while the request ran; submit it again"
+    assert [h.result(0).tokens for h in handles[1:]] == [alone(s, stays), alone(s, late)]
+
+
 def test_a_failing_request_ends_with_error_and_its_neighbours_go_on(llama):
     """A token id past the vocabulary fails in ONNX Runtime: that request ends with reason "error" and the
     message, the loop and the other rows go on."""
@@ -255,6 +274,8 @@ def test_bad_requests_are_refused_at_submit(llama, tmp_path_factory, model_dir, 
         engine.submit(request([5, 6], "adapter2"))
     with pytest.raises(IA3Error, match="every prompt needs at least one token"):
         engine.submit(request([]))
+    with pytest.raises(IA3Error, match=r"a prompt is text or a list of integer token ids, got \[5, 'a'\]"):
+        engine.submit(request([5, "a"]))
     with pytest.raises(IA3Error, match="timeout must be a number of seconds >= 0"):
         engine.submit(Request([5], None, options(), timeout=-1))
     with pytest.raises(IA3Error, match="the prompt has 128 tokens; the model takes at most 128 positions"):
@@ -274,5 +295,5 @@ def test_an_export_without_a_decoder_cache_is_refused(tmp_path_factory, model_di
     from ia3_export.runtime import Engine, IA3Session
 
     s = IA3Session(export_once(tmp_path_factory, model_dir("bert", "seq-cls"), "merged", []))
-    with pytest.raises(IA3Error, match="is a .* export without a decoder KV cache; the engine runs causal-lm exports"):
+    with pytest.raises(IA3Error, match="is a text-classification export without a decoder KV cache; the engine runs causal-lm exports"):
         Engine(s)
