@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 
+import bench_swap
 import numpy as np
 from benchlib import write_result
 
@@ -27,25 +28,10 @@ ADAPTERS = 4
 
 
 def build(work: str, hidden: int, layers: int) -> str:
-    """A tiny llama with random IA3 adapters, exported as a bank (once per --work folder)."""
+    """bench_swap's tiny llama with random IA3 adapters, exported as a bank (once per --work folder)."""
     folder = os.path.join(work, "bank")
-    if os.path.isfile(os.path.join(folder, "ia3_export.json")):
-        return folder
-    from ia3_export.core.config import IA3Config
-    from ia3_export.core.loading import load_base_model
-    from ia3_export.core.model import IA3Model
-    from ia3_export.examples.tiny import randomize_adapter, save_tiny
-    from ia3_export.export import export_model
-
-    base = save_tiny(os.path.join(work, "base"), "llama", hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                     num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                     max_position_embeddings=512)
-    adapters = []
-    for i in range(ADAPTERS):
-        model = IA3Model(load_base_model(base), IA3Config())
-        randomize_adapter(model, "default", seed=i + 1)
-        adapters.append(model.save_adapter(os.path.join(work, f"a{i}")))
-    export_model(base, folder, mode="bank", adapters=adapters)
+    if not os.path.isfile(os.path.join(folder, "ia3_export.json")):
+        bench_swap.build(work, hidden, layers, ADAPTERS, modes=("bank",))
     return folder
 
 
@@ -67,7 +53,7 @@ def summary(reqs: list[dict], done: list[float], first: list[float], makespan: f
 
 
 def one_at_a_time(session, reqs: list[dict]) -> tuple[dict, list]:
-    from ia3_export.runtime import GenerationOptions, iter_tokens
+    from ia3_export.runtime.generation import GenerationOptions, iter_tokens
 
     start, done, first, outs = time.perf_counter(), [], [], []
     for r in reqs:

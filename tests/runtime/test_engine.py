@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from ia3_export.errors import IA3Error
-from runtime_helpers import export_once, open_session, peft_greedy
+from runtime_helpers import export_once, llama_exports, open_session, peft_greedy
 
 
 def options(max_new_tokens=12, **kw):
@@ -58,10 +58,7 @@ def mixed_requests(adapters=True):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, model_dir, adapter_dir):
-    base = model_dir("llama")
-    a1, a2 = adapter_dir("llama", seed=1), adapter_dir("llama", seed=2)
-    return {"base": base, "a1": a1, "a2": a2, **{mode: export_once(tmp_path_factory, base, mode, [a1, a2])
-                                                 for mode in ("swappable", "bank", "foldswap")}}
+    return llama_exports(tmp_path_factory, model_dir, adapter_dir)
 
 
 @pytest.mark.parametrize("mode", ["bank", "swappable", "foldswap"])
