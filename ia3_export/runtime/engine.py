@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
-from .generation import (GenerationOptions, RowStop, TokenChooser, _is_int, _is_real, _Sequence, cache_names, eos_ids,
+from .generation import (GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, eos_ids, is_int, is_real,
                          kv_layout, new_token_budget, prefill)
 
 
@@ -49,12 +49,14 @@ class Request:
 @dataclasses.dataclass
 class Result:
     """New tokens (the EOS or the token that completed a stop string included), their text where the
-    folder has a tokenizer, and why generation ended: stop, length, deadline, cancelled or error."""
+    folder has a tokenizer, why generation ended (stop, length, deadline, cancelled or error), what
+    went wrong for "error", and the prompt's length in tokens."""
 
     tokens: list[int]
     text: str | None
     finish_reason: str
     error: str | None = None
+    prompt_tokens: int = 0
 
 
 class Handle:
@@ -121,8 +123,9 @@ class _Group:
 
 
 class Engine:
-    """Continuous batching over `session` (see the module docstring). Drive it with `step()` (tests),
-    or `start()` its loop thread (or use it as a context manager); `submit` is thread-safe."""
+    """Continuous batching over `session` (see the module docstring). Drive it with `step()` until it
+    returns False (tests, benchmarks), or `start()` its loop thread (or use it as a context manager);
+    `submit` is thread-safe."""
 
     def __init__(self, session, max_batch: int = 8, max_queue: int = 64, kv_token_budget: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -158,7 +161,7 @@ class Engine:
         prompt = session.tokenizer().encode(request.prompt) if isinstance(request.prompt, str) else list(request.prompt)
         if not prompt:
             raise IA3Error("every prompt needs at least one token")
-        if not all(_is_int(t) for t in prompt):
+        if not all(is_int(t) for t in prompt):
             raise IA3Error(f"a prompt is text or a list of integer token ids, got {prompt[:8]!r}")
         if request.adapter is not None:
             if not session.binding.takes_adapters:
@@ -166,7 +169,7 @@ class Engine:
                                f"send requests without an adapter, or export with --mode bank to serve {request.adapter!r}")
             session.require_loaded(request.adapter)
         timeout = request.timeout
-        if timeout is not None and (not _is_real(timeout) or not math.isfinite(timeout) or timeout < 0):
+        if timeout is not None and (not is_real(timeout) or not math.isfinite(timeout) or timeout < 0):
             raise IA3Error(f"timeout must be a number of seconds >= 0 (or None), got {timeout!r}")
         max_new = new_token_budget(session.folder, len(prompt), options.max_new_tokens, False)
         decode = session.tokenizer().decode if options.stop_strings else None
@@ -262,7 +265,7 @@ class Engine:
 
     def _prefill(self, row: _Row) -> None:
         """The prompt alone (as the request alone would run it); its cache then joins its group."""
-        seq = _Sequence([row.prompt], row.max_new, self.session.folder.pad_id(), right_pad=self.layout == KV_SHARED)
+        seq = Sequence([row.prompt], row.max_new, self.session.folder.pad_id(), right_pad=self.layout == KV_SHARED)
         _, results, _ = prefill(self.session, seq, [row.adapter], self.layout)
         row.seen = len(row.prompt)
         # a copy: numpy() is a view, and the shared layout's buffer goes with the prefill's run
@@ -320,7 +323,7 @@ class Engine:
         """Copy the batch cache out into each row's own cache, before the group's rows change."""
         if group.kv is None:
             return
-        arrays = {past: value.numpy() if hasattr(value, "numpy") else value for past, value in group.kv.items()}
+        arrays = {past: value.numpy() for past, value in group.kv.items()}  # a view on the CPU, a copy from CUDA
         width = next(iter(arrays.values())).shape[2]
         for i, row in enumerate(group.rows):
             cols = slice(width - row.seen, width) if self.layout == KV_CONCAT else slice(0, row.seen)
@@ -352,13 +355,14 @@ class Engine:
                 self._queue.remove(row)
             elif row.admitted:
                 self.kv_tokens -= row.need
+                row.admitted = False
         for group in self.groups.values():
             if row in group.rows:
                 self._split(group)
                 group.rows.remove(row)
         tokens = list(row.handle.tokens)
         text = self._tokenizer.decode(tokens) if self._tokenizer else None
-        row.handle._emit(Result(tokens, text, reason, error))
+        row.handle._emit(Result(tokens, text, reason, error, len(row.prompt)))
 
     def _guarded(self, rows: list[_Row], work, *args) -> None:
         """Run a prefill or a group's step; a failure ends the requests it concerns, never the loop."""

@@ -45,16 +45,16 @@ class GenerationOptions:
     eos_token_ids: list[int] | None = None  # default: generation_config.json's, else the manifest's
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise IA3Error(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise IA3Error(f"temperature must be a finite number > 0, got {self.temperature!r}; "
                            "use greedy decoding (no --sample) for the most likely tokens")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise IA3Error(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise IA3Error(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise IA3Error(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
@@ -62,11 +62,11 @@ class GenerationOptions:
             raise IA3Error(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -277,7 +277,7 @@ def kv_layout(folder, graph) -> str:
     return KV_CONCAT if "position_ids" in graph.inputs else KV_SHARED
 
 
-class _Sequence:
+class Sequence:
     """A request's ids and attention mask in buffers sized for prompt + every new token, filled as the
     tokens come: a step feeds views of them, and the decode inputs (one token and one position per row)
     are OrtValues written in place. Prompts are left-padded (transformers' way; the mask's new columns
@@ -340,7 +340,7 @@ def decoder_logits(session, prompts, adapters, steps):
     are a view of the bound output: valid until the next send."""
     folder, graph = session.folder, session.graphs["model"]
     layout = kv_layout(folder, graph)
-    seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == KV_SHARED)
+    seq = Sequence(prompts, steps, folder.pad_id(), right_pad=layout == KV_SHARED)
     with_positions = "position_ids" in graph.inputs
     if layout == "none":
         yield from _uncached_logits(session, seq, adapters, steps, with_positions)
@@ -368,7 +368,7 @@ def decoder_logits(session, prompts, adapters, steps):
         chosen = yield results["logits"].numpy()[:, -1, :]
 
 
-def prefill(session, seq: _Sequence, adapters, layout: str):
+def prefill(session, seq: Sequence, adapters, layout: str):
     """The prompt's run on a cached layout: (its StepRun with the adapter bound, its results, the bound
     outputs). The concat layout's present.* come back as new OrtValues; the shared layout's KV
     buffers, of the run's full length, are bound as past and present."""
@@ -389,7 +389,7 @@ def prefill(session, seq: _Sequence, adapters, layout: str):
     return run, run.step(), outputs
 
 
-def _uncached_logits(session, seq: _Sequence, adapters, steps, with_positions: bool):
+def _uncached_logits(session, seq: Sequence, adapters, steps, with_positions: bool):
     """A graph without cache inputs: each step re-runs the whole sequence (views of the buffers)."""
     positions = position_ids(seq.mask)  # left-padded: the mask is known to its end, every new token counts
     feeds = seq.prompt(with_positions)

@@ -117,6 +117,7 @@ def test_rows_leave_at_eos_stop_strings_and_length_while_others_go_on(llama):
     assert results[1].tokens == full[:full.index(full[4]) + 1]
     assert [r.tokens for r in results] == [alone(s, r) for r in (long, eos, stop, short)]
     assert [r.finish_reason for r in results] == ["length", "stop", "stop", "length"]
+    assert [r.prompt_tokens for r in results] == [6, 3, len(s.tokenizer().encode("The cat")), 2]
     assert results[2].text == s.tokenizer().decode(results[2].tokens) and results[2].text.endswith(stop.options.stop_strings[0])
     assert len(results[2].tokens) < 20
 
