@@ -88,3 +88,19 @@ def test_commands_needing_torch_name_the_extra(tmp_path):
     result = cli("export", path("base"), "--out", str(tmp_path / "x"), "--mode", "merged")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: this command needs torch; install it with: pip install 'ia3-export[export]'"
+
+
+def test_the_engine_batches_both_adapters_without_torch(expected):
+    """The continuous-batching engine is torch-free too: adapter2's request joins while adapter1's generates,
+    one bank batch, and both get PEFT's tokens."""
+    from ia3_export.runtime import Engine, GenerationOptions, IA3Session, Request
+
+    s = IA3Session(path("bank"))
+    names = [s.load_adapter(path(a)) for a in ("adapter1", "adapter2")]
+    engine, options = Engine(s), GenerationOptions(max_new_tokens=expected["max_new_tokens"])
+    handles = [engine.submit(Request(expected["prompts"][0], names[0], options))]
+    engine.step()
+    handles.append(engine.submit(Request(expected["prompts"][1], names[1], options)))
+    while engine.step():
+        pass
+    assert [h.result(0).tokens for h in handles] == [expected["greedy"]["adapter1"][0], expected["greedy"]["adapter2"][1]]
