@@ -100,6 +100,32 @@ def test_the_shared_buffer_layout_batches_rows_at_their_own_lengths(fused_export
             assert got == peft_greedy(base, adapter, [r.prompt], len(got))[0]
 
 
+@pytest.mark.parametrize("layout, seed", [("concat", 0), ("concat", 1), ("shared", 2)])
+def test_random_arrival_schedules_never_change_a_requests_tokens(llama, fused_exports, layout, seed):
+    """14 requests (random prompts, adapters, lengths, EOS for some) arrive at random steps into at most 3
+    rows: whatever joins or leaves around it, each request gets the tokens it gets alone."""
+    import numpy as np
+
+    from ia3_export.runtime import Engine, IA3Session
+
+    if layout == "concat":
+        s = open_session(llama["bank"], llama["a1"], llama["a2"])
+        names = [None, "adapter1", "adapter2"]
+    else:
+        s = IA3Session(fused_exports("bank"))
+        names = [None, *s.load_shipped_adapters()]
+    rng = np.random.default_rng(seed)
+    arrivals: dict[int, list] = {}
+    for _ in range(14):
+        prompt = rng.integers(3, 250, int(rng.integers(1, 12))).tolist()
+        eos = [int(rng.integers(3, 250))] if rng.random() < 0.3 else None
+        req = request(prompt, names[int(rng.integers(0, len(names)))], max_new_tokens=int(rng.integers(1, 16)), eos_token_ids=eos)
+        arrivals.setdefault(int(rng.integers(0, 25)), []).append(req)
+    handles, widest = drive(Engine(s, max_batch=3), arrivals)
+    assert [h.result(0).tokens for h in handles] == [alone(s, r) for step in sorted(arrivals) for r in arrivals[step]]
+    assert widest == 3
+
+
 def test_rows_leave_at_eos_stop_strings_and_length_while_others_go_on(llama):
     """An EOS, a stop string (text prompt) and max_new_tokens end rows early at the token where they end
     alone; the rows around them keep their tokens."""
