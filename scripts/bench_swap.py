@@ -33,7 +33,7 @@ def export_folder(model_dir: str, out: str, mode: str, adapters: list[str]) -> s
     return out
 
 
-def build(work: str, hidden: int, layers: int, num_adapters: int) -> dict:
+def build(work: str, hidden: int, layers: int, num_adapters: int, modes=("merged", "swappable", "bank")) -> dict:
     from ia3_export.core.config import IA3Config
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
@@ -48,7 +48,7 @@ def build(work: str, hidden: int, layers: int, num_adapters: int) -> dict:
         randomize_adapter(model, "default", seed=i + 1)
         adapters.append(model.save_adapter(os.path.join(work, f"a{i}")))
     return {mode: export_folder(model_dir, os.path.join(work, mode), mode, adapters)
-            for mode in ("merged", "swappable", "bank")} | {"adapters": adapters}
+            for mode in modes} | {"adapters": adapters}
 
 
 def options(threads: int):

@@ -22,6 +22,13 @@ def export_once(tmp_path_factory, model_dir: str, mode: str, adapters: list[str]
     return cache[key]
 
 
+def llama_exports(tmp_path_factory, model_dir, adapter_dir, modes=("swappable", "bank", "foldswap")) -> dict:
+    """A tiny llama ("base"), two random adapters ("a1", "a2": adapter1, adapter2) and its exports per mode."""
+    base = model_dir("llama")
+    a1, a2 = adapter_dir("llama", seed=1), adapter_dir("llama", seed=2)
+    return {"base": base, "a1": a1, "a2": a2, **{mode: export_once(tmp_path_factory, base, mode, [a1, a2]) for mode in modes}}
+
+
 def padded(prompts=PROMPTS, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(p) for p in prompts)
     ids = np.array([[pad] * (width - len(p)) + p for p in prompts], dtype=np.int64)

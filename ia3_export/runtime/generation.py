@@ -50,17 +50,17 @@ class GenerationOptions:
     eos_token_ids: list[int] | None = None  # default: generation_config.json's, else the manifest's
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= INT_MAX:
+        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= INT_MAX:
             raise IA3Error(f"max_new_tokens must be an integer of at least 1 (at most {INT_MAX}), "
                            f"got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise IA3Error(f"temperature must be a finite number > 0, got {self.temperature!r}; "
                            "use greedy decoding (no --sample) for the most likely tokens")
-        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT_MAX:
+        if not is_int(self.top_k) or not 0 <= self.top_k <= INT_MAX:
             raise IA3Error(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise IA3Error(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
             raise IA3Error(f"seed must be an integer from 0 to {SEED_MAX}, got {self.seed!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
@@ -68,11 +68,11 @@ class GenerationOptions:
             raise IA3Error(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -164,9 +164,9 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
             family == "seq-cls") else ""
         raise IA3Error(f"{session.folder.path} is a {task or 'non-generative'} export; generation needs a decoder "
                        f"export (text-generation or text2text-generation){classify}")
-    steps = _new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq,
+    steps = new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq,
                               session.limits.max_new_tokens)
-    rows = _Rows(len(prompts), _eos(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
+    rows = _Rows(len(prompts), eos_ids(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
     loop = _seq2seq_logits if seq2seq else decoder_logits
     return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
 
@@ -185,14 +185,29 @@ def _steps(logits_loop, rows, choose) -> Iterator[dict[int, int]]:
         return
 
 
+class RowStop:
+    """When one row ends: at EOS, or once its generated text contains a stop string. Plain Python on
+    purpose: it runs once per token."""
+
+    def __init__(self, eos: set[int], stops: list[str] | None, decode):
+        self.eos, self.stops, self.decode, self.tokens = eos, stops or [], decode, []
+
+    def __call__(self, token: int) -> bool:
+        if token in self.eos:
+            return True
+        if not self.stops:
+            return False
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        return any(stop in text for stop in self.stops)
+
+
 class _Rows:
-    """Which rows still generate: a row ends after EOS or once its text contains a stop string. Plain
-    Python on purpose: batches are small and this runs once per token."""
+    """Which rows of a batch still generate (each row's `RowStop`)."""
 
     def __init__(self, batch: int, eos: set[int], stops: list[str] | None, decode, pad: int):
-        self.live, self.eos, self.pad = list(range(batch)), eos, pad
-        self.stops, self.decode = stops or [], decode
-        self.tokens = [[] for _ in range(batch)]
+        self.live, self.pad = list(range(batch)), pad
+        self.stopped = [RowStop(eos, stops, decode) for _ in range(batch)]
 
     def advance(self, chosen: np.ndarray) -> tuple[dict[int, int], list[int]]:
         """({row: token} for the rows that were live, the tokens to feed next: pad for finished rows)."""
@@ -200,19 +215,13 @@ class _Rows:
         emitted, feed, live = {}, [self.pad] * len(chosen), []
         for r in self.live:
             token = emitted[r] = feed[r] = chosen[r]
-            if token in self.eos or (self.stops and self._stopped(r, token)):
-                continue
-            live.append(r)
+            if not self.stopped[r](token):
+                live.append(r)
         self.live = live
         return emitted, feed
 
-    def _stopped(self, row: int, token: int) -> bool:
-        self.tokens[row].append(token)
-        text = self.decode(self.tokens[row])
-        return any(stop in text for stop in self.stops)
 
-
-def _new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool, ceiling: int) -> int:
+def new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool, ceiling: int) -> int:
     """max_new_tokens, cut to the positions left; a prompt that leaves none is an error naming both.
     A seq2seq model without positions in its config is cut to `ceiling` (a decoder without them
     has no cache limit we know of, and is cut the same way)."""
@@ -267,7 +276,7 @@ def empty_cache(graph, batch: int, dtype: str, cache: dict | None) -> dict:
     return feeds
 
 
-def _cache_names(graph) -> dict[str, str]:
+def cache_names(graph) -> dict[str, str]:
     """present.* output -> the past_key_values.* input it feeds at the next step."""
     return {name: PAST + name[len(PRESENT):] for name in graph.outputs if name.startswith(PRESENT)}
 
@@ -285,12 +294,12 @@ def kv_layout(folder, graph) -> str:
             raise IA3Error(f"{folder.path}: the manifest's cache.kv_layout is {declared!r}, not one of "
                            f"{', '.join(KV_LAYOUTS)}; re-export the model")
         return declared
-    if not any(n.startswith(PAST) for n in graph.inputs) or not _cache_names(graph):
+    if not any(n.startswith(PAST) for n in graph.inputs) or not cache_names(graph):
         return "none"
     return KV_CONCAT if "position_ids" in graph.inputs else KV_SHARED
 
 
-class _Sequence:
+class Sequence:
     """A request's ids and attention mask in buffers sized for prompt + every new token, filled as the
     tokens come: a step feeds views of them, and the decode inputs (one token and one position per row)
     are OrtValues written in place. Prompts are left-padded (transformers' way; the mask's new columns
@@ -353,25 +362,13 @@ def decoder_logits(session, prompts, adapters, steps):
     are a view of the bound output: valid until the next send."""
     folder, graph = session.folder, session.graphs["model"]
     layout = kv_layout(folder, graph)
-    seq = _Sequence(prompts, steps, folder.pad_id(), right_pad=layout == KV_SHARED)
+    seq = Sequence(prompts, steps, folder.pad_id(), right_pad=layout == KV_SHARED)
     with_positions = "position_ids" in graph.inputs
     if layout == "none":
         yield from _uncached_logits(session, seq, adapters, steps, with_positions)
         return
-    cache = _cache_names(graph)
-    keep_logits = LOGITS_TO_KEEP in graph.initializer_inputs  # a fused graph's; a step's 1 column is kept by any k
-    feeds = seq.prompt(with_positions, keep_logits)
-    if layout == KV_SHARED:
-        kv = {name: graph.to_device(a) for name, a in
-              _full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
-        feeds.update(kv)
-        outputs = {"logits": None, **{n: kv[past] for n, past in cache.items()}}
-    else:
-        feeds.update(empty_cache(graph, seq.batch, folder.dtype, folder.cache))
-        outputs = {"logits": None, **dict.fromkeys(cache)}
-    run = session.step_run("model", adapters, feeds)
-    run.bind_outputs(outputs)
-    results = run.step()
+    cache = cache_names(graph)
+    run, results, outputs = prefill(session, seq, adapters, layout)
     token = graph.to_device(seq.token)
     position = graph.to_device(seq.position) if with_positions else None
     run.bind({"input_ids": token, **({"position_ids": position} if with_positions else {})})
@@ -393,7 +390,28 @@ def decoder_logits(session, prompts, adapters, steps):
         chosen = yield results["logits"].numpy()[:, -1, :]
 
 
-def _uncached_logits(session, seq: _Sequence, adapters, steps, with_positions: bool):
+def prefill(session, seq: Sequence, adapters, layout: str):
+    """The prompt's run on a cached layout: (its StepRun with the adapter bound, its results, the bound
+    outputs). The concat layout's present.* come back as new OrtValues; the shared layout's KV
+    buffers, of the run's full length, are bound as past and present."""
+    folder, graph = session.folder, session.graphs["model"]
+    cache = cache_names(graph)
+    keep_logits = LOGITS_TO_KEEP in graph.initializer_inputs  # a fused graph's; a step's 1 column is kept by any k
+    feeds = seq.prompt("position_ids" in graph.inputs, keep_logits)
+    if layout == KV_SHARED:
+        kv = {name: graph.to_device(a) for name, a in
+              full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
+        feeds.update(kv)
+        outputs = {"logits": None, **{n: kv[past] for n, past in cache.items()}}
+    else:
+        feeds.update(empty_cache(graph, seq.batch, folder.dtype, folder.cache))
+        outputs = {"logits": None, **dict.fromkeys(cache)}
+    run = session.step_run("model", adapters, feeds)
+    run.bind_outputs(outputs)
+    return run, run.step(), outputs
+
+
+def _uncached_logits(session, seq: Sequence, adapters, steps, with_positions: bool):
     """A graph without cache inputs: each step re-runs the whole sequence (views of the buffers)."""
     positions = position_ids(seq.mask)  # left-padded: the mask is known to its end, every new token counts
     feeds = seq.prompt(with_positions)
@@ -410,7 +428,7 @@ def _uncached_logits(session, seq: _Sequence, adapters, steps, with_positions: b
         seq.push(chosen)
 
 
-def _full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) -> dict:
+def full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) -> dict:
     """Zeroed KV buffers of the run's full length for the shared layout: [batch, heads, length, head_dim]."""
     return {name: np.zeros((batch, value.shape[1], length, value.shape[3]), dtype=value.dtype)
             for name, value in empty_cache(graph, batch, dtype, cache).items()}
@@ -421,7 +439,7 @@ def _numpy_type(graph, output: str):
     return of_ort(next(o.type for o in graph.session.get_outputs() if o.name == output)).np
 
 
-def _eos(folder, options: GenerationOptions) -> set[int]:
+def eos_ids(folder, options: GenerationOptions) -> set[int]:
     return set(options.eos_token_ids if options.eos_token_ids is not None else folder.eos_ids())
 
 
@@ -443,7 +461,7 @@ def _seq2seq_logits(session, prompts, adapters, steps):
     feeds = {ids_name: tokens, mask_name: mask, "encoder_hidden_states": hidden}
     if use_cache:
         feeds.update(empty_cache(decoder, batch, folder.dtype, folder.cache))
-    cache = _cache_names(decoder)
+    cache = cache_names(decoder)
     outputs = [decoder.outputs[0], *cache]
     run = session.step_run("decoder", adapters, feeds)  # the mask and the encoder's states stay bound
     run.bind_outputs(dict.fromkeys(outputs))

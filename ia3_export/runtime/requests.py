@@ -7,7 +7,7 @@ measured in bytes and checked as UTF-8 before the tokenizer sees it (a 20 MB tex
 4 GB of tokenizer memory), and the tokenizer itself runs in a child process within
 `Limits.tokenizer_timeout_s` (a tokenizer.json whose regex panics or backtracks costs one request
 an error, never the process). Generation options are checked by `GenerationOptions` and capped by
-`generation._new_token_budget` on every task.
+`generation.new_token_budget` on every task.
 
 `REQUEST_PATHS` lists the paths by name; each registers with `register` where it is defined, and
 tests/runtime/test_requests.py sends every registered path the hostile requests (a new path is

@@ -100,3 +100,19 @@ def test_commands_needing_torch_name_the_extra(tmp_path):
     assert result.stderr.strip() == ("error: this command needs torch; install torch's CPU build first (pip install "
                                      "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; PyPI's default torch "
                                      "is the multi-GB CUDA build), then: pip install 'ia3-export[export,cpu]' (README: Install)")
+
+
+def test_the_engine_batches_both_adapters_without_torch(expected):
+    """The continuous-batching engine is torch-free too: adapter2's request joins while adapter1's generates,
+    one bank batch, and both get PEFT's tokens."""
+    from ia3_export.runtime import Engine, GenerationOptions, IA3Session, Request
+
+    s = IA3Session(path("bank"))
+    names = [s.load_adapter(path(a)) for a in ("adapter1", "adapter2")]
+    engine, options = Engine(s), GenerationOptions(max_new_tokens=expected["max_new_tokens"])
+    handles = [engine.submit(Request(expected["prompts"][0], names[0], options))]
+    engine.step()
+    handles.append(engine.submit(Request(expected["prompts"][1], names[1], options)))
+    while engine.step():
+        pass
+    assert [h.result(0).tokens for h in handles] == [expected["greedy"]["adapter1"][0], expected["greedy"]["adapter2"][1]]

@@ -7,17 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime_helpers import PROMPTS, export_once, open_session, peft_greedy
+from runtime_helpers import PROMPTS, llama_exports, open_session, peft_greedy
 
 NEW = 10
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, model_dir, adapter_dir):
-    base = model_dir("llama")
-    a1, a2 = adapter_dir("llama", seed=1), adapter_dir("llama", seed=2)
-    return {"base": base, "a1": a1, "a2": a2, **{mode: export_once(tmp_path_factory, base, mode, [a1, a2])
-                                                 for mode in ("swappable", "bank", "foldswap")}}
+    return llama_exports(tmp_path_factory, model_dir, adapter_dir)
 
 
 @pytest.mark.parametrize("mode", ["swappable", "bank", "foldswap"])

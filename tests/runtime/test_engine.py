@@ -1,0 +1,323 @@
+"""The continuous-batching engine (issue 23): every request's tokens are those of the same request run
+alone (`generate_ids`) and PEFT's, whatever joins or leaves the batch around it, in both KV layouts
+and every adapter mode; its bounds (queue, KV budget, timeout, cancel) refuse or hold requests clearly.
+The tests drive `step()` themselves, submitting between steps, so every arrival is deterministic."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ia3_export.errors import IA3Error
+from runtime_helpers import export_once, llama_exports, open_session, peft_greedy
+
+
+def options(max_new_tokens=12, **kw):
+    from ia3_export.runtime import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=max_new_tokens, **kw)
+
+
+def request(prompt, adapter=None, **kw):
+    from ia3_export.runtime import Request
+
+    return Request(prompt, adapter, options(**kw))
+
+
+def alone(s, req) -> list[int]:
+    """The reference: the request run by itself through generate_ids."""
+    from ia3_export.runtime import generate_ids
+
+    prompt = s.tokenizer().encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+    return generate_ids(s, [prompt], [req.adapter], req.options, s.tokenizer().decode)[0]
+
+
+def drive(engine, arrivals: dict[int, list]) -> tuple[list, int]:
+    """Submit arrivals[i] just before step i, step until nothing is left; (handles in order, widest batch)."""
+    handles, widest, i = [], 0, 0
+    while True:
+        handles += [engine.submit(r) for r in arrivals.get(i, [])]
+        more = engine.step()
+        widest = max(widest, engine.active)
+        i += 1
+        if not more and i > max(arrivals):
+            return handles, widest
+
+
+# prompts of different lengths and lengths to generate; arrivals while others are mid-generation
+MIXED = {0: [([5, 6, 7, 8, 9, 10], None, 12), ([11, 12, 13], "adapter1", 6)],
+         2: [([40, 41], "adapter2", 14)],
+         3: [([20, 21, 22, 23, 24, 25, 26, 27, 28], "adapter1", 9), ([30, 31, 32, 33], None, 3)],
+         7: [([50, 51, 52, 53, 54], "adapter2", 10), ([60], "adapter1", 12)]}
+
+
+def mixed_requests(adapters=True):
+    return {step: [request(p, a if adapters else None, max_new_tokens=n) for p, a, n in reqs]
+            for step, reqs in MIXED.items()}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, model_dir, adapter_dir):
+    return llama_exports(tmp_path_factory, model_dir, adapter_dir)
+
+
+@pytest.mark.parametrize("mode", ["bank", "swappable", "foldswap"])
+def test_mixed_adapters_arriving_mid_generation_get_their_tokens_alone_and_peft(llama, mode):
+    """Bank rows mix adapters in one batch; swappable and foldswap run one batch per adapter group.
+    Requests join at steps 0, 2, 3 and 7 and leave at their own lengths: each gets what it gets alone,
+    and the adapter1 requests what PEFT generates."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama[mode], llama["a1"], llama["a2"])
+    arrivals = mixed_requests()
+    handles, widest = drive(Engine(s, max_batch=4), arrivals)
+    requests = [r for step in sorted(arrivals) for r in arrivals[step]]
+    results = [h.result(0) for h in handles]
+    assert [r.tokens for r in results] == [alone(s, r) for r in requests]
+    for r, res in zip(requests, results):
+        if r.adapter == "adapter1":
+            assert res.tokens == peft_greedy(llama["base"], llama["a1"], [r.prompt], len(res.tokens))[0]
+    assert [r.finish_reason for r in results] == ["length"] * len(requests)
+    assert widest == 4  # max_batch held: the last arrivals waited for rows to leave
+
+
+def test_the_shared_buffer_layout_batches_rows_at_their_own_lengths(fused_exports, fused_llama):
+    """`--graph fused` (GroupQueryAttention over one buffer, each row's length from the mask): a bank export
+    mixes the base and its adapter per row, rows joining and leaving; PEFT's tokens for the adapter."""
+    from ia3_export.runtime import Engine, IA3Session
+
+    base, adapter, _ = fused_llama
+    s = IA3Session(fused_exports("bank"))
+    (name,) = s.load_shipped_adapters()
+    arrivals = {step: [request(r.prompt, r.adapter and name, max_new_tokens=r.options.max_new_tokens) for r in reqs]
+                for step, reqs in mixed_requests().items()}
+    handles, widest = drive(Engine(s, max_batch=4), arrivals)
+    requests = [r for step in sorted(arrivals) for r in arrivals[step]]
+    tokens = [h.result(0).tokens for h in handles]
+    assert tokens == [alone(s, r) for r in requests] and widest == 4
+    for r, got in zip(requests, tokens):
+        if r.adapter:
+            assert got == peft_greedy(base, adapter, [r.prompt], len(got))[0]
+
+
+@pytest.mark.parametrize("layout, seed", [("concat", 0), ("concat", 1), ("shared", 2)])
+def test_random_arrival_schedules_never_change_a_requests_tokens(llama, fused_exports, layout, seed):
+    """14 requests (random prompts, adapters, lengths, EOS for some) arrive at random steps into at most 3
+    rows: whatever joins or leaves around it, each request gets the tokens it gets alone."""
+    import numpy as np
+
+    from ia3_export.runtime import Engine, IA3Session
+
+    if layout == "concat":
+        s = open_session(llama["bank"], llama["a1"], llama["a2"])
+        names = [None, "adapter1", "adapter2"]
+    else:
+        s = IA3Session(fused_exports("bank"))
+        names = [None, *s.load_shipped_adapters()]
+    rng = np.random.default_rng(seed)
+    arrivals: dict[int, list] = {}
+    for _ in range(14):
+        prompt = rng.integers(3, 250, int(rng.integers(1, 12))).tolist()
+        eos = [int(rng.integers(3, 250))] if rng.random() < 0.3 else None
+        req = request(prompt, names[int(rng.integers(0, len(names)))], max_new_tokens=int(rng.integers(1, 16)), eos_token_ids=eos)
+        arrivals.setdefault(int(rng.integers(0, 25)), []).append(req)
+    handles, widest = drive(Engine(s, max_batch=3), arrivals)
+    assert [h.result(0).tokens for h in handles] == [alone(s, r) for step in sorted(arrivals) for r in arrivals[step]]
+    assert widest == 3
+
+
+def test_rows_leave_at_eos_stop_strings_and_length_while_others_go_on(llama):
+    """An EOS, a stop string (text prompt) and max_new_tokens end rows early at the token where they end
+    alone; the rows around them keep their tokens."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    long = request([5, 6, 7, 8, 9, 10], "adapter1", max_new_tokens=20)
+    full = alone(s, request([11, 12, 13], "adapter2", max_new_tokens=20))
+    eos = request([11, 12, 13], "adapter2", max_new_tokens=20, eos_token_ids=[full[4]])
+    text = s.tokenizer().decode(alone(s, request("The cat", max_new_tokens=20)))
+    stop = request("The cat", max_new_tokens=20, stop_strings=[next(c for c in text[3:] if c.isalpha())])
+    short = request([40, 41], "adapter1", max_new_tokens=2)
+    handles, _ = drive(Engine(s), {0: [long, eos], 1: [stop, short]})
+    results = [h.result(0) for h in handles]
+    assert results[1].tokens == full[:full.index(full[4]) + 1]
+    assert [r.tokens for r in results] == [alone(s, r) for r in (long, eos, stop, short)]
+    assert [r.finish_reason for r in results] == ["length", "stop", "stop", "length"]
+    assert [r.prompt_tokens for r in results] == [6, 3, len(s.tokenizer().encode("The cat")), 2]
+    assert results[2].text == s.tokenizer().decode(results[2].tokens) and results[2].text.endswith(stop.options.stop_strings[0])
+    assert len(results[2].tokens) < 20
+
+
+def test_sampled_rows_with_seeds_get_the_tokens_they_get_alone(llama):
+    """Each request samples with its own seeded RNG, so batch neighbours never shift its draws."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    sampled = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    arrivals = {0: [request([5, 6, 7], "adapter1", seed=1, **sampled), request([8, 9], None, seed=2, **sampled)],
+                2: [request([5, 6, 7], "adapter1", seed=3, **sampled), request([5, 6, 7], "adapter2")]}
+    handles, _ = drive(Engine(s), arrivals)
+    tokens = [h.result(0).tokens for h in handles]
+    assert tokens == [alone(s, r) for step in sorted(arrivals) for r in arrivals[step]]
+    assert tokens[0] != tokens[2]  # the seed matters
+
+
+def test_a_full_queue_says_busy_and_a_request_that_never_fits_the_kv_budget_is_refused(llama):
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    engine = Engine(s, max_queue=2, kv_token_budget=20)
+    engine.submit(request([5, 6, 7]))
+    engine.submit(request([5, 6, 7]))
+    with pytest.raises(IA3Error, match=r"^busy: 2 requests queued, the limit is 2; retry later$"):
+        engine.submit(request([5, 6, 7]))
+    with pytest.raises(IA3Error, match="needs 25 KV tokens .prompt 5 . max_new_tokens 20., more than the engine's "
+                                       "kv_token_budget of 20; shorten it or raise the budget"):
+        engine.submit(request([5, 6, 7, 8, 9], max_new_tokens=20))
+
+
+def test_a_request_over_the_kv_budget_waits_in_the_queue_then_runs(llama):
+    """Budget 30 holds one request of 5 + 12 tokens at a time: the second waits, then gets its tokens."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    engine = Engine(s, kv_token_budget=30)
+    first, second = request([5, 6, 7, 8, 9], "adapter1"), request([9, 8, 7, 6, 5])
+    handles = [engine.submit(first), engine.submit(second)]
+    engine.step()
+    assert (engine.active, engine.queued, engine.kv_tokens) == (1, 1, 17)
+    while engine.step():
+        assert engine.kv_tokens <= 30
+    assert [h.result(0).tokens for h in handles] == [alone(s, first), alone(s, second)]
+    assert engine.kv_tokens == 0
+
+
+def test_a_timeout_ends_a_running_and_a_queued_request_with_deadline(llama):
+    """The engine's clock is injectable: past its timeout a row is retired at the next step (its tokens so
+    far kept), a queued request never starts, and the row beside it goes on untouched."""
+    from ia3_export.runtime import Engine, Request
+
+    now = [0.0]
+    s = open_session(llama["bank"], llama["a1"])
+    engine = Engine(s, max_batch=2, clock=lambda: now[0])
+    timed, other = Request([5, 6, 7], None, options(20), timeout=5), request([8, 9, 10], "adapter1", max_new_tokens=20)
+    queued = Request([5, 6], None, options(5), timeout=5)
+    handles = [engine.submit(timed), engine.submit(other), engine.submit(queued)]
+    engine.step()
+    engine.step()
+    now[0] = 5.0
+    engine.step()
+    assert [h.result(0).finish_reason for h in (handles[0], handles[2])] == ["deadline", "deadline"]
+    assert handles[0].result().tokens == alone(s, timed)[:3] and handles[2].result().tokens == []
+    assert (engine.active, engine.queued, engine.kv_tokens) == (1, 0, 23)
+    while engine.step():
+        pass
+    assert handles[1].result(0).tokens == alone(s, other)
+
+
+def test_cancel_frees_the_row_at_the_next_step(llama):
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["swappable"], llama["a1"], llama["a2"])
+    engine = Engine(s)
+    stays = request([8, 9, 10], "adapter2", max_new_tokens=15)
+    handles = [engine.submit(request([5, 6, 7], "adapter1", max_new_tokens=15)), engine.submit(stays)]
+    engine.step()
+    handles[0].cancel()
+    engine.step()
+    assert handles[0].result(0).finish_reason == "cancelled" and len(handles[0].result().tokens) == 2
+    assert engine.active == 1
+    while engine.step():
+        pass
+    assert handles[1].result(0).tokens == alone(s, stays)
+
+
+def test_an_adapter_unloaded_while_its_request_runs_ends_it_with_error(llama):
+    """Unloading an adapter under a running bank row ends that request (next time the batch is gathered)
+    with a clear error; the rows beside it keep their tokens."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    engine = Engine(s)
+    stays, late = request([8, 9, 10], "adapter2", max_new_tokens=15), request([20, 21], max_new_tokens=5)
+    handles = [engine.submit(request([5, 6, 7], "adapter1", max_new_tokens=15)), engine.submit(stays)]
+    engine.step()
+    s.unload_adapter("adapter1")
+    handles.append(engine.submit(late))
+    while engine.step():
+        pass
+    gone = handles[0].result(0)
+    assert gone.finish_reason == "error" and gone.error == "adapter 'adapter1' was unloaded while the request ran; submit it again"
+    assert [h.result(0).tokens for h in handles[1:]] == [alone(s, stays), alone(s, late)]
+
+
+def test_a_failing_request_ends_with_error_and_its_neighbours_go_on(llama):
+    """A token id past the vocabulary fails in ONNX Runtime: that request ends with reason "error" and the
+    message, the loop and the other rows go on."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    ok = request([5, 6, 7], "adapter1")
+    handles, _ = drive(Engine(s), {0: [ok], 1: [request([5, 10 ** 6])]})
+    assert handles[0].result(0).tokens == alone(s, ok)
+    bad = handles[1].result(0)
+    assert bad.finish_reason == "error" and bad.tokens == [] and "ONNX Runtime failed to run the model" in bad.error
+
+
+def test_the_thread_streams_each_token_before_the_end_to_iterators_and_callbacks(llama):
+    """start(): submissions from several threads; each handle yields its tokens as they are chosen and the
+    callback sees every token and then the Result; the tokens are those alone."""
+    from ia3_export.runtime import Engine, Result
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    requests = [request([5, 6, 7, 8], "adapter1", max_new_tokens=16), request([11, 12], "adapter2", max_new_tokens=4),
+                request([20, 21, 22], None, max_new_tokens=9)]
+    events = [[] for _ in requests]
+    streamed = [None] * len(requests)
+    with Engine(s) as engine:
+        def client(i):
+            handle = engine.submit(requests[i], on_event=events[i].append)
+            streamed[i] = list(handle)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    want = [alone(s, r) for r in requests]
+    assert streamed == want
+    assert [e[:-1] for e in events] == want and all(isinstance(e[-1], Result) and e[-1].tokens == w
+                                                     for e, w in zip(events, want))
+
+
+def test_bad_requests_are_refused_at_submit(llama, tmp_path_factory, model_dir, adapter_dir):
+    from ia3_export.runtime import Engine, IA3Session, Request
+
+    s = open_session(llama["bank"], llama["a1"])
+    engine = Engine(s)
+    with pytest.raises(IA3Error, match=r"adapter 'adapter2' is not loaded \(loaded: adapter1\)"):
+        engine.submit(request([5, 6], "adapter2"))
+    with pytest.raises(IA3Error, match="every prompt needs at least one token"):
+        engine.submit(request([]))
+    with pytest.raises(IA3Error, match=r"a prompt is text or a list of integer token ids, got \[5, 'a'\]"):
+        engine.submit(request([5, "a"]))
+    with pytest.raises(IA3Error, match="timeout must be a number of seconds >= 0"):
+        engine.submit(Request([5], None, options(), timeout=-1))
+    with pytest.raises(IA3Error, match="the prompt has 128 tokens; the model takes at most 128 positions"):
+        engine.submit(request([5] * 128))
+    with pytest.raises(IA3Error, match="max_batch must be an integer of at least 1, got 0"):
+        Engine(s, max_batch=0)
+    merged = IA3Session(export_once(tmp_path_factory, model_dir("llama"), "merged", [llama["a1"]]))
+    with pytest.raises(IA3Error, match="is a merged export .* send requests without an adapter, or export with "
+                                       "--mode bank to serve 'adapter1'"):
+        Engine(merged).submit(request([5, 6], "adapter1"))
+    engine.close()
+    with pytest.raises(IA3Error, match="the engine is closed"):
+        engine.submit(request([5, 6]))
+
+
+def test_an_export_without_a_decoder_cache_is_refused(tmp_path_factory, model_dir):
+    from ia3_export.runtime import Engine, IA3Session
+
+    s = IA3Session(export_once(tmp_path_factory, model_dir("bert", "seq-cls"), "merged", []))
+    with pytest.raises(IA3Error, match="is a text-classification export without a decoder KV cache; the engine runs causal-lm exports"):
+        Engine(s)
