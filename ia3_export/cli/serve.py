@@ -21,18 +21,33 @@ import click
               help="Most tokens per request (prompt + new tokens); default: the model's context length.")
 @click.option("--drain-timeout", default=30, show_default=True, type=int,
               help="Seconds a stop waits for the requests in flight.")
+@click.option("--batching", type=click.Choice(["continuous", "request"]), default="continuous", show_default=True,
+              help="continuous: requests join and leave the running batch at every decode step (decoder exports); "
+                   "request: Triton's batches of whole requests.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Requests that may wait for a row of the running batch (continuous); past it: busy.")
+@click.option("--request-timeout", default=600, show_default=True, type=click.FloatRange(1, 86_400),
+              help="Seconds a request may run (continuous) before it ends with an error.")
+@click.option("--openai-port", default=None, type=click.IntRange(1, 65_535),
+              help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) here.")
+@click.option("--served-model-name", default=None, help="The base model's id in /v1/models (default: the folder's name).")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
-            instances, provider, max_tokens, drain_timeout):
+            instances, provider, max_tokens, drain_timeout, batching, max_queue, request_timeout, openai_port,
+            served_model_name):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
     from ..serve import ServeConfig, Server
+    from ..serve.server import display_host
 
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
-                         max_queue_delay_us, instances, provider, max_tokens, drain_timeout)
+                         max_queue_delay_us, instances, provider, max_tokens, drain_timeout, batching, max_queue,
+                         request_timeout, openai_port, served_model_name)
     server = Server(config)
 
     def ready(s):
-        click.echo(f"serving {s.model.name} ({s.session.mode}, adapters: {', '.join(s.served.pool.names()) or 'none'}) "
-                   f"on {s.url} (gRPC {config.grpc_port}, metrics {config.metrics_port}); workspace {s.workspace}",
-                   err=True)
+        batching = "continuous batching" if s.streams is not None else "request batching"
+        openai = f", OpenAI API http://{display_host(config.address)}:{config.openai_port}/v1" if s.front is not None else ""
+        click.echo(f"serving {s.model.name} ({s.session.mode}, {batching}, adapters: "
+                   f"{', '.join(s.served.pool.names()) or 'none'}) on {s.url} (gRPC {config.grpc_port}, metrics "
+                   f"{config.metrics_port}{openai}); workspace {s.workspace}", err=True)
 
     server.serve_forever(on_ready=ready)
