@@ -2,7 +2,8 @@
 `apply_chat_template(messages, add_generation_prompt=True, tokenize=True)` gives them.
 
 The template is the folder's `chat_template.jinja` (what transformers 5 saves), else
-tokenizer_config.json's `chat_template` (a string, or a list of named templates: "default"). It is
+`chat_template.json`'s or tokenizer_config.json's `chat_template` (a string, or a list of named
+templates: "default"). It is
 untrusted code from a model folder, so it renders in jinja2's immutable sandbox (as transformers
 does), with transformers' globals (`raise_exception`, `strftime_now`) and its `tojson` (no HTML
 escaping); the special tokens of tokenizer_config.json are variables. The rendered text holds its own
@@ -28,9 +29,13 @@ class ChatTemplate:
         config = read_json(config_path, "tokenizer") if os.path.exists(config_path) else {}
         config = config if isinstance(config, dict) else {}
         self.tokens = {k: _content(config.get(k)) for k in SPECIAL if _content(config.get(k)) is not None}
-        jinja_path = os.path.join(folder, "chat_template.jinja")
+        jinja_path, json_path = os.path.join(folder, "chat_template.jinja"), os.path.join(folder, "chat_template.json")
         if os.path.exists(jinja_path):
             self.source, self.template = jinja_path, read_text(jinja_path, "tokenizer")
+        elif os.path.exists(json_path):
+            stored = read_json(json_path, "tokenizer")
+            self.source = json_path
+            self.template = _named(stored.get("chat_template") if isinstance(stored, dict) else None, json_path)
         else:
             self.source, self.template = config_path, _named(config.get("chat_template"), config_path)
 

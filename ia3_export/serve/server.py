@@ -62,7 +62,8 @@ class ServeConfig:
             raise IA3Error(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         ports = _ports(self)
         if len(set(ports.values())) != len(ports):
-            raise IA3Error(f"--{', --'.join(ports)} must differ, got {', '.join(map(str, ports.values()))}")
+            names = [f"--{name}" for name in ports]
+            raise IA3Error(f"{', '.join(names[:-1])} and {names[-1]} must differ, got {', '.join(map(str, ports.values()))}")
 
 
 class Server:
@@ -80,7 +81,7 @@ class Server:
             if source not in self.session.adapters:  # a name shipped in the folder is loaded already
                 self.served.pool.add(source)
         self.model = model_for(self.session)
-        self.streams = self._engine() if config.batching == "continuous" else None
+        self.streams = self.served.streams = self._engine() if config.batching == "continuous" else None
         self.triton = self.front = None
 
     def _engine(self):

@@ -20,6 +20,7 @@ by the request's id (`Streams.cancel`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 
@@ -42,9 +43,19 @@ class Streams:
         self.engine, self.timeout_s = engine, timeout_s
         self._running: dict[str, object] = {}
         self._lock = threading.Lock()
+        self.finished: collections.Counter = collections.Counter()  # finish reason -> requests
+        self.most_active = 0  # the most requests seen decoding together
 
     def submit(self, row: Row, request_id: str | None = None, on_event=None):
-        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s), on_event)
+        def event(e):  # on the engine's thread: count, then hand on
+            if isinstance(e, Result):
+                self.finished[e.finish_reason] += 1
+            else:
+                self.most_active = max(self.most_active, self.engine.active)
+            if on_event is not None:
+                on_event(e)
+
+        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s), event)
         if request_id:
             with self._lock:
                 self._running[request_id] = handle
@@ -54,6 +65,10 @@ class Streams:
         if request_id:
             with self._lock:
                 self._running.pop(request_id, None)
+
+    def stats(self) -> dict:
+        return {"active": self.engine.active, "queued": self.engine.queued, "largest_batch": self.most_active,
+                "finished": dict(self.finished)}
 
     def cancel(self, request_id: str) -> bool:
         """Stop the request sent with this id (its row leaves at the next step); False if none runs."""
