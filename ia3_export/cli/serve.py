@@ -28,19 +28,33 @@ from .options import FloatRange, IntRange
               help="Most bytes (UTF-8) a request's text may hold; checked before it is tokenized.")
 @click.option("--tokenizer-timeout", default=TOKENIZER_TIMEOUT_S, show_default=True, type=FloatRange(0, 3600, min_open=True),
               help="Seconds the tokenizer may spend on one request (it runs in child processes, stopped after that).")
+@click.option("--batching", type=click.Choice(["continuous", "request"]), default="continuous", show_default=True,
+              help="continuous: requests join and leave the running batch at every decode step (decoder exports); "
+                   "request: Triton's batches of whole requests.")
+@click.option("--max-queue", default=256, show_default=True, type=IntRange(1, 1_000_000),
+              help="Requests that may wait for a row of the running batch (continuous); past it: busy.")
+@click.option("--request-timeout", default=600, show_default=True, type=FloatRange(1, 86_400),
+              help="Seconds a request may run (continuous) before it ends with an error.")
+@click.option("--openai-port", default=None, type=IntRange(1, 65_535),
+              help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) here.")
+@click.option("--served-model-name", default=None, help="The base model's id in /v1/models (default: the folder's name).")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
-            instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout):
+            instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout, batching, max_queue,
+            request_timeout, openai_port, served_model_name):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
     from ..serve import ServeConfig, Server
+    from ..serve.server import display_host
 
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
-                         tokenizer_timeout)
+                         tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name)
     server = Server(config)
 
     def ready(s):
-        click.echo(f"serving {s.model.name} ({s.session.mode}, adapters: {', '.join(s.served.pool.names()) or 'none'}) "
-                   f"on {s.url} (gRPC {config.grpc_port}, metrics {config.metrics_port}); workspace {s.workspace}",
-                   err=True)
+        batching = "continuous batching" if s.streams is not None else "request batching"
+        openai = f", OpenAI API http://{display_host(config.address)}:{config.openai_port}/v1" if s.front is not None else ""
+        click.echo(f"serving {s.model.name} ({s.session.mode}, {batching}, adapters: "
+                   f"{', '.join(s.served.pool.names()) or 'none'}) on {s.url} (gRPC {config.grpc_port}, metrics "
+                   f"{config.metrics_port}{openai}); workspace {s.workspace}", err=True)
 
     server.serve_forever(on_ready=ready)

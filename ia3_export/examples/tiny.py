@@ -82,6 +82,16 @@ def tiny_model(model_type: str, task: str | None = None, seed: int = 0, **overri
     return model.eval()
 
 
+# A chat template in the shape hub models ship (BOS written by the template, roles checked with
+# raise_exception, the assistant's turn opened by add_generation_prompt), for the chat tests.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer: every byte is a token, so any text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

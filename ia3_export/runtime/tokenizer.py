@@ -65,9 +65,10 @@ class TextTokenizer:
             "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False) and bpe_ok)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the special tokens the folder's tokenizer adds; never padded or truncated."""
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids with the special tokens the folder's tokenizer adds (unless told not to: a chat
+        template writes its own); never padded or truncated."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         """Text without special tokens, as transformers' decode(ids, skip_special_tokens=True)."""

@@ -53,6 +53,41 @@ class ServeClient:
                           seed=-1 if seed is None else seed)
         return self.infer("generate", inputs)
 
+    def stream(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None,
+               max_new_tokens: int = 32, stop: list[str] | None = None, request_id: str | None = None, **sampling):
+        """The `generate_stream` model's responses as they arrive (Server-Sent Events over HTTP): dicts with
+        `text` (the new piece), `output_ids` (the new tokens, absent when none), `finish_reason` (set on
+        the last one) and `prompt_tokens`. An `error` in a response raises ServeError."""
+        body = {**_prompt(text, None if input_ids is None else list(input_ids), adapter), "max_new_tokens": max_new_tokens,
+                **sampling}
+        if input_ids is not None:
+            body["input_ids"] = list(input_ids)  # one request, not batched: no bucketing
+        if stop:
+            body["stop"] = json.dumps(list(stop))
+        if request_id:
+            body["request_id"] = request_id
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("POST", "/v2/models/generate_stream/generate_stream", body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise ServeError(f"generate_stream: HTTP {response.status}: {response.read()[:300]!r}")
+            for line in response:
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:])
+                if event.get("error"):
+                    raise ServeError(f"generate_stream: {event['error']}")
+                ids = event.get("output_ids")
+                if ids is not None:
+                    event["output_ids"] = ids if isinstance(ids, list) else [ids]
+                yield event
+                if event.get("finish_reason"):
+                    return
+        finally:
+            conn.close()
+
     def classify(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None) -> Answer:
         return self.infer("classify", _prompt(text, input_ids, adapter))
 

@@ -94,6 +94,7 @@ class Served:
     def __init__(self, session, max_tokens: int | None = None):
         self.session, self.pool = session, AdapterPool(session)
         self.stats = Stats()
+        self.streams = None  # the engine's requests (serve.streaming.Streams) under continuous batching
         self.config = session.folder.config
         self.max_tokens = max_tokens or session.folder.max_positions
         self.vocab_size = self.config.get("vocab_size")
@@ -317,7 +318,8 @@ class Adapters:
                 raise IA3Error("action unload needs `name`")
             return {name: pool.remove(name)}
         if action == "stats":
-            return {self.model_name: self.served.stats.as_dict()}
+            engine = self.served.streams.stats() if self.served.streams is not None else None
+            return {self.model_name: self.served.stats.as_dict(), **({"engine": engine} if engine else {})}
         raise IA3Error(f"unknown action {action!r}; use one of {', '.join(self.ACTIONS)}")
 
 

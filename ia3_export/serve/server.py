@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import glob
 import importlib.util
 import os
 import signal
@@ -28,6 +29,7 @@ from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
+BATCHING = ("continuous", "request")
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
@@ -47,16 +49,25 @@ class ServeConfig:
     drain_timeout_s: int = 30
     max_text_bytes: int = MAX_TEXT_BYTES  # a request's text, checked before it is tokenized
     tokenizer_timeout_s: float = TOKENIZER_TIMEOUT_S  # one request's tokenizer call (runtime/tokenizer.py)
+    batching: str = "continuous"  # "continuous": the runtime's Engine (decoder exports); "request": Triton's batches
+    max_queue: int = 256  # requests waiting for a row of the running batch (continuous); past it: "busy"
+    request_timeout_s: float = 600  # a request's deadline (continuous): pytriton does not report disconnects
+    openai_port: int | None = None  # the OpenAI-compatible API (/v1/...) on this port; None: off
+    served_model_name: str | None = None  # the base model's id in /v1/models; default: the folder's name
 
     def __post_init__(self):
         for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
-                                   ("--drain-timeout", self.drain_timeout_s, 1)):
+                                   ("--drain-timeout", self.drain_timeout_s, 1), ("--max-queue", self.max_queue, 1),
+                                   ("--request-timeout", self.request_timeout_s, 1)):
             if value < low:
                 raise IA3Error(f"{option} must be at least {low}, got {value}")
-        ports = {"http-port": self.http_port, "grpc-port": self.grpc_port, "metrics-port": self.metrics_port}
+        if self.batching not in BATCHING:
+            raise IA3Error(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        ports = _ports(self)
         if len(set(ports.values())) != len(ports):
-            raise IA3Error(f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}")
+            names = [f"--{name}" for name in ports]
+            raise IA3Error(f"{', '.join(names[:-1])} and {names[-1]} must differ, got {', '.join(map(str, ports.values()))}")
 
 
 class Server:
@@ -75,11 +86,24 @@ class Server:
             if source not in self.session.adapters:  # a name shipped in the folder is loaded already
                 self.served.pool.add(source)
         self.model = model_for(self.session)
-        self.triton = None
+        self.streams = self.served.streams = self._engine() if config.batching == "continuous" else None
+        self.triton = self.front = None
+
+    def _engine(self):
+        """The engine under the generate models, for a decoder export with a KV cache; None (Triton's
+        request batching) for the others (seq2seq, classifiers), which the engine does not run."""
+        from ..runtime.engine import Engine
+        from .streaming import Streams
+
+        try:
+            engine = Engine(self.session, max_batch=self.config.max_batch, max_queue=self.config.max_queue)
+        except IA3Error:
+            return None
+        return Streams(engine, self.config.request_timeout_s)
 
     @property
     def url(self) -> str:
-        return f"http://{_host(self.config.address)}:{self.config.http_port}"
+        return f"http://{display_host(self.config.address)}:{self.config.http_port}"
 
     @property
     def workspace(self) -> str | None:
@@ -110,29 +134,65 @@ class Server:
 
     def _start_triton(self) -> "Server":
         from pytriton.model_config import DynamicBatcher, ModelConfig
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
         from pytriton.utils.workspace import Workspace
 
         c = self.config
         self._workspace = Workspace()
+        # The models are written to the repository before tritonserver starts, which loads them at start-up:
+        # /v2/health/ready then answers 200 only once they are loaded (pytriton's default loads them after
+        # the server reports ready, and a probe routed traffic for ~4 s to a server without models).
         self.triton = Triton(workspace=self._workspace, config=TritonConfig(
             http_address=c.address, http_port=c.http_port, grpc_address=c.address, grpc_port=c.grpc_port,
-            metrics_address=c.address, metrics_port=c.metrics_port, exit_timeout_secs=c.drain_timeout_s))
-        batcher = DynamicBatcher(max_queue_delay_microseconds=c.max_queue_delay_us)
-        models = [(self.model, [self.model(self.served) for _ in range(c.instances)], c.max_batch),
-                  (Adapters, [Adapters(self.served, self.model.name)], 1)]
-        for cls, functions, max_batch in models:
-            self.triton.bind(model_name=cls.name, infer_func=functions, inputs=_tensors(cls.inputs),
-                             outputs=_tensors(cls.outputs),
-                             config=ModelConfig(max_batch_size=max_batch, batcher=batcher))
+            metrics_address=c.address, metrics_port=c.metrics_port, exit_timeout_secs=c.drain_timeout_s),
+            triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True))
+        batched = ModelConfig(max_batch_size=c.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=c.max_queue_delay_us))
+        for name, functions, inputs, outputs, config in self._models(batched):
+            self.triton.bind(model_name=name, infer_func=functions, inputs=_tensors(inputs), outputs=_tensors(outputs),
+                             config=config)
+        _serialize_empty_tensors(self._workspace.model_store_path)
+        if self.streams is not None:
+            self.streams.engine.start()
         self.triton.run()
+        if c.openai_port is not None:
+            from .openai_api import OpenAIFront
+
+            self.front = OpenAIFront(self, c.address, c.openai_port).start()
         return self
+
+    def _models(self, batched) -> list[tuple]:
+        """(name, infer functions, inputs, outputs, config) of every model this server binds."""
+        from pytriton.model_config import ModelConfig
+
+        c, served = self.config, self.served
+        single = ModelConfig(max_batch_size=1, batcher=batched.batcher)
+        if self.streams is None:
+            functions = [self.model(served) for _ in range(c.instances)]
+            models = [(self.model.name, functions, self.model.inputs, self.model.outputs, batched)]
+        else:
+            from .streaming import EngineGenerate, GenerateStream
+
+            stream = GenerateStream(served, self.streams)
+            models = [(EngineGenerate.name, [EngineGenerate(served, self.streams) for _ in range(c.instances)],
+                       EngineGenerate.inputs, EngineGenerate.outputs, batched),
+                      (stream.name, [stream], stream.inputs, stream.outputs, ModelConfig(batching=False, decoupled=True))]
+        return [*models, (Adapters.name, [Adapters(served, self.model.name)], Adapters.inputs, Adapters.outputs, single)]
 
     def stop(self) -> None:
         """Finish the requests in flight (up to drain_timeout_s), stop tritonserver, remove its workspace."""
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
         if self.triton is not None:
             self.triton.stop()
-        self.session.close()  # the tokenizer's processes
+
+    def close(self) -> None:
+        """Stop serving, end the engine's thread (the requests still in it are cancelled) and the
+        tokenizer's processes."""
+        self.stop()
+        if self.streams is not None:
+            self.streams.engine.close(cancel=True)
+        self.session.close()
 
     def serve_forever(self, on_ready=None) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""
@@ -147,7 +207,7 @@ class Server:
                 if not self.triton.is_alive():
                     raise CheckFailed("Triton Inference Server stopped by itself; see its log above")
         finally:
-            self.stop()
+            self.close()
             _reap_children(timeout_s=10)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -156,7 +216,7 @@ class Server:
         return self.start()
 
     def __exit__(self, *_) -> None:
-        self.stop()
+        self.close()
 
 
 def _reap_children(timeout_s: float) -> None:
@@ -206,7 +266,7 @@ def _tensors(ports) -> list:
 def _check_ports(c: ServeConfig) -> None:
     """Fail with one line before starting anything when a port is taken (tritonserver would only log it)."""
     address = c.address
-    for option, port in {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port}.items():
+    for option, port in _ports(c).items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -214,6 +274,28 @@ def _check_ports(c: ServeConfig) -> None:
             except OSError as e:
                 raise IA3Error(f"port {port} on {address} (--{option}) is not free ({e.strerror}); "
                                f"stop what uses it or pass another --{option}") from None
+
+
+EMPTY_FRAME = ('frame.cast("B")', '(frame.cast("B") if frame.nbytes else b"")')
+
+
+def _serialize_empty_tensors(model_store) -> None:
+    """pytriton 0.7.0's backend stub cannot pass a tensor with a zero in its shape (`input_ids` of shape
+    [1, 0]: memoryview.cast refuses it, and the client got HTTP 500 with the stub's traceback). The stub
+    runs the copy of pytriton's data.py in each model's folder of the repository: that copy is mended
+    before tritonserver starts, so the request reaches our checks and gets its one-line `error`."""
+    old, new = EMPTY_FRAME
+    for path in glob.glob(os.path.join(str(model_store), "*", "*", "data.py")):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if old in text and new not in text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text.replace(old, new))
+
+
+def _ports(c: ServeConfig) -> dict[str, int]:
+    ports = {"http-port": c.http_port, "grpc-port": c.grpc_port, "metrics-port": c.metrics_port}
+    return {**ports, "openai-port": c.openai_port} if c.openai_port is not None else ports
 
 
 def _python_library_on_path() -> None:
@@ -228,5 +310,5 @@ def _python_library_on_path() -> None:
         os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
 
 
-def _host(address: str) -> str:
+def display_host(address: str) -> str:
     return "127.0.0.1" if address in ("0.0.0.0", "") else address

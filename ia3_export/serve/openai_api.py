@@ -1,0 +1,255 @@
+"""The OpenAI-compatible API in front of Triton: `/v1/completions`, `/v1/chat/completions` (streamed
+as Server-Sent Events or not) and `/v1/models`, with `"model"` naming the adapter as vLLM and LoRAX do
+(the base model's id, or "", for no adapter).
+
+A thin Starlette app (served by uvicorn in the server's process) that calls Triton's own
+`generate_stream` endpoint over loopback HTTP (httpx), so every request still passes Triton (its
+metrics, its health, its queue), and a non-streamed completion is the stream gathered. It adds what
+Triton cannot see: a client that disconnects is cancelled in the engine by the request's id, and a
+chat's messages become the prompt through the tokenizer's chat template (`runtime.chat`).
+Errors use OpenAI's body (`{"error": {"message", "type", "code"}}`) with 400 for a bad request, 404
+for an unknown model, 503 when busy.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+
+from ..errors import IA3Error
+from .streaming import REQUEST_ID, STOP
+
+FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class OpenAIFront:
+    """The app on `address:port`, running on a thread of its own until `stop()`."""
+
+    def __init__(self, server, address: str, port: int):
+        import uvicorn
+
+        self.app = create_app(server)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host=address, port=port, log_level="warning",
+                                                     access_log=False))
+        self.thread = threading.Thread(target=self.uvicorn.run, name="ia3-openai", daemon=True)
+
+    def start(self) -> "OpenAIFront":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise IA3Error("the OpenAI-compatible API did not start; check --openai-port and the log above")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def create_app(server):
+    """The Starlette app for a started `Server` (its Triton URL, adapter pool, tokenizer and streams)."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from ..runtime.chat import ChatTemplate
+
+    served, streams = server.served, server.streams
+    base = server.config.served_model_name or _folder_name(server.session.folder.path)
+    upstream = f"{server.url}/v2/models/generate_stream/generate_stream"
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+    template = ChatTemplate(server.session.folder.path)
+
+    def adapter_for(model) -> str:
+        if model in (None, "", base):
+            return ""
+        if not isinstance(model, str) or model not in served.pool.names():
+            raise APIError(404, f"The model `{model}` does not exist: this server has {base!r} (no adapter) and the "
+                                f"adapters {served.pool.names()}; GET /v1/models lists them", "NotFoundError")
+        return model
+
+    async def models(request: Request):
+        created = int(time.time())
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "ia3-export", "root": base, "parent": None}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "ia3-export", "root": name,
+                  "parent": base} for name in served.pool.names()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def completions(request: Request):
+        return await _complete(request, chat=False)
+
+    async def chat_completions(request: Request):
+        return await _complete(request, chat=True)
+
+    async def _complete(request: Request, chat: bool):
+        try:
+            body = await _json_body(request)
+            body_for_triton, prompt_text = _triton_body(body, chat)
+            body_for_triton["adapter"] = adapter_for(body.get("model"))
+        except APIError as e:
+            return _error(e)
+        except IA3Error as e:
+            return _error(APIError(400, str(e)))
+        if streams is None:
+            return _error(APIError(400, "this server batches whole requests (--batching request, or an export the "
+                                        "engine does not run); the OpenAI-compatible API needs --batching continuous"))
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        body_for_triton[REQUEST_ID] = request_id
+        model = body.get("model") or base
+        chunks = _upstream(body_for_triton, request_id)
+        if body.get("stream"):
+            return StreamingResponse(_sse(chunks, request_id, model, chat), media_type="text/event-stream")
+        text, reason, prompt_tokens, completion_tokens = [], None, 0, 0
+        try:
+            async for piece, tokens, finish, prompt_len in chunks:
+                text.append(piece)
+                completion_tokens += tokens
+                reason, prompt_tokens = finish or reason, prompt_len or prompt_tokens
+        except APIError as e:
+            return _error(e)
+        return JSONResponse(_body(request_id, model, chat, "".join(text), reason, final=True,
+                                  usage=(prompt_tokens, completion_tokens)))
+
+    def _triton_body(body: dict, chat: bool) -> tuple[dict, str]:
+        if body.get("n", 1) != 1:
+            raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
+        out = {"max_new_tokens": DEFAULT_MAX_TOKENS}
+        for field, name in FIELDS.items():
+            value = body.get(field if field != "max_tokens" or "max_tokens" in body else "max_completion_tokens")
+            if value is not None:
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise APIError(400, f"`{field}` must be a number, got {json.dumps(value)[:40]}")
+                out[name] = value
+        if "temperature" in out:  # OpenAI's temperature 0 is greedy decoding
+            if out["temperature"] == 0:
+                del out["temperature"]
+            else:
+                out["do_sample"] = True
+        stop = body.get("stop")
+        if stop:
+            out[STOP] = json.dumps([stop] if isinstance(stop, str) else stop)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise APIError(400, "`messages` must be a non-empty list of {role, content} objects")
+            ids = template.encode(messages, served.tokenizer)  # the template writes the special tokens itself
+            out["input_ids"] = ids
+            return out, ""
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            out["input_ids"] = prompt
+        elif isinstance(prompt, str) and prompt:
+            out["text"] = prompt
+        else:
+            raise APIError(400, "`prompt` must be a non-empty string or a list of token ids (one prompt per request)")
+        return out, prompt
+
+    async def _upstream(body: dict, request_id: str):
+        """(text, new tokens, finish reason, prompt tokens) per Triton response; an error body raises APIError."""
+        try:
+            async with client.stream("POST", upstream, json=body) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode("utf-8", "replace")
+                    raise APIError(_status(detail), _triton_error(detail))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if event.get("error"):
+                        raise APIError(_status(event["error"]), event["error"])
+                    ids = event.get("output_ids") or []
+                    yield (event.get("text", ""), len(ids) if isinstance(ids, list) else 1,
+                           event.get("finish_reason") or None, event.get("prompt_tokens") or 0)
+        finally:
+            streams.cancel(request_id)  # a no-op once it ended; stops the engine's row when the client left
+
+    async def _sse(chunks, request_id: str, model: str, chat: bool):
+        try:
+            if chat:
+                yield _event(_body(request_id, model, chat, "", None, role=True))
+            async for piece, _, finish, _ in chunks:
+                if piece or finish:
+                    yield _event(_body(request_id, model, chat, piece, finish))
+        except APIError as e:
+            yield _event({"error": {"message": str(e), "type": e.kind, "code": e.status}})
+        yield "data: [DONE]\n\n"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await client.aclose()
+
+    routes = [Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _json_body(request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise APIError(400, "the request body is not JSON; send a JSON object") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _body(request_id: str, model: str, chat: bool, text: str, finish, final: bool = False, role: bool = False,
+          usage=None) -> dict:
+    """A completion (final) or a streamed chunk, in OpenAI's shape for completions or chat."""
+    if chat:
+        kind = "chat.completion" if final else "chat.completion.chunk"
+        content = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": content} if final else {
+            "index": 0, "delta": {"role": "assistant", "content": ""} if role else {"content": text}}
+        choice.update(finish_reason=finish, logprobs=None)
+    else:
+        kind = "text_completion"
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return body
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _error(error: APIError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": str(error), "type": error.kind, "param": None, "code": error.status}},
+                        status_code=error.status)
+
+
+def _status(message: str) -> int:
+    return 503 if message.startswith("busy") else 400
+
+
+def _triton_error(detail: str) -> str:
+    try:
+        return json.loads(detail).get("error") or detail
+    except (ValueError, AttributeError):
+        return detail[:500]
+
+
+def _folder_name(path: str) -> str:
+    import os
+
+    return os.path.basename(os.path.normpath(path))

@@ -1,0 +1,193 @@
+"""Iteration-level batching behind Triton: the runtime's `Engine` under the generate models.
+
+With `--batching continuous` (the default for decoder exports) one engine owns the running batch:
+a request joins it at the next step boundary and leaves it the step it ends, each row with its own
+adapter (bank) or its adapter's group (swappable, foldswap). Two Triton models feed it:
+
+- `generate_stream`, a decoupled model (HTTP `POST /v2/models/generate_stream/generate_stream`
+  as Server-Sent Events, or a gRPC stream): one response per group of new tokens as the engine
+  chooses them (tokens that pile up while a response is being sent go together in the next one:
+  each response costs ~1.3 ms of server CPU, see facts.md), the last one with `finish_reason`;
+- `generate`, the non-streaming model: its Triton batch is handed to the engine, where it joins
+  whatever is running, and answered when its rows end.
+
+pytriton runs an async infer function as a task on one event loop per model instance; the engine's
+thread hands each token to the request's `asyncio.Queue` with `call_soon_threadsafe`. pytriton does
+not tell a model that a client went away, so every request has a deadline (`--request-timeout`)
+and a cap on its tokens, and fronts that do see the disconnect (the OpenAI-compatible one) cancel
+by the request's id (`Streams.cancel`).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+
+import numpy as np
+
+from ..errors import IA3Error
+from ..runtime.engine import Request, Result
+from ..runtime.generation import TextStream
+from .models import BYTES, Generate, Port, Row
+
+STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
+                  Port("prompt_tokens", np.int64), Port("error", BYTES))
+REQUEST_ID, STOP = "request_id", "stop"  # request parameters (not tensors): a client's id for cancel, stop strings
+
+
+class Streams:
+    """The engine's requests by client id, so that a front that sees a disconnect can cancel one."""
+
+    def __init__(self, engine, timeout_s: float | None):
+        self.engine, self.timeout_s = engine, timeout_s
+        self._running: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.finished: collections.Counter = collections.Counter()  # finish reason -> requests
+        self.most_active = 0  # the most requests seen decoding together
+
+    def submit(self, row: Row, request_id: str | None = None, on_event=None):
+        def event(e):  # on the engine's thread: count, then hand on
+            if isinstance(e, Result):
+                self.finished[e.finish_reason] += 1
+            else:
+                self.most_active = max(self.most_active, self.engine.active)
+            if on_event is not None:
+                on_event(e)
+
+        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s), event)
+        if request_id:
+            with self._lock:
+                self._running[request_id] = handle
+        return handle
+
+    def done(self, request_id: str | None) -> None:
+        if request_id:
+            with self._lock:
+                self._running.pop(request_id, None)
+
+    def stats(self) -> dict:
+        return {"active": self.engine.active, "queued": self.engine.queued, "largest_batch": self.most_active,
+                "finished": dict(self.finished)}
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop the request sent with this id (its row leaves at the next step); False if none runs."""
+        with self._lock:
+            handle = self._running.pop(request_id, None)
+        if handle is not None:
+            handle.cancel()
+        return handle is not None
+
+
+def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
+    """A generate request's prompt, adapter and options (stop strings from the `stop` parameter, a JSON
+    list); returns the client's request id, if it sent one."""
+    parser.parse(row, request)
+    parameters = getattr(request, "parameters", None) or {}
+    stop = parameters.get(STOP)
+    if stop:
+        try:
+            strings = json.loads(stop) if isinstance(stop, str) and stop.startswith("[") else [stop]
+        except ValueError:
+            strings = None
+        if not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
+            raise IA3Error("parameter `stop` must be a string or a JSON list of non-empty strings")
+        row.options.stop_strings = strings
+    request_id = parameters.get(REQUEST_ID)
+    return str(request_id) if request_id else None
+
+
+class EngineGenerate(Generate):
+    """`generate` on the engine: the Triton batch's rows join the running batch; answered when they end."""
+
+    def __init__(self, served, streams: Streams):
+        super().__init__(served)
+        self.streams = streams
+
+    def plan(self, rows: list[Row]) -> list[list[Row]]:
+        return [rows] if rows else []  # the engine batches, with whatever else is running
+
+    def execute(self, rows: list[Row]) -> list[list[int]]:
+        handles = [self.streams.submit(row) for row in rows]
+        results = [handle.result() for handle in handles]
+        failed = [r for r in results if r.finish_reason in ("error", "deadline")]
+        if failed:
+            raise IA3Error(_failure(failed[0]))
+        return [r.tokens for r in results]
+
+
+class GenerateStream:
+    """`generate_stream`: a decoupled model; one request, a response per group of new tokens."""
+
+    name = "generate_stream"
+    outputs = STREAM_OUTPUTS
+
+    def __init__(self, served, streams: Streams):
+        self.served, self.streams = served, streams
+        self.parser = Generate(served)
+        self.inputs = self.parser.inputs
+
+    async def __call__(self, requests):
+        request = requests[0]  # decoupled models take one request at a time (batching off)
+        row = Row()
+        try:
+            missing = [p.name for p in self.inputs if not p.optional and p.name not in request]
+            if missing:
+                raise IA3Error(f"missing input `{missing[0]}`; every request sends "
+                               f"{', '.join(p.name for p in self.inputs if not p.optional)}")
+            request_id = parse_stream_request(self.parser, row, request)
+            self.served.pool.acquire(row.adapter)
+        except IA3Error as e:
+            yield [_response(error=_one_line(e))]
+            return
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        tokenizer = self.served.tokenizer
+        text = TextStream(tokenizer.decode) if tokenizer is not None else None
+        handle = None
+        try:
+            handle = self.streams.submit(row, request_id, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            while True:
+                batch = [await events.get()]
+                while not events.empty():  # what piled up while the last response was sent goes together
+                    batch.append(events.get_nowait())
+                tokens = [e for e in batch if not isinstance(e, Result)]
+                result = next((e for e in batch if isinstance(e, Result)), None)
+                piece = "".join(text.push(t) for t in tokens) + (text.finish() if result else "") if text else ""
+                if result is None:
+                    yield [_response(piece, tokens)]
+                    continue
+                error = _failure(result) if result.finish_reason in ("error", "deadline") else ""
+                yield [_response(piece, tokens, result.finish_reason, len(row.ids), error)]
+                return
+        except IA3Error as e:  # refused by the engine (busy, too long for its KV budget, ...)
+            yield [_response(error=_one_line(e))]
+        finally:
+            if handle is not None and not handle.done:
+                handle.cancel()  # the stream ended early (the task was cancelled)
+            self.streams.done(request_id)
+            self.served.pool.release(row.adapter)
+
+
+def _failure(result: Result) -> str:
+    if result.finish_reason == "deadline":
+        return (f"the request passed its deadline (--request-timeout) after {len(result.tokens)} new tokens; "
+                "ask for fewer tokens or raise the timeout")
+    return result.error or "generation failed"
+
+
+def _response(text: str = "", tokens=(), finish_reason: str = "", prompt_tokens: int = 0, error: str = "") -> dict:
+    """One streamed response (no batch dimension: the model does not batch). `output_ids` is left out
+    when a response carries no token (pytriton cannot send an empty array)."""
+    response = {"text": _one(text), "finish_reason": _one(finish_reason), "error": _one(error),
+                "prompt_tokens": np.array([prompt_tokens], np.int64)}
+    if len(tokens):
+        response["output_ids"] = np.array(tokens, np.int64)
+    return response
+
+
+def _one(text: str) -> np.ndarray:
+    return np.array([text.encode("utf-8")], dtype=object)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,196 @@
+"""`serve --batching continuous` (the default): requests join and leave the running batch at every
+decode step, stream their tokens, and every answer still equals the same request run alone
+(IA3Session here, PEFT's own tokens for the shipped adapters); the OpenAI-compatible API on top."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import concurrently, folder
+from test_generate import A1, A2
+
+from ia3_export.serve import ServeClient, ServeError
+from ia3_export.serve.process import ServerProcess, free_ports
+
+
+@pytest.fixture(scope="module")
+def continuous(start_server):
+    port = free_ports(1)[0]
+    server = start_server(folder("llama-bank"), "--openai-port", str(port), "--max-batch", "8", "--drain-timeout", "10")
+    server.openai = f"http://127.0.0.1:{port}/v1"
+    return server
+
+
+@pytest.fixture(scope="module")
+def wide(start_server):
+    """A model whose decode steps take milliseconds: what the timing tests watch (the tiny one decodes
+    100 tokens faster than Triton sends one response)."""
+    port = free_ports(1)[0]
+    server = start_server(folder("llama-wide-bank"), "--openai-port", str(port), "--drain-timeout", "10")
+    server.openai = f"http://127.0.0.1:{port}/v1"
+    return server
+
+
+def streamed(url: str, **request) -> tuple[list[int], str, list[float], str]:
+    """(tokens, text, arrival time of each response from the request's start, finish reason)."""
+    tokens, text, times, reason, start = [], "", [], "", time.monotonic()
+    with ServeClient(url) as client:
+        for event in client.stream(**request):
+            times.append(time.monotonic() - start)
+            tokens += event.get("output_ids", [])
+            text += event["text"]
+            reason = event["finish_reason"]
+    return tokens, text, times, reason
+
+
+def test_requests_arriving_mid_generation_equal_alone(continuous, reference):
+    """Twelve requests (mixed adapters, prompt lengths and lengths of 4 to 60 tokens) arrive 30 ms apart,
+    so each joins a batch that is already decoding and others leave it while it runs."""
+    ref = reference("llama-bank")
+    requests = [{"input_ids": list(range(5, 7 + 3 * i)), "adapter": (A1, A2, None)[i % 3],
+                 "max_new_tokens": (4, 60, 17, 33)[i % 4]} for i in range(12)]
+    calls = [lambda i=i, r=r: (time.sleep(0.03 * i), streamed(continuous.url, **r))[1] for i, r in enumerate(requests)]
+    answers = concurrently(calls)
+    for request, answer in zip(requests, answers):
+        assert not isinstance(answer, Exception), answer
+        tokens, text, _, reason = answer
+        expected = ref.generate(request["input_ids"], request["adapter"], request["max_new_tokens"])
+        assert tokens == expected, request
+        assert text == ref.decode(expected)
+        assert reason == ("length" if len(expected) == request["max_new_tokens"] else "stop")
+    stats = ServeClient(continuous.url).adapters("stats")
+    assert stats["engine"]["largest_batch"] > 1  # the requests really decoded together
+
+
+def test_shipped_adapters_equal_peft_own_tokens(continuous):
+    """PEFT's greedy tokens (computed by prepare.py with transformers and peft) for both shipped adapters."""
+    with open(folder("peft_greedy.json")) as f:
+        cases = json.load(f)
+    answers = concurrently([lambda c=c: streamed(continuous.url, input_ids=c["input_ids"], adapter=c["adapter"],
+                                                 max_new_tokens=c["max_new_tokens"]) for c in cases])
+    assert [a[0] for a in answers] == [c["tokens"] for c in cases]
+
+
+def test_tokens_arrive_while_the_request_generates(wide):
+    """On a model whose steps take milliseconds (the tiny one finishes 100 tokens before Triton sends
+    its first response), the first tokens arrive long before the last."""
+    tokens, _, times, _ = streamed(wide.url, input_ids=[5, 6, 7], adapter="wide-a1", max_new_tokens=100)
+    assert len(tokens) == 100 and len(times) > 10
+    assert times[0] < 0.3 * times[-1], times
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(wide):
+    """A 4-token request sent while a 110-token one decodes ends long before it (whole-request batching
+    would make it wait for all 110 steps, or run the long one after it)."""
+    long_done, short = threading.Event(), {}
+
+    def long():
+        streamed(wide.url, input_ids=[9, 8, 7], adapter="wide-a1", max_new_tokens=110)
+        long_done.set()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    time.sleep(0.15)  # the long request is decoding
+    short["answer"] = streamed(wide.url, input_ids=[5, 6], adapter="wide-a1", max_new_tokens=4)
+    short["long_done_first"] = long_done.is_set()
+    thread.join(60)
+    assert len(short["answer"][0]) == 4 and not short["long_done_first"]
+
+
+def test_stop_strings_and_sampling_with_a_seed(continuous, reference):
+    ref = reference("llama-bank")
+    tokens, text, _, _ = streamed(continuous.url, input_ids=[5, 6, 7], adapter=A1, max_new_tokens=30,
+                                  do_sample=True, temperature=1.5, seed=7)
+    assert tokens == ref.generate([5, 6, 7], A1, 30, do_sample=True, temperature=1.5, seed=7)
+    stop = ref.decode(tokens)[3:5]
+    cut, cut_text, _, reason = streamed(continuous.url, input_ids=[5, 6, 7], adapter=A1, max_new_tokens=30,
+                                        do_sample=True, temperature=1.5, seed=7, stop=[stop])
+    assert reason == "stop" and stop in cut_text and cut == tokens[:len(cut)] and len(cut) < len(tokens)
+
+
+def test_bad_stream_requests_get_their_error(continuous):
+    with ServeClient(continuous.url) as client:
+        with pytest.raises(ServeError, match="adapter 'nope' is not loaded"):
+            list(client.stream(input_ids=[5, 6], adapter="nope", max_new_tokens=3))
+        with pytest.raises(ServeError, match="the prompt is empty"):
+            list(client.stream(input_ids=[], max_new_tokens=3))
+        assert client.generate(input_ids=[5, 6], adapter=A1, max_new_tokens=3).outputs["output_ids"]  # still serving
+
+
+def test_non_streaming_generate_joins_the_engine(continuous, reference):
+    ref = reference("llama-bank")
+    requests = [{"input_ids": [5, 6, 7 + i], "adapter": (A1, A2)[i % 2], "max_new_tokens": 5 + i} for i in range(4)]
+    answers = concurrently([lambda r=r: ServeClient(continuous.url).generate(**r) for r in requests])
+    for request, answer in zip(requests, answers):
+        assert answer.outputs["output_ids"] == ref.generate(request["input_ids"], request["adapter"], request["max_new_tokens"])
+
+
+def test_openai_client_completions_chat_and_models(continuous, reference):
+    openai = pytest.importorskip("openai")
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    assert [m.id for m in client.models.list()] == ["llama-bank", A1, A2]
+    expected = ref.decode(ref.generate(ref.encode("the cat "), A1, 12))
+    done = client.completions.create(model=A1, prompt="the cat ", max_tokens=12)
+    assert done.choices[0].text == expected and done.usage.completion_tokens == 12
+    pieces = [c.choices[0].text for c in client.completions.create(model=A1, prompt="the cat ", max_tokens=12, stream=True)]
+    assert "".join(pieces) == expected
+    base = client.completions.create(model="llama-bank", prompt="the cat ", max_tokens=12)
+    assert base.choices[0].text == ref.decode(ref.generate(ref.encode("the cat "), None, 12))
+    with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    # chat: the folder's template (BOS written by it), the same ids as the prompt sent by hand
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = ref.session.tokenizer().encode("<s><|user|>\nhi</s>\n<|assistant|>\n")
+    chat = client.chat.completions.create(model=A2, messages=messages, max_tokens=8)
+    assert chat.choices[0].message.content == ref.decode(ref.generate(prompt, A2, 8))
+    streamed_chat = client.chat.completions.create(model=A2, messages=messages, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed_chat) == chat.choices[0].message.content
+
+
+def test_a_client_that_disconnects_stops_costing_steps(wide):
+    """The OpenAI front sees the disconnect and cancels the request in the engine at once."""
+    body = json.dumps({"model": "wide-a1", "prompt": [5, 6, 7], "max_tokens": 110, "stream": True}).encode()
+    request = urllib.request.Request(f"{wide.openai}/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.readline()  # the first chunk is there: the request is decoding
+    deadline = time.monotonic() + 5
+    while ServeClient(wide.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = ServeClient(wide.url).adapters("stats")["engine"]
+    assert stats["active"] == 0 and stats["finished"].get("cancelled", 0) >= 1
+
+
+def test_ready_only_once_every_model_is_loaded(tmp_path):
+    """/v2/health/ready never answers 200 while a model is not ready (a probe would route traffic early)."""
+    server, (http, grpc, metrics) = None, free_ports(3)  # ports known before it starts: watched from its first moment
+    seen, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            codes = []
+            for path in ("/v2/health/ready", "/v2/models/generate/ready", "/v2/models/generate_stream/ready"):
+                try:
+                    codes.append(urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=1).status)
+                except Exception as e:
+                    codes.append(getattr(e, "code", 0))
+            seen.append(codes)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        server = ServerProcess(folder("llama-bank"), "--http-port", str(http), "--grpc-port", str(grpc),
+                               "--metrics-port", str(metrics), "--drain-timeout", "5", log_path=str(tmp_path / "log"))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        watcher.join()
+        if server is not None:
+            server.stop()
+    ready = [codes for codes in seen if codes[0] == 200]
+    assert ready, "the server never reported ready"
+    assert all(codes == [200, 200, 200] for codes in ready), [c for c in ready if c != [200, 200, 200]][:3]
