@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import IA3Error
 from ..runtime.engine import Request, Result
 from ..runtime.generation import TextStream
-from .models import BYTES, Generate, Port, Row
+from ..runtime.requests import register
+from .models import BYTES, Generate, Port, Row, Served
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES))
@@ -166,6 +167,41 @@ class GenerateStream:
                 handle.cancel()  # the stream ended early (the task was cancelled)
             self.streams.done(request_id)
             self.served.pool.release(row.adapter)
+
+
+@register("serve generate_stream", ("causal-lm",), ("max_new_tokens", "seed", "temperature", "top_p"))
+def open_stream_path(folder: str, limits):
+    """`generate_stream` as a request path (runtime/requests.py): requests in Triton's form through the
+    model's infer function, on an engine of its own; `send` gathers the streamed text."""
+    from ..runtime import IA3Session
+    from ..runtime.engine import Engine
+
+    served = Served(IA3Session(folder, limits=limits))
+    served.streams = Streams(Engine(served.session).start(), timeout_s=None)
+    model = GenerateStream(served, served.streams)
+    ports = {p.name: p for p in model.inputs}
+
+    async def gather(request) -> str:
+        pieces = []
+        async for (response,) in model([request]):
+            error = response["error"][0].decode()
+            if error:
+                raise IA3Error(error)
+            pieces.append(response["text"][0].decode())
+        return "".join(pieces)
+
+    def send(text: str | bytes, **fields) -> str:
+        request = {"text": np.array([text.encode() if isinstance(text, str) else text], dtype=object),
+                   "adapter": np.array([b""], dtype=object)}
+        request.update({k: np.array([v], dtype=ports[k].dtype) for k, v in fields.items()})
+        return asyncio.run(gather(request))
+
+    def close() -> None:
+        served.streams.engine.close(cancel=True)
+        served.session.close()
+
+    send.close = close
+    return send
 
 
 def _failure(result: Result) -> str:

@@ -47,7 +47,7 @@ HOSTILE = [
 
 
 def test_every_served_model_and_the_generate_command_are_registered():
-    assert {"IA3Session.generate", "cli generate", "serve generate", "serve classify"} <= set(REQUEST_PATHS)
+    assert {"IA3Session.generate", "cli generate", "serve generate", "serve generate_stream", "serve classify"} <= set(REQUEST_PATHS)
 
 
 @pytest.fixture(scope="module")
