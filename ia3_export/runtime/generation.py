@@ -400,7 +400,7 @@ def prefill(session, seq: Sequence, adapters, layout: str):
     feeds = seq.prompt("position_ids" in graph.inputs, keep_logits)
     if layout == KV_SHARED:
         kv = {name: graph.to_device(a) for name, a in
-              full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
+              _full_cache(graph, seq.batch, seq.total, folder.dtype, folder.cache).items()}
         feeds.update(kv)
         outputs = {"logits": None, **{n: kv[past] for n, past in cache.items()}}
     else:
@@ -428,7 +428,7 @@ def _uncached_logits(session, seq: Sequence, adapters, steps, with_positions: bo
         seq.push(chosen)
 
 
-def full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) -> dict:
+def _full_cache(graph, batch: int, length: int, dtype: str, cache: dict | None) -> dict:
     """Zeroed KV buffers of the run's full length for the shared layout: [batch, heads, length, head_dim]."""
     return {name: np.zeros((batch, value.shape[1], length, value.shape[3]), dtype=value.dtype)
             for name, value in empty_cache(graph, batch, dtype, cache).items()}
