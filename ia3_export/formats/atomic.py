@@ -69,7 +69,7 @@ def check_target(path: str, kind: str = "folder") -> None:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is a file fails the write)
         return
     except OSError as e:
         raise IA3Error(f"output {path}: cannot be checked ({e.strerror}); choose another path") from None
