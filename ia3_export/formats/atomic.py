@@ -185,8 +185,8 @@ def check_finite(tensors: dict, where: str, dtype=None) -> None:
             raise IA3Error(f"{where}: {name} holds {float(value):g}, beyond {np.dtype(dtype).name}'s range "
                            f"(+-{float(limit):g}): it would be stored as inf; keep the adapter in float32 (export with --dtype fp32), "
                            "or scale the vector (retrain) so its entries stay within that range")
-        raise IA3Error(f"{where}: {name} holds {value} (not a finite number); nothing was written: the adapter is broken "
-                       "(a diverged training?): retrain it, or repair that tensor")
+        raise IA3Error(f"{where}: {name} holds {value} (not a finite number): the adapter is broken (a diverged "
+                       "training?); retrain it, or repair that tensor")
 
 
 def _refuse_overlap(out: str, source: str) -> None:
