@@ -110,14 +110,15 @@ def tiny_tokenizer():
 
 
 def save_tiny(path: str, model_type: str, task: str | None = None, seed: int = 0, **overrides) -> str:
-    """Build a tiny model and save it (safetensors + config + tokenizer) to `path`."""
+    """Build a tiny model and save it (safetensors + config + tokenizer) to `path`, replacing a tiny
+    model saved there before (never a folder holding anything else)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     model = tiny_model(model_type, task, seed, **overrides)
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left" if model_type in DECODERS else "right"
-    with atomic_output_dir(path) as tmp:
+    with atomic_output_dir(path, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return path

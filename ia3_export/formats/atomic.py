@@ -69,7 +69,7 @@ def check_target(path: str, kind: str = "folder") -> None:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is a file fails the write)
         return
     except OSError as e:
         raise IA3Error(f"output {path}: cannot be checked ({e.strerror}); choose another path") from None
@@ -185,8 +185,8 @@ def check_finite(tensors: dict, where: str, dtype=None) -> None:
             raise IA3Error(f"{where}: {name} holds {float(value):g}, beyond {np.dtype(dtype).name}'s range "
                            f"(+-{float(limit):g}): it would be stored as inf; keep the adapter in float32 (export with --dtype fp32), "
                            "or scale the vector (retrain) so its entries stay within that range")
-        raise IA3Error(f"{where}: {name} holds {value} (not a finite number); nothing was written: the adapter is broken "
-                       "(a diverged training?): retrain it, or repair that tensor")
+        raise IA3Error(f"{where}: {name} holds {value} (not a finite number): the adapter is broken (a diverged "
+                       "training?); retrain it, or repair that tensor")
 
 
 def _refuse_overlap(out: str, source: str) -> None:

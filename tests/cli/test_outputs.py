@@ -119,7 +119,7 @@ OVERLAPS = {
 # inputs are known: a link is never an output, nor a folder holding files we did not write.
 TARGET_REFUSED = {"merge-over-a-link-to-the-model": "is a symbolic link",
                   "merge-over-a-folder-holding-the-model": "which ia3-export did not write",
-                  "train-over-a-folder-holding-the-data": "holds data/rows.jsonl, which ia3-export did not write"}
+                  "train-over-a-folder-holding-the-data": "holds rows.jsonl, which ia3-export did not write"}
 
 
 @pytest.mark.parametrize("case", list(OVERLAPS))

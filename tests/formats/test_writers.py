@@ -241,7 +241,7 @@ def test_opening_for_writing_outside_an_output_block_is_a_bug(tmp_path):
 
 # -- non-finite values -------------------------------------------------------------------------
 @pytest.mark.parametrize("value,dtype,message", [
-    (np.nan, None, r"\.ia3_l holds nan \(not a finite number\); nothing was written"),
+    (np.nan, None, r"\.ia3_l holds nan \(not a finite number\): the adapter is broken"),
     (np.inf, None, r"\.ia3_l holds inf \(not a finite number\)"),
     (1e5, np.float16, r"\.ia3_l holds 100000, beyond float16's range \(\+-65504\): it would be stored as inf; keep "
                       r"the adapter in float32"),
