@@ -7,7 +7,9 @@ from .options import FloatRange, IntRange
 
 @click.command("generate")
 @click.argument("onnx_dir", type=click.Path())
-@click.option("--prompt", required=True, multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(dir_okay=False),
+              help="A file whose whole content (UTF-8) is one prompt (repeatable; after the --prompt ones).")
 @click.option("--adapter", default=None,
               help="Adapter: a name shipped in the folder, or a path (with a '/', e.g. ./my-adapter) to a PEFT "
                    "adapter folder, or an .onnx_adapter file. A bare name is always a shipped one.")
@@ -25,16 +27,21 @@ from .options import FloatRange, IntRange
               help="Most bytes (UTF-8) a prompt may hold; checked before it is tokenized.")
 @click.option("--tokenizer-timeout", default=TOKENIZER_TIMEOUT_S, show_default=True, type=FloatRange(0, 3600, min_open=True),
               help="Seconds the tokenizer may spend on one prompt (it runs in a child process, stopped after that).")
-def command(onnx_dir, prompt, adapter, max_new_tokens, provider, sample, temperature, top_k, top_p, stop_strings, seed,
-            max_text_bytes, tokenizer_timeout):
+def command(onnx_dir, prompts, prompt_files, adapter, max_new_tokens, provider, sample, temperature, top_k, top_p,
+            stop_strings, seed, max_text_bytes, tokenizer_timeout):
     """Generate text with an exported model (merged, swappable, bank or foldswap) on ONNX Runtime.
     One prompt is printed as it is generated; several are generated as one batch, one per line."""
     import warnings
 
+    from ..errors import IA3Error
+    from ..formats.reader import read_text
     from ..runtime import IA3Session
     from ..runtime.generation import GenerationCapped, GenerationOptions
     from ..runtime.requests import Limits
 
+    prompt = [*prompts, *(read_text(path, "text") for path in prompt_files)]  # a regular file, capped, UTF-8
+    if not prompt:
+        raise IA3Error("give a prompt: --prompt TEXT or --prompt-file PATH")
     options = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
                    top_p=top_p, stop_strings=list(stop_strings) or None, seed=seed)
     GenerationOptions(**options)  # bad options fail before the model is loaded

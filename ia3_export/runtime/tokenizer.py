@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 from ..errors import IA3Error
 from ..formats.jsonfile import parse_json
@@ -111,6 +112,8 @@ class IsolatedTokenizer:
         self.folder, self.limits = folder, limits or Limits()
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
+        # a dropped session's children stop at once, not when this process ends
+        weakref.finalize(self, _stop, self._idle, self._lock)
         self._give(self._take())  # a missing or unreadable tokenizer fails here, once
 
     def encode(self, text: str | bytes) -> list[int]:
@@ -122,12 +125,9 @@ class IsolatedTokenizer:
         return self._call("decode", [int(i) for i in ids])
 
     def close(self) -> None:
-        """Stop the waiting children now (a later call starts a new one; they also stop when this process
-        ends: their input closes)."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.kill()
+        """Stop the waiting children now (a later call starts a new one; they also stop when this session
+        is dropped or this process ends)."""
+        _stop(self._idle, self._lock)
 
     def _call(self, op: str, arg):
         worker = self._take()
@@ -148,6 +148,14 @@ class IsolatedTokenizer:
     def _give(self, worker: "_Worker") -> None:
         with self._lock:
             self._idle.append(worker)
+
+
+def _stop(idle: list, lock: threading.Lock) -> None:
+    with lock:
+        workers = idle[:]
+        idle.clear()
+    for worker in workers:
+        worker.kill()
 
 
 START_TIMEOUT_S = 120.0  # loading a large tokenizer.json on a busy machine

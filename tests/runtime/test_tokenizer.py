@@ -225,3 +225,20 @@ def test_a_prompt_of_invalid_utf8_bytes_is_one_line(llama_export):
     assert done.returncode == 2, done.stderr
     assert done.stderr.decode().strip() == ("error: the prompt is not valid UTF-8 (byte 0xe9 at character 3); "
                                             "send UTF-8 text")
+
+
+def test_a_prompt_file_is_read_as_utf8_within_the_text_limit(tmp_path, llama_export):
+    """--prompt-file goes through the reader (a regular file, UTF-8) and the same byte limit as --prompt."""
+    good, latin, fifo = tmp_path / "good.txt", tmp_path / "latin.txt", tmp_path / "fifo"
+    good.write_text("hello world")
+    latin.write_bytes(b"caf\xe9")
+    os.mkfifo(fifo)
+    same = run_cli("generate", llama_export, "--prompt", "hello world", "--max-new-tokens", "3")
+    from_file = run_cli("generate", llama_export, "--prompt-file", good, "--max-new-tokens", "3")
+    assert from_file.exit_code == 0 and from_file.stdout == same.stdout, from_file.output
+    assert_one_line_error(run_cli("generate", llama_export, "--prompt-file", latin), 2,
+                          "latin.txt: not UTF-8 text (byte 3); save it as UTF-8")
+    assert_one_line_error(run_cli("generate", llama_export, "--prompt-file", fifo), 2, "fifo is a FIFO (named pipe)")
+    assert_one_line_error(run_cli("generate", llama_export, "--prompt-file", good, "--max-text-bytes", "5"), 2,
+                          "the prompt has at least 11 bytes, more than the 5 a request may hold")
+    assert_one_line_error(run_cli("generate", llama_export), 2, "give a prompt: --prompt TEXT or --prompt-file PATH")

@@ -80,7 +80,7 @@ def test_bad_start_options_fail_with_one_line(tmp_path):
     http, grpc, metrics = free_ports(3)
     ports = ["--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics]  # not whatever holds 8000-8002
     assert_one_line_error(run_cli("serve", folder("llama-bank"), *ports, "--max-batch", "0"), 2,
-                          "--max-batch must be at least 1")
+                          "--max-batch is 0; give a whole number in the range 1<=x<=1024")
     assert_one_line_error(run_cli("serve", folder("llama-bank"), "--http-port", http, "--grpc-port", http), 2,
                           "--http-port, --grpc-port and --metrics-port must differ")
     assert_one_line_error(run_cli("serve", str(tmp_path / "nothing"), *ports), 2, "does not exist")
