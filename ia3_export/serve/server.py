@@ -22,6 +22,8 @@ import sysconfig
 import threading
 import time
 
+import numpy as np
+
 from ..errors import CheckFailed, IA3Error
 from ..ort import telemetry_off
 from ..runtime import IA3Session
@@ -83,11 +85,23 @@ class Server:
         self.served = Served(self.session, config.max_tokens)
         self.session.load_shipped_adapters()
         for source in config.adapters:
-            if source not in self.session.adapters:  # a name shipped in the folder is loaded already
-                self.served.pool.add(source)
+            self._load_at_start(source)
         self.model = model_for(self.session)
         self.streams = self.served.streams = self._engine() if config.batching == "continuous" else None
         self.triton = self.front = None
+
+    def _load_at_start(self, source: str) -> None:
+        """--adapter: an adapter already loaded under its name (shipped in the folder, named by its name,
+        its shipped file or the PEFT folder it was exported from, or given twice) is kept, loaded once,
+        when its vectors are the same; the same name with other vectors is refused."""
+        adapter = self.session.read_adapter(source)
+        loaded = self.session.adapters.get(adapter.name)
+        if loaded is None:
+            self.session.add_adapter(adapter)
+        elif loaded.vectors.keys() != adapter.vectors.keys() or not all(
+                np.array_equal(v, adapter.vectors[k]) for k, v in loaded.vectors.items()):
+            raise IA3Error(f"--adapter {source}: adapter {adapter.name!r} is already loaded from {loaded.source} with "
+                           "other vectors; rename one of them (an adapter is named after its folder or file)")
 
     def _engine(self):
         """The engine under the generate models, for a decoder export with a KV cache; None (Triton's

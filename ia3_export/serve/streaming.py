@@ -109,7 +109,14 @@ class EngineGenerate(Generate):
         return [rows] if rows else []  # the engine batches, with whatever else is running
 
     def execute(self, rows: list[Row]) -> list[list[int]]:
-        handles = [self.streams.submit(row) for row in rows]
+        handles = []
+        try:
+            for row in rows:
+                handles.append(self.streams.submit(row))
+        except IA3Error:  # busy: the rows already in would run again, alone, when the batch is retried row by row
+            for handle in handles:
+                handle.cancel()
+            raise
         results = [handle.result() for handle in handles]
         failed = [r for r in results if r.finish_reason in ("error", "deadline")]
         if failed:
