@@ -190,16 +190,21 @@ class Disconnects(threading.Thread):
         self.path, self.streams = path, streams
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.bind(path)
+        self._socket.settimeout(0.5)  # to see close(): tritonserver's stop removes the socket's folder first
+        self._closing = threading.Event()
         self.cancelled = 0
         self.start()
 
     def run(self) -> None:
-        while key := self._socket.recv(256):  # an empty datagram (close) ends it
+        while not self._closing.is_set():
+            try:
+                key = self._socket.recv(256)
+            except TimeoutError:
+                continue
             self.cancelled += self.streams.cancel(key.decode("utf-8", "replace"))  # False: it had ended already
 
     def close(self) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as wake:
-            wake.sendto(b"", self.path)
+        self._closing.set()
         self.join(5)
         self._socket.close()
 
