@@ -9,7 +9,7 @@ from .options import FloatRange, IntRange
 @click.argument("onnx_dir", type=click.Path())
 @click.option("--adapter", "adapters", multiple=True,
               help="Adapter to load at start-up: a PEFT folder or an .onnx_adapter file (repeat for more). "
-                   "Adapters shipped in the folder are always loaded.")
+                   "Adapters shipped in the folder are always loaded; naming one again (by name or path) is fine.")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--http-port", default=8000, show_default=True, type=IntRange(1, 65535))
 @click.option("--grpc-port", default=8001, show_default=True, type=IntRange(1, 65535))

@@ -22,6 +22,8 @@ import sysconfig
 import threading
 import time
 
+import numpy as np
+
 from ..errors import CheckFailed, IA3Error
 from ..ort import telemetry_off
 from ..runtime import IA3Session
@@ -83,11 +85,23 @@ class Server:
         self.served = Served(self.session, config.max_tokens)
         self.session.load_shipped_adapters()
         for source in config.adapters:
-            if source not in self.session.adapters:  # a name shipped in the folder is loaded already
-                self.served.pool.add(source)
+            self._load_at_start(source)
         self.model = model_for(self.session)
         self.streams = self.served.streams = self._engine() if config.batching == "continuous" else None
-        self.triton = self.front = None
+        self.triton = self.front = self.disconnects = None
+
+    def _load_at_start(self, source: str) -> None:
+        """--adapter: an adapter already loaded under its name (shipped in the folder, named by its name,
+        its shipped file or the PEFT folder it was exported from, or given twice) is kept, loaded once,
+        when its vectors are the same; the same name with other vectors is refused."""
+        adapter = self.session.read_adapter(source)
+        loaded = self.session.adapters.get(adapter.name)
+        if loaded is None:
+            self.session.add_adapter(adapter)
+        elif loaded.vectors.keys() != adapter.vectors.keys() or not all(
+                np.array_equal(v, adapter.vectors[k]) for k, v in loaded.vectors.items()):
+            raise IA3Error(f"--adapter {source}: adapter {adapter.name!r} is already loaded from {loaded.source} with "
+                           "other vectors; rename one of them (an adapter is named after its folder or file)")
 
     def _engine(self):
         """The engine under the generate models, for a decoder export with a KV cache; None (Triton's
@@ -152,6 +166,10 @@ class Server:
                              config=config)
         _serialize_empty_tensors(self._workspace.model_store_path)
         if self.streams is not None:
+            from .streaming import Disconnects, GenerateStream
+
+            self.disconnects = Disconnects(os.path.join(self.workspace, "ia3-disconnects.sock"), self.streams)
+            _report_disconnects(self._workspace.model_store_path, GenerateStream.name, self.disconnects.path)
             self.streams.engine.start()
         self.triton.run()
         if c.openai_port is not None:
@@ -185,6 +203,9 @@ class Server:
             self.front = None
         if self.triton is not None:
             self.triton.stop()
+        if self.disconnects is not None:
+            self.disconnects.close()
+            self.disconnects = None
 
     def close(self) -> None:
         """Stop serving, end the engine's thread (the requests still in it are cancelled) and the
@@ -291,6 +312,45 @@ def _serialize_empty_tensors(model_store) -> None:
         if old in text and new not in text:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text.replace(old, new))
+
+
+STUB_REQUEST = ("            parameters=json.loads(triton_request.parameters()),\n",
+                "            parameters={**json.loads(triton_request.parameters()), %r: f'{os.getpid()}-{id(triton_request)}'},\n")
+STUB_RESPONSE = "                flags, responses_payload = await responses_queue.get()\n"
+STUB_REPORT = """\
+                if any(r.is_cancelled() for r in triton_requests):  # ia3-export: the client went away
+                    _ia3_disconnected(triton_requests)
+"""
+STUB_SENDER = """
+
+def _ia3_disconnected(triton_requests):
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for r in triton_requests:
+            try:
+                s.sendto(f"{os.getpid()}-{id(r)}".encode(), %r)
+            except OSError:
+                pass
+"""
+
+
+def _report_disconnects(model_store, model: str, path: str) -> None:
+    """pytriton 0.7.0 never tells a decoupled model that its client went away, though Triton marks the
+    request cancelled (`is_cancelled()`; seen for a reset HTTP stream and a cancelled gRPC stream). The
+    stub's copy of pytriton's model.py in `model`'s folder is mended: each request gets a key (a
+    parameter, streaming.STUB_KEY), and at every response of a cancelled request the stub sends that key
+    to `path`, where `streaming.Disconnects` cancels it in the engine."""
+    from .streaming import STUB_KEY
+
+    for stub in glob.glob(os.path.join(str(model_store), model, "*", "model.py")):
+        with open(stub, encoding="utf-8") as f:
+            text = f.read()
+        decoupled = text.index("class DecoupledResponsesHandler")
+        response = text.index(STUB_RESPONSE, decoupled) + len(STUB_RESPONSE)
+        old, new = STUB_REQUEST
+        text = text[:response] + STUB_REPORT + text[response:]
+        with open(stub, "w", encoding="utf-8") as f:
+            f.write(text.replace(old, new % STUB_KEY) + STUB_SENDER % path)
 
 
 def _ports(c: ServeConfig) -> dict[str, int]:

@@ -12,16 +12,20 @@ adapter (bank) or its adapter's group (swappable, foldswap). Two Triton models f
   whatever is running, and answered when its rows end.
 
 pytriton runs an async infer function as a task on one event loop per model instance; the engine's
-thread hands each token to the request's `asyncio.Queue` with `call_soon_threadsafe`. pytriton does
-not tell a model that a client went away, so every request has a deadline (`--request-timeout`)
-and a cap on its tokens, and fronts that do see the disconnect (the OpenAI-compatible one) cancel
-by the request's id (`Streams.cancel`).
+thread hands each token to the request's `asyncio.Queue` with `call_soon_threadsafe`. pytriton 0.7.0
+does not tell a model that a client went away, though Triton marks the request cancelled (a reset
+HTTP stream, a cancelled gRPC stream): the server mends pytriton's stub to look at each response and
+report it (`Disconnects`), so a `generate_stream` whose client left is cancelled within a step or
+two. Every request still has a deadline (`--request-timeout`) and a cap on its tokens (the
+non-streaming `generate` is not told), and the OpenAI-compatible front cancels by the request's id
+(`Streams.cancel`) when its own client leaves.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import json
+import socket
 import threading
 
 import numpy as np
@@ -35,6 +39,7 @@ from .models import BYTES, Generate, Port, Row, Served
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES))
 REQUEST_ID, STOP = "request_id", "stop"  # request parameters (not tensors): a client's id for cancel, stop strings
+STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
 
 
 class Streams:
@@ -47,7 +52,7 @@ class Streams:
         self.finished: collections.Counter = collections.Counter()  # finish reason -> requests
         self.most_active = 0  # the most requests seen decoding together
 
-    def submit(self, row: Row, request_id: str | None = None, on_event=None):
+    def submit(self, row: Row, ids: tuple = (), on_event=None):
         def event(e):  # on the engine's thread: count, then hand on
             if isinstance(e, Result):
                 self.finished[e.finish_reason] += 1
@@ -57,15 +62,14 @@ class Streams:
                 on_event(e)
 
         handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s), event)
-        if request_id:
-            with self._lock:
-                self._running[request_id] = handle
+        with self._lock:
+            self._running.update((key, handle) for key in ids if key)
         return handle
 
-    def done(self, request_id: str | None) -> None:
-        if request_id:
-            with self._lock:
-                self._running.pop(request_id, None)
+    def done(self, ids: tuple) -> None:
+        with self._lock:
+            for key in ids:
+                self._running.pop(key, None)
 
     def stats(self) -> dict:
         return {"active": self.engine.active, "queued": self.engine.queued, "largest_batch": self.most_active,
@@ -109,7 +113,14 @@ class EngineGenerate(Generate):
         return [rows] if rows else []  # the engine batches, with whatever else is running
 
     def execute(self, rows: list[Row]) -> list[list[int]]:
-        handles = [self.streams.submit(row) for row in rows]
+        handles = []
+        try:
+            for row in rows:
+                handles.append(self.streams.submit(row))
+        except IA3Error:  # busy: the rows already in would run again, alone, when the batch is retried row by row
+            for handle in handles:
+                handle.cancel()
+            raise
         results = [handle.result() for handle in handles]
         failed = [r for r in results if r.finish_reason in ("error", "deadline")]
         if failed:
@@ -136,7 +147,8 @@ class GenerateStream:
             if missing:
                 raise IA3Error(f"missing input `{missing[0]}`; every request sends "
                                f"{', '.join(p.name for p in self.inputs if not p.optional)}")
-            request_id = parse_stream_request(self.parser, row, request)
+            ids = (parse_stream_request(self.parser, row, request),
+                   (getattr(request, "parameters", None) or {}).get(STUB_KEY))
             self.served.pool.acquire(row.adapter)
         except IA3Error as e:
             yield [_response(error=_one_line(e))]
@@ -146,7 +158,7 @@ class GenerateStream:
         text = TextStream(tokenizer.decode) if tokenizer is not None else None
         handle = None
         try:
-            handle = self.streams.submit(row, request_id, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            handle = self.streams.submit(row, ids, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
             while True:
                 batch = [await events.get()]
                 while not events.empty():  # what piled up while the last response was sent goes together
@@ -165,8 +177,36 @@ class GenerateStream:
         finally:
             if handle is not None and not handle.done:
                 handle.cancel()  # the stream ended early (the task was cancelled)
-            self.streams.done(request_id)
+            self.streams.done(ids)
             self.served.pool.release(row.adapter)
+
+
+class Disconnects(threading.Thread):
+    """Cancels the `generate_stream` requests whose client went away: pytriton's stub, mended by the
+    server (server.py), sends their key to this Unix datagram socket when Triton marks them cancelled."""
+
+    def __init__(self, path: str, streams: Streams):
+        super().__init__(name="ia3-disconnects", daemon=True)
+        self.path, self.streams = path, streams
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(path)
+        self._socket.settimeout(0.5)  # to see close(): tritonserver's stop removes the socket's folder first
+        self._closing = threading.Event()
+        self.cancelled = 0
+        self.start()
+
+    def run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                key = self._socket.recv(256)
+            except TimeoutError:
+                continue
+            self.cancelled += self.streams.cancel(key.decode("utf-8", "replace"))  # False: it had ended already
+
+    def close(self) -> None:
+        self._closing.set()
+        self.join(5)
+        self._socket.close()
 
 
 @register("serve generate_stream", ("causal-lm",), ("max_new_tokens", "seed", "temperature", "top_p"))

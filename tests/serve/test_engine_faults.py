@@ -1,0 +1,74 @@
+"""Faults of `serve --batching continuous`: shipped adapters named again at start-up, clients that
+disconnect from a direct `generate_stream`, and many concurrent requests against a short queue."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import struct
+import time
+
+from cli_helpers import assert_one_line_error, run_cli
+from conftest import folder
+from test_generate import A1, A2
+
+from ia3_export.serve import ServeClient
+from ia3_export.serve.process import free_ports
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def serve_flood():
+    """scripts/serve_flood.py (the 1,000-request run; this file runs it smaller)."""
+    spec = importlib.util.spec_from_file_location("serve_flood", os.path.join(ROOT, "scripts", "serve_flood.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adapter_the_folder_ships_is_accepted_once(start_server, reference, tmp_path):
+    """By its name, its shipped file or the PEFT folder it was exported from: loaded once, not exit 2."""
+    shipped = f"{folder('llama-bank')}/adapters/{A1}.onnx_adapter"
+    server = start_server(folder("llama-bank"), "--adapter", A1, "--adapter", shipped, "--adapter", folder(A1),
+                          "--adapter", folder(A2) + "/")
+    admin = ServeClient(server.url)
+    assert admin.adapters("list")["adapters"] == [A1, A2]
+    answer = admin.generate(input_ids=[5, 6, 7], adapter=A1, max_new_tokens=6)
+    assert answer.outputs["output_ids"] == reference("llama-bank").generate([5, 6, 7], A1, 6)
+    other = shutil.copytree(folder("llama-a3"), tmp_path / A1)  # the same name, other vectors
+    http, grpc, metrics = free_ports(3)
+    result = run_cli("serve", folder("llama-bank"), "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics,
+                     "--adapter", str(other), timeout=120)
+    assert_one_line_error(result, 2, f"adapter '{A1}' is already loaded from {shipped} with other vectors; rename one")
+
+
+def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
+    """Triton marks the stream cancelled when its client resets the connection; the server's mended
+    pytriton stub reports it and the engine drops the row (without that, only --request-timeout would)."""
+    server = start_server(folder("llama-wide-bank"), "--drain-timeout", "5")
+    body = json.dumps({"input_ids": [5, 6, 7], "adapter": "wide-a1", "max_new_tokens": 124}).encode()
+    with socket.create_connection(("127.0.0.1", server.http)) as s:
+        s.sendall(b"POST /v2/models/generate_stream/generate_stream HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert b"data:" in s.recv(4096)  # the first tokens came: it is decoding
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    admin, deadline = ServeClient(server.url), time.monotonic() + 60
+    while admin.adapters("stats")["engine"]["active"]:
+        assert time.monotonic() < deadline, "the abandoned stream never ended"
+        time.sleep(0.1)
+    assert admin.adapters("stats")["engine"]["finished"] == {"cancelled": 1}  # not run to its 124 tokens
+
+
+def test_many_concurrent_requests_are_answered_or_refused_busy(start_server, reference):
+    """200 requests at once (streamed and not) against --max-queue 50: each answer equals the request
+    alone or is refused `busy: ...`; the server's memory stays bounded."""
+    server = start_server(folder("llama-bank"), "--max-queue", "50", "--max-batch", "8", "--drain-timeout", "10")
+    ref = reference("llama-bank")
+    script = serve_flood()
+    before = script.group_rss_kib(server.process.pid)
+    report = script.flood(server.url, 200, lambda ids, adapter, n: ref.generate(ids, adapter, n), watch=server.process.pid)
+    assert report["wrong"] == [] and report["other_errors"] == [], report
+    assert report["correct"] + report["busy"] == 200 and report["correct"] >= 50 and report["busy"] >= 1
+    assert report["rss_peak_kib"] < before + 300 * 1024, report  # bounded: far below what 200 requests could pile up
