@@ -49,7 +49,7 @@ def _fields_help() -> str:
 @click.option("--log-steps", type=IntRange(1, INT_MAX), default=1, show_default=True, help="Write a train_log.jsonl record every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.checkpoints/.")
 @click.option("--device", help="cpu, cuda or cuda:N; default: the process's GPU if there is one.")
-@click.option("--threads", type=int, help="CPU threads for torch (1 to the cores; default: torch's, one per core).")
+@click.option("--threads", type=IntRange(1, INT_MAX), help="CPU threads for torch (1 to the cores; default: torch's, one per core).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @trust_remote_code_option

@@ -22,8 +22,8 @@ is sent.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
-import pickle
 import select
 import signal
 import struct
@@ -116,9 +116,10 @@ class IsolatedTokenizer:
         weakref.finalize(self, _stop, self._idle, self._lock)
         self._give(self._take())  # a missing or unreadable tokenizer fails here, once
 
-    def encode(self, text: str | bytes) -> list[int]:
-        """Token ids with the special tokens the folder's tokenizer adds; never padded or truncated."""
-        return self._call("encode", prompt_text(text, self.limits.max_text_bytes))
+    def encode(self, text: str | bytes, add_special_tokens: bool = True) -> list[int]:
+        """Token ids with the special tokens the folder's tokenizer adds (unless told not to); never
+        padded or truncated."""
+        return self._call("encode", prompt_text(text, self.limits.max_text_bytes), bool(add_special_tokens))
 
     def decode(self, ids: list[int]) -> str:
         """Text without special tokens, as transformers' decode(ids, skip_special_tokens=True)."""
@@ -129,10 +130,10 @@ class IsolatedTokenizer:
         is dropped or this process ends)."""
         _stop(self._idle, self._lock)
 
-    def _call(self, op: str, arg):
+    def _call(self, op: str, *args):
         worker = self._take()
         try:
-            value = worker.ask((op, arg), self.limits.tokenizer_timeout_s)
+            value = worker.ask([op, list(args)], self.limits.tokenizer_timeout_s)
         except BaseException:
             worker.kill()
             raise
@@ -166,14 +167,15 @@ _HEADER = struct.Struct("<Q")
 
 
 class _Worker:
-    """One child process running `_serve` on a folder: pickled (op, arg) in, ("ok"|"error", value) out."""
+    """One child process running `_serve` on a folder: [op, args] in, ["ok"|"error", value] out, as
+    length-prefixed JSON (text and token ids only: nothing that could run as code crosses the pipe)."""
 
     def __init__(self, folder: str):
         code = "from ia3_export.runtime.tokenizer import _serve; _serve()"
         self.process = subprocess.Popen([sys.executable, "-P", "-c", code, folder], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
         try:
-            self.ask(("ready", None), START_TIMEOUT_S)
+            self.ask(["ready", []], START_TIMEOUT_S)
         except BaseException:
             self.kill()
             raise
@@ -181,13 +183,13 @@ class _Worker:
     def ask(self, message, timeout_s: float):
         """Send one request; its value, or an IA3Error (the child's own message, a death or the time limit)."""
         try:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            data = json.dumps(message).encode()
             self.process.stdin.write(_HEADER.pack(len(data)) + data)
             self.process.stdin.flush()
             deadline = time.monotonic() + timeout_s
             size = _HEADER.unpack(self._read(_HEADER.size, deadline, timeout_s))[0]
-            status, value = pickle.loads(self._read(size, deadline, timeout_s))
-        except (OSError, EOFError, pickle.UnpicklingError, struct.error):
+            status, value = json.loads(self._read(size, deadline, timeout_s))
+        except (OSError, EOFError, ValueError, struct.error):
             code = self.process.poll()
             raise IA3Error(f"the tokenizer's process stopped (exit code {code}) on this request; the folder's "
                            "tokenizer.json is broken or hostile: fix or replace it") from None
@@ -241,21 +243,21 @@ def _serve() -> None:
         header = inp.read(_HEADER.size)
         if len(header) < _HEADER.size:
             return
-        op, arg = pickle.loads(inp.read(_HEADER.unpack(header)[0]))
+        op, args = json.loads(inp.read(_HEADER.unpack(header)[0]))
         if error is not None:
-            _answer(out, ("error", error))
+            _answer(out, ["error", error])
             return
         try:
-            value = None if op == "ready" else getattr(tokenizer, op)(arg)
+            value = None if op == "ready" else getattr(tokenizer, op)(*args)
         except BaseException as e:  # noqa: BLE001 - PanicException is a BaseException; nothing else runs here
-            _answer(out, ("error", f"the tokenizer failed on this request ({_describe(e)}); the folder's "
-                                   "tokenizer.json is broken or hostile: fix or replace it"))
+            _answer(out, ["error", f"the tokenizer failed on this request ({_describe(e)}); the folder's "
+                                   "tokenizer.json is broken or hostile: fix or replace it"])
             return  # a panicked tokenizer may be left half-changed: the next call gets a fresh process
-        _answer(out, ("ok", value))
+        _answer(out, ["ok", value])
 
 
 def _answer(out, message) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = json.dumps(message).encode()
     out.write(_HEADER.pack(len(data)) + data)
     out.flush()
 

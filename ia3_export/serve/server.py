@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import glob
 import importlib.util
 import os
 import signal
@@ -28,6 +27,7 @@ from ..errors import CheckFailed, IA3Error
 from ..ort import telemetry_off
 from ..runtime import IA3Session
 from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
+from . import stub
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
@@ -164,12 +164,12 @@ class Server:
         for name, functions, inputs, outputs, config in self._models(batched):
             self.triton.bind(model_name=name, infer_func=functions, inputs=_tensors(inputs), outputs=_tensors(outputs),
                              config=config)
-        _serialize_empty_tensors(self._workspace.model_store_path)
+        stub.serialize_empty_tensors(self._workspace.model_store_path)
         if self.streams is not None:
             from .streaming import Disconnects, GenerateStream
 
             self.disconnects = Disconnects(os.path.join(self.workspace, "ia3-disconnects.sock"), self.streams)
-            _report_disconnects(self._workspace.model_store_path, GenerateStream.name, self.disconnects.path)
+            stub.report_disconnects(self._workspace.model_store_path, GenerateStream.name, self.disconnects.path)
             self.streams.engine.start()
         self.triton.run()
         if c.openai_port is not None:
@@ -295,62 +295,6 @@ def _check_ports(c: ServeConfig) -> None:
             except OSError as e:
                 raise IA3Error(f"port {port} on {address} (--{option}) is not free ({e.strerror}); "
                                f"stop what uses it or pass another --{option}") from None
-
-
-EMPTY_FRAME = ('frame.cast("B")', '(frame.cast("B") if frame.nbytes else b"")')
-
-
-def _serialize_empty_tensors(model_store) -> None:
-    """pytriton 0.7.0's backend stub cannot pass a tensor with a zero in its shape (`input_ids` of shape
-    [1, 0]: memoryview.cast refuses it, and the client got HTTP 500 with the stub's traceback). The stub
-    runs the copy of pytriton's data.py in each model's folder of the repository: that copy is mended
-    before tritonserver starts, so the request reaches our checks and gets its one-line `error`."""
-    old, new = EMPTY_FRAME
-    for path in glob.glob(os.path.join(str(model_store), "*", "*", "data.py")):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if old in text and new not in text:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text.replace(old, new))
-
-
-STUB_REQUEST = ("            parameters=json.loads(triton_request.parameters()),\n",
-                "            parameters={**json.loads(triton_request.parameters()), %r: f'{os.getpid()}-{id(triton_request)}'},\n")
-STUB_RESPONSE = "                flags, responses_payload = await responses_queue.get()\n"
-STUB_REPORT = """\
-                if any(r.is_cancelled() for r in triton_requests):  # ia3-export: the client went away
-                    _ia3_disconnected(triton_requests)
-"""
-STUB_SENDER = """
-
-def _ia3_disconnected(triton_requests):
-    import socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        for r in triton_requests:
-            try:
-                s.sendto(f"{os.getpid()}-{id(r)}".encode(), %r)
-            except OSError:
-                pass
-"""
-
-
-def _report_disconnects(model_store, model: str, path: str) -> None:
-    """pytriton 0.7.0 never tells a decoupled model that its client went away, though Triton marks the
-    request cancelled (`is_cancelled()`; seen for a reset HTTP stream and a cancelled gRPC stream). The
-    stub's copy of pytriton's model.py in `model`'s folder is mended: each request gets a key (a
-    parameter, streaming.STUB_KEY), and at every response of a cancelled request the stub sends that key
-    to `path`, where `streaming.Disconnects` cancels it in the engine."""
-    from .streaming import STUB_KEY
-
-    for stub in glob.glob(os.path.join(str(model_store), model, "*", "model.py")):
-        with open(stub, encoding="utf-8") as f:
-            text = f.read()
-        decoupled = text.index("class DecoupledResponsesHandler")
-        response = text.index(STUB_RESPONSE, decoupled) + len(STUB_RESPONSE)
-        old, new = STUB_REQUEST
-        text = text[:response] + STUB_REPORT + text[response:]
-        with open(stub, "w", encoding="utf-8") as f:
-            f.write(text.replace(old, new % STUB_KEY) + STUB_SENDER % path)
 
 
 def _ports(c: ServeConfig) -> dict[str, int]:

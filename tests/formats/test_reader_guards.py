@@ -53,6 +53,7 @@ ALLOWED = {  # (file under ia3_export/, call) -> why it may read by itself
     ("formats/atomic.py", "open"): "/proc/self/status, a kernel file (the process's own memory)",
     ("serve/server.py", "open"): "/proc/<pid>/stat of the server's parent, a kernel file",
     ("serve/process.py", "open"): "the log file of the server process this module started",
+    ("serve/stub.py", "open"): "pytriton's stub files in the model repository the server made (its workspace)",
     ("export/pipeline.py", "from_pretrained"): "AutoTokenizer on a model folder load_base_model checked "
                                                "(check_model_files: tokenizer files regular and capped)",
     ("train/loop.py", "from_pretrained"): "AutoTokenizer on the model folder load_base_model checked just before",

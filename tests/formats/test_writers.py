@@ -54,6 +54,8 @@ ALLOWED = {
     ("examples/shipped.py", "_pretrain_base"): f"the toy base model: {INSIDE} (tiny_causal_lm)",
     ("train/report.py", "plot_loss"): f"loss_curve.png: {INSIDE} (train's final write)",
     ("core/loading.py", "copy_side_files"): f"tokenizer and generation files: {INSIDE} (merge, export)",
+    ("serve/stub.py", "_rewrite"): "pytriton's stub files in Triton's model repository (pytriton's workspace, which the "
+                                   "server made and removes; never a user's file)",
     ("serve/process.py", "__init__"): "the log of a server started for tests and benchmarks, at a path its caller "
                                       "chose (not a command's output; serve/ is owned by the serving work)",
 }

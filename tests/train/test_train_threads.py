@@ -46,7 +46,7 @@ def test_cli_threads_zero_is_bad_usage(setup, tmp_path):
     base, data = setup
     result = run_cli("train", base, "--data", data, "--task", "text-classification", "--out", tmp_path / "out",
                      "--threads", "0")
-    assert_one_line_error(result, 2, "--threads is 0; give a whole number from 1 to")
+    assert_one_line_error(result, 2, "--threads is 0; give a whole number in the range 1<=x<=")
     assert not (tmp_path / "out").exists()
 
 

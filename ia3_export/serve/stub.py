@@ -1,0 +1,71 @@
+"""Mending pytriton 0.7.0's backend stub (pinned: the `serve` extra), before tritonserver starts.
+
+pytriton copies its stub (model.py, data.py) into each model's folder of Triton's model repository;
+the stub runs inside Triton's Python backend, out of our reach at run time. Two of its limits cost
+users a promise, so the copies are edited in the repository: a tensor with a zero in its shape
+could not pass (`input_ids` [1, 0] got HTTP 500 with a traceback), and a decoupled model was never
+told that its client went away (a disconnected stream kept generating). Each edit is a plain text
+replacement of pytriton 0.7.0's code, tested by the serve job (tests/serve)."""
+from __future__ import annotations
+
+import glob
+import os
+
+EMPTY_FRAME = ('frame.cast("B")', '(frame.cast("B") if frame.nbytes else b"")')
+
+
+def serialize_empty_tensors(model_store) -> None:
+    """pytriton 0.7.0's backend stub cannot pass a tensor with a zero in its shape (`input_ids` of shape
+    [1, 0]: memoryview.cast refuses it, and the client got HTTP 500 with the stub's traceback). The stub
+    runs the copy of pytriton's data.py in each model's folder of the repository: that copy is mended
+    before tritonserver starts, so the request reaches our checks and gets its one-line `error`."""
+    old, new = EMPTY_FRAME
+    for path in glob.glob(os.path.join(str(model_store), "*", "*", "data.py")):
+        _rewrite(path, lambda text: text.replace(old, new) if new not in text else text)
+
+
+STUB_REQUEST = ("            parameters=json.loads(triton_request.parameters()),\n",
+                "            parameters={**json.loads(triton_request.parameters()), %r: f'{os.getpid()}-{id(triton_request)}'},\n")
+STUB_RESPONSE = "                flags, responses_payload = await responses_queue.get()\n"
+STUB_REPORT = """\
+                if any(r.is_cancelled() for r in triton_requests):  # ia3-export: the client went away
+                    _ia3_disconnected(triton_requests)
+"""
+STUB_SENDER = """
+
+def _ia3_disconnected(triton_requests):
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for r in triton_requests:
+            try:
+                s.sendto(f"{os.getpid()}-{id(r)}".encode(), %r)
+            except OSError:
+                pass
+"""
+
+
+def report_disconnects(model_store, model: str, path: str) -> None:
+    """pytriton 0.7.0 never tells a decoupled model that its client went away, though Triton marks the
+    request cancelled (`is_cancelled()`; seen for a reset HTTP stream and a cancelled gRPC stream). The
+    stub's copy of pytriton's model.py in `model`'s folder is mended: each request gets a key (a
+    parameter, streaming.STUB_KEY), and at every response of a cancelled request the stub sends that key
+    to `path`, where `streaming.Disconnects` cancels it in the engine."""
+    from .streaming import STUB_KEY
+
+    def edit(text: str) -> str:
+        response = text.index(STUB_RESPONSE, text.index("class DecoupledResponsesHandler")) + len(STUB_RESPONSE)
+        old, new = STUB_REQUEST
+        text = text[:response] + STUB_REPORT + text[response:]
+        return text.replace(old, new % STUB_KEY) + STUB_SENDER % path
+
+    for stub in glob.glob(os.path.join(str(model_store), model, "*", "model.py")):
+        _rewrite(stub, edit)
+
+
+def _rewrite(path: str, edit) -> None:
+    """Replace a stub file of Triton's model repository (pytriton's workspace, which this server made
+    and removes when it stops; never a user's file) with `edit` of its text."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(edit(text))
