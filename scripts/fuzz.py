@@ -353,7 +353,7 @@ class Targets:
         _write(target, mutate(data, original, kind, file))
         clean(lambda: entry.function(copy))
 
-    def config(self, data) -> None:
+    def model_config(self, data) -> None:
         """config.json edited field by field: read where a model folder's and an export's are read."""
         self.feed(data, ("config.json",), lambda d, raw, kind, file: _json_case(d, raw, CONFIG_VALUES))
 
@@ -531,7 +531,7 @@ def safetensors_files(draw) -> tuple[bytes, int]:
 
 
 TARGETS = {"adapter": "adapter", "onnx_adapter": "onnx_adapter", "data": "training_data", "manifest": "manifest",
-           "config": "config", "tokenizer": "tokenizer", "readers": "registered", "safetensors": "safetensors"}
+           "config": "model_config", "tokenizer": "tokenizer", "readers": "registered", "safetensors": "safetensors"}
 TORCH_FREE = ("manifest", "config", "tokenizer", "readers", "safetensors")  # need only an exported folder
 
 

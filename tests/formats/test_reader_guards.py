@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import ast
 import importlib
-import json
 import os
 import pkgutil
 import shutil
 import socket
+import tempfile
 import threading
 
-import numpy as np
 import pytest
 
 import ia3_export
-from cli_helpers import assert_one_line_error, run_cli
 from ia3_export.errors import IA3Error
 from ia3_export.formats import reader
 from runtime_helpers import export_once
@@ -201,9 +199,12 @@ def _device(path):
 
 
 def _socket(path):
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(path))
-    s.close()
+    """A socket file at `path` (bound in a short folder and moved: socket paths hold ~100 bytes)."""
+    short = tempfile.mkdtemp(prefix="s")  # the system's temporary folder, where pytest's tmp_path lives too
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.path.join(short, "s"))
+    os.rename(os.path.join(short, "s"), path)
+    os.rmdir(short)
 
 
 def _oversized(path, kind):
