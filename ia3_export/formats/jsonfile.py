@@ -43,15 +43,20 @@ def nesting_depth(text: str) -> int:
     return int(np.cumsum(steps).max())
 
 
+def check_depth(text: str, where: str) -> None:
+    """Refuse JSON text nested deeper than MAX_DEPTH (before any parser, ours or a native one, sees it)."""
+    # fewer openings than the limit cannot nest deeper (most rows): no scan needed
+    if text.count("[") + text.count("{") > MAX_DEPTH and (depth := nesting_depth(text)) > MAX_DEPTH:
+        raise IA3Error(f"{where}: JSON nested {depth} levels deep (at most {MAX_DEPTH} are read); "
+                       "the file is corrupted or hostile, re-create it")
+
+
 def parse_json(text: str | bytes, where: str):
     """Parsed JSON text; invalid or too deeply nested text is an IA3Error naming `where`."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8-sig")
-        # fewer openings than the limit cannot nest deeper (most rows): no scan needed
-        if text.count("[") + text.count("{") > MAX_DEPTH and (depth := nesting_depth(text)) > MAX_DEPTH:
-            raise IA3Error(f"{where}: JSON nested {depth} levels deep (at most {MAX_DEPTH} are read); "
-                           "the file is corrupted or hostile, re-create it")
+        check_depth(text, where)
         return json.loads(text, object_pairs_hook=_unique_keys)
     except _Duplicate as e:
         raise IA3Error(f"{where}: key {shown(e.args[0])} appears twice in one object (which one counts is "

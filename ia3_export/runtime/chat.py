@@ -17,22 +17,24 @@ import os
 
 from ..errors import IA3Error
 from ..formats.jsonfile import read_json
-from ..formats.reader import read_text
+from ..formats.reader import present, read_text, registers
 
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+@registers("export_dir", ("tokenizer_config.json", "tokenizer"), ("chat_template.jinja", "text"),
+           ("chat_template.json", "tokenizer"))
 class ChatTemplate:
     def __init__(self, folder: str):
         self.folder, self.source, self.template, self.tokens = folder, None, None, {}
         config_path = os.path.join(folder, "tokenizer_config.json")
-        config = read_json(config_path, "tokenizer") if os.path.exists(config_path) else {}
+        config = read_json(config_path, "tokenizer") if present(config_path) else {}
         config = config if isinstance(config, dict) else {}
         self.tokens = {k: _content(config.get(k)) for k in SPECIAL if _content(config.get(k)) is not None}
         jinja_path, json_path = os.path.join(folder, "chat_template.jinja"), os.path.join(folder, "chat_template.json")
-        if os.path.exists(jinja_path):
-            self.source, self.template = jinja_path, read_text(jinja_path, "tokenizer")
-        elif os.path.exists(json_path):
+        if present(jinja_path):
+            self.source, self.template = jinja_path, read_text(jinja_path, "text")
+        elif present(json_path):
             stored = read_json(json_path, "tokenizer")
             self.source = json_path
             self.template = _named(stored.get("chat_template") if isinstance(stored, dict) else None, json_path)

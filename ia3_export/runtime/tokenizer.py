@@ -34,8 +34,8 @@ import time
 import weakref
 
 from ..errors import IA3Error
-from ..formats.jsonfile import parse_json
-from ..formats.reader import read_bytes
+from ..formats.jsonfile import check_depth, parse_json
+from ..formats.reader import present, read_bytes, read_text, registers
 from .requests import Limits, prompt_text
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -44,17 +44,19 @@ CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
+@registers("export_dir", ("tokenizer.json", "tokenizer"), ("tokenizer_config.json", "tokenizer"))
 class TextTokenizer:
     def __init__(self, folder: str):
         from tokenizers import Tokenizer
 
         path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(path):
+        if not present(path):  # anything there is read, and refused by name if it is no regular file
             raise IA3Error(f"{folder} has no tokenizer.json; export from a model folder with a fast tokenizer, "
                            "or pass token ids to the runtime directly")
-        raw = read_bytes(path, "tokenizer")
+        text = read_text(path, "tokenizer")
+        check_depth(text, path)  # the same nesting rule as every JSON file we read
         try:
-            self.tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+            self.tokenizer = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise IA3Error(f"{path}: not a readable tokenizer ({str(e)[:200]})") from None
         config = _read_config(os.path.join(folder, "tokenizer_config.json"))
