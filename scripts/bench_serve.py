@@ -293,13 +293,13 @@ def stream_text(url: str):
 
 
 def metrics(run: dict, count_tokens=len) -> dict:
-    """TTFT, TPOT ((e2e - ttft) / (tokens - 1)), ITL (gaps between responses), e2e: p50/p99 in ms;
-    throughput over the run (first send to last answer); errors."""
+    """TTFT, TPOT ((e2e - ttft) / (tokens - 1); streamed requests only: a whole answer has none), ITL (gaps
+    between responses, as vLLM's chunks), e2e: p50/p99 in ms; throughput over the run (start to last answer)."""
     ok = [r for r in run["records"] if "error" not in r]
     ttft = [r["times"][0] for r in ok if r["times"]]
     e2e = [r["end"] - r["sent"] for r in ok]
     tokens = [count_tokens(r["tokens"]) for r in ok]
-    tpot = [(r["end"] - r["sent"] - r["times"][0]) / (n - 1) for r, n in zip(ok, tokens) if n > 1 and r["times"]]
+    tpot = [(r["end"] - r["sent"] - r["times"][0]) / (n - 1) for r, n in zip(ok, tokens) if n > 1 and len(r["times"]) > 1]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
 
     def pct(values):
@@ -560,6 +560,20 @@ def engine_summary(requests, arrivals, start, first, done, tokens) -> dict:
             "e2e_p50_ms": _ms(e2e, 50), "e2e_p99_ms": _ms(e2e, 99), "tokens": tokens}
 
 
+def markdown(result: dict) -> str:
+    """The sweep as docs/serving.md's table."""
+    lines = ["| rate (req/s) | mode | TTFT p50 / p99 ms | TPOT p50 / p99 ms | e2e p50 / p99 ms | new tokens/s | req/s | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in result["sweep"]["by_rate"].items():
+        for mode in ("continuous", "request"):
+            m = row[mode]
+            tpot = f"{m['tpot_ms']['p50']:.1f} / {m['tpot_ms']['p99']:.1f}" if m["tpot_ms"] else "-"
+            lines.append(f"| {name} | {mode} | {m['ttft_ms']['p50']:,.0f} / {m['ttft_ms']['p99']:,.0f} | {tpot} | "
+                         f"{m['e2e_ms']['p50']:,.0f} / {m['e2e_ms']['p99']:,.0f} | {m['new_tokens_per_s']:,.0f} | "
+                         f"{m['requests_per_s']:.2f} | {m['errors']} |")
+    return "\n".join(lines)
+
+
 def plot(path: str, png: str) -> None:
     """p99 end-to-end latency and median TTFT against the offered request rate, both modes (inf at the right)."""
     import matplotlib
@@ -608,7 +622,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--rates", default="1,2,4,8,16,inf", help="sweep: requests per second (inf: all at once)")
+    parser.add_argument("--rates", default="1,2,3,4,6,8,inf", help="sweep: requests per second (inf: all at once)")
     parser.add_argument("--sweep-requests", type=int, default=40, help="sweep: requests per rate")
     parser.add_argument("--unloaded-requests", type=int, default=16, help="sweep: requests sent one at a time")
     parser.add_argument("--saturation-rounds", type=int, default=3)
@@ -619,7 +633,7 @@ def main() -> None:
     parser.add_argument("--genai-rounds", type=int, default=2)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs"))
-    parser.add_argument("--docs", action="store_true", help="also write docs/bench_serve_sweep.json and the plot")
+    parser.add_argument("--docs", action="store_true", help="also write docs/serving/bench_serve_sweep.json and .png")
     args = parser.parse_args()
     if args.prepare:
         bench_swap().build(args.prepare, hidden=256, layers=4, num_adapters=len(ADAPTERS))
@@ -694,13 +708,14 @@ def main() -> None:
         result["genai"] = json.loads(answer.stdout.strip().splitlines()[-1])
         print("genai anchor:", {k: v for k, v in result["genai"].items() if k != "by_rate"})
     if "sweep" in sections:
+        print(markdown(result))
         result["goals"] = goals(result)
         for goal in result["goals"]:
             print(f"{'PASS' if goal['pass'] else 'FAIL'}: {goal['goal']}: {goal.get('ratio', '')} ({goal['numbers']})")
     result["machine"]["load_average_at_end"] = os.getloadavg()
     path = write_result(args.out, "bench_serve", result)
     if args.docs:
-        docs = write_result(os.path.join(ROOT, "docs"), "bench_serve_sweep", result, stamp=False)
+        docs = write_result(os.path.join(ROOT, "docs", "serving"), "bench_serve_sweep", result, stamp=False)
         subprocess.run([full_python, os.path.abspath(__file__), "--plot", docs], check=True)
     mismatched = result.get("sweep", {}).get("mismatched", []) + (["openai texts"] if result.get("openai", {}).get("texts_mismatched") else [])
     if mismatched:
