@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import http.client
 import importlib.util
 import json
 import math
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 import numpy as np
 from benchlib import write_result
@@ -208,19 +210,20 @@ def open_loop(send, requests: list[dict], arrivals: list[float]) -> dict:
     return {"records": records, "wall_s": max(r["end"] for r in records) - start}
 
 
-def streamed(url: str):
-    """send() through generate_stream (continuous batching): a time per response."""
+def streamed(url: str, field: str = "output_ids"):
+    """send() through generate_stream (continuous batching), a time per response: the token ids, or with
+    field="text" the text pieces (to compare with the OpenAI-compatible front's)."""
     from ia3_export.serve import ServeClient
 
     client = ServeClient(url, timeout=REQUEST_TIMEOUT_S)
 
     def send(request):
-        tokens, times, start = [], [], time.perf_counter()
+        got, times, start = [], [], time.perf_counter()
         for event in client.stream(**request):
-            if event.get("output_ids"):
-                tokens.extend(event["output_ids"])
+            if event.get(field):
+                got += event[field] if field == "output_ids" else [event[field]]
                 times.append(time.perf_counter() - start)
-        return tokens, times
+        return got, times
     return send
 
 
@@ -240,13 +243,8 @@ def whole(url: str):
 
 
 def openai_streamed(url: str, base: str):
-    """send() through the OpenAI-compatible /v1/completions, streamed (SSE, the same http.client as
-    ServeClient.stream, so only the server side differs); the text is re-encoded by the caller's
-    comparison, so tokens here are the streamed text pieces."""
-    import http.client
-    import json
-    import urllib.parse
-
+    """send() through the OpenAI-compatible /v1/completions, streamed: the text pieces (Server-Sent Events
+    read with http.client as ServeClient.stream reads them, so only the server side differs)."""
     parsed = urllib.parse.urlsplit(url)
 
     def send(request):
@@ -276,29 +274,13 @@ def openai_streamed(url: str, base: str):
     return send
 
 
-def stream_text(url: str):
-    """send() through generate_stream returning text pieces (to compare with the OpenAI front's)."""
-    from ia3_export.serve import ServeClient
-
-    client = ServeClient(url, timeout=REQUEST_TIMEOUT_S)
-
-    def send(request):
-        pieces, times, start = [], [], time.perf_counter()
-        for event in client.stream(**request):
-            if event.get("text"):
-                pieces.append(event["text"])
-                times.append(time.perf_counter() - start)
-        return pieces, times
-    return send
-
-
-def metrics(run: dict, count_tokens=len) -> dict:
+def metrics(run: dict) -> dict:
     """TTFT, TPOT ((e2e - ttft) / (tokens - 1); streamed requests only: a whole answer has none), ITL (gaps
     between responses, as vLLM's chunks), e2e: p50/p99 in ms; throughput over the run (start to last answer)."""
     ok = [r for r in run["records"] if "error" not in r]
     ttft = [r["times"][0] for r in ok if r["times"]]
     e2e = [r["end"] - r["sent"] for r in ok]
-    tokens = [count_tokens(r["tokens"]) for r in ok]
+    tokens = [len(r["tokens"]) for r in ok]
     tpot = [(r["end"] - r["sent"] - r["times"][0]) / (n - 1) for r, n in zip(ok, tokens) if n > 1 and len(r["times"]) > 1]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
 
@@ -338,7 +320,7 @@ def sweep(servers: dict, args) -> dict:
     base_requests = sweep_requests(args.sweep_requests, seed=100)
     alone = one_at_a_time(send["request"], base_requests[:args.unloaded_requests])
     out["unloaded_request"] = metrics(alone)
-    reference = {i: t for i, t in enumerate(answers(alone))}
+    reference = answers(alone)
     for k, rate in enumerate(rates):
         requests = sweep_requests(args.sweep_requests, seed=100 + k)
         arrivals = poisson_arrivals(len(requests), rate, seed=200 + k)
@@ -348,14 +330,14 @@ def sweep(servers: dict, args) -> dict:
         out["by_rate"][name]["offered_requests_per_s"] = rate if not math.isinf(rate) else None
         bad = mismatches(answers(runs["continuous"]), answers(runs["request"]))
         if k == 0:  # the first rate's requests are those sent one at a time: both modes equal them alone
-            bad += [i for i, t in reference.items() for mode in runs if answers(runs[mode])[i] not in (None, t)]
+            bad += [i for i, t in enumerate(reference) for mode in runs if answers(runs[mode])[i] not in (None, t)]
         out["mismatched"] += [f"rate {name}, request {i}" for i in sorted(set(bad))]
         row = out["by_rate"][name]
         print(f"rate {name:>4}: " + "; ".join(
             f"{mode} TTFT p50 {row[mode]['ttft_ms']['p50']:.0f} ms, e2e p50/p99 {row[mode]['e2e_ms']['p50']:.0f}/"
             f"{row[mode]['e2e_ms']['p99']:.0f} ms, {row[mode]['new_tokens_per_s']:.0f} tok/s, {row[mode]['errors']} errors"
             for mode in send), flush=True)
-    out["saturation"] = saturation(send, servers, args)
+    out["saturation"] = saturation(send, args)
     return out
 
 
@@ -367,7 +349,7 @@ def one_at_a_time(send, requests: list[dict]) -> dict:
     return {"records": records, "wall_s": time.perf_counter() - start}
 
 
-def saturation(send: dict, servers: dict, args) -> dict:
+def saturation(send: dict, args) -> dict:
     """Rounds at rate inf: continuous and request on the mixed requests, continuous on the same requests
     all on one adapter; medians of the rounds (this machine's noise is +-30% per run)."""
     mixed = sweep_requests(args.sweep_requests, seed=300)
@@ -379,9 +361,8 @@ def saturation(send: dict, servers: dict, args) -> dict:
     for _ in range(args.saturation_rounds):
         for name, (fn, requests) in cases.items():
             rounds[name].append(metrics(open_loop(fn, requests, at_once)))
-    out = {name: {key: float(np.median([m[key] for m in ms])) for key in ("new_tokens_per_s", "requests_per_s", "errors")}
-           | {"rounds_new_tokens_per_s": [round(m["new_tokens_per_s"], 1) for m in ms]} for name, ms in rounds.items()}
-    return out
+    return {name: {key: float(np.median([m[key] for m in ms])) for key in ("new_tokens_per_s", "requests_per_s", "errors")}
+            | {"rounds_new_tokens_per_s": [round(m["new_tokens_per_s"], 1) for m in ms]} for name, ms in rounds.items()}
 
 
 def goals(result: dict) -> list[dict]:
@@ -426,14 +407,14 @@ def openai_overhead(url: str, openai_url: str, args) -> dict:
     (streamed), interleaved rounds; the texts must be equal."""
     requests = sweep_requests(args.sweep_requests, seed=400)
     arrivals = poisson_arrivals(len(requests), args.openai_rate, seed=401)
-    cases = {"generate_stream": stream_text(url), "openai_completions": openai_streamed(openai_url, BASE_NAME)}
+    cases = {"generate_stream": streamed(url, "text"), "openai_completions": openai_streamed(openai_url, BASE_NAME)}
     runs = {name: [] for name in cases}
     mismatched = 0
     for _ in range(args.openai_rounds):
         texts = {}
         for name, send in cases.items():
             run = open_loop(send, requests, arrivals)
-            runs[name].append(metrics(run, count_tokens=len))
+            runs[name].append(metrics(run))
             texts[name] = ["".join(t) if t is not None else None for t in answers(run)]
         mismatched += len(mismatches(texts["generate_stream"], texts["openai_completions"]))
     out = {"rate": args.openai_rate, "requests": len(requests), "rounds": args.openai_rounds,
@@ -519,7 +500,10 @@ def genai_engine(folder: str, max_batch: int):
         return f"onnxruntime-genai is not installed ({e})"
     config = og.Config(folder)
     config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": max_batch}}}))
-    engine = og.Engine(og.Model(config))
+    try:
+        engine = og.Engine(og.Model(config))
+    except RuntimeError as e:
+        return f"onnxruntime-genai's Engine cannot run this folder: {' '.join(str(e).split())}"
     buffer = engine.create_event_buffer(4 * max_batch)
 
     def run(requests, arrivals):
