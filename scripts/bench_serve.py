@@ -337,7 +337,7 @@ def sweep(servers: dict, args) -> dict:
             f"{mode} TTFT p50 {row[mode]['ttft_ms']['p50']:.0f} ms, e2e p50/p99 {row[mode]['e2e_ms']['p50']:.0f}/"
             f"{row[mode]['e2e_ms']['p99']:.0f} ms, {row[mode]['new_tokens_per_s']:.0f} tok/s, {row[mode]['errors']} errors"
             for mode in send), flush=True)
-    out["saturation"] = saturation(send, args)
+    out["saturation"] = saturation({**send, "continuous_generate": whole(servers["continuous"])}, args)
     return out
 
 
@@ -351,12 +351,14 @@ def one_at_a_time(send, requests: list[dict]) -> dict:
 
 def saturation(send: dict, args) -> dict:
     """Rounds at rate inf: continuous and request on the mixed requests, continuous on the same requests
-    all on one adapter; medians of the rounds (this machine's noise is +-30% per run)."""
+    all on one adapter, and the continuous server's non-streamed `generate` (the same engine without a
+    response per step: what streaming costs); medians of the rounds (this machine's noise is +-30% per run)."""
     mixed = sweep_requests(args.sweep_requests, seed=300)
     single = [{**r, "adapter": ADAPTERS[0]} for r in mixed]
     at_once = [0.0] * len(mixed)
     cases = {"continuous": (send["continuous"], mixed), "request": (send["request"], mixed),
-             "continuous_single_adapter": (send["continuous"], single)}
+             "continuous_single_adapter": (send["continuous"], single),
+             "continuous_not_streamed": (send["continuous_generate"], mixed)}
     rounds = {name: [] for name in cases}
     for _ in range(args.saturation_rounds):
         for name, (fn, requests) in cases.items():
