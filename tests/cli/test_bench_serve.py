@@ -1,0 +1,74 @@
+"""scripts/bench_serve.py's arithmetic: arrivals, the per-request measures and the goals' verdicts, on
+hand-made records (the servers themselves are exercised by the benchmark's run, not here)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, SCRIPTS)  # the script imports benchlib beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(SCRIPTS, "bench_serve.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(SCRIPTS)
+
+
+def test_requests_are_seeded_and_in_range(bench):
+    requests = bench.sweep_requests(200, seed=3)
+    assert requests == bench.sweep_requests(200, seed=3)
+    assert all(4 <= len(r["input_ids"]) <= 16 and 8 <= r["max_new_tokens"] <= 128 for r in requests)
+    assert {r["adapter"] for r in requests} == {*bench.ADAPTERS, None}
+
+
+def test_poisson_arrivals(bench):
+    assert bench.poisson_arrivals(5, math.inf, seed=0) == [0.0] * 5
+    times = bench.poisson_arrivals(4000, 8.0, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and min(gaps) >= 0
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 8, rel=0.05)  # exponential gaps of mean 1/rate
+
+
+def test_metrics_follow_their_definitions(bench):
+    # request 0: streamed, 5 tokens in responses at 0.1, 0.2, 0.5 s, done at 0.5 s; request 1: one whole
+    # answer of 3 tokens after 0.3 s; request 2 failed
+    run = {"wall_s": 2.0, "records": [
+        {"tokens": [1, 2, 3, 4, 5], "times": [0.1, 0.2, 0.5], "sent": 10.0, "end": 10.5},
+        {"tokens": [7, 8, 9], "times": [0.3], "sent": 11.0, "end": 11.3},
+        {"error": "busy", "sent": 11.0, "end": 11.1}]}
+    m = bench.metrics(run)
+    assert m["ttft_ms"]["p50"] == pytest.approx(200.0)  # median of 100 and 300 ms
+    assert m["tpot_ms"]["p50"] == pytest.approx((500 - 100) / 4)  # streamed requests only
+    assert m["itl_ms"]["p99"] == pytest.approx(100 + 0.99 * 200)  # gaps 100 and 300 ms
+    assert m["e2e_ms"]["p50"] == pytest.approx(400.0)
+    assert (m["completed"], m["errors"], m["new_tokens"]) == (2, 1, 8)
+    assert m["new_tokens_per_s"] == pytest.approx(4.0)
+
+
+def _row(e2e_p99, ttft_p50, tokens_per_s=100.0):
+    return {"e2e_ms": {"p99": e2e_p99}, "ttft_ms": {"p50": ttft_p50}, "new_tokens_per_s": tokens_per_s}
+
+
+def test_goals_judge_at_the_first_rate_where_request_batching_reaches_3x(bench):
+    result = {"sweep": {
+        "unloaded_request": {"e2e_ms": {"p50": 100.0}},
+        "by_rate": {"1": {"request": _row(250, 100), "continuous": _row(200, 10)},
+                    "2": {"request": _row(400, 300), "continuous": _row(180, 50)},  # 4x: judged here
+                    "4": {"request": _row(900, 800), "continuous": _row(100, 10)}},
+        "saturation": {"continuous": {"new_tokens_per_s": 130.0}, "request": {"new_tokens_per_s": 100.0},
+                       "continuous_single_adapter": {"new_tokens_per_s": 140.0}}}}
+    verdicts = {g["goal"]: (g["pass"], g.get("ratio")) for g in bench.goals(result)}
+    assert verdicts == {"continuous p99 e2e <= 0.5x request batching's": (True, 0.45),
+                        "continuous median TTFT <= 0.2x request batching's": (True, 0.167),
+                        "saturation throughput (rate inf) continuous >= 1.3x request": (True, 1.3),
+                        "mixed adapters >= 0.95x single-adapter throughput at saturation (continuous)": (False, 0.929)}
