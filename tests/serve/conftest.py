@@ -50,7 +50,7 @@ def start_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_bank(start_server):
-    # Triton's batches of whole requests (--batching request; test_streaming.py covers continuous batching),
+    # Triton's batches of whole requests (--batching request; test_continuous.py covers continuous batching),
     # with a long queue delay, so that requests sent together reliably meet in one Triton batch
     return start_server(folder("llama-bank"), "--batching", "request", "--max-batch", "8", "--max-queue-delay-us", "300000")
 
