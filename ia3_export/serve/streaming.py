@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import socket
 import threading
@@ -38,6 +39,8 @@ from .models import BYTES, Generate, Port, Row, Served
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES))
+RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupled path; facts.md)
+STREAM_SHARE = 0.25  # of one core, what the responses of all open streams may cost together
 REQUEST_ID, STOP = "request_id", "stop"  # request parameters (not tensors): a client's id for cancel, stop strings
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
 
@@ -138,6 +141,14 @@ class GenerateStream:
         self.served, self.streams = served, streams
         self.parser = Generate(served)
         self.inputs = self.parser.inputs
+        self.open = 0  # streams open now (all on this instance's one event loop)
+
+    def pause_s(self) -> float:
+        """How long a stream waits after a response before the next: every response costs the server
+        ~RESPONSE_COST_S of CPU, so with many streams open each sends fewer, larger responses, and all
+        of them together stay within STREAM_SHARE of a core (one stream: every ~5 ms; 40: every ~0.2 s).
+        The first token and the end are sent at once."""
+        return RESPONSE_COST_S * self.open / STREAM_SHARE
 
     async def __call__(self, requests):
         request = requests[0]  # decoupled models take one request at a time (batching off)
@@ -153,21 +164,30 @@ class GenerateStream:
         except IA3Error as e:
             yield [_response(error=_one_line(e))]
             return
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events, ended = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
         tokenizer = self.served.tokenizer
         text = TextStream(tokenizer.decode) if tokenizer is not None else None
         handle = None
+
+        def arrive(event) -> None:  # on the loop
+            events.put_nowait(event)
+            if isinstance(event, Result):
+                ended.set()
+
+        self.open += 1
         try:
-            handle = self.streams.submit(row, ids, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            handle = self.streams.submit(row, ids, lambda e: loop.call_soon_threadsafe(arrive, e))
             while True:
                 batch = [await events.get()]
-                while not events.empty():  # what piled up while the last response was sent goes together
+                while not events.empty():  # what arrived since the last response goes together
                     batch.append(events.get_nowait())
                 tokens = [e for e in batch if not isinstance(e, Result)]
                 result = next((e for e in batch if isinstance(e, Result)), None)
                 piece = "".join(text.push(t) for t in tokens) + (text.finish() if result else "") if text else ""
                 if result is None:
                     yield [_response(piece, tokens)]
+                    with contextlib.suppress(asyncio.TimeoutError):  # tokens gather meanwhile; the end cuts it short
+                        await asyncio.wait_for(ended.wait(), self.pause_s())
                     continue
                 error = _failure(result) if result.finish_reason in ("error", "deadline") else ""
                 yield [_response(piece, tokens, result.finish_reason, len(row.ids), error)]
@@ -175,6 +195,7 @@ class GenerateStream:
         except IA3Error as e:  # refused by the engine (busy, too long for its KV budget, ...)
             yield [_response(error=_one_line(e))]
         finally:
+            self.open -= 1
             if handle is not None and not handle.done:
                 handle.cancel()  # the stream ended early (the task was cancelled)
             self.streams.done(ids)
