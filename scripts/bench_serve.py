@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import http.client
 import importlib.util
 import json
 import math
@@ -244,32 +243,22 @@ def whole(url: str):
 
 def openai_streamed(url: str, base: str):
     """send() through the OpenAI-compatible /v1/completions, streamed: the text pieces (Server-Sent Events
-    read with http.client as ServeClient.stream reads them, so only the server side differs)."""
+    read by the same code as ServeClient.stream's, so only the server side differs)."""
+    from ia3_export.serve.client import server_sent_events
+
     parsed = urllib.parse.urlsplit(url)
 
     def send(request):
         body = {"model": request["adapter"] or base, "prompt": request["input_ids"],
                 "max_tokens": request["max_new_tokens"], "stream": True}
         pieces, times, start = [], [], time.perf_counter()
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=REQUEST_TIMEOUT_S)
-        try:
-            conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
-            for line in response:
-                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise RuntimeError(event["error"])
-                text = event["choices"][0]["text"]
-                if text:
-                    pieces.append(text)
-                    times.append(time.perf_counter() - start)
-        finally:
-            conn.close()
+        for event in server_sent_events(parsed.hostname, parsed.port, "/v1/completions", body, REQUEST_TIMEOUT_S):
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            text = event["choices"][0]["text"]
+            if text:
+                pieces.append(text)
+                times.append(time.perf_counter() - start)
         return pieces, times
     return send
 

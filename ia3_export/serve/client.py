@@ -66,27 +66,16 @@ class ServeClient:
             body["stop"] = json.dumps(list(stop))
         if request_id:
             body["request_id"] = request_id
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            conn.request("POST", "/v2/models/generate_stream/generate_stream", body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            if response.status != 200:
-                raise ServeError(f"generate_stream: HTTP {response.status}: {response.read()[:300]!r}")
-            for line in response:
-                if not line.startswith(b"data:"):
-                    continue
-                event = json.loads(line[5:])
-                if event.get("error"):
-                    raise ServeError(f"generate_stream: {event['error']}")
-                ids = event.get("output_ids")
-                if ids is not None:
-                    event["output_ids"] = ids if isinstance(ids, list) else [ids]
-                yield event
-                if event.get("finish_reason"):
-                    return
-        finally:
-            conn.close()
+        for event in server_sent_events(self.host, self.port, "/v2/models/generate_stream/generate_stream", body,
+                                        self.timeout):
+            if event.get("error"):
+                raise ServeError(f"generate_stream: {event['error']}")
+            ids = event.get("output_ids")
+            if ids is not None:
+                event["output_ids"] = ids if isinstance(ids, list) else [ids]
+            yield event
+            if event.get("finish_reason"):
+                return
 
     def classify(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None) -> Answer:
         return self.infer("classify", _prompt(text, input_ids, adapter))
@@ -142,6 +131,22 @@ class ServeClient:
 
     def __exit__(self, *_) -> None:
         self.close()
+
+
+def server_sent_events(host: str, port: int, path: str, body: dict, timeout: float):
+    """POST `body` as JSON to a streaming endpoint; yield each Server-Sent Event's data, parsed (the
+    OpenAI API's closing `[DONE]` left out). A status other than 200 raises ServeError."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise ServeError(f"{path}: HTTP {response.status}: {response.read()[:300]!r}")
+        for line in response:
+            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                yield json.loads(line[5:])
+    finally:
+        conn.close()
 
 
 def _prompt(text, input_ids, adapter) -> dict:
