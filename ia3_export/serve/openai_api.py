@@ -96,7 +96,7 @@ def create_app(server):
     async def _complete(request: Request, chat: bool):
         try:
             body = await _json_body(request)
-            body_for_triton, prompt_text = _triton_body(body, chat)
+            body_for_triton = _triton_body(body, chat)
             body_for_triton["adapter"] = adapter_for(body.get("model"))
         except APIError as e:
             return _error(e)
@@ -122,7 +122,7 @@ def create_app(server):
         return JSONResponse(_body(request_id, model, chat, "".join(text), reason, final=True,
                                   usage=(prompt_tokens, completion_tokens)))
 
-    def _triton_body(body: dict, chat: bool) -> tuple[dict, str]:
+    def _triton_body(body: dict, chat: bool) -> dict:
         if body.get("n", 1) != 1:
             raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
         out = {"max_new_tokens": DEFAULT_MAX_TOKENS}
@@ -146,7 +146,7 @@ def create_app(server):
                 raise APIError(400, "`messages` must be a non-empty list of {role, content} objects")
             ids = template.encode(messages, served.tokenizer)  # the template writes the special tokens itself
             out["input_ids"] = ids
-            return out, ""
+            return out
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -156,7 +156,7 @@ def create_app(server):
             out["text"] = prompt
         else:
             raise APIError(400, "`prompt` must be a non-empty string or a list of token ids (one prompt per request)")
-        return out, prompt
+        return out
 
     async def _upstream(body: dict, request_id: str):
         """(text, new tokens, finish reason, prompt tokens) per Triton response; an error body raises APIError."""
