@@ -13,8 +13,10 @@ import os
 import sys
 
 
+LONG = 2000  # new tokens of a request the cancel tests stop: no machine decodes them before the cancel lands
 PEFT_GREEDY = "peft_greedy.json"  # PEFT's own greedy tokens, for the torch-free serve tests to compare with
-WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
+WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+            max_position_embeddings=LONG + 8)
 PEFT_PROMPTS = ([5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48], [9])
 
 

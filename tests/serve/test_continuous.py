@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from conftest import concurrently, folder
+from prepare import LONG
 from test_generate import A1, A2
 
 from ia3_export.serve import ServeClient, ServeError
@@ -83,12 +84,12 @@ def test_tokens_arrive_while_the_request_generates(wide):
 
 
 def test_a_short_request_does_not_wait_for_a_long_one(wide):
-    """A 4-token request sent while a 110-token one decodes ends long before it (whole-request batching
-    would make it wait for all 110 steps, or run the long one after it)."""
+    """A 4-token request sent while a 500-token one decodes ends long before it (whole-request batching
+    would make it wait for all 500 steps, or run the long one after it)."""
     long_done, short = threading.Event(), {}
 
     def long():
-        streamed(wide.url, input_ids=[9, 8, 7], adapter="wide-a1", max_new_tokens=110)
+        streamed(wide.url, input_ids=[9, 8, 7], adapter="wide-a1", max_new_tokens=LONG // 4)
         long_done.set()
 
     thread = threading.Thread(target=long)
@@ -153,7 +154,7 @@ def test_openai_client_completions_chat_and_models(continuous, reference):
 
 def test_a_client_that_disconnects_stops_costing_steps(wide):
     """The OpenAI front sees the disconnect and cancels the request in the engine at once."""
-    body = json.dumps({"model": "wide-a1", "prompt": [5, 6, 7], "max_tokens": 110, "stream": True}).encode()
+    body = json.dumps({"model": "wide-a1", "prompt": [5, 6, 7], "max_tokens": LONG, "stream": True}).encode()
     request = urllib.request.Request(f"{wide.openai}/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         response.readline()  # the first chunk is there: the request is decoding

@@ -12,6 +12,7 @@ import time
 
 from cli_helpers import assert_one_line_error, run_cli
 from conftest import folder
+from prepare import LONG
 from test_generate import A1, A2
 
 from ia3_export.serve import ServeClient
@@ -48,7 +49,7 @@ def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
     """Triton marks the stream cancelled when its client resets the connection; the server's mended
     pytriton stub reports it and the engine drops the row (without that, only --request-timeout would)."""
     server = start_server(folder("llama-wide-bank"), "--drain-timeout", "5")
-    body = json.dumps({"input_ids": [5, 6, 7], "adapter": "wide-a1", "max_new_tokens": 124}).encode()
+    body = json.dumps({"input_ids": [5, 6, 7], "adapter": "wide-a1", "max_new_tokens": LONG}).encode()
     with socket.create_connection(("127.0.0.1", server.http)) as s:
         s.sendall(b"POST /v2/models/generate_stream/generate_stream HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -58,7 +59,7 @@ def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
     while admin.adapters("stats")["engine"]["active"]:
         assert time.monotonic() < deadline, "the abandoned stream never ended"
         time.sleep(0.1)
-    assert admin.adapters("stats")["engine"]["finished"] == {"cancelled": 1}  # not run to its 124 tokens
+    assert admin.adapters("stats")["engine"]["finished"] == {"cancelled": 1}  # not run to its LONG tokens
 
 
 def test_many_concurrent_requests_are_answered_or_refused_busy(start_server, reference):

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from conftest import folder
+from prepare import LONG
 
 from ia3_export.serve import ServeClient
 
@@ -52,7 +53,7 @@ def test_grpc_stream_equals_alone(wide, reference):
 def test_a_cancelled_grpc_stream_leaves_the_engine(wide):
     admin = ServeClient(wide.url)
     before = admin.adapters("stats")["engine"]["finished"].get("cancelled", 0)
-    client, responses = stream(wide, 124)
+    client, responses = stream(wide, LONG)
     try:
         responses.get(timeout=60)  # decoding
         client.stop_stream(cancel_requests=True)
