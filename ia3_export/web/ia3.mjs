@@ -508,7 +508,8 @@ export class IA3Model {
     let ids;
     if (typeof prompt === "string") {
       if (!this.tokenizer) throw new IA3Error("a text prompt needs a tokenizer (pass { tokenizer } to IA3Model.open), or pass token ids");
-      ids = Array.from(this.tokenizer.encode(prompt), Number);
+      const encoded = this.tokenizer.encode(prompt);  // transformers.js: ids; @huggingface/tokenizers: { ids }
+      ids = Array.from(Array.isArray(encoded) ? encoded : encoded.ids, Number);
     } else {
       ids = Array.from(prompt, Number);
     }
