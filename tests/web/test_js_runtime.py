@@ -5,6 +5,7 @@ greedy tokens and float64 PyTorch logits."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -176,3 +177,29 @@ def test_corrupted_adapter_files_are_refused_in_one_line(llama, node, tmp_path):
         got = out["errors"][key]
         assert got["name"] == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
     assert out["afterwards"] == out["before"]  # a refused file changes nothing: the session runs as before
+
+
+def test_float16_conversions_match_numpy(node):
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.normal(0, 1, 300), rng.normal(0, 1e-5, 100), rng.normal(0, 1e4, 100),  # normal, subnormal, large
+        [0.0, -0.0, 65504, 65519.99, 65520, 1e6, -1e6, 2 ** -24, 2 ** -25, 2 ** -25 * 1.0001, 1 + 2 ** -11,
+         1 + 3 * 2 ** -11, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    out = node("js_half.mjs", json.dumps(values.view(np.uint32).tolist()))
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16)
+    assert out["half"] == want.view(np.uint16).tolist()  # round to nearest even, overflow to inf, as numpy
+    back = np.array([float(x) for x in out["back"]])  # JavaScript's String(): "NaN", "Infinity", "-0" lost as "0"
+    np.testing.assert_array_equal(back, want.astype(np.float64))
+
+
+def test_fp16_export_generates_as_python(tmp_path_factory, llama, node):
+    from ia3_export.export import export_model
+
+    folder = tmp_path_factory.mktemp("fp16") / "onnx"
+    export_model(llama["base"], str(folder), mode="swappable", adapters=[llama["a1"], llama["a2"]], dtype="fp16")
+    out = node("js_generate.mjs", folder, "node", PROMPT, TEXT)
+    s = open_session(str(folder), llama["a1"], llama["a2"])
+    for run in out["greedy"]:
+        assert run["tokens"] == _ids(s, PROMPT, run["adapter"], 8), run["adapter"]
+    s.close()
