@@ -56,7 +56,11 @@ class NodeSession:
         self._tmp = tempfile.TemporaryDirectory(prefix="ia3-node-parity-")
         self._proc = subprocess.Popen(["node", runner_path(), node_modules(modules)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-        info = self._ask("open", folder=os.path.abspath(folder.path))
+        try:
+            info = self._ask("open", folder=os.path.abspath(folder.path))
+        except IA3Error:
+            self.close()
+            raise
         self.version = info["version"]
         outputs = list(info["outputs"])
         self.graphs = {"model": types.SimpleNamespace(inputs=dict.fromkeys(info["inputs"]), initializer_inputs={},
