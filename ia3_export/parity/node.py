@@ -11,6 +11,7 @@ parsed and feeds are compared with the PEFT adapter's, so a corrupted vector fai
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -54,8 +55,9 @@ class NodeSession:
                            "exports with the concat KV cache: check this one with --runtime python")
         self.folder = folder
         self._tmp = tempfile.TemporaryDirectory(prefix="ia3-node-parity-")
+        self._log = open(os.path.join(self._tmp.name, "stderr.log"), "w+")  # a file: a full pipe would stall Node
         self._proc = subprocess.Popen(["node", runner_path(), node_modules(modules)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                                      stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
         try:
             info = self._ask("open", folder=os.path.abspath(folder.path))
         except IA3Error:
@@ -79,8 +81,12 @@ class NodeSession:
                     return reply["result"]
         except BrokenPipeError:
             pass
-        err = self._proc.stderr.read().strip().splitlines()
-        raise IA3Error("the Node parity runner stopped: " + (err[-1][:300] if err else f"exit {self._proc.poll()}"))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=10)
+        self._log.seek(0)
+        lines = self._log.read().strip().splitlines()
+        said = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")  # not Node's version line
+        raise IA3Error("the Node parity runner stopped: " + (said.strip()[:300] or f"exit {self._proc.poll()}"))
 
     def load_adapter(self, source: str, name: str) -> str:
         """Load an .onnx_adapter file, or a PEFT folder converted to one, into the module."""
@@ -109,6 +115,8 @@ class NodeSession:
         """The vectors the module parsed and feeds, against the PEFT adapter's, one comparison per vector."""
         checks = []
         for adapter, name in zip(reference.adapters, reference.names):
+            if name not in self.loaded:  # merged: folded into the weights, no file to read
+                continue
             got = self._ask("vectors", name=name)
             for module, want in adapter.vectors().items():
                 key = module + VECTOR_SUFFIX
@@ -124,6 +132,7 @@ class NodeSession:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+        self._log.close()
         self._tmp.cleanup()
 
 

@@ -25,7 +25,8 @@ const PRESENT = "present";
 function reader(source) {
   if (source && typeof source.read === "function") return (rel) => source.read(rel);
   if (typeof source !== "string") throw new IA3Error("source must be a folder path, a URL base or { read(relativePath) }");
-  if (/^(https?|blob|data):/.test(source) || (typeof window !== "undefined" && typeof process === "undefined")) {
+  const node = typeof process !== "undefined" && Boolean(process.versions?.node);
+  if (/^(https?|blob|data|file):/.test(source) || !node) {  // a page or worker: fetch, relative to it
     const base = source.endsWith("/") ? source : source + "/";
     return async (rel) => {
       const response = await fetch(base + rel);
@@ -337,8 +338,8 @@ export class IA3Model {
   async loadAdapter(name, fileSourceOrBytes = null) {
     const start = now();
     if (!this.vectors.length) throw new IA3Error(`this is a ${this.mode} export without vector inputs; adapters cannot be loaded`);
-    if (typeof name !== "string" || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(name)) {
-      throw new IA3Error(`adapter name ${JSON.stringify(name)} must be letters, digits, '.', '_' or '-'`);
+    if (typeof name !== "string" || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(name) || name.includes("..")) {
+      throw new IA3Error(`adapter name ${JSON.stringify(name)} is not allowed; use letters, digits, '_', '-' and '.' (not first, no '..')`);
     }
     let bytes = fileSourceOrBytes;
     if (bytes === null || bytes === undefined) {

@@ -23,7 +23,7 @@ function encode(tensor) {
   return { dtype: tensor.type, dims: tensor.dims.map(Number), b64: Buffer.from(d.buffer, d.byteOffset, d.byteLength).toString("base64") };
 }
 
-const ort = createRequire(join(process.argv[2], "noop.js"))("onnxruntime-node");
+const ort = createRequire(import.meta.url)(join(process.argv[2], "onnxruntime-node"));  // that very folder's package
 let model = null;
 
 const handlers = {

@@ -21,7 +21,7 @@ LAYER1_V = "model.layers.1.self_attn.v_proj.ia3_l"
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, model_dir, adapter_dir):
-    return llama_exports(tmp_path_factory, model_dir, adapter_dir, modes=("swappable", "bank"))
+    return llama_exports(tmp_path_factory, model_dir, adapter_dir, modes=("swappable", "bank", "merged"))
 
 
 def parity(llama, folder, tmp_path, *extra):
@@ -31,14 +31,17 @@ def parity(llama, folder, tmp_path, *extra):
     return result, json.loads(report.read_text()) if report.exists() else None
 
 
-@pytest.mark.parametrize("mode", ["swappable", "bank"])
+@pytest.mark.parametrize("mode", ["swappable", "bank", "merged"])
 def test_node_runtime_passes(llama, tmp_path, mode):
     result, report = parity(llama, llama[mode], tmp_path, "--node-modules", NODE_MODULES)
     assert result.exit_code == 0, result.output
     assert report["runtime"] == "node" and report["passed"]
     assert "through ia3.mjs on onnxruntime-node" in result.stdout
     vectors = [o for o in report["outputs"] if o["graph"] == "ia3.mjs"]
-    assert {o["case"] for o in vectors} == {"adapter adapter1", "adapter adapter2"} and len(vectors) == 12
+    if mode == "merged":  # both adapters folded into the weights: no vectors, nothing fed
+        assert not vectors and all(o["scenario"] == "folded adapter1,adapter2" for o in report["outputs"])
+    else:
+        assert {o["case"] for o in vectors} == {"adapter adapter1", "adapter adapter2"} and len(vectors) == 12
     cases = {o["case"] for o in report["outputs"] if o["graph"] == "model.onnx"}
     assert any("past 0" in c for c in cases) and any("past 3" in c for c in cases)  # the cache's two shapes
     if mode == "bank":  # rows mixed in one run: the module stacked the banks
@@ -77,3 +80,21 @@ def test_missing_onnxruntime_node_is_one_line(llama, tmp_path):
 def test_node_runtime_takes_the_cpu_only(llama):
     result = run_cli("parity", llama["base"], llama["swappable"], "--runtime", "node", "--provider", "cuda")
     assert_one_line_error(result, 2, "--runtime node runs onnxruntime-node on the CPU")
+
+
+def test_node_missing_from_path_is_one_line(llama):
+    import sys
+
+    result = run_cli("parity", llama["base"], llama["swappable"], "--runtime", "node",
+                     env={"PATH": os.path.dirname(sys.executable)})  # the venv's scripts, no node
+    assert_one_line_error(result, 2, "--runtime node needs Node.js (18 or later) on PATH")
+
+
+def test_a_broken_onnxruntime_node_is_one_line(llama, tmp_path):
+    package = tmp_path / "node_modules" / "onnxruntime-node"
+    package.mkdir(parents=True)
+    (package / "package.json").write_text('{"name": "onnxruntime-node", "main": "index.js"}')
+    (package / "index.js").write_text('throw new Error("this install is broken");')
+    result = run_cli("parity", llama["base"], llama["swappable"], "--runtime", "node", "--node-modules",
+                     tmp_path / "node_modules")
+    assert_one_line_error(result, 2, "the Node parity runner stopped: Error: this install is broken")

@@ -203,3 +203,12 @@ def test_fp16_export_generates_as_python(tmp_path_factory, llama, node):
     for run in out["greedy"]:
         assert run["tokens"] == _ids(s, PROMPT, run["adapter"], 8), run["adapter"]
     s.close()
+
+
+def test_why_the_module_edits_the_graph(llama, node):
+    """onnxruntime-node 1.31.1 runs a feed of an overridable initializer as if it were not there, and
+    onnxruntime-web refuses it: the facts behind dropping the vectors' initializers at load. If a new
+    ORT version fed them, the edit could go (docs/web.md)."""
+    out = node("js_ort_feeds.mjs", llama["swappable"], "model.layers.0.self_attn.v_proj.ia3_l", 16)
+    assert out["onnxruntime-node"] == {"listed": False, "changed": False}  # silently ignored
+    assert not out["onnxruntime-web"]["listed"] and "invalid input" in out["onnxruntime-web"]["error"]
