@@ -276,6 +276,20 @@ export function probabilities(row, temperature, topP) {
   return p;
 }
 
+/** row (logits) -> token id: argmax when temperature is 0, else a draw from `probabilities`, seeded. */
+export function chooser(temperature, topP = 1, seed = 0) {
+  if (temperature === 0) return argmax;
+  const random = mulberry32(seed);
+  return (row) => {
+    const p = probabilities(row, temperature, topP);
+    let r = random(), last = 0;
+    for (let i = 0; i < p.length; i++) {
+      if (p[i] > 0) { last = i; r -= p[i]; if (r < 0) return i; }
+    }
+    return last;  // rounding left r >= 0: the last token with any probability
+  };
+}
+
 // -- the model ----------------------------------------------------------------------------------
 export class IA3Model {
   /** Open an exported folder. ort: onnxruntime-node or onnxruntime-web; source: folder path (Node),
@@ -515,22 +529,14 @@ export class IA3Model {
       ids = Array.from(prompt, Number);
     }
     if (!ids.length) throw new IA3Error("the prompt has no tokens");
-    const limit = this.config.max_position_embeddings ?? this.config.n_positions;
+    const sizes = this.config.text_config || this.config;  // as runtime/folder.py:max_positions
+    const limit = sizes.max_position_embeddings ?? sizes.n_positions;
     if (limit !== undefined) {
       if (ids.length >= limit) throw new IA3Error(`the prompt has ${ids.length} tokens; the model takes at most ${limit} positions for prompt and new tokens together`);
       maxNewTokens = Math.min(maxNewTokens, limit - ids.length);
     }
     const eos = this._eos();
-    const random = mulberry32(seed);
-    const choose = (row) => {
-      if (temperature === 0) return argmax(row);
-      const p = probabilities(row, temperature, topP);
-      let r = random(), last = 0;
-      for (let i = 0; i < p.length; i++) {
-        if (p[i] > 0) { last = i; r -= p[i]; if (r < 0) return i; }
-      }
-      return last;
-    };
+    const choose = chooser(temperature, topP, seed);
     const tokens = [];
     let shown = 0, firstTokenMs = null;
     const emit = (token) => {

@@ -19,5 +19,24 @@ for (const arg of files) {
     errors[key] = { name: e.name, message: e.message };
   }
 }
+const optionErrors = {};
+const tries = {
+  maxNewTokens: () => model.generate([5], { maxNewTokens: 0 }),
+  temperature: () => model.generate([5], { temperature: -1 }),
+  topP: () => model.generate([5], { temperature: 1, topP: 0 }),
+  text: () => model.generate("hello"),  // no tokenizer given
+  long: () => model.generate(Array(model.config.max_position_embeddings).fill(5)),
+  unloaded: async () => model.useAdapter("nope"),
+  name: () => model.loadAdapter("../x", new Uint8Array(8)),
+};
+for (const [key, run] of Object.entries(tries)) {
+  try {
+    await run();
+    optionErrors[key] = null;
+  } catch (e) {
+    optionErrors[key] = { name: e.name, message: e.message };
+  }
+}
+const capped = (await model.generate(Array(model.config.max_position_embeddings - 2).fill(5), { maxNewTokens: 10 })).tokens.length;
 const afterwards = (await model.generate([5, 6, 7], { maxNewTokens: 5 })).tokens;
-console.log(JSON.stringify({ errors, before, afterwards, adapters: model.adapters }));
+console.log(JSON.stringify({ errors, optionErrors, capped, before, afterwards, adapters: model.adapters }));

@@ -212,3 +212,36 @@ def test_why_the_module_edits_the_graph(llama, node):
     out = node("js_ort_feeds.mjs", llama["swappable"], "model.layers.0.self_attn.v_proj.ia3_l", 16)
     assert out["onnxruntime-node"] == {"listed": False, "changed": False}  # silently ignored
     assert not out["onnxruntime-web"]["listed"] and "invalid input" in out["onnxruntime-web"]["error"]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8), (2.0, 0.3)])
+def test_sampling_distribution_is_pythons(node, temperature, top_p):
+    """The module's distribution equals Python's TokenChooser (temperature, then top-p), and its seeded
+    draws follow it: every token's count within 5 standard deviations of n p, none outside the top-p set."""
+    from ia3_export.runtime.generation import GenerationOptions, TokenChooser
+
+    logits = np.random.default_rng(5).normal(0, 2, 40).astype(np.float32)
+    n = 20000
+    out = node("js_sampling.mjs", json.dumps(logits.tolist()), temperature, top_p, n)
+    want = TokenChooser(GenerationOptions(do_sample=True, temperature=temperature, top_p=top_p)).probabilities(logits[None])[0]
+    np.testing.assert_allclose(out["probabilities"], want, rtol=1e-6, atol=1e-12)
+    counts = np.array(out["counts"])
+    assert counts.sum() == n and not counts[want == 0].any()
+    assert np.all(np.abs(counts - n * want) <= 5 * np.sqrt(n * want * (1 - want)) + 1)
+
+
+def test_bad_generation_options_are_one_line(llama, node, tmp_path):
+    out = node("js_adapter_errors.mjs", llama["swappable"])
+    want = {
+        "maxNewTokens": "maxNewTokens must be an integer >= 1, got 0",
+        "temperature": "temperature must be a finite number >= 0 (0: greedy), got -1",
+        "topP": "topP must be a number in (0, 1], got 0",
+        "text": "a text prompt needs a tokenizer",
+        "long": "the prompt has 128 tokens; the model takes at most 128 positions",
+        "unloaded": "adapter nope is not loaded (loaded: adapter1)",
+        "name": "adapter name \"../x\" is not allowed",
+    }
+    for key, message in want.items():
+        got = out["optionErrors"][key]
+        assert got["name"] == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
+    assert out["capped"] <= 2  # max_new_tokens cut to the positions left after the prompt, as Python's runtime
