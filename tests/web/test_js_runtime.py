@@ -137,6 +137,13 @@ def test_onnxruntime_web_gives_the_same_tokens(js, python_side):
         assert run["tokens"] == python_side[run["adapter"]]["ids"], run["adapter"]
 
 
+def assert_one_line_errors(errors: dict, want: dict) -> None:
+    """Each key's call raised an IA3Error whose one-line message contains `want[key]`."""
+    for key, message in want.items():
+        got = errors[key]
+        assert got and got["name"] == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
+
+
 # -- adapter files the module refuses -------------------------------------------------------------
 def _bad_files(folder, tmp_path) -> dict[str, str]:
     good = f"{folder}/adapters/adapter1.onnx_adapter"
@@ -173,9 +180,7 @@ def test_corrupted_adapter_files_are_refused_in_one_line(llama, node, tmp_path):
         "short": "not a readable .onnx_adapter file",
         "safetensors": "not a readable .onnx_adapter file (no TORT file identifier)",
     }
-    for key, message in want.items():
-        got = out["errors"][key]
-        assert got["name"] == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
+    assert_one_line_errors(out["errors"], want)
     assert out["afterwards"] == out["before"]  # a refused file changes nothing: the session runs as before
 
 
@@ -241,7 +246,5 @@ def test_bad_generation_options_are_one_line(llama, node, tmp_path):
         "unloaded": "adapter nope is not loaded (loaded: adapter1)",
         "name": "adapter name \"../x\" is not allowed",
     }
-    for key, message in want.items():
-        got = out["optionErrors"][key]
-        assert got["name"] == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
+    assert_one_line_errors(out["optionErrors"], want)
     assert out["capped"] <= 2  # max_new_tokens cut to the positions left after the prompt, as Python's runtime
