@@ -1,4 +1,4 @@
-"""`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]...`: exit 0 pass, 1 fail, 2 bad usage/input."""
+"""`ia3-export parity MODEL_DIR ONNX_DIR [--adapter DIR]... [--runtime python|node]`: exit 0 pass, 1 fail, 2 bad usage/input."""
 import click
 
 from .options import FloatRange, IntRange, OutputPath, progress_option, trust_remote_code_option
@@ -11,6 +11,12 @@ from .options import FloatRange, IntRange, OutputPath, progress_option, trust_re
               help="A PEFT IA3 adapter folder (repeatable). merged: exactly the adapters folded in; swappable/bank/foldswap: "
                    "each is checked on its own and (bank) mixed per row.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--runtime", type=click.Choice(["python", "node"]), default="python", show_default=True,
+              help="What runs the export: python (IA3Session) or node (the shipped ia3.mjs on onnxruntime-node, "
+                   "from --node-modules; greedy prompts one at a time).")
+@click.option("--node-modules", type=click.Path(file_okay=False), default=None,
+              help="The node_modules folder holding onnxruntime-node (--runtime node; default: $IA3_NODE_MODULES, "
+                   "else ./node_modules).")
 @click.option("--dtype", "reference_dtype", type=click.Choice(["fp64", "fp32"]), default="fp64", show_default=True,
               help="Precision of the PyTorch reference (the export's own dtype is in its manifest).")
 @click.option("--atol", type=FloatRange(0), default=None, help="Absolute tolerance (default: by provider and dtype, see docs/parity.md).")
@@ -25,7 +31,7 @@ from .options import FloatRange, IntRange, OutputPath, progress_option, trust_re
               help="Write JUnit XML (one test case per output comparison) for CI (replaced if it exists).")
 @trust_remote_code_option
 @progress_option
-def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol, tf32, greedy_steps, json_path,
+def command(model_dir, onnx_dir, adapters, provider, runtime, node_modules, reference_dtype, atol, rtol, tf32, greedy_steps, json_path,
             junit_path, trust_remote_code):
     """Check an exported folder against its PyTorch model (adapters unmerged) on ONNX Runtime."""
     from ..formats.atomic import check_output
@@ -40,7 +46,7 @@ def command(model_dir, onnx_dir, adapters, provider, reference_dtype, atol, rtol
             check_output(path, True, inputs, "file")  # replaced on rerun, but never over or inside an input
     report = check_parity(model_dir, onnx_dir, list(adapters), ParityOptions(
         provider=provider, reference_dtype=reference_dtype, atol=atol, rtol=rtol, tf32=tf32, greedy_steps=greedy_steps,
-        trust_remote_code=trust_remote_code))
+        trust_remote_code=trust_remote_code, runtime=runtime, node_modules=node_modules))
     if json_path:
         report.write_json(json_path, force=True, inputs=inputs)
     if junit_path:

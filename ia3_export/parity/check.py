@@ -33,7 +33,10 @@ from ..tolerances import quantized_tolerance, tolerance
 from .greedy import greedy_checks
 from .quantized import float_agreement, weight_checks
 from .report import OutputCheck, ParityReport
+from .node import NodeSession
 from .shared_kv import onnx_spec, shared_kv_checks
+
+RUNTIMES = ("python", "node")  # what runs the export: IA3Session, or ia3.mjs on onnxruntime-node
 
 if TYPE_CHECKING:
     from .reference import Reference
@@ -50,6 +53,8 @@ class ParityOptions:
     greedy_steps: int = 8
     seed: int = 0
     trust_remote_code: bool = False  # run the model folder's own code (auto_map) for the reference
+    runtime: str = "python"  # "node": ia3_export/web/ia3.mjs on onnxruntime-node (parity/node.py)
+    node_modules: str | None = None  # where onnxruntime-node is (runtime "node"; default ./node_modules)
 
     def __post_init__(self):
         """Bad options are bad usage (exit 2) before any work, never a check that "fails" on a NaN bound."""
@@ -62,6 +67,10 @@ class ParityOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value < 0):
                 raise IA3Error(f"--{name} is {value!r}; give a finite number >= 0, or leave it out for the documented tolerance")
+        if self.runtime not in RUNTIMES:
+            raise IA3Error(f"runtime {self.runtime!r} is not known; use one of {', '.join(RUNTIMES)}")
+        if self.runtime == "node" and self.provider != "cpu":
+            raise IA3Error("--runtime node runs onnxruntime-node on the CPU; leave out --provider (or use --runtime python)")
         for name, flag in (("greedy_steps", "--steps"), ("seed", "seed")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -73,8 +82,6 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     """Run every case and scenario; returns the report (its `passed` is the verdict, nothing raises
     for a numeric difference). Bad input (wrong model, adapter, folder) raises IA3Error."""
     options = dataclasses.replace(options or ParityOptions(), **kwargs)
-    from .reference import Reference  # torch and transformers load when a check runs, not on import
-
     folder = open_folder(onnx_dir)
     dtype = folder.manifest["dtype"]
     tf32 = options.tf32 if options.provider == "cuda" and dtype == "fp32" else None
@@ -87,7 +94,21 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
                           options.reference_dtype, tf32, atol, rtol, tol.why if tol else "given by the caller")
 
     provider_options = {"use_tf32": "1" if tf32 else "0"} if tf32 is not None else None
+    if options.runtime == "node":
+        report.runtime = "node"
+        session = NodeSession(folder, options.node_modules)
+        try:
+            return _check(model_dir, folder, adapters, options, report, session, provider_options, atol, rtol)
+        finally:
+            session.close()
     session = _session(folder, options.provider, provider_options)  # first: a missing provider fails fast
+    return _check(model_dir, folder, adapters, options, report, session, provider_options, atol, rtol)
+
+
+def _check(model_dir, folder, adapters, options, report, session, provider_options, atol, rtol) -> ParityReport:
+    from .reference import Reference
+
+    quantization = folder.manifest.get("quantization")
     _check_same_model(model_dir, folder)
     stage(f"loading the PyTorch reference from {model_dir} ({options.reference_dtype})")
     reference = Reference(model_dir, folder, adapters, options.reference_dtype, options.trust_remote_code)
@@ -96,6 +117,8 @@ def check_parity(model_dir: str, onnx_dir: str, adapters: list[str] = (), option
     _check_layout([onnx_spec(g) for g in reference.graphs] if shared else reference.graphs, session)
     for name, source in reference.ort_sources().items():
         session.load_adapter(source, name=name)
+    if isinstance(session, NodeSession):  # what the module parsed from the adapter files, vector by vector
+        report.outputs += session.vector_checks(reference, atol, rtol)
     for graph in reference.graphs:
         stage(f"comparing {graph.file} on {options.provider}")
         if shared:  # a case is a whole request: the past is what the graph wrote, not a fed one

@@ -80,6 +80,7 @@ class ParityReport:
     greedy: list[GreedyCheck] = dataclasses.field(default_factory=list)
     quantization: dict | None = None  # the export's manifest entry; the reference then holds its de-quantized weights
     float_agreement: dict | None = None  # quantized exports: agreement with the float model (informs, never fails)
+    runtime: str = "python"  # what ran the export: IA3Session, or "node" (ia3.mjs on onnxruntime-node)
 
     @property
     def passed(self) -> bool:
@@ -102,7 +103,7 @@ class ParityReport:
         tf32 = "" if self.tf32 is None else f", TF32 {'on' if self.tf32 else 'off'}"
         quantized = f", {self.quantization['method']}" if self.quantization else ""
         weights = " with the de-quantized weights" if self.quantization else ""
-        return (f"parity: {self.model_type} {self.mode} export ({self.task}, {self.dtype}{quantized}) on {self.provider}{tf32} "
+        return (f"parity: {self.model_type} {self.mode} export ({self.task}, {self.dtype}{quantized}) on {self.provider}{tf32}{' through ia3.mjs on onnxruntime-node' if self.runtime == 'node' else ''} "
                 f"vs a {DTYPES[self.reference_dtype].numpy if self.reference_dtype in DTYPES else self.reference_dtype} PyTorch reference{weights}; "
                 f"atol {self.atol:g}, rtol {self.rtol:g}")
 
