@@ -7,6 +7,7 @@ false, localModelPath, local_files_only), runs it. Checked against independent r
   on the same file, not the fp32 one.
 - text-classification (the shipped MiniLM, an adapter trained with its label names): the trained names
   come back, with our runtime's probabilities (1e-4).
+- feature-extraction (a tiny BERT + a random adapter): last_hidden_state equals ours and PEFT's (1e-4).
 Negative checks: the default layout is not found by transformers.js; a corrupted weight moves its
 tokens and logits away from ours; swapped label names come back swapped.
 """
@@ -200,3 +201,28 @@ def test_swapped_label_names_come_back_swapped(node, classifier):
     expected = probabilities(str(classifier["root"] / classifier["name"]), TEXTS)
     np.testing.assert_allclose(theirs, expected[:, ::-1], atol=1e-4, rtol=0)
     assert np.abs(theirs - expected).max() > 1e-2  # the trained head does not sit at 0.5
+
+
+def test_feature_extraction_equals_our_runtime_and_peft(node, model_dir, adapter_dir, tmp_path):
+    """A tiny BERT encoder merged with a random adapter: transformers.js' feature-extraction output (no
+    pooling) is our runtime's last_hidden_state and PEFT's, on the ids its tokenizer made."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from ia3_export.export import export_model
+    from ia3_export.runtime import IA3Session
+
+    base, adapter = model_dir("bert", "feature-extraction"), adapter_dir("bert", "feature-extraction")
+    export_model(base, str(tmp_path / "bert"), adapters=[adapter], layout=LAYOUT)
+    rows = node("tjs_features.mjs", tmp_path, "bert", json.dumps(TEXTS[:2]))["rows"]
+    session = IA3Session(str(tmp_path / "bert"))
+    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter).eval()
+    for row in rows:
+        ids = np.array([row["input_ids"]], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        theirs = np.array(row["hidden"])
+        np.testing.assert_allclose(theirs, session.run(feeds)["last_hidden_state"][0], atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            reference = peft(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].numpy()
+        np.testing.assert_allclose(theirs, reference, atol=1e-4, rtol=1e-4)

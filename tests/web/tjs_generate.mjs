@@ -3,13 +3,10 @@
 // line: per prompt the greedy text (pipeline), the prompt's and the new token ids (model.generate) and
 // the prompt's last-position logits (one forward pass). DTYPE (optional) overrides config.json's
 // transformers.js_config.dtype, as a user's `dtype` option would.
-import { pipeline, env } from '@huggingface/transformers';
+import { localPipeline } from './tjs_load.mjs';
 
 const [root, name, maxNewTokens, promptsJson, dtype] = process.argv.slice(2);
-env.allowRemoteModels = false;
-env.localModelPath = root;
-
-const generator = await pipeline('text-generation', name, { local_files_only: true, ...(dtype ? { dtype } : {}) });
+const generator = await localPipeline('text-generation', root, name, dtype ? { dtype } : {});
 const max_new_tokens = Number(maxNewTokens);
 const rows = [];
 for (const prompt of JSON.parse(promptsJson)) {
