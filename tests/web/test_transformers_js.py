@@ -226,3 +226,19 @@ def test_feature_extraction_equals_our_runtime_and_peft(node, model_dir, adapter
         with torch.no_grad():
             reference = peft(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].numpy()
         np.testing.assert_allclose(theirs, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_in_external_data_load_by_transformers_js_names(node, llama, tmp_path, monkeypatch):
+    """Past the protobuf limit (lowered here) the weights go to `onnx/<file>_data`, the name transformers.js
+    derives from the graph's, and config.json lists the file; Node loads it and equals our runtime."""
+    from ia3_export.export import export_model, graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_ABOVE", 0)
+    export_model(llama["base"], str(tmp_path / "split"), adapters=[llama["adapter"]], layout=LAYOUT, quantize="int4")
+    assert sorted(os.listdir(tmp_path / "split" / "onnx")) == ["model_q4.onnx", "model_q4.onnx_data"]
+    with open(tmp_path / "split" / "config.json") as f:
+        assert json.load(f)["transformers.js_config"] == {"dtype": "q4", "use_external_data_format": {"model_q4.onnx": 1}}
+    rows = generate_in_node(node, tmp_path, "split")
+    mine = ours(str(tmp_path / "split"), rows)
+    assert [r["new_ids"] for r in rows] == mine["new_ids"]
+    np.testing.assert_allclose(theirs_logits(rows), mine["last_logits"], atol=1e-4, rtol=1e-4)
