@@ -1,5 +1,5 @@
 """`export --layout transformers.js`: the folder transformers.js reads (files per dtype under onnx/,
-config.json naming the dtype), still a folder our runtime opens; and what transformers.js cannot
+config.json naming the dtype), still a folder our runtime and `parity` open; and what transformers.js cannot
 drive is refused in one line before any work. That transformers.js itself loads and runs these
 folders is tests/web/test_transformers_js.py (Node, IA3_WEB=1)."""
 from __future__ import annotations
@@ -41,6 +41,8 @@ def test_the_graph_goes_to_onnx_named_by_its_dtype(tmp_path, model_dir, adapter_
     options = GenerationOptions(max_new_tokens=8)
     ours = [generate_ids(IA3Session(f), [[5, 6, 7, 8]], None, options)[0] for f in (out, default)]
     assert ours[0] == ours[1]
+    checked = run_cli("parity", base, out, "--adapter", adapter)  # and parity finds the graph under onnx/
+    assert checked.exit_code == 0 and "PASS" in checked.stdout, checked.output
     assert read(default, "ia3_export.json")["graphs"]["model"]["file"] == "model.onnx"
     assert "transformers.js_config" not in read(default, "config.json") and "layout" not in read(default, "ia3_export.json")
 
