@@ -4,7 +4,7 @@ import os
 import click
 
 from ..core.config import parse_modules as _modules
-from ..formats.manifest import GRAPHS, MERGED, MODES, TRACED
+from ..formats.manifest import GRAPHS, LAYOUTS, MERGED, MODES, OPTIMUM, TRACED
 from ..tasks import EXPORT_TASKS as TASKS
 from .options import IntRange, OutputPath, progress_option, trust_remote_code_option
 
@@ -43,12 +43,16 @@ from .options import IntRange, OutputPath, progress_option, trust_remote_code_op
               help="traced: torch.onnx traces the model (every task and mode); fused: onnxruntime-genai's model builder "
                    "graph (GroupQueryAttention, fused q/k/v, shared KV buffer), Llama-family decoders, fp32 or fp16 (the "
                    "builder's CUDA graph, which ONNX Runtime's CPU runs too), needs the `fused` extra (docs/export.md).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=OPTIMUM, show_default=True,
+              help="optimum: model.onnx at the root (ORTModelForCausalLM, onnxruntime-genai); transformers.js: "
+                   "onnx/model[_fp16|_int8|_q4].onnx as pipeline(task, folder) loads it, merged traced exports "
+                   "(docs/web.md).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @trust_remote_code_option
 @progress_option
 def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modules, feedforward_modules, exporter,
-            quantize, block_size, asymmetric, accuracy_level, quantize_lm_head, quantize_embeddings, graph, force,
-            trust_remote_code):
+            quantize, block_size, asymmetric, accuracy_level, quantize_lm_head, quantize_embeddings, graph, layout,
+            force, trust_remote_code):
     """Export MODEL_DIR to ONNX (validated against PyTorch on ONNX Runtime) with an ia3_export.json manifest."""
     from ..formats.adapter_names import name_for
     from ..export import export_model
@@ -61,7 +65,7 @@ def command(model_dir, out_dir, mode, adapters, task, dtype, opset, target_modul
     manifest = export_model(model_dir, out_dir, mode=mode, adapters=list(adapters), task=task, dtype=dtype, opset=opset,
                             target_modules=_modules(target_modules), feedforward_modules=_modules(feedforward_modules),
                             exporter=exporter, force=force, trust_remote_code=trust_remote_code,
-                            quantize=options, graph=graph)
+                            quantize=options, graph=graph, layout=layout)
     for path in adapters:  # an adapter's name is its folder's, made valid (adapter_names.name_for)
         folder, name = os.path.basename(os.path.normpath(path)), name_for(path)
         if name != folder and not export_mode(mode).folds_adapters:

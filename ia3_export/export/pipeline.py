@@ -33,6 +33,7 @@ from . import graph as onnx_graph
 from .compat import traceable_masks
 from .fused import BuilderGraphs
 from .genai import validate_with_genai, write_genai_files
+from . import layouts
 from .modes import Export, export_mode
 from .quantize import quantize_graph, quantize_options
 from .reference import load_model, probe_shape, sample_feeds
@@ -49,10 +50,11 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
                  task: str | None = None, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                  target_modules: list[str] | str | None = None, feedforward_modules: list[str] | str | None = None,
                  exporter: str = "torchscript", force: bool = False, trust_remote_code: bool = False,
-                 quantize=None, graph: str = TRACED) -> dict:
+                 quantize=None, graph: str = TRACED, layout: str = layouts.OPTIMUM) -> dict:
     """Export and validate; returns the manifest written as `ia3_export.json`. `quantize`: None,
     "int4", "int8" or a `QuantizeOptions` (see export/quantize.py). `graph`: who makes the graphs
-    (`GRAPH_FACTORIES`: "traced" by torch.onnx, "fused" by onnxruntime-genai's model builder)."""
+    (`GRAPH_FACTORIES`: "traced" by torch.onnx, "fused" by onnxruntime-genai's model builder).
+    `layout`: where the graph goes (export/layouts.py: "optimum", or "transformers.js")."""
     strategy = _check_options(mode, dtype, opset, exporter)
     strategy.check_options(exporter, target_modules, feedforward_modules)
     quantize = quantize_options(quantize)
@@ -65,6 +67,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
     for a in adapter_files:  # as the export stores them: a vector entry of 1e5 is inf in float16
         check_finite(a.tensors, a.path, ALL_DTYPES[dtype].numpy)
     spec = resolve_task(task, config, model_dir, adapter_files)
+    layouts.check_layout(layout, strategy, graph, spec)
     factory.check(strategy, config, spec, dtype)
     names = adapter_names(adapter_files, "two adapters get the name {name!r} (an adapter's name is its folder name, "
                                          "with characters other than letters, digits, '_', '-', '.' replaced by '_'); "
@@ -77,6 +80,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
     ia3, vectors, hf_model = strategy.prepare(model, adapter_files, target_modules, feedforward_modules)
     shape = probe_shape(hf_model, spec, dtype)
     specs = graph_specs(spec, shape.num_layers, token_type_ids=config["model_type"] == "bert")
+    layouts.place(layout, specs, dtype, quantize)
     ex = Export(model_dir, spec, adapter_files, [] if strategy.folds_adapters else names, dtype, opset, shape, ia3,
                 vectors, graph_wrappers(hf_model, spec, shape, vectors, specs))
 
@@ -86,6 +90,7 @@ def export_model(model_dir: str, out_dir: str, *, mode: str = MERGED, adapters: 
         adapter_entries = strategy.write_adapters(ex, tmp)
         extra = strategy.finish(ex, tmp, graphs)
         write_side_files(model_dir, tmp, hf_model, spec)
+        extra = {**extra, **layouts.finish(layout, tmp, graphs, dtype, quantize)}
         made = factory.manifest_fields(ex)
         manifest = new_manifest(
             mode=mode, task=spec.name, model_type=config["model_type"], dtype=dtype, opset=made["opset"],
@@ -174,8 +179,9 @@ def _trace(strategy, ex: Export, graph, wrapper, part, path, exporter, tmp) -> t
     args = [torch.from_numpy(feeds[n]) for n in graph.inputs] + extra_args
     axes = dict(graph.dynamic_axes) | extra_axes
     scratch = os.path.join(tmp, ".trace")
-    os.makedirs(scratch, exist_ok=True)
     traced = os.path.join(scratch, graph.file)
+    for folder in (os.path.dirname(traced), os.path.dirname(path)):  # a layout may put graphs in a subfolder
+        os.makedirs(folder, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings(), traceable_masks():
         warnings.simplefilter("ignore")
         try:

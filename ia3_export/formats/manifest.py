@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 # (export/modes/) and the runtime bindings (runtime/bindings.py) are all keyed by these names.
 MODES = (MERGED, SWAPPABLE, BANK, FOLDSWAP) = ("merged", "swappable", "bank", "foldswap")
 GRAPHS = (TRACED, FUSED) = ("traced", "fused")  # who makes the graphs: torch.onnx, or onnxruntime-genai's builder
+LAYOUTS = (OPTIMUM, TRANSFORMERS_JS) = ("optimum", "transformers.js")  # where the graphs go (export/layouts.py)
 DTYPES = EXPORT_DTYPES  # what an export's dtype field may say (the dtype table's list)
 REQUIRED_KEYS = ("format", "format_version", "mode", "task", "model_type", "dtype", "graphs")
 
