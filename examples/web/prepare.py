@@ -46,7 +46,7 @@ def graph_bytes(folder: str) -> int:
     return sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*.onnx*")))
 
 
-def _random_adapter(base_dir: str, out: str, seed: int) -> str:
+def random_adapter(base_dir: str, out: str, seed: int) -> str:
     """An adapter with random vectors (ones +- RANDOM_SPREAD) on the default targets: different text."""
     from ia3_export.core.config import IA3Config
     from ia3_export.core.loading import load_base_model
@@ -58,9 +58,21 @@ def _random_adapter(base_dir: str, out: str, seed: int) -> str:
     return model.save_adapter(out)
 
 
-def prepare(out: str = DEFAULT_OUT) -> dict:
-    """Build the demo's folder at `out` (replacing one this script wrote before); returns demo.json's content."""
+def demo_model(tmp: str) -> tuple[str, list[str]]:
+    """The page's default model: the trained toy LM, its `sounds` adapter first, then the random ones."""
     from ia3_export.examples.shipped import tiny_causal_lm
+
+    lm = tiny_causal_lm(os.path.join(tmp, "train", "lm"))
+    sounds = os.path.join(tmp, "train", "sounds")
+    shutil.copytree(lm["adapter_dir"], sounds)
+    return lm["base_dir"], [sounds] + [random_adapter(lm["base_dir"], os.path.join(tmp, "train", name), seed)
+                                       for name, seed in RANDOM_ADAPTERS.items()]
+
+
+def prepare(out: str = DEFAULT_OUT, model=demo_model, prompts=PROMPTS) -> dict:
+    """Build the page's folder at `out` (replacing one this script wrote before); returns demo.json's
+    content. `model(tmp) -> (base_dir, adapter_dirs)` writes the inputs inside the folder being built
+    (scripts/bench_web.py passes a larger one); the first adapter is also merged, for the size comparison."""
     from ia3_export.export import export_model
     from ia3_export.formats.atomic import atomic_output_dir, open_for_writing
     from ia3_export.formats.jsonfile import dumps
@@ -69,23 +81,19 @@ def prepare(out: str = DEFAULT_OUT) -> dict:
     js = module_dir()
     out = os.path.abspath(out)
     with atomic_output_dir(out, force=True) as tmp:
-        lm = tiny_causal_lm(os.path.join(tmp, "train", "lm"))
-        sounds = os.path.join(tmp, "train", "sounds")
-        shutil.copytree(lm["adapter_dir"], sounds)
-        adapters = [sounds] + [_random_adapter(lm["base_dir"], os.path.join(tmp, "train", name), seed)
-                               for name, seed in RANDOM_ADAPTERS.items()]
+        base_dir, adapters = model(tmp)
         model_dir = os.path.join(tmp, "model")
-        shipped = export_model(lm["base_dir"], model_dir, mode=SWAPPABLE, adapters=adapters)["adapters"]
-        export_model(lm["base_dir"], os.path.join(tmp, "merged"), mode=MERGED, adapters=[sounds])
+        shipped = export_model(base_dir, model_dir, mode=SWAPPABLE, adapters=adapters)["adapters"]
+        export_model(base_dir, os.path.join(tmp, "merged"), mode=MERGED, adapters=adapters[:1])
         os.makedirs(os.path.join(tmp, "js"))
         for path in glob.glob(os.path.join(js, "*.mjs")):
             shutil.copyfile(path, os.path.join(tmp, "js", os.path.basename(path)))
         demo = {
-            "model": "model/", "module": "js/ia3.mjs", "prompts": PROMPTS,
+            "model": "model/", "module": "js/ia3.mjs", "prompts": list(prompts),
             "base": {"bytes": graph_bytes(model_dir)},
             "adapters": [{"name": a["name"], "file": f"model/{a['file']}",
                           "bytes": os.path.getsize(os.path.join(model_dir, a["file"]))} for a in shipped],
-            "merged": {"adapter": "sounds", "dir": "merged/", "bytes": graph_bytes(os.path.join(tmp, "merged"))},
+            "merged": {"adapter": shipped[0]["name"], "dir": "merged/", "bytes": graph_bytes(os.path.join(tmp, "merged"))},
         }
         with open_for_writing(os.path.join(tmp, "demo.json")) as f:
             f.write(dumps(demo) + "\n")
