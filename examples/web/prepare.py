@@ -100,6 +100,17 @@ def prepare(out: str = DEFAULT_OUT, model=demo_model, prompts=PROMPTS) -> dict:
     return demo
 
 
+def main(argv=None) -> None:
+    """The command: prepare OUT (default build/web); a bad input is one `error:` line, exit 1."""
+    from ia3_export.errors import IA3Error
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        done = prepare(argv[0] if argv else DEFAULT_OUT)
+    except IA3Error as e:
+        sys.exit(f"error: {e}")
+    print(f"prepared {len(done['adapters'])} adapters: {', '.join(a['name'] for a in done['adapters'])}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    done = prepare(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_OUT)
-    print(f"prepared {len(done['adapters'])} adapters: {', '.join(a['name'] for a in done['adapters'])}")
+    main()

@@ -67,13 +67,17 @@ def main(argv=None) -> None:
     p.add_argument("--no-prepare", action="store_true", help="serve --build as it is, even if missing")
     p.add_argument("--verbose", action="store_true", help="log each request")
     args = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(ROOT, "node_modules", "onnxruntime-web")):
+        sys.exit("error: node_modules/onnxruntime-web is missing; run `npm ci` at the repository root first")
     if not args.no_prepare and not os.path.exists(os.path.join(args.build, "demo.json")):
         sys.path.insert(0, HERE)
         import prepare
-        prepare.prepare(args.build)
-    if not os.path.isdir(os.path.join(ROOT, "node_modules", "onnxruntime-web")):
-        sys.exit("error: node_modules/onnxruntime-web is missing; run `npm ci` at the repository root first")
-    with http.server.ThreadingHTTPServer(("127.0.0.1", args.port), IsolatedHandler) as server:
+        prepare.main([args.build])
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), IsolatedHandler)
+    except OSError as e:
+        sys.exit(f"error: cannot listen on 127.0.0.1:{args.port} ({e.strerror}); pick another port with --port")
+    with server:
         server.verbose = args.verbose
         server.served = {"examples/web/": HERE, "node_modules/": os.path.join(ROOT, "node_modules"),
                          "build/web/": os.path.abspath(args.build)}
