@@ -20,13 +20,17 @@ export async function timeGenerate(model, { adapter, ids, maxNewTokens, repeats 
 }
 
 /** `rounds` switches cycling through `names` (and the base, null), each timed as useAdapter reports it
- * and by the caller's clock around it. -> { medianMs, maxMs, outerMedianMs } */
+ * and by the caller's clock around it; meanMs is the whole loop's time per switch, which resolves what a
+ * single reading rounds to 0 (a cross-origin-isolated page's clock ticks in 5 us).
+ * -> { medianMs, maxMs, outerMedianMs, meanMs, rounds } */
 export function timeSwitches(model, names, rounds) {
   const cycle = [...names, null], inner = [], outer = [];
+  const loop = now();
   for (let i = 0; i < rounds; i++) {
     const start = now();
     inner.push(model.useAdapter(cycle[i % cycle.length]));
     outer.push(now() - start);
   }
-  return { medianMs: median(inner), maxMs: Math.max(...inner), outerMedianMs: median(outer), rounds };
+  const meanMs = (now() - loop) / rounds;
+  return { medianMs: median(inner), maxMs: Math.max(...inner), outerMedianMs: median(outer), meanMs, rounds };
 }
