@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "web"))
 
 from benchlib import write_result  # noqa: E402
 import prepare  # noqa: E402
+import serve  # noqa: E402
 
 PROMPT = "the cat "
 
@@ -75,14 +76,8 @@ def node_runs(folder: str, spec: dict) -> dict:
 
 
 def browser_runs(folder: str, spec: dict) -> dict:
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "web", "serve.py"), "--port", "0",
-                               "--build", folder, "--no-prepare"], stdout=subprocess.PIPE, text=True)
-    try:
-        url = server.stdout.readline().strip()
+    with serve.running(folder) as url:
         return _json_line(["node", os.path.join(ROOT, "tests", "web", "browser_bench.mjs"), url, json.dumps(spec)])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _json_line(command: list[str]) -> dict:

@@ -9,9 +9,11 @@ first by prepare.py when it is missing). The first line it prints is the page's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import os
 import posixpath
+import subprocess
 import sys
 import urllib.parse
 
@@ -57,6 +59,22 @@ class IsolatedHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # quiet unless asked: the test reads the first line only
         if self.server.verbose:
             super().log_message(format, *args)
+
+
+@contextlib.contextmanager
+def running(build: str):
+    """This server in a child process on a free loopback port, serving `build` as it is: yields the
+    page's URL (for the browser test and scripts/bench_web.py)."""
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--port", "0", "--build", build,
+                               "--no-prepare"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        if not url:
+            raise RuntimeError(f"examples/web/serve.py exited {server.wait()} before serving")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main(argv=None) -> None:

@@ -8,6 +8,7 @@ InferenceSession) in under 10 ms with different text after the switch, show text
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEB = os.path.join(ROOT, "examples", "web")
 MAX_NEW_TOKENS = 16
+_spec = importlib.util.spec_from_file_location("web_demo_serve", os.path.join(WEB, "serve.py"))
+serve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +37,8 @@ def build(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page_url(build):
     """The one-line server on a free loopback port, serving `build` as /build/web/."""
-    server = subprocess.Popen([sys.executable, os.path.join(WEB, "serve.py"), "--port", "0", "--build", build,
-                               "--no-prepare"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        yield server.stdout.readline().strip()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with serve.running(build) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
