@@ -9,7 +9,9 @@
 #      same wheel), and the IA3 core's tests again on transformers 4.57 in that venv
 #   4. the lean job: a torch-free venv with the wheel's `cpu` extra serves folders the full one exported,
 #      and the onnxruntime-genai job: genai (its own torch-free venv) loads our exports and adapters,
-#      and the serve job: Triton (pytriton, its own torch-free venv with numpy<2) serves them on loopback
+#      and the serve job: Triton (pytriton, its own torch-free venv with numpy<2) serves them on loopback,
+#      and the JavaScript job: `npm ci` + Debian's chromium, ia3.mjs on onnxruntime-node and the demo page
+#      on onnxruntime-web in headless Chromium, against the installed wheel's runtime (scripts/web_check.sh)
 #   5. the main command, full run (the README's first command, minus set-up); its last line names
 #      any failed stage and it exits non-zero then
 # Arguments go to the main pytest run. Fails on the first failing step.
@@ -33,6 +35,8 @@ step "interop: onnxruntime-genai 0.18 serves our exports and adapters"
 bash scripts/interop_genai.sh
 step "serving: ia3-export serve behind Triton Inference Server (pytriton), loopback only"
 bash scripts/serve_check.sh
+step "JavaScript: ia3.mjs on onnxruntime-node, the demo page in headless Chromium"
+bash scripts/web_check.sh
 step "demo (full)"
 "$VENV/bin/ia3-export" demo --workdir "$(mktemp -d)/demo"
 step "done"
