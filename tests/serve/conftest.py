@@ -16,16 +16,12 @@ from ia3_export.serve.process import ServerProcess
 
 SERVE_DIR = os.environ.get("IA3_SERVE_DIR")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/, for cli_helpers
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for cli_helpers and job_helpers
+from job_helpers import skip_folder_unless  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if SERVE_DIR:
-        return
-    skip = pytest.mark.skip(reason="set IA3_SERVE_DIR (scripts/serve_check.sh does) to run the serve checks")
-    for item in items:
-        if str(item.fspath).startswith(HERE + os.sep):
-            item.add_marker(skip)
+    skip_folder_unless(items, HERE, bool(SERVE_DIR), "set IA3_SERVE_DIR (scripts/serve_check.sh does) to run the serve checks")
 
 
 def folder(*parts) -> str:

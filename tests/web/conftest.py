@@ -9,21 +9,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 WEB = os.environ.get("IA3_WEB") == "1"
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for job_helpers
+from job_helpers import skip_folder_unless  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if WEB:
-        return
-    skip = pytest.mark.skip(reason="set IA3_WEB=1 (scripts/web_check.sh does, after npm ci) to run the JavaScript checks")
-    for item in items:
-        if str(item.fspath).startswith(HERE + os.sep):
-            item.add_marker(skip)
+    skip_folder_unless(items, HERE, WEB, "set IA3_WEB=1 (scripts/web_check.sh does, after npm ci) to run the JavaScript checks")
 
 
 @pytest.fixture(scope="session")
