@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--verbose", action="store_true", help="log each request")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(ROOT, "node_modules", "onnxruntime-web")):
-        sys.exit("error: node_modules/onnxruntime-web is missing; run `npm ci` at the repository root first")
+        sys.exit("error: node_modules/onnxruntime-web is missing; run `ONNXRUNTIME_NODE_INSTALL=skip npm ci` at the repository root first")
     if not args.no_prepare and not os.path.exists(os.path.join(args.build, "demo.json")):
         sys.path.insert(0, HERE)
         import prepare
