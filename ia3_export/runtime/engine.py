@@ -160,6 +160,7 @@ class Engine:
         self.stats = {"prefill_runs": 0, "decode_runs": 0, "cache_copies": 0}  # ONNX Runtime runs; new batch arrays
         self.groups: dict = {}  # adapter name (None: every row) -> _Group
         self.kv_tokens = 0  # sum of the active rows' needs
+        self._active = 0  # admitted rows not yet finished (read per token by the server: a counter)
         self._queue: collections.deque[_Row] = collections.deque()
         self._lock, self._step_lock = threading.Lock(), threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -207,7 +208,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return sum(len(g.rows) + len(g.joining) for g in self.groups.values())
+        return self._active
 
     @property
     def queued(self) -> int:
@@ -236,6 +237,8 @@ class Engine:
                     self._guarded(group.rows + group.joining, self._place, group)
                 if group.slots:
                     self._guarded(group.rows, self._decode, group)
+                if not group.rows:
+                    self._release(group)
             with self._lock:
                 return bool(self._queue) or self.active > 0
 
@@ -278,11 +281,12 @@ class Engine:
         """Queued rows, in order, while the batch and the KV budget have room."""
         admitted = []
         with self._lock:
-            while (self._queue and self.active + len(admitted) < self.max_batch
+            while (self._queue and self._active < self.max_batch
                    and self.kv_tokens + self._queue[0].need <= self.kv_token_budget):
                 row = self._queue.popleft()
                 row.admitted = True
                 self.kv_tokens += row.need
+                self._active += 1
                 admitted.append(row)
         return admitted
 
@@ -346,9 +350,7 @@ class Engine:
             slots.pop()
         group.run = None
         if not slots:
-            group.kv = group.host = group.owner = None
-            group.width = 0
-            return
+            return self._release(group)
         concat, host = self.layout == KV_CONCAT, self._host(group)
         longest = max(r.seen for r in slots) if concat else max(r.need for r in slots)
         fits = host is not None and len(slots) <= next(iter(host.values())).shape[0] and longest <= group.width
@@ -377,6 +379,11 @@ class Engine:
             row.kv = None
         group.host, group.width = target, width
         group.kv = {past: self.graph.to_device(a[:len(slots)]) for past, a in target.items()}
+
+    @staticmethod
+    def _release(group: _Group) -> None:
+        """A group without rows lets its arrays go."""
+        group.slots, group.kv, group.host, group.owner, group.run, group.width = [], None, None, None, None, 0
 
     def _cols(self, row: _Row, width: int) -> slice:
         """The columns a row's cache fills: right-aligned (concat) or from 0 (shared)."""
@@ -436,6 +443,7 @@ class Engine:
                 self._queue.remove(row)
             elif row.admitted:
                 self.kv_tokens -= row.need
+                self._active -= 1
                 row.admitted = False
         for group in self.groups.values():
             if row in group.slots:

@@ -321,3 +321,95 @@ def test_an_export_without_a_decoder_cache_is_refused(tmp_path_factory, model_di
     s = IA3Session(export_once(tmp_path_factory, model_dir("bert", "seq-cls"), "merged", []))
     with pytest.raises(IA3Error, match="is a text-classification export without a decoder KV cache; the engine runs causal-lm exports"):
         Engine(s)
+
+
+def session_for(llama, fused_exports, export):
+    """(session, adapter names) for "concat-bank", "concat-swappable" or "shared-bank" (`--graph fused`)."""
+    from ia3_export.runtime import IA3Session
+
+    layout, mode = export.split("-")
+    if layout == "concat":
+        return open_session(llama[mode], llama["a1"], llama["a2"]), ["adapter1", "adapter2"]
+    s = IA3Session(fused_exports(mode))
+    return s, s.load_shipped_adapters()
+
+
+@pytest.mark.parametrize("export", ["concat-bank", "concat-swappable", "shared-bank", "shared-swappable"])
+def test_arrivals_at_one_step_prefill_in_one_run_per_group_with_their_tokens_alone(llama, fused_llama, fused_exports, export):
+    """Five prompts of different lengths (1-9 tokens), base and adapters mixed, arrive together: a bank
+    export prefills them in ONE run (left-padded with positions, or right-padded for GroupQueryAttention),
+    a swappable one in one run per adapter group; each request's tokens are those it gets alone, and PEFT's."""
+    from ia3_export.runtime import Engine
+
+    s, names = session_for(llama, fused_exports, export)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40], [20, 21, 22], [30, 31, 32, 33, 34], [60, 61]]
+    adapters = [names[0], None, names[-1], names[0], None]
+    requests = [request(p, a, max_new_tokens=8) for p, a in zip(prompts, adapters)]
+    engine = Engine(s, max_batch=8)
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    assert engine.stats["prefill_runs"] == len(set(adapters)) if "swappable" in export else 1
+    assert engine.stats["decode_runs"] == engine.stats["prefill_runs"]  # then one decode step per group
+    while engine.step():
+        pass
+    tokens = [h.result(0).tokens for h in handles]
+    assert tokens == [alone(s, r) for r in requests]
+    base, adapter = (llama["base"], llama["a1"]) if export.startswith("concat") else fused_llama[:2]
+    for r, got in zip(requests, tokens):
+        if r.adapter == names[0]:
+            assert got == peft_greedy(base, adapter, [r.prompt], len(got))[0]
+
+
+@pytest.mark.parametrize("layout", ["concat", "shared"])
+def test_rows_leave_and_join_in_place_and_the_batch_compacts(llama, fused_exports, layout):
+    """Rows that end free their slot; a row joining at the next step boundary takes the free slot without
+    copying the batch cache, the free slots no row takes are filled by moving the last rows down, and
+    new arrays come only when a row needs more room. Tokens stay those alone throughout."""
+    from ia3_export.runtime import Engine
+
+    s, names = session_for(llama, fused_exports, f"{layout}-bank")
+    engine = Engine(s, max_batch=4)
+    # step 1 gives two tokens (prefill, decode), each later step one: max_new_tokens n ends in step n - 1
+    first = [request([5, 6, 7, 8, 9, 10, 11, 12], names[0], max_new_tokens=14),
+             request([20, 21, 22], None, max_new_tokens=4),  # ends in step 3: slot 1 frees
+             request([30, 31, 32, 33], names[-1], max_new_tokens=16),
+             request([40, 41], names[0], max_new_tokens=7)]  # ends in step 6: slot 3 frees
+    joins = request([50, 51], names[-1], max_new_tokens=6)  # a short prompt: fits the free slot
+    late = request([60] * 30, None, max_new_tokens=6)  # longer than any row's cache: new arrays
+    handles = [engine.submit(r) for r in first]
+    engine.step()
+    group = engine.groups[None]
+    assert group.slots == group.rows and len(group.slots) == 4 and engine.stats["cache_copies"] == 1
+    engine.step()
+    engine.step()
+    assert group.slots[1] is None and engine.active == 3  # the row ended: its slot is free, nothing copied
+    handles.append(engine.submit(joins))
+    engine.step()
+    assert group.slots[1].handle is handles[4] and engine.stats["cache_copies"] == 1  # joined in place
+    engine.step()
+    engine.step()
+    assert group.slots[3] is None
+    engine.step()  # slot 3 was the last: dropped
+    assert [r.handle for r in group.slots] == [handles[0], handles[4], handles[2]] and engine.stats["cache_copies"] == 1
+    handles.append(engine.submit(late))
+    engine.step()  # `joins` ends in this step (step 8)
+    assert engine.stats["cache_copies"] == 2 and len(group.slots) == 4 and group.slots[1] is None
+    engine.step()  # the last row moves down into the free slot: one row copied, not the batch
+    assert [r.handle for r in group.slots] == [handles[0], handles[5], handles[2]] and engine.stats["cache_copies"] == 2
+    while engine.step():
+        pass
+    assert [h.result(0).tokens for h in handles] == [alone(s, r) for r in first + [joins, late]]
+    assert group.slots == [] and group.kv is None  # an empty group lets its arrays go
+
+
+def test_a_bad_prompt_in_a_batched_prefill_fails_alone(llama):
+    """A token id past the vocabulary makes the batched prefill fail: each row is then prefilled alone, so
+    only that request ends with the error and the one that arrived with it gets its tokens."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    ok = request([5, 6, 7], "adapter1")
+    handles, _ = drive(Engine(s), {0: [ok, request([5, 10 ** 6])]})
+    assert handles[0].result(0).tokens == alone(s, ok)
+    bad = handles[1].result(0)
+    assert bad.finish_reason == "error" and bad.tokens == [] and "ONNX Runtime failed to run the model" in bad.error
