@@ -113,7 +113,7 @@ class _Row:
         self.handle, self.prompt, self.adapter, self.max_new = handle, prompt, adapter, max_new
         self.choose, self.stop, self.deadline = TokenChooser(options), stop, deadline
         self.need = len(prompt) + max_new  # KV tokens it may hold; the shared layout's buffer length
-        self.kv = None  # its prompt's cache (past name -> [heads, seen, dim]) between its prefill and its join
+        self.kv = None  # between its prefill and its join: (the prefill's outputs, past name -> [heads, seen, dim] view)
         self.seen = 0  # tokens whose keys and values are cached
         self.pending = None  # the chosen token the next step feeds
         self.admitted = False  # holds its share of the KV budget
@@ -314,14 +314,15 @@ class Engine:
         _, results, bound = prefill(self.session, seq, [r.adapter for r in rows], self.layout)
         self.stats["prefill_runs"] += 1
         logits = seq.last(results["logits"].numpy())
+        self._logits = logits.shape[1:], logits.dtype  # a decode step's logits: [rows, 1, vocab] of this type
         arrays = {past: results[name].numpy() for name, past in self.cache.items()}
         group = self.groups.setdefault(self._key(rows[0]), _Group())
-        for i, row in enumerate(rows):
+        for i, (row, token) in enumerate(zip(rows, self._choose(rows, logits))):
             row.seen = len(row.prompt)
             cols = slice(seq.length - row.seen, seq.length) if concat else slice(0, row.seen)
             # with the outputs and the values bound to them (the shared layout's buffers): kept alive
             row.kv = ((results, bound), {past: a[i, :, cols] for past, a in arrays.items()})
-            if self._advance(row, row.choose(logits[i:i + 1])[0]):
+            if self._advance(row, token):
                 group.joining.append(row)
 
     def _place(self, group: _Group) -> None:
@@ -410,7 +411,9 @@ class Engine:
             feeds["attention_mask"] = (np.arange(int(seen.max()) + 1) <= seen).astype(np.int64)
         if group.run is None:
             group.run = self.session.step_run("model", [r.adapter for r in rows], {**feeds, **group.kv})
-            group.run.bind_outputs({"logits": None, **{n: None if concat else group.kv[p] for n, p in self.cache.items()}})
+            # shared: every output bound once (the logits too), so a step neither re-binds nor wraps outputs
+            logits = None if concat else self.graph.to_device(np.empty((len(rows), 1, *self._logits[0]), self._logits[1]))
+            group.run.bind_outputs({"logits": logits, **{n: None if concat else group.kv[p] for n, p in self.cache.items()}})
             results = group.run.step()
         else:
             results = group.run.step({**feeds, **(group.kv if concat else {})})
@@ -421,9 +424,14 @@ class Engine:
             group.host = {past: v.numpy() for past, v in group.kv.items()} if self.graph.device[0] == "cpu" else None
         for row in rows:
             row.seen += 1
-        logits = results["logits"].numpy()[:, -1, :]
-        for i, row in enumerate(rows):  # a row that ends frees its slot
-            self._advance(row, row.choose(logits[i:i + 1])[0])
+        for row, token in zip(rows, self._choose(rows, results["logits"].numpy()[:, -1, :])):
+            self._advance(row, token)  # a row that ends frees its slot
+
+    @staticmethod
+    def _choose(rows: list[_Row], logits: np.ndarray) -> list[int]:
+        """Each row's token from its logits: one argmax for the greedy rows, each sampled row its own RNG."""
+        greedy = logits.argmax(-1).tolist()
+        return [row.choose(logits[i:i + 1])[0] if row.choose.options.do_sample else greedy[i] for i, row in enumerate(rows)]
 
     def _advance(self, row: _Row, token) -> bool:
         """Hand the token to the request; False (and the request finished) where it ends there."""
