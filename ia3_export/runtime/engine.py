@@ -140,7 +140,9 @@ class _Group:
 class Engine:
     """Continuous batching over `session` (see the module docstring). Drive it with `step()` until it
     returns False (tests, benchmarks), or `start()` its loop thread (or use it as a context manager);
-    `submit` is thread-safe."""
+    `submit` is thread-safe. `stats` counts prefill and decode runs and new batch arrays (cache_copies);
+    `after_step` callables run on the engine's thread after each step (a server's relay flushes the
+    step's events to its event loop there: serve/streaming.py)."""
 
     def __init__(self, session, max_batch: int = 8, max_queue: int = 64, kv_token_budget: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -158,6 +160,7 @@ class Engine:
         self.with_positions = "position_ids" in graph.inputs
         self._empty = empty_cache(graph, 1, session.folder.dtype, session.folder.cache)  # each past's shape and type
         self.stats = {"prefill_runs": 0, "decode_runs": 0, "cache_copies": 0}  # ONNX Runtime runs; new batch arrays
+        self.after_step: list[Callable[[], None]] = []
         self.groups: dict = {}  # adapter name (None: every row) -> _Group
         self.kv_tokens = 0  # sum of the active rows' needs
         self._active = 0  # admitted rows not yet finished (read per token by the server: a counter)
@@ -239,6 +242,8 @@ class Engine:
                     self._guarded(group.rows, self._decode, group)
                 if not group.rows:
                     self._release(group)
+            for hook in self.after_step:
+                hook()
             with self._lock:
                 return bool(self._queue) or self.active > 0
 

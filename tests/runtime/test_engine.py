@@ -413,3 +413,47 @@ def test_a_bad_prompt_in_a_batched_prefill_fails_alone(llama):
     assert handles[0].result(0).tokens == alone(s, ok)
     bad = handles[1].result(0)
     assert bad.finish_reason == "error" and bad.tokens == [] and "ONNX Runtime failed to run the model" in bad.error
+
+
+def test_the_servers_relay_wakes_its_event_loop_once_per_step_and_keeps_each_streams_order(llama):
+    """serve/streaming.py's Relay between the engine's thread and an event loop: every token and Result of
+    each request reaches its callback on the loop in order (those alone), and the loop is woken once per
+    engine step (Engine.after_step), not once per token."""
+    import asyncio
+
+    from ia3_export.runtime import Engine, Result
+    from ia3_export.serve.streaming import Relay
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    requests = [request([5, 6, 7, 8], "adapter1", max_new_tokens=12), request([11, 12], "adapter2", max_new_tokens=5),
+                request([20, 21, 22], None, max_new_tokens=9)]
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), [[] for _ in requests]
+        engine = Engine(s)
+        relay, wakes, steps = Relay(loop, engine), [], [0]
+        deliver = relay._deliver
+        relay._deliver = lambda pending: (wakes.append(len(pending)), deliver(pending))
+        done = [asyncio.Event() for _ in requests]
+
+        def arrive(i):
+            def deliver(event):
+                got[i].append(event)
+                if isinstance(event, Result):
+                    done[i].set()
+            return deliver
+        for i, r in enumerate(requests):
+            engine.submit(r, on_event=lambda e, d=arrive(i): relay.put(d, e))
+
+        def run():
+            while engine.step():
+                steps[0] += 1
+            steps[0] += 1
+        await loop.run_in_executor(None, run)  # the engine's steps on another thread, as its loop thread does
+        await asyncio.wait_for(asyncio.gather(*(d.wait() for d in done)), 10)
+        return got, wakes, steps[0]
+
+    got, wakes, steps = asyncio.run(main())
+    want = [alone(s, r) for r in requests]
+    assert [g[:-1] for g in got] == want and all(g[-1].tokens == w for g, w in zip(got, want))
+    assert len(wakes) == steps == 11 and sum(wakes) == sum(len(w) + 1 for w in want)  # 29 events, 11 wakes
