@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -53,15 +54,20 @@ class Request:
 
 @dataclasses.dataclass
 class Result:
-    """New tokens (the EOS or the token that completed a stop string included), their text where the
-    folder has a tokenizer, why generation ended (stop, length, deadline, cancelled or error), what
-    went wrong for "error", and the prompt's length in tokens."""
+    """New tokens (the EOS or the token that completed a stop string included), why generation ended
+    (stop, length, deadline, cancelled or error), what went wrong for "error", the prompt's length in
+    tokens, and `text` where the folder has a tokenizer: decoded when first read, on the reader's
+    thread (a decode is a call to the tokenizer's child process: not on the engine's loop)."""
 
     tokens: list[int]
-    text: str | None
     finish_reason: str
     error: str | None = None
     prompt_tokens: int = 0
+    decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def text(self) -> str | None:
+        return self.decode(self.tokens) if self.decode is not None else None
 
 
 class Handle:
@@ -383,6 +389,8 @@ class Engine:
                 for past, a in target.items():
                     a[i, :, self._cols(row, width)] = kv[past]
             row.kv = None
+        if target is not host:
+            group.owner = None  # the old arrays go once copied
         group.host, group.width = target, width
         group.kv = {past: self.graph.to_device(a[:len(slots)]) for past, a in target.items()}
 
@@ -463,9 +471,8 @@ class Engine:
                 group.slots[group.slots.index(row)] = None
             if row in group.joining:
                 group.joining.remove(row)
-        tokens = list(row.handle.tokens)
-        text = self._tokenizer.decode(tokens) if self._tokenizer else None
-        row.handle._emit(Result(tokens, text, reason, error, len(row.prompt)))
+        decode = self._tokenizer.decode if self._tokenizer else None
+        row.handle._emit(Result(list(row.handle.tokens), reason, error, len(row.prompt), decode))
 
     def _guarded(self, rows: list[_Row], work, *args) -> None:
         """Run a prefill or a group's step; a failure ends the requests it concerns, never the loop."""

@@ -214,7 +214,8 @@ class GenerateStream:
                     batch.append(events.get_nowait())
                 tokens = [e for e in batch if not isinstance(e, Result)]
                 result = next((e for e in batch if isinstance(e, Result)), None)
-                piece = "".join(text.push(t) for t in tokens) + (text.finish() if result else "") if text else ""
+                # one decode per response, not per token: decode is a call to the tokenizer's child process
+                piece = "" if text is None else text.finish(*tokens) if result else text.push(*tokens)
                 if result is None:
                     yield [_response(piece, tokens)]
                     with contextlib.suppress(asyncio.TimeoutError):  # tokens gather meanwhile; the end cuts it short

@@ -457,3 +457,42 @@ def test_the_servers_relay_wakes_its_event_loop_once_per_step_and_keeps_each_str
     want = [alone(s, r) for r in requests]
     assert [g[:-1] for g in got] == want and all(g[-1].tokens == w for g, w in zip(got, want))
     assert len(wakes) == steps == 11 and sum(wakes) == sum(len(w) + 1 for w in want)  # 29 events, 11 wakes
+
+
+def test_a_text_stream_fed_several_tokens_at_once_decodes_once_per_push_and_joins_to_the_text(llama):
+    """The server pushes each response's tokens together (serve/streaming.py): one decode per push, pieces
+    that join to the whole text, and no piece ending in half a character, whatever the chunking."""
+    from ia3_export.runtime.generation import TextStream
+    from ia3_export.runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(llama["base"])
+    text = "héllo wörld, ça va? 日本語"
+    ids = tok.encode(text)
+    for size in (1, 2, 3, 7, len(ids)):
+        calls = []
+        stream = TextStream(lambda t: calls.append(len(t)) or tok.decode(t))
+        chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
+        pieces = [stream.push(*c) for c in chunks[:-1]] + [stream.finish(*chunks[-1])]
+        assert "".join(pieces) == tok.decode(ids) == text and len(calls) == len(chunks)
+        assert not any(p.endswith("\ufffd") for p in pieces)
+
+
+def test_a_results_text_is_decoded_when_read_not_on_the_engines_loop(llama):
+    """A decode is a round trip to the tokenizer's child process: the engine's step never waits for one;
+    the Result decodes its text on the thread that reads it, once."""
+    import types
+
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    engine, calls = Engine(s), []
+    decode = engine._tokenizer.decode
+    engine._tokenizer = types.SimpleNamespace(decode=lambda t: calls.append(threading.current_thread()) or decode(t))
+    handle = engine.submit(request([5, 6, 7], "adapter1", max_new_tokens=4))
+    engine.step()
+    thread = threading.Thread(target=lambda: [None for _ in iter(engine.step, False)])
+    thread.start()
+    thread.join()
+    assert calls == []
+    result = handle.result(0)
+    assert result.text == decode(result.tokens) == result.text and calls == [threading.current_thread()]
