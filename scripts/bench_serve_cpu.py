@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
 import statistics
 import time
 
+import bench_serve as bs  # its requests, streaming client and open loop
 from benchlib import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def bench_serve():
-    """scripts/bench_serve.py's requests, streaming client and open loop (one definition)."""
-    spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "scripts", "bench_serve.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def group_cpu_s(pgid: int) -> float:
@@ -55,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     from ia3_export.serve.process import ServerProcess
 
-    bs, rounds = bench_serve(), []
+    rounds = []
     with ServerProcess(args.folder, "--batching", "continuous", "--max-batch", str(args.max_batch),
                        "--provider", "cpu", "--drain-timeout", "10",
                        log_path=os.path.join(args.out, "bench_serve_cpu-server.log")) as server:
