@@ -2,14 +2,19 @@
 one ONNX Runtime batch per decode step, admits new requests at step boundaries and retires finished
 rows at once, so a short request never waits for a long one to end.
 
-A request's prompt runs alone (its prefill: the same run, with the same numbers, as the request
-alone), then its cache joins its group's batch: every row on a bank or merged export (a bank row
-per request's adapter), one group per adapter on swappable and foldswap exports. Rows sit at
-different lengths: in the concat layout (our traced graphs) each row's cache is right-aligned
-behind left padding that the attention mask hides, with its own position ids; in the shared layout
-(`--graph fused`, GroupQueryAttention) each row starts at column 0 of one buffer and the mask gives
-each row's length. While a group keeps its rows the batch cache stays on the device; when rows join
-or leave, it is split into each row's own cache and gathered again (the common left padding goes).
+Prompts admitted at one step boundary prefill together, one run per group (left-padded in the
+concat layout, with mask and position ids as transformers builds them; right-padded in the shared
+one, each row's length from the mask); each row's cache then joins its group's batch: every row on
+a bank or merged export (a bank row per request's adapter), one group per adapter on swappable and
+foldswap exports. A group's batch cache is a set of host arrays (on the CPU, the very memory ONNX
+Runtime reads and writes), one slot per row. Rows sit at different lengths: in the concat layout
+(our traced graphs) each row's cache is right-aligned behind left padding that the mask hides, with
+its own position ids; in the shared layout (`--graph fused`, GroupQueryAttention) each row starts at
+column 0 of one buffer of capacity rows x capacity length (grown geometrically, bound as past and
+present) and the mask gives each row's length. A row that ends frees its slot; at the next step
+boundary a joining row's prompt cache is written into a free slot, the free slots left are filled by
+moving the last rows down, and the arrays are copied only when they lack room (more rows, a longer
+prompt or need) or when the common left padding passes half the width (trimmed).
 Each request keeps its own TokenChooser (its seeded RNG), EOS and stop strings, so its tokens are
 those of the same request run alone (up to float rounding of a batched run: near-ties can flip).
 Bounded: `max_queue` waiting requests (past it `submit` says busy), `max_batch` active rows, a KV
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -31,8 +37,8 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
-from .generation import (GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, eos_ids, is_int, is_real,
-                         kv_layout, new_token_budget, prefill)
+from .generation import (GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, empty_cache, eos_ids, is_int,
+                         is_real, kv_layout, new_token_budget, prefill)
 
 
 @dataclasses.dataclass
@@ -48,15 +54,20 @@ class Request:
 
 @dataclasses.dataclass
 class Result:
-    """New tokens (the EOS or the token that completed a stop string included), their text where the
-    folder has a tokenizer, why generation ended (stop, length, deadline, cancelled or error), what
-    went wrong for "error", and the prompt's length in tokens."""
+    """New tokens (the EOS or the token that completed a stop string included), why generation ended
+    (stop, length, deadline, cancelled or error), what went wrong for "error", the prompt's length in
+    tokens, and `text` where the folder has a tokenizer: decoded when first read, on the reader's
+    thread (a decode is a call to the tokenizer's child process: not on the engine's loop)."""
 
     tokens: list[int]
-    text: str | None
     finish_reason: str
     error: str | None = None
     prompt_tokens: int = 0
+    decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def text(self) -> str | None:
+        return self.decode(self.tokens) if self.decode is not None else None
 
 
 class Handle:
@@ -108,24 +119,36 @@ class _Row:
         self.handle, self.prompt, self.adapter, self.max_new = handle, prompt, adapter, max_new
         self.choose, self.stop, self.deadline = TokenChooser(options), stop, deadline
         self.need = len(prompt) + max_new  # KV tokens it may hold; the shared layout's buffer length
-        self.kv = None  # its own cache (past name -> [1, heads, seen, dim]) while outside a batch
+        self.kv = None  # between its prefill and its join: (the prefill's outputs, past name -> [heads, seen, dim] view)
         self.seen = 0  # tokens whose keys and values are cached
         self.pending = None  # the chosen token the next step feeds
         self.admitted = False  # holds its share of the KV budget
 
 
 class _Group:
-    """Rows that run as one batch, and the batch's cache (past name -> device value), mask and StepRun."""
+    """Rows that run as one batch: `slots` (a row, or None where a row ended: free until the next step
+    boundary), the batch cache `kv` (past name -> the OrtValue the graph reads) and `host` (the same as
+    host arrays [rows, heads, width, dim]: on the CPU its very memory), `width` (concat: the cache's
+    columns; shared: the buffer's), `owner` (the outputs whose memory `host` views) and the StepRun,
+    rebuilt when the slots change."""
 
     def __init__(self):
-        self.rows: list[_Row] = []
-        self.kv = self.mask = self.run = None
+        self.slots: list[_Row | None] = []
+        self.joining: list[_Row] = []  # prefilled this step, placed before the decode
+        self.kv = self.host = self.owner = self.run = None
+        self.width = 0
+
+    @property
+    def rows(self) -> list[_Row]:
+        return [r for r in self.slots if r is not None]
 
 
 class Engine:
     """Continuous batching over `session` (see the module docstring). Drive it with `step()` until it
     returns False (tests, benchmarks), or `start()` its loop thread (or use it as a context manager);
-    `submit` is thread-safe."""
+    `submit` is thread-safe. `stats` counts prefill and decode runs and new batch arrays (cache_copies);
+    `after_step` callables run on the engine's thread after each step (a server's relay flushes the
+    step's events to its event loop there: serve/streaming.py)."""
 
     def __init__(self, session, max_batch: int = 8, max_queue: int = 64, kv_token_budget: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -141,8 +164,12 @@ class Engine:
         self.max_batch, self.max_queue, self.clock = max_batch, max_queue, clock
         self.kv_token_budget = kv_token_budget or max_batch * (session.folder.max_positions or 4096)
         self.with_positions = "position_ids" in graph.inputs
+        self._empty = empty_cache(graph, 1, session.folder.dtype, session.folder.cache)  # each past's shape and type
+        self.stats = {"prefill_runs": 0, "decode_runs": 0, "cache_copies": 0}  # ONNX Runtime runs; new batch arrays
+        self.after_step: list[Callable[[], None]] = []
         self.groups: dict = {}  # adapter name (None: every row) -> _Group
         self.kv_tokens = 0  # sum of the active rows' needs
+        self._active = 0  # admitted rows not yet finished (read per token by the server: a counter)
         self._queue: collections.deque[_Row] = collections.deque()
         self._lock, self._step_lock = threading.Lock(), threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -190,7 +217,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return sum(len(g.rows) for g in self.groups.values())
+        return self._active
 
     @property
     def queued(self) -> int:
@@ -198,8 +225,9 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> bool:
-        """One iteration: retire cancelled and timed-out requests, admit what fits from the queue (each
-        prefill gives its first token), then one decode step per group. Returns whether requests remain."""
+        """One iteration: retire cancelled and timed-out requests, admit what fits from the queue and
+        prefill it (one run per group; each row's first token), place the new rows in their groups'
+        batches, then one decode step per group. Returns whether requests remain."""
         with self._step_lock:
             now = self.clock()
             with self._lock:
@@ -208,11 +236,20 @@ class Engine:
                 if row.handle.cancelled or (row.deadline is not None and now >= row.deadline):
                     reason = "error" if row.handle.error else "cancelled" if row.handle.cancelled else "deadline"
                     self._finish(row, reason, row.handle.error)
+            batches: dict = {}
             for row in self._admit():
-                self._guarded([row], self._prefill, row)
+                batches.setdefault(self._key(row), []).append(row)
+            for rows in batches.values():
+                self._prefill_batch(rows)
             for group in list(self.groups.values()):
-                if group.rows:
+                if group.joining or None in group.slots:
+                    self._guarded(group.rows + group.joining, self._place, group)
+                if group.slots:
                     self._guarded(group.rows, self._decode, group)
+                if not group.rows:
+                    self._release(group)
+            for hook in self.after_step:
+                hook()
             with self._lock:
                 return bool(self._queue) or self.active > 0
 
@@ -255,58 +292,159 @@ class Engine:
         """Queued rows, in order, while the batch and the KV budget have room."""
         admitted = []
         with self._lock:
-            while (self._queue and self.active + len(admitted) < self.max_batch
+            while (self._queue and self._active < self.max_batch
                    and self.kv_tokens + self._queue[0].need <= self.kv_token_budget):
                 row = self._queue.popleft()
                 row.admitted = True
                 self.kv_tokens += row.need
+                self._active += 1
                 admitted.append(row)
         return admitted
 
-    def _prefill(self, row: _Row) -> None:
-        """The prompt alone (as the request alone would run it); its cache then joins its group."""
-        seq = Sequence([row.prompt], row.max_new, self.session.folder.pad_id(), right_pad=self.layout == KV_SHARED)
-        _, results, _ = prefill(self.session, seq, [row.adapter], self.layout)
-        row.seen = len(row.prompt)
-        # a copy: numpy() is a view, and the shared layout's buffer goes with the prefill's run
-        row.kv = {past: results[name].numpy()[:, :, :row.seen].copy() for name, past in self.cache.items()}
-        if self._advance(row, row.choose(seq.last(results["logits"].numpy()))[0]):
-            group = self.groups.setdefault(None if self.session.binding.mixes_adapters else row.adapter, _Group())
-            self._split(group)
-            group.rows.append(row)
+    def _key(self, row: _Row):
+        """The row's group: every row on an export whose batch mixes adapters, else its adapter's."""
+        return None if self.session.binding.mixes_adapters else row.adapter
+
+    def _prefill_batch(self, rows: list[_Row]) -> None:
+        """One prefill for the rows of one group; where it fails, each row alone, so a bad prompt (a
+        token id past the vocabulary) ends its own request, not those that arrived with it."""
+        if len(rows) > 1:
+            try:
+                return self._prefill(rows)
+            except Exception:  # noqa: BLE001 - retried row by row just below, where the error is reported
+                pass
+        for row in rows:
+            self._guarded([row], self._prefill, [row])
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """The prompts in one run, padded as the layout needs (left: concat, right: shared): each row's
+        first token, and its prompt's cache (views of the run's outputs, which `_place` copies into
+        the batch within the step)."""
+        concat = self.layout == KV_CONCAT
+        seq = Sequence([r.prompt for r in rows], 0, self.session.folder.pad_id(), right_pad=not concat)
+        _, results, bound = prefill(self.session, seq, [r.adapter for r in rows], self.layout)
+        self.stats["prefill_runs"] += 1
+        logits = seq.last(results["logits"].numpy())
+        self._logits = logits.shape[1:], logits.dtype  # a decode step's logits: [rows, 1, vocab] of this type
+        arrays = {past: results[name].numpy() for name, past in self.cache.items()}
+        group = self.groups.setdefault(self._key(rows[0]), _Group())
+        for i, (row, token) in enumerate(zip(rows, self._choose(rows, logits))):
+            row.seen = len(row.prompt)
+            cols = slice(seq.length - row.seen, seq.length) if concat else slice(0, row.seen)
+            # with the outputs and the values bound to them (the shared layout's buffers): kept alive
+            row.kv = ((results, bound), {past: a[i, :, cols] for past, a in arrays.items()})
+            if self._advance(row, token):
+                group.joining.append(row)
+
+    def _place(self, group: _Group) -> None:
+        """Membership changes at a step boundary: rows whose adapter was unloaded end; the joining
+        rows take the free slots (then go after the last); the last rows move down into the free
+        slots left. Their caches are copied row by row into the batch's arrays where these have room
+        (rows, columns; concat: left padding at most half the width), else into new ones (counted in
+        stats["cache_copies"]): concat as wide as the longest row, shared with geometric headroom."""
+        for row in group.rows + group.joining:
+            if row.adapter is not None and row.adapter not in self.session.adapters:
+                self._finish(row, "error", f"adapter {row.adapter!r} was unloaded while the request ran; submit it again")
+        joining, group.joining = group.joining, []
+        before = {id(r): i for i, r in enumerate(group.slots) if r is not None}
+        slots, holes = group.slots, [i for i, r in enumerate(group.slots) if r is None]
+        for row in joining:
+            if holes:
+                slots[holes.pop(0)] = row
+            else:
+                slots.append(row)
+        for hole in holes:  # above every joined row: the rows moved down are older ones
+            while slots and slots[-1] is None:
+                slots.pop()
+            if hole < len(slots):
+                slots[hole] = slots.pop()
+        while slots and slots[-1] is None:
+            slots.pop()
+        group.run = None
+        if not slots:
+            return self._release(group)
+        concat, host = self.layout == KV_CONCAT, self._host(group)
+        longest = max(r.seen for r in slots) if concat else max(r.need for r in slots)
+        fits = host is not None and len(slots) <= next(iter(host.values())).shape[0] and longest <= group.width
+        if concat:
+            fits = fits and 2 * (group.width - longest) <= group.width
+        if fits:
+            target, width = host, group.width
+            moved = [(i, r) for i, r in enumerate(slots) if id(r) in before and before[id(r)] != i]
+        else:
+            rows, width = len(slots), longest
+            if not concat:
+                rows = max(rows, min(self.max_batch, 2 * len(slots)))
+                width = max(width, min(group.width * 3 // 2, self.session.folder.max_positions or width))
+            target = {past: np.zeros((rows, a.shape[1], width, a.shape[3]), a.dtype) for past, a in self._empty.items()}
+            moved = [(i, r) for i, r in enumerate(slots) if id(r) in before]
+            self.stats["cache_copies"] += 1
+        for i, row in moved:
+            cols, old = self._cols(row, width), self._cols(row, group.width)
+            for past, a in target.items():
+                a[i, :, cols] = host[past][before[id(row)], :, old]
+        for row in joining:
+            if row in slots:
+                i, (_, kv) = slots.index(row), row.kv
+                for past, a in target.items():
+                    a[i, :, self._cols(row, width)] = kv[past]
+            row.kv = None
+        if target is not host:
+            group.owner = None  # the old arrays go once copied
+        group.host, group.width = target, width
+        group.kv = {past: self.graph.to_device(a[:len(slots)]) for past, a in target.items()}
+
+    @staticmethod
+    def _release(group: _Group) -> None:
+        """A group without rows lets its arrays go."""
+        group.slots, group.kv, group.host, group.owner, group.run, group.width = [], None, None, None, None, 0
+
+    def _cols(self, row: _Row, width: int) -> slice:
+        """The columns a row's cache fills: right-aligned (concat) or from 0 (shared)."""
+        return slice(width - row.seen, width) if self.layout == KV_CONCAT else slice(0, row.seen)
+
+    def _host(self, group: _Group) -> dict | None:
+        """The batch cache as host arrays to edit in place: on the CPU the memory ONNX Runtime reads
+        (no copy), on another device a copy downloaded (then uploaded again by `_place`)."""
+        if group.kv is None:
+            return None
+        return group.host if self.graph.device[0] == "cpu" else {p: v.numpy() for p, v in group.kv.items()}
 
     def _decode(self, group: _Group) -> None:
-        """One step of every row in the group as one batch; rows that end leave it."""
-        if group.kv is None:
-            for row in [r for r in group.rows if r.adapter is not None and r.adapter not in self.session.adapters]:
-                self._finish(row, "error", f"adapter {row.adapter!r} was unloaded while the request ran; submit it again")
-            if not group.rows:
-                return
-            self._gather(group)
-        rows, layout = group.rows, self.layout
+        """One step of every row in the group as one batch (every slot holds a row: `_place` filled the
+        free ones); rows that end leave their slot free."""
+        rows, concat = list(group.slots), self.layout == KV_CONCAT
+        seen = np.array([r.seen for r in rows], np.int64)[:, None]
         feeds = {"input_ids": np.array([[r.pending] for r in rows], np.int64)}
         if self.with_positions:
-            feeds["position_ids"] = np.array([[r.seen] for r in rows], np.int64)
-        if layout == KV_CONCAT:
-            group.mask = np.concatenate([group.mask, np.ones((len(rows), 1), np.int64)], axis=1)
-            feeds["attention_mask"] = group.mask
-        else:
-            group.mask[np.arange(len(rows)), [r.seen for r in rows]] = 1
-            feeds["attention_mask"] = group.mask[:, :max(r.seen for r in rows) + 1]
+            feeds["position_ids"] = seen
+        if concat:  # right-aligned rows: the last `seen` columns and the new one
+            feeds["attention_mask"] = (np.arange(group.width + 1) >= group.width - seen).astype(np.int64)
+        else:  # from column 0: `seen` columns and the new one
+            feeds["attention_mask"] = (np.arange(int(seen.max()) + 1) <= seen).astype(np.int64)
         if group.run is None:
             group.run = self.session.step_run("model", [r.adapter for r in rows], {**feeds, **group.kv})
-            group.run.bind_outputs({"logits": None, **{n: group.kv[p] if layout == KV_SHARED else None
-                                                       for n, p in self.cache.items()}})
+            # shared: every output bound once (the logits too), so a step neither re-binds nor wraps outputs
+            logits = None if concat else self.graph.to_device(np.empty((len(rows), 1, *self._logits[0]), self._logits[1]))
+            group.run.bind_outputs({"logits": logits, **{n: None if concat else group.kv[p] for n, p in self.cache.items()}})
             results = group.run.step()
         else:
-            results = group.run.step({**feeds, **(group.kv if layout == KV_CONCAT else {})})
-        if layout == KV_CONCAT:
+            results = group.run.step({**feeds, **(group.kv if concat else {})})
+        self.stats["decode_runs"] += 1
+        if concat:  # this step's outputs are the next step's cache (their memory: the host arrays on the CPU)
+            group.owner, group.width = results, group.width + 1
             group.kv = {past: results[name] for name, past in self.cache.items()}
+            group.host = {past: v.numpy() for past, v in group.kv.items()} if self.graph.device[0] == "cpu" else None
         for row in rows:
             row.seen += 1
-        logits = results["logits"].numpy()[:, -1, :]
-        for i, row in enumerate(list(rows)):  # a row that ends leaves group.rows (the cache split first)
-            self._advance(row, row.choose(logits[i:i + 1])[0])
+        for row, token in zip(rows, self._choose(rows, results["logits"].numpy()[:, -1, :])):
+            self._advance(row, token)  # a row that ends frees its slot
+
+    @staticmethod
+    def _choose(rows: list[_Row], logits: np.ndarray) -> list[int]:
+        """Each row's token from its logits: one argmax for the greedy rows, each sampled row its own RNG."""
+        greedy = logits.argmax(-1).tolist()
+        return [row.choose(logits[i:i + 1])[0] if row.choose.options.do_sample else greedy[i] for i, row in enumerate(rows)]
 
     def _advance(self, row: _Row, token) -> bool:
         """Hand the token to the request; False (and the request finished) where it ends there."""
@@ -319,35 +457,6 @@ class Engine:
         row.pending = token
         return True
 
-    def _split(self, group: _Group) -> None:
-        """Copy the batch cache out into each row's own cache, before the group's rows change."""
-        if group.kv is None:
-            return
-        arrays = {past: value.numpy() for past, value in group.kv.items()}  # a view on the CPU, a copy from CUDA
-        width = next(iter(arrays.values())).shape[2]
-        for i, row in enumerate(group.rows):
-            cols = slice(width - row.seen, width) if self.layout == KV_CONCAT else slice(0, row.seen)
-            row.kv = {past: a[i:i + 1, :, cols].copy() for past, a in arrays.items()}
-        group.kv = group.mask = group.run = None
-
-    def _gather(self, group: _Group) -> None:
-        """One batch cache from the rows' own: the concat layout right-aligns rows to the longest (left
-        padding, masked); the shared layout starts every row at column 0 of a buffer as long as the
-        longest need."""
-        rows, concat = group.rows, self.layout == KV_CONCAT
-        width = max(r.seen if concat else r.need for r in rows)
-        group.mask = np.zeros((len(rows), width), np.int64)
-        group.kv = {}
-        for past, first in rows[0].kv.items():
-            batch = np.zeros((len(rows), first.shape[1], width, first.shape[3]), first.dtype)
-            for i, row in enumerate(rows):
-                cols = slice(width - row.seen, width) if concat else slice(0, row.seen)
-                batch[i, :, cols] = row.kv[past][0]
-                group.mask[i, cols] = 1
-            group.kv[past] = self.graph.to_device(batch)
-        for row in rows:
-            row.kv = None
-
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
         """End a request (queued or active): its result, its budget and its row go at once."""
         with self._lock:
@@ -355,14 +464,15 @@ class Engine:
                 self._queue.remove(row)
             elif row.admitted:
                 self.kv_tokens -= row.need
+                self._active -= 1
                 row.admitted = False
         for group in self.groups.values():
-            if row in group.rows:
-                self._split(group)
-                group.rows.remove(row)
-        tokens = list(row.handle.tokens)
-        text = self._tokenizer.decode(tokens) if self._tokenizer else None
-        row.handle._emit(Result(tokens, text, reason, error, len(row.prompt)))
+            if row in group.slots:
+                group.slots[group.slots.index(row)] = None
+            if row in group.joining:
+                group.joining.remove(row)
+        decode = self._tokenizer.decode if self._tokenizer else None
+        row.handle._emit(Result(list(row.handle.tokens), reason, error, len(row.prompt), decode))
 
     def _guarded(self, rows: list[_Row], work, *args) -> None:
         """Run a prefill or a group's step; a failure ends the requests it concerns, never the loop."""

@@ -120,13 +120,16 @@ class TextStream:
     def __init__(self, decode: Callable[[list[int]], str]):
         self.decode, self.ids, self.sent = decode, [], 0
 
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
+    def push(self, *tokens: int) -> str:
+        """What the new token(s) add: several at once cost one decode (a server sends them together)."""
+        self.ids.extend(int(t) for t in tokens)
         text = self.decode(self.ids)
         return "" if text.endswith("\ufffd") else self._rest(text)
 
-    def finish(self) -> str:
-        """The held-back end (a character left incomplete by the last token stays U+FFFD, as in decode)."""
+    def finish(self, *tokens: int) -> str:
+        """The held-back end, after the last token(s) (a character they leave incomplete stays U+FFFD,
+        as in decode)."""
+        self.ids.extend(int(t) for t in tokens)
         return self._rest(self.decode(self.ids))
 
     def _rest(self, text: str) -> str:

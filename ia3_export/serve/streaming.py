@@ -12,7 +12,8 @@ adapter (bank) or its adapter's group (swappable, foldswap). Two Triton models f
   whatever is running, and answered when its rows end.
 
 pytriton runs an async infer function as a task on one event loop per model instance; the engine's
-thread hands each token to the request's `asyncio.Queue` with `call_soon_threadsafe`. pytriton 0.7.0
+thread hands each token to the request's `asyncio.Queue` through the loop's `Relay` (one
+`call_soon_threadsafe` per engine step, not per token). pytriton 0.7.0
 does not tell a model that a client went away, though Triton marks the request cancelled (a reset
 HTTP stream, a cancelled gRPC stream): the server mends pytriton's stub to look at each response and
 report it (`Disconnects`), so a `generate_stream` whose client left is cancelled within a step or
@@ -43,6 +44,34 @@ RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupl
 STREAM_SHARE = 0.25  # of one core, what the responses of all open streams may cost together
 REQUEST_ID, STOP = "request_id", "stop"  # request parameters (not tensors): a client's id for cancel, stop strings
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
+
+
+class Relay:
+    """Engine events to one event loop: the engine's thread queues (callback, event) pairs as it
+    chooses tokens and, at the end of its step (`Engine.after_step`), wakes the loop once for all of
+    them, so the loop's thread takes the GIL from the engine's once a step instead of once a token."""
+
+    def __init__(self, loop, engine):
+        self.loop, self._pending, self._lock = loop, [], threading.Lock()
+        engine.after_step.append(self.flush)
+
+    def put(self, deliver, event) -> None:
+        """On the engine's thread: `deliver(event)` will run on the loop, after those queued before it."""
+        with self._lock:
+            self._pending.append((deliver, event))
+
+    def flush(self) -> None:
+        """On the engine's thread, after a step: one wake of the loop for what the step queued."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            with contextlib.suppress(RuntimeError):  # the loop has closed (the server stops): no one to tell
+                self.loop.call_soon_threadsafe(self._deliver, pending)
+
+    @staticmethod
+    def _deliver(pending: list) -> None:
+        for deliver, event in pending:
+            deliver(event)
 
 
 class Streams:
@@ -142,6 +171,7 @@ class GenerateStream:
         self.parser = Generate(served)
         self.inputs = self.parser.inputs
         self.open = 0  # streams open now (all on this instance's one event loop)
+        self.relays: dict = {}  # event loop -> its Relay
 
     def pause_s(self) -> float:
         """How long a stream waits after a response before the next: every response costs the server
@@ -176,14 +206,16 @@ class GenerateStream:
 
         self.open += 1
         try:
-            handle = self.streams.submit(row, ids, lambda e: loop.call_soon_threadsafe(arrive, e))
+            relay = self.relays.get(loop) or self.relays.setdefault(loop, Relay(loop, self.streams.engine))
+            handle = self.streams.submit(row, ids, lambda e: relay.put(arrive, e))
             while True:
                 batch = [await events.get()]
                 while not events.empty():  # what arrived since the last response goes together
                     batch.append(events.get_nowait())
                 tokens = [e for e in batch if not isinstance(e, Result)]
                 result = next((e for e in batch if isinstance(e, Result)), None)
-                piece = "".join(text.push(t) for t in tokens) + (text.finish() if result else "") if text else ""
+                # one decode per response, not per token: decode is a call to the tokenizer's child process
+                piece = "" if text is None else text.finish(*tokens) if result else text.push(*tokens)
                 if result is None:
                     yield [_response(piece, tokens)]
                     with contextlib.suppress(asyncio.TimeoutError):  # tokens gather meanwhile; the end cuts it short

@@ -321,3 +321,178 @@ def test_an_export_without_a_decoder_cache_is_refused(tmp_path_factory, model_di
     s = IA3Session(export_once(tmp_path_factory, model_dir("bert", "seq-cls"), "merged", []))
     with pytest.raises(IA3Error, match="is a text-classification export without a decoder KV cache; the engine runs causal-lm exports"):
         Engine(s)
+
+
+def session_for(llama, fused_exports, export):
+    """(session, adapter names) for "concat-bank", "concat-swappable" or "shared-bank" (`--graph fused`)."""
+    from ia3_export.runtime import IA3Session
+
+    layout, mode = export.split("-")
+    if layout == "concat":
+        return open_session(llama[mode], llama["a1"], llama["a2"]), ["adapter1", "adapter2"]
+    s = IA3Session(fused_exports(mode))
+    return s, s.load_shipped_adapters()
+
+
+@pytest.mark.parametrize("export", ["concat-bank", "concat-swappable", "shared-bank", "shared-swappable"])
+def test_arrivals_at_one_step_prefill_in_one_run_per_group_with_their_tokens_alone(llama, fused_llama, fused_exports, export):
+    """Five prompts of different lengths (1-9 tokens), base and adapters mixed, arrive together: a bank
+    export prefills them in ONE run (left-padded with positions, or right-padded for GroupQueryAttention),
+    a swappable one in one run per adapter group; each request's tokens are those it gets alone, and PEFT's."""
+    from ia3_export.runtime import Engine
+
+    s, names = session_for(llama, fused_exports, export)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40], [20, 21, 22], [30, 31, 32, 33, 34], [60, 61]]
+    adapters = [names[0], None, names[-1], names[0], None]
+    requests = [request(p, a, max_new_tokens=8) for p, a in zip(prompts, adapters)]
+    engine = Engine(s, max_batch=8)
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    assert engine.stats["prefill_runs"] == len(set(adapters)) if "swappable" in export else 1
+    assert engine.stats["decode_runs"] == engine.stats["prefill_runs"]  # then one decode step per group
+    while engine.step():
+        pass
+    tokens = [h.result(0).tokens for h in handles]
+    assert tokens == [alone(s, r) for r in requests]
+    base, adapter = (llama["base"], llama["a1"]) if export.startswith("concat") else fused_llama[:2]
+    for r, got in zip(requests, tokens):
+        if r.adapter == names[0]:
+            assert got == peft_greedy(base, adapter, [r.prompt], len(got))[0]
+
+
+@pytest.mark.parametrize("layout", ["concat", "shared"])
+def test_rows_leave_and_join_in_place_and_the_batch_compacts(llama, fused_exports, layout):
+    """Rows that end free their slot; a row joining at the next step boundary takes the free slot without
+    copying the batch cache, the free slots no row takes are filled by moving the last rows down, and
+    new arrays come only when a row needs more room. Tokens stay those alone throughout."""
+    from ia3_export.runtime import Engine
+
+    s, names = session_for(llama, fused_exports, f"{layout}-bank")
+    engine = Engine(s, max_batch=4)
+    # step 1 gives two tokens (prefill, decode), each later step one: max_new_tokens n ends in step n - 1
+    first = [request([5, 6, 7, 8, 9, 10, 11, 12], names[0], max_new_tokens=14),
+             request([20, 21, 22], None, max_new_tokens=4),  # ends in step 3: slot 1 frees
+             request([30, 31, 32, 33], names[-1], max_new_tokens=16),
+             request([40, 41], names[0], max_new_tokens=7)]  # ends in step 6: slot 3 frees
+    joins = request([50, 51], names[-1], max_new_tokens=6)  # a short prompt: fits the free slot
+    late = request([60] * 30, None, max_new_tokens=6)  # longer than any row's cache: new arrays
+    handles = [engine.submit(r) for r in first]
+    engine.step()
+    group = engine.groups[None]
+    assert group.slots == group.rows and len(group.slots) == 4 and engine.stats["cache_copies"] == 1
+    engine.step()
+    engine.step()
+    assert group.slots[1] is None and engine.active == 3  # the row ended: its slot is free, nothing copied
+    handles.append(engine.submit(joins))
+    engine.step()
+    assert group.slots[1].handle is handles[4] and engine.stats["cache_copies"] == 1  # joined in place
+    engine.step()
+    engine.step()
+    assert group.slots[3] is None
+    engine.step()  # slot 3 was the last: dropped
+    assert [r.handle for r in group.slots] == [handles[0], handles[4], handles[2]] and engine.stats["cache_copies"] == 1
+    handles.append(engine.submit(late))
+    engine.step()  # `joins` ends in this step (step 8)
+    assert engine.stats["cache_copies"] == 2 and len(group.slots) == 4 and group.slots[1] is None
+    engine.step()  # the last row moves down into the free slot: one row copied, not the batch
+    assert [r.handle for r in group.slots] == [handles[0], handles[5], handles[2]] and engine.stats["cache_copies"] == 2
+    while engine.step():
+        pass
+    assert [h.result(0).tokens for h in handles] == [alone(s, r) for r in first + [joins, late]]
+    assert group.slots == [] and group.kv is None  # an empty group lets its arrays go
+
+
+def test_a_bad_prompt_in_a_batched_prefill_fails_alone(llama):
+    """A token id past the vocabulary makes the batched prefill fail: each row is then prefilled alone, so
+    only that request ends with the error and the one that arrived with it gets its tokens."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    ok = request([5, 6, 7], "adapter1")
+    handles, _ = drive(Engine(s), {0: [ok, request([5, 10 ** 6])]})
+    assert handles[0].result(0).tokens == alone(s, ok)
+    bad = handles[1].result(0)
+    assert bad.finish_reason == "error" and bad.tokens == [] and "ONNX Runtime failed to run the model" in bad.error
+
+
+def test_the_servers_relay_wakes_its_event_loop_once_per_step_and_keeps_each_streams_order(llama):
+    """serve/streaming.py's Relay between the engine's thread and an event loop: every token and Result of
+    each request reaches its callback on the loop in order (those alone), and the loop is woken once per
+    engine step (Engine.after_step), not once per token."""
+    import asyncio
+
+    from ia3_export.runtime import Engine, Result
+    from ia3_export.serve.streaming import Relay
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    requests = [request([5, 6, 7, 8], "adapter1", max_new_tokens=12), request([11, 12], "adapter2", max_new_tokens=5),
+                request([20, 21, 22], None, max_new_tokens=9)]
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), [[] for _ in requests]
+        engine = Engine(s)
+        relay, wakes, steps = Relay(loop, engine), [], [0]
+        deliver = relay._deliver
+        relay._deliver = lambda pending: (wakes.append(len(pending)), deliver(pending))
+        done = [asyncio.Event() for _ in requests]
+
+        def arrive(i):
+            def deliver(event):
+                got[i].append(event)
+                if isinstance(event, Result):
+                    done[i].set()
+            return deliver
+        for i, r in enumerate(requests):
+            engine.submit(r, on_event=lambda e, d=arrive(i): relay.put(d, e))
+
+        def run():
+            while engine.step():
+                steps[0] += 1
+            steps[0] += 1
+        await loop.run_in_executor(None, run)  # the engine's steps on another thread, as its loop thread does
+        await asyncio.wait_for(asyncio.gather(*(d.wait() for d in done)), 10)
+        return got, wakes, steps[0]
+
+    got, wakes, steps = asyncio.run(main())
+    want = [alone(s, r) for r in requests]
+    assert [g[:-1] for g in got] == want and all(g[-1].tokens == w for g, w in zip(got, want))
+    assert len(wakes) == steps == 11 and sum(wakes) == sum(len(w) + 1 for w in want)  # 29 events, 11 wakes
+
+
+def test_a_text_stream_fed_several_tokens_at_once_decodes_once_per_push_and_joins_to_the_text(llama):
+    """The server pushes each response's tokens together (serve/streaming.py): one decode per push, pieces
+    that join to the whole text, and no piece ending in half a character, whatever the chunking."""
+    from ia3_export.runtime.generation import TextStream
+    from ia3_export.runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(llama["base"])
+    text = "héllo wörld, ça va? 日本語"
+    ids = tok.encode(text)
+    for size in (1, 2, 3, 7, len(ids)):
+        calls = []
+        stream = TextStream(lambda t: calls.append(len(t)) or tok.decode(t))
+        chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
+        pieces = [stream.push(*c) for c in chunks[:-1]] + [stream.finish(*chunks[-1])]
+        assert "".join(pieces) == tok.decode(ids) == text and len(calls) == len(chunks)
+        assert not any(p.endswith("\ufffd") for p in pieces)
+
+
+def test_a_results_text_is_decoded_when_read_not_on_the_engines_loop(llama):
+    """A decode is a round trip to the tokenizer's child process: the engine's step never waits for one;
+    the Result decodes its text on the thread that reads it, once."""
+    import types
+
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    engine, calls = Engine(s), []
+    decode = engine._tokenizer.decode
+    engine._tokenizer = types.SimpleNamespace(decode=lambda t: calls.append(threading.current_thread()) or decode(t))
+    handle = engine.submit(request([5, 6, 7], "adapter1", max_new_tokens=4))
+    engine.step()
+    thread = threading.Thread(target=lambda: [None for _ in iter(engine.step, False)])
+    thread.start()
+    thread.join()
+    assert calls == []
+    result = handle.result(0)
+    assert result.text == decode(result.tokens) == result.text and calls == [threading.current_thread()]

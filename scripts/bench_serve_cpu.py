@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Streamed saturation of one `--batching continuous` server, with the server's own CPU time: N requests
+at once through generate_stream (bench_serve.py's sweep requests: prompts of 4-16 ids, 8-128 new tokens,
+mixed adapters), R rounds, new tokens per second and per CPU second of the server's process group
+(Triton, its Python stubs, the tokenizer's child: read from /proc). Per CPU second moves less than per
+second when other work shares the machine, so two trees can be compared run after run:
+
+    PYTHONPATH=TREE .venv-serve/bin/python scripts/bench_serve_cpu.py EXPORTS/bank [--requests 40 --rounds 3]
+
+(EXPORTS: what `bench_serve.py --prepare` wrote). JSON goes to runs/. Linux only (/proc).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import time
+
+import bench_serve as bs  # its requests, streaming client and open loop
+from benchlib import write_result
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in a process group."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a bank export (bench_serve.py --prepare's EXPORTS/bank)")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs"))
+    args = parser.parse_args()
+    from ia3_export.serve.process import ServerProcess
+
+    rounds = []
+    with ServerProcess(args.folder, "--batching", "continuous", "--max-batch", str(args.max_batch),
+                       "--provider", "cpu", "--drain-timeout", "10",
+                       log_path=os.path.join(args.out, "bench_serve_cpu-server.log")) as server:
+        send = bs.streamed(server.url)
+        bs.open_loop(send, bs.sweep_requests(8, seed=999), [0.0] * 8)  # warm-up
+        for _ in range(args.rounds):
+            cpu, start = group_cpu_s(server.process.pid), time.perf_counter()
+            run = bs.open_loop(send, bs.sweep_requests(args.requests, seed=101), [0.0] * args.requests)
+            cpu, wall = group_cpu_s(server.process.pid) - cpu, time.perf_counter() - start
+            tokens = sum(len(r.get("tokens") or []) for r in run["records"])
+            rounds.append({"new_tokens_per_s": round(tokens / wall, 1), "new_tokens_per_server_cpu_s": round(tokens / cpu, 1),
+                           "errors": sum("error" in r for r in run["records"])})
+    result = {"script": "bench_serve_cpu", "folder": args.folder, "requests": args.requests, "load_average": os.getloadavg(),
+              "rounds": rounds, **{f"median_{k}": statistics.median(r[k] for r in rounds)
+                                   for k in ("new_tokens_per_s", "new_tokens_per_server_cpu_s")}}
+    write_result(args.out, "bench_serve_cpu", result)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
