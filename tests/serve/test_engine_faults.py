@@ -63,13 +63,14 @@ def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
 
 
 def test_many_concurrent_requests_are_answered_or_refused_busy(start_server, reference):
-    """200 requests at once (streamed and not) against --max-queue 50: each answer equals the request
-    alone or is refused `busy: ...`; the server's memory stays bounded."""
-    server = start_server(folder("llama-bank"), "--max-queue", "50", "--max-batch", "8", "--drain-timeout", "10")
+    """200 requests at once (streamed and not) against --max-queue 2 --max-batch 1: each answer equals the
+    request alone or is refused `busy: ...`; the server's memory stays bounded. (With room for 58, the
+    engine drained most of the 200 while the client was still sending them: nobody was refused.)"""
+    server = start_server(folder("llama-bank"), "--max-queue", "2", "--max-batch", "1", "--drain-timeout", "10")
     ref = reference("llama-bank")
     script = serve_flood()
     before = script.group_rss_kib(server.process.pid)
     report = script.flood(server.url, 200, lambda ids, adapter, n: ref.generate(ids, adapter, n), watch=server.process.pid)
     assert report["wrong"] == [] and report["other_errors"] == [], report
-    assert report["correct"] + report["busy"] == 200 and report["correct"] >= 50 and report["busy"] >= 1
+    assert report["correct"] + report["busy"] == 200 and report["correct"] >= 3 and report["busy"] >= 1  # 3: row + queue
     assert report["rss_peak_kib"] < before + 300 * 1024, report  # bounded: far below what 200 requests could pile up
