@@ -55,7 +55,7 @@ class NodeSession:
                            "exports with the concat KV cache: check this one with --runtime python")
         self.folder = folder
         self._tmp = tempfile.TemporaryDirectory(prefix="ia3-node-parity-")
-        self._log = open(os.path.join(self._tmp.name, "stderr.log"), "w+")  # a file: a full pipe would stall Node
+        self._log = tempfile.TemporaryFile("w+")  # Node's stderr: a file, since a full pipe would stall Node
         self._proc = subprocess.Popen(["node", runner_path(), node_modules(modules)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
         try:
