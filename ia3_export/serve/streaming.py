@@ -41,7 +41,7 @@ from .models import BYTES, Generate, Port, Row, Served
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES))
 RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupled path; facts.md)
-STREAM_SHARE = 0.25  # of one core, what the responses of all open streams may cost together
+STREAM_SHARE = 0.1  # of one core, what the responses of all open streams may cost together (docs/serving.md)
 REQUEST_ID, STOP = "request_id", "stop"  # request parameters (not tensors): a client's id for cancel, stop strings
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
 
@@ -176,7 +176,7 @@ class GenerateStream:
     def pause_s(self) -> float:
         """How long a stream waits after a response before the next: every response costs the server
         ~RESPONSE_COST_S of CPU, so with many streams open each sends fewer, larger responses, and all
-        of them together stay within STREAM_SHARE of a core (one stream: every ~5 ms; 40: every ~0.2 s).
+        of them together stay within STREAM_SHARE of a core (one stream: every ~13 ms; 40: every ~0.5 s).
         The first token and the end are sent at once."""
         return RESPONSE_COST_S * self.open / STREAM_SHARE
 
