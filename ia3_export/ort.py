@@ -66,12 +66,16 @@ def onnxruntime(submodule: str | None = None):
     return importlib.import_module(f"onnxruntime.{submodule}") if submodule else ort
 
 
-def session_options(threads: int | None = None):
-    """SessionOptions that log at `log_severity()` (optionally with `threads` intra-op threads)."""
+def session_options(threads: int | None = None, spin: bool = True):
+    """SessionOptions that log at `log_severity()` (optionally with `threads` intra-op threads). spin=False:
+    ONNX Runtime's idle intra-op threads sleep instead of spinning, leaving the cores between runs to the
+    other threads and processes of a server (docs/serving.md, "How the streamed path got here")."""
     options = onnxruntime().SessionOptions()
     options.log_severity_level = log_severity()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

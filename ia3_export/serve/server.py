@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from ..errors import CheckFailed, IA3Error
-from ..ort import telemetry_off
+from ..ort import session_options, telemetry_off
 from ..runtime import IA3Session
 from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from . import stub
@@ -80,8 +80,10 @@ class Server:
             raise IA3Error("serving needs pytriton (nvidia-pytriton); install it with: pip install 'ia3-export[serve,cpu]'")
         _check_ports(config)  # before loading a model that may take a while
         self.config = config
-        self.session = IA3Session(config.onnx_dir, provider=config.provider, limits=Limits(
-            max_text_bytes=config.max_text_bytes, tokenizer_timeout_s=config.tokenizer_timeout_s))
+        # ONNX Runtime's idle threads sleep instead of spinning: the cores are shared with Triton and pytriton
+        self.session = IA3Session(config.onnx_dir, provider=config.provider, session_options=session_options(spin=False),
+                                  limits=Limits(max_text_bytes=config.max_text_bytes,
+                                                tokenizer_timeout_s=config.tokenizer_timeout_s))
         self.served = Served(self.session, config.max_tokens)
         self.session.load_shipped_adapters()
         for source in config.adapters:

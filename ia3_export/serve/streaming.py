@@ -12,8 +12,9 @@ adapter (bank) or its adapter's group (swappable, foldswap). Two Triton models f
   whatever is running, and answered when its rows end.
 
 pytriton runs an async infer function as a task on one event loop per model instance; the engine's
-thread hands each token to the request's `asyncio.Queue` through the loop's `Relay` (one
-`call_soon_threadsafe` per engine step, not per token). pytriton 0.7.0
+thread puts each token in the stream's `Inbox`, which wakes the loop (through its `Relay`: at most one
+`call_soon_threadsafe` per engine step) only when the stream waits for tokens or its request ends, so
+a stream pacing its responses costs its loop no wake per step. pytriton 0.7.0
 does not tell a model that a client went away, though Triton marks the request cancelled (a reset
 HTTP stream, a cancelled gRPC stream): the server mends pytriton's stub to look at each response and
 report it (`Disconnects`), so a `generate_stream` whose client left is cancelled within a step or
@@ -47,18 +48,18 @@ STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the 
 
 
 class Relay:
-    """Engine events to one event loop: the engine's thread queues (callback, event) pairs as it
-    chooses tokens and, at the end of its step (`Engine.after_step`), wakes the loop once for all of
-    them, so the loop's thread takes the GIL from the engine's once a step instead of once a token."""
+    """Engine wakes to one event loop: callbacks queued on the engine's thread during a step run on the
+    loop after it (`Engine.after_step`), all in one wake, so the loop's thread takes the GIL from the
+    engine's at most once a step."""
 
     def __init__(self, loop, engine):
         self.loop, self._pending, self._lock = loop, [], threading.Lock()
         engine.after_step.append(self.flush)
 
-    def put(self, deliver, event) -> None:
-        """On the engine's thread: `deliver(event)` will run on the loop, after those queued before it."""
+    def put(self, callback) -> None:
+        """On the engine's thread: `callback()` will run on the loop, after those queued before it."""
         with self._lock:
-            self._pending.append((deliver, event))
+            self._pending.append(callback)
 
     def flush(self) -> None:
         """On the engine's thread, after a step: one wake of the loop for what the step queued."""
@@ -70,9 +71,44 @@ class Relay:
 
     @staticmethod
     def _deliver(pending: list) -> None:
-        for deliver, event in pending:
-            deliver(event)
+        for callback in pending:
+            callback()
 
+
+class Inbox:
+    """One stream's tokens and Result as the engine chooses them. The engine's thread appends, and wakes
+    the stream's loop (through the Relay) only when the stream waits for them or the request ends: a
+    stream that paces its responses lets its tokens gather without costing its loop a wake per step."""
+
+    def __init__(self, relay: Relay):
+        self.relay, self.wake = relay, asyncio.Event()
+        self._tokens: list[int] = []
+        self.result: Result | None = None
+        self._waiting, self._lock = False, threading.Lock()
+
+    def put(self, event) -> None:
+        """On the engine's thread: a token (an int) or the Result."""
+        with self._lock:
+            if isinstance(event, Result):
+                self.result, wake = event, True
+            else:
+                self._tokens.append(event)
+                wake = self._waiting
+            self._waiting = self._waiting and not wake
+        if wake:
+            self.relay.put(self.wake.set)
+
+    async def take(self) -> tuple[list[int], Result | None]:
+        """On the loop: the tokens chosen since the last take and the Result once there, waiting for
+        at least one of them."""
+        while True:
+            with self._lock:
+                tokens, self._tokens = self._tokens, []
+                self._waiting = not tokens and self.result is None
+            if not self._waiting:
+                self.wake.clear()
+                return tokens, self.result
+            await self.wake.wait()
 
 class Streams:
     """The engine's requests by client id, so that a front that sees a disconnect can cancel one."""
@@ -194,32 +230,23 @@ class GenerateStream:
         except IA3Error as e:
             yield [_response(error=_one_line(e))]
             return
-        loop, events, ended = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
+        loop = asyncio.get_running_loop()
         tokenizer = self.served.tokenizer
         text = TextStream(tokenizer.decode) if tokenizer is not None else None
         handle = None
-
-        def arrive(event) -> None:  # on the loop
-            events.put_nowait(event)
-            if isinstance(event, Result):
-                ended.set()
-
         self.open += 1
         try:
             relay = self.relays.get(loop) or self.relays.setdefault(loop, Relay(loop, self.streams.engine))
-            handle = self.streams.submit(row, ids, lambda e: relay.put(arrive, e))
+            inbox = Inbox(relay)
+            handle = self.streams.submit(row, ids, inbox.put)
             while True:
-                batch = [await events.get()]
-                while not events.empty():  # what arrived since the last response goes together
-                    batch.append(events.get_nowait())
-                tokens = [e for e in batch if not isinstance(e, Result)]
-                result = next((e for e in batch if isinstance(e, Result)), None)
+                tokens, result = await inbox.take()  # what arrived since the last response goes together
                 # one decode per response, not per token: decode is a call to the tokenizer's child process
                 piece = "" if text is None else text.finish(*tokens) if result else text.push(*tokens)
                 if result is None:
                     yield [_response(piece, tokens)]
                     with contextlib.suppress(asyncio.TimeoutError):  # tokens gather meanwhile; the end cuts it short
-                        await asyncio.wait_for(ended.wait(), self.pause_s())
+                        await asyncio.wait_for(inbox.wake.wait(), self.pause_s())
                     continue
                 error = _failure(result) if result.finish_reason in ("error", "deadline") else ""
                 yield [_response(piece, tokens, result.finish_reason, len(row.ids), error)]

@@ -80,3 +80,17 @@ def test_a_provider_onnxruntime_could_not_start_is_refused_not_run_on_the_cpu(ex
                                                                   "to CPUExecutionProvider; rerun with --debug"):
         warnings.simplefilter("ignore")  # ORT's own UserWarning about the provider list
         Graph(os.path.join(exported, "model.onnx"), "cuda")
+
+
+def test_a_session_whose_threads_sleep_between_runs_gives_the_same_tokens(exported):
+    """The server opens its session with spin=False (ONNX Runtime's idle threads sleep, leaving the cores to
+    Triton and pytriton): that option reaches ONNX Runtime and changes nothing but scheduling."""
+    from ia3_export.ort import session_options
+    from ia3_export.runtime import GenerationOptions, IA3Session, generate_ids
+
+    quiet = session_options(spin=False)
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    options = GenerationOptions(max_new_tokens=12)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    default, sleeping = IA3Session(exported), IA3Session(exported, session_options=quiet)
+    assert generate_ids(sleeping, prompts, [None, None], options) == generate_ids(default, prompts, [None, None], options)

@@ -415,48 +415,55 @@ def test_a_bad_prompt_in_a_batched_prefill_fails_alone(llama):
     assert bad.finish_reason == "error" and bad.tokens == [] and "ONNX Runtime failed to run the model" in bad.error
 
 
-def test_the_servers_relay_wakes_its_event_loop_once_per_step_and_keeps_each_streams_order(llama):
-    """serve/streaming.py's Relay between the engine's thread and an event loop: every token and Result of
-    each request reaches its callback on the loop in order (those alone), and the loop is woken once per
-    engine step (Engine.after_step), not once per token."""
+def test_a_streams_inbox_wakes_its_loop_only_when_it_waits_or_ends_and_keeps_its_tokens_in_order(llama):
+    """serve/streaming.py's Inbox and Relay between the engine's thread and an event loop: every request's
+    tokens come out of its inbox in order (those alone), then its Result; a stream that waits is woken by
+    its next token, one that paces (does not wait) only by its end, and the loop at most once per engine
+    step (Engine.after_step), not once per token."""
     import asyncio
 
     from ia3_export.runtime import Engine, Result
-    from ia3_export.serve.streaming import Relay
+    from ia3_export.serve.streaming import Inbox, Relay
 
     s = open_session(llama["bank"], llama["a1"], llama["a2"])
     requests = [request([5, 6, 7, 8], "adapter1", max_new_tokens=12), request([11, 12], "adapter2", max_new_tokens=5),
                 request([20, 21, 22], None, max_new_tokens=9)]
 
     async def main():
-        loop, got = asyncio.get_running_loop(), [[] for _ in requests]
-        engine = Engine(s)
-        relay, wakes, steps = Relay(loop, engine), [], [0]
+        loop, engine = asyncio.get_running_loop(), Engine(s)
+        relay, wakes, calls = Relay(loop, engine), [], [[] for _ in requests]
         deliver = relay._deliver
         relay._deliver = lambda pending: (wakes.append(len(pending)), deliver(pending))
-        done = [asyncio.Event() for _ in requests]
+        inboxes = [Inbox(relay) for _ in requests]
+        for i, (inbox, r) in enumerate(zip(inboxes, requests)):
+            put = relay.put
+            inbox.relay = type("Counting", (), {"put": lambda self, c, i=i: (calls[i].append(c), put(c))})()
+            engine.submit(r, on_event=inbox.put)
+        got, steps, waiter = [[] for _ in requests], 0, None
+        while True:  # the engine steps on this thread; request 0 waits for every token, the others never wait
+            if waiter is None:
+                waiter = asyncio.ensure_future(inboxes[0].take())
+                await asyncio.sleep(0)  # it checks its inbox, finds nothing and waits
+            more = engine.step()
+            steps += 1
+            await asyncio.sleep(0.01)  # the relay's wake runs
+            if waiter.done():
+                tokens, result = waiter.result()
+                got[0] += tokens + ([result] if result else [])
+                waiter = None if result is None else False
+            if not more:
+                break
+        for i in (1, 2):
+            tokens, result = await asyncio.wait_for(inboxes[i].take(), 10)
+            got[i] += tokens + [result]
+        return got, wakes, steps, calls
 
-        def arrive(i):
-            def deliver(event):
-                got[i].append(event)
-                if isinstance(event, Result):
-                    done[i].set()
-            return deliver
-        for i, r in enumerate(requests):
-            engine.submit(r, on_event=lambda e, d=arrive(i): relay.put(d, e))
-
-        def run():
-            while engine.step():
-                steps[0] += 1
-            steps[0] += 1
-        await loop.run_in_executor(None, run)  # the engine's steps on another thread, as its loop thread does
-        await asyncio.wait_for(asyncio.gather(*(d.wait() for d in done)), 10)
-        return got, wakes, steps[0]
-
-    got, wakes, steps = asyncio.run(main())
+    got, wakes, steps, calls = asyncio.run(main())
     want = [alone(s, r) for r in requests]
-    assert [g[:-1] for g in got] == want and all(g[-1].tokens == w for g, w in zip(got, want))
-    assert len(wakes) == steps == 11 and sum(wakes) == sum(len(w) + 1 for w in want)  # 29 events, 11 wakes
+    assert [g[:-1] for g in got] == want and all(isinstance(g[-1], Result) and g[-1].tokens == w for g, w in zip(got, want))
+    assert len(calls[1]) == len(calls[2]) == 1  # 5 and 9 tokens: woken once, by the end
+    # request 0 waited at every step (its first step chose two tokens: prefill, then decode): a wake a step, then the end
+    assert len(calls[0]) == steps + 1 == 12 and len(wakes) <= steps
 
 
 def test_a_text_stream_fed_several_tokens_at_once_decodes_once_per_push_and_joins_to_the_text(llama):
