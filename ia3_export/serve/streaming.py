@@ -110,6 +110,7 @@ class Inbox:
                 return tokens, self.result
             await self.wake.wait()
 
+
 class Streams:
     """The engine's requests by client id, so that a front that sees a disconnect can cancel one."""
 
