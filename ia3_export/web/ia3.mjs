@@ -22,7 +22,23 @@ const PAST = "past_key_values";
 const PRESENT = "present";
 
 // -- reading files ------------------------------------------------------------------------------
+/** `rel` where it names a file inside the export's folder; the manifest (or a caller) naming one
+ * elsewhere ("..", an absolute path, a URL) is refused before anything is read. */
+function insideFolder(rel) {
+  if (typeof rel !== "string" || !rel || rel.startsWith("/") || rel.includes("\\") || /^[A-Za-z][A-Za-z0-9+.-]*:/.test(rel)
+      || rel.split("/").some((part) => part === ".." || part === "")) {
+    throw new IA3Error(`${JSON.stringify(rel)} is not a path inside the export's folder (no "..", no leading "/", no URL); name a file in the folder or re-export the model`);
+  }
+  return rel;
+}
+
+/** A function reading a file of the export (relative path -> Uint8Array), confined to its folder. */
 function reader(source) {
+  const read = unconfinedReader(source);
+  return (rel) => read(insideFolder(rel));
+}
+
+function unconfinedReader(source) {
   if (source && typeof source.read === "function") return (rel) => source.read(rel);
   if (typeof source !== "string") throw new IA3Error("source must be a folder path, a URL base or { read(relativePath) }");
   const node = typeof process !== "undefined" && Boolean(process.versions?.node);

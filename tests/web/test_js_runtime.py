@@ -141,7 +141,7 @@ def assert_one_line_errors(errors: dict, want: dict) -> None:
     """Each key's call raised an IA3Error whose one-line message contains `want[key]`."""
     for key, message in want.items():
         got = errors[key]
-        assert got and got["name"] == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
+        assert got and got.get("name") == "IA3Error" and message in got["message"] and "\n" not in got["message"], (key, got)
 
 
 # -- adapter files the module refuses -------------------------------------------------------------
@@ -248,3 +248,75 @@ def test_bad_generation_options_are_one_line(llama, node, tmp_path):
     }
     assert_one_line_errors(out["optionErrors"], want)
     assert out["capped"] <= 2  # max_new_tokens cut to the positions left after the prompt, as Python's runtime
+
+
+# -- exports the module refuses to open ---------------------------------------------------------
+def _hostile_exports(folder: str, tmp_path) -> dict[str, str]:
+    """Copies of the swappable export, each broken one way. The files the manifests point outside the
+    folder are valid copies, so a module without the guard would open them and run."""
+    import shutil
+
+    import onnx
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(f"{folder}/model.onnx", outside / "model.onnx")
+    shutil.copy(f"{folder}/adapters/adapter1.onnx_adapter", outside / "adapter1.onnx_adapter")
+
+    def variant(key, manifest=None, model: bytes | None = None) -> str:
+        copy = tmp_path / key
+        shutil.copytree(folder, copy)
+        if manifest is not None:
+            path = copy / "ia3_export.json"
+            path.write_text(json.dumps(manifest(json.loads(path.read_text()))))
+        if model is not None:
+            (copy / "model.onnx").write_bytes(model)
+        return str(copy)
+
+    def graph_file(name):
+        return lambda m: {**m, "graphs": {**m["graphs"], "model": {**m["graphs"]["model"], "file": name}}}
+
+    def adapter_file(name):
+        return lambda m: {**m, "adapters": [{**a, "file": name} if a["name"] == "adapter1" else a for a in m["adapters"]]}
+
+    raw = open(f"{folder}/model.onnx", "rb").read()
+    graph = onnx.load_model_from_string(raw)
+    vector = next(i for i in graph.graph.initializer if i.name.endswith(".ia3_l"))
+    graph.graph.initializer.remove(vector)
+    return {"ok": variant("ok"),
+            "graph_outside": variant("graph_outside", graph_file("../outside/model.onnx")),
+            "graph_absolute": variant("graph_absolute", graph_file(str(outside / "model.onnx"))),
+            "adapter_outside": variant("adapter_outside", adapter_file("../outside/adapter1.onnx_adapter")),
+            "truncated": variant("truncated", model=raw[:len(raw) // 2]),
+            "wire_type": variant("wire_type", model=b"\x0f" * 64),
+            "no_graph": variant("no_graph", model=b"\x08\x07"),
+            "missing_vector": variant("missing_vector", model=graph.SerializeToString())}
+
+
+def test_exports_whose_manifest_or_graph_is_hostile_are_refused_in_one_line(llama, node, tmp_path):
+    """A manifest naming files outside its folder (.., an absolute path) is refused before they are read;
+    a model.onnx that is cut short, not protobuf, without a graph or without one of the manifest's vector
+    initializers is refused by the graph edit, each in one line, never opened as something else."""
+    folders = _hostile_exports(llama["swappable"], tmp_path)
+    out = node("js_model_errors.mjs", *[f"{k}={p}" for k, p in folders.items()])
+    assert out["ok"]["tokens"] == _ids_alone(llama, [5, 6, 7], 3)  # the harness opens a sound copy
+    outside = str(tmp_path / "outside" / "model.onnx")
+    vectors = len(json.loads(open(f"{llama['swappable']}/ia3_export.json").read())["vectors"])
+    want = {
+        "graph_outside": '"../outside/model.onnx" is not a path inside the export\'s folder',
+        "graph_absolute": f'{json.dumps(outside)} is not a path inside the export\'s folder',
+        "adapter_outside": '"../outside/adapter1.onnx_adapter" is not a path inside the export\'s folder',
+        "truncated": "model.onnx is truncated",
+        "wire_type": "model.onnx: unknown protobuf wire type 7; is it an ONNX model?",
+        "no_graph": "model.onnx holds no graph; is it an ONNX model?",
+        "missing_vector": f"model.onnx has {vectors - 1} of the manifest's {vectors} vector initializers; re-export the model",
+    }
+    assert_one_line_errors(out, want)
+
+
+def _ids_alone(llama, prompt, n):
+    s = open_session(llama["swappable"], llama["a1"])
+    try:
+        return _ids(s, prompt, "adapter1", n)
+    finally:
+        s.close()
