@@ -40,6 +40,8 @@ class IsolatedHandler(http.server.SimpleHTTPRequestHandler):
     def translate_path(self, path):
         """The file a URL names inside one of the served folders, or "" (404) for anything else."""
         path = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(path).path)).lstrip("/")
+        if "\0" in path:  # open() would raise mid-response and drop the connection
+            return ""
         for prefix, folder in self.server.served.items():
             if path.startswith(prefix) and ".." not in path.split("/"):
                 return os.path.join(folder, *path[len(prefix):].split("/"))

@@ -54,7 +54,8 @@ def test_server_isolates_the_page_and_serves_only_the_demo(page_url):
         assert b'type="importmap"' in response.read()
     origin = page_url.split("/examples/")[0]
     for path in ("/pyproject.toml", "/build/web/../../pyproject.toml", "/examples/web/../../README.md",
-                 "/examples/web/%2e%2e/%2e%2e/README.md"):
+                 "/examples/web/%2e%2e/%2e%2e/README.md", "/node_modules/%2e%2e/pyproject.toml",
+                 "/examples/web/index.html%00.txt", "/build/web/%00"):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(origin + path)
         assert refused.value.code == 404, path
