@@ -105,8 +105,8 @@ class Inbox:
             with self._lock:
                 tokens, self._tokens = self._tokens, []
                 self._waiting = not tokens and self.result is None
+            self.wake.clear()  # set for what was just taken, if at all: a wake for what comes next runs later
             if not self._waiting:
-                self.wake.clear()
                 return tokens, self.result
             await self.wake.wait()
 

@@ -53,7 +53,13 @@ def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
     with socket.create_connection(("127.0.0.1", server.http)) as s:
         s.sendall(b"POST /v2/models/generate_stream/generate_stream HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        assert b"data:" in s.recv(4096)  # the first tokens came: it is decoding
+        s.settimeout(60)
+        seen = b""
+        while b"data:" not in seen:  # the headers and the first event may come in separate reads
+            chunk = s.recv(4096)
+            assert chunk, f"the server closed the stream before its first tokens: {seen!r}"
+            seen += chunk
+        # the first tokens came: it is decoding
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
     admin, deadline = ServeClient(server.url), time.monotonic() + 60
     while admin.adapters("stats")["engine"]["active"]:
