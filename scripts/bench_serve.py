@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTERS = [f"a{i}" for i in range(8)]  # the names bench_swap.build gives its adapters
 BASE_NAME = "base"  # the base model's id in /v1/models (--served-model-name)
 FUSED = "fused-merged"  # the fused graph, a0 folded in: the onnxruntime-genai anchor's folder
+FUSED_BANK = "fused-bank"  # the fused graph with every adapter as a bank: --sweep-export, bench_serve_cpu.py
 REQUEST_TIMEOUT_S = 120
 
 
@@ -603,7 +604,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--sweep-export", default="bank", choices=["bank", "fused-bank"],
+    parser.add_argument("--sweep-export", default="bank", choices=["bank", FUSED_BANK],
                         help="sweep/openai: the export both servers serve (--prepare writes both; fused-bank: --graph fused)")
     parser.add_argument("--rates", default="1,2,4,8,12,16,24,32,inf", help="sweep: requests per second (inf: all at once)")
     parser.add_argument("--sweep-requests", type=int, default=40, help="sweep: requests per rate")
@@ -624,8 +625,8 @@ def main() -> None:
 
         export_model(os.path.join(args.prepare, "base"), os.path.join(args.prepare, FUSED), mode="merged",
                      adapters=[os.path.join(args.prepare, ADAPTERS[0])], graph="fused")
-        export_model(os.path.join(args.prepare, "base"), os.path.join(args.prepare, "fused-bank"), mode="bank",
-                     adapters=[os.path.join(args.prepare, a) for a in ADAPTERS], graph="fused")  # bench_serve_cpu.py's
+        export_model(os.path.join(args.prepare, "base"), os.path.join(args.prepare, FUSED_BANK), mode="bank",
+                     adapters=[os.path.join(args.prepare, a) for a in ADAPTERS], graph="fused")
         return
     if args.plot:
         plot(args.plot, os.path.splitext(args.plot)[0] + ".png")

@@ -40,6 +40,9 @@ def group_cpu_s(pgid: int) -> float:
     return total
 
 
+KEYS = ("new_tokens_per_s", "new_tokens_per_server_cpu_s")  # per round, and their medians
+
+
 def saturate(folder: str, mode: str, args) -> tuple[dict, list]:
     """One server in `mode`: a warm-up, then the rounds; (medians and rounds, the last round's answers)."""
     from ia3_export.serve.process import ServerProcess
@@ -57,9 +60,6 @@ def saturate(folder: str, mode: str, args) -> tuple[dict, list]:
             rounds.append({"new_tokens_per_s": round(tokens / wall, 1), "new_tokens_per_server_cpu_s": round(tokens / cpu, 1),
                            "errors": sum("error" in r for r in run["records"])})
     return {"rounds": rounds, **{f"median_{k}": statistics.median(r[k] for r in rounds) for k in KEYS}}, bs.answers(run)
-
-
-KEYS = ("new_tokens_per_s", "new_tokens_per_server_cpu_s")
 
 
 def main() -> None:

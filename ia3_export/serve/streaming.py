@@ -94,7 +94,8 @@ class Inbox:
             else:
                 self._tokens.append(event)
                 wake = self._waiting
-            self._waiting = self._waiting and not wake
+            if wake:  # the stream will take what is here: the next token waits for its next take
+                self._waiting = False
         if wake:
             self.relay.put(self.wake.set)
 
