@@ -1,6 +1,7 @@
 """The OpenAI-compatible API in front of Triton: `/v1/completions`, `/v1/chat/completions` (streamed
-as Server-Sent Events or not) and `/v1/models`, with `"model"` naming the adapter as vLLM and LoRAX do
-(the base model's id, or "", for no adapter).
+as Server-Sent Events or not, with usage on request) and `/v1/models` (and one by its id), with
+`"model"` naming the adapter as vLLM and LoRAX do (the base model's id, or "", for no adapter), and
+vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` adding and removing IA3 adapters.
 
 A thin Starlette app (served by uvicorn in the server's process) that calls Triton's own
 `generate_stream` endpoint over loopback HTTP (httpx), so every request still passes Triton (its
@@ -8,7 +9,9 @@ metrics, its health, its queue), and a non-streamed completion is the stream gat
 Triton cannot see: a client that disconnects is cancelled in the engine by the request's id, and a
 chat's messages become the prompt through the tokenizer's chat template (`runtime.chat`).
 Errors use OpenAI's body (`{"error": {"message", "type", "code"}}`) with 400 for a bad request, 404
-for an unknown model, 503 when busy.
+for an unknown model, 503 when busy. A parameter that would change the answer but is not implemented
+(penalties, logprobs, tools...) is refused by name rather than ignored: a client must never get a
+different answer than it asked for without knowing.
 """
 from __future__ import annotations
 
@@ -23,6 +26,14 @@ from .streaming import REQUEST_ID, STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+# OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
+# are accepted (clients such as LangChain send them); any other value is refused by name
+NOT_IMPLEMENTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+                   "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+                   "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+                   "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+                   "response_format": (None, {"type": "text"}), "top_k": (None, 0, -1), "min_p": (None, 0),
+                   "repetition_penalty": (None, 1), "min_tokens": (None, 0), "ignore_eos": (None, False)}
 
 
 class APIError(Exception):
@@ -60,8 +71,9 @@ def create_app(server):
     """The Starlette app for a started `Server` (its Triton URL, adapter pool, tokenizer and streams)."""
     import httpx
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
     from ..runtime.chat import ChatTemplate
@@ -80,12 +92,49 @@ def create_app(server):
                                 f"adapters {served.pool.names()}; GET /v1/models lists them", "NotFoundError")
         return model
 
-    async def models(request: Request):
+    def model_cards() -> dict:
         created = int(time.time())
-        data = [{"id": base, "object": "model", "created": created, "owned_by": "ia3-export", "root": base, "parent": None}]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "ia3-export", "root": name,
-                  "parent": base} for name in served.pool.names()]
-        return JSONResponse({"object": "list", "data": data})
+        cards = {base: {"id": base, "object": "model", "created": created, "owned_by": "ia3-export", "root": base,
+                        "parent": None}}
+        cards.update((name, {"id": name, "object": "model", "created": created, "owned_by": "ia3-export",
+                             "root": name, "parent": base}) for name in served.pool.names())
+        return cards
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": list(model_cards().values())})
+
+    async def model(request: Request):
+        name = request.path_params["model"]
+        card = model_cards().get(name)
+        if card is None:
+            return _error(APIError(404, f"The model `{name}` does not exist: GET /v1/models lists this server's",
+                                   "NotFoundError"))
+        return JSONResponse(card)
+
+    async def load_adapter(request: Request):
+        """vLLM's runtime adapter loading: {"lora_name", "lora_path"} (a PEFT IA3 folder or .onnx_adapter
+        file on the server); the file is read off the event loop."""
+        try:
+            body = await _json_body(request)
+            name, path = _field(body, "lora_name"), _field(body, "lora_path")
+            name = await run_in_threadpool(served.pool.add, path, name)
+        except APIError as e:
+            return _error(e)
+        except IA3Error as e:
+            return _error(APIError(400, str(e)))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_adapter(request: Request):
+        """vLLM's runtime adapter unloading: {"lora_name"}; requests running with it finish with it."""
+        try:
+            name = _field(await _json_body(request), "lora_name")
+            state = served.pool.remove(name)
+        except APIError as e:
+            return _error(e)
+        except IA3Error as e:
+            return _error(APIError(404, str(e), "NotFoundError"))
+        more = "" if state == "removed" else " (new requests are refused; those running finish with it first)"
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.{more}")
 
     async def completions(request: Request):
         return await _complete(request, chat=False)
@@ -110,7 +159,8 @@ def create_app(server):
         model = body.get("model") or base
         chunks = _upstream(body_for_triton, request_id)
         if body.get("stream"):
-            return StreamingResponse(_sse(chunks, request_id, model, chat), media_type="text/event-stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(chunks, request_id, model, chat, usage), media_type="text/event-stream")
         text, reason, prompt_tokens, completion_tokens = [], None, 0, 0
         try:
             async for piece, tokens, finish, prompt_len in chunks:
@@ -123,8 +173,16 @@ def create_app(server):
                                   usage=(prompt_tokens, completion_tokens)))
 
     def _triton_body(body: dict, chat: bool) -> dict:
-        if body.get("n", 1) != 1:
+        if body.get("n", 1) not in (None, 1):
             raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
+        for field, off in NOT_IMPLEMENTED.items():
+            if body.get(field) not in off:
+                raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
+                                    f"top_p and seed, and stops at stop strings, EOS or max_tokens); leave it out")
+        options = body.get("stream_options")
+        if options is not None and (not body.get("stream") or not isinstance(options, dict)):
+            raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "
+                                "{\"include_usage\": true}")
         out = {"max_new_tokens": DEFAULT_MAX_TOKENS}
         for field, name in FIELDS.items():
             value = body.get(field if field != "max_tokens" or "max_tokens" in body else "max_completion_tokens")
@@ -177,13 +235,19 @@ def create_app(server):
         finally:
             streams.cancel(request_id)  # a no-op once it ended; stops the engine's row when the client left
 
-    async def _sse(chunks, request_id: str, model: str, chat: bool):
+    async def _sse(chunks, request_id: str, model: str, chat: bool, usage: bool):
+        """The chunks; with `usage`, as OpenAI: every chunk has "usage": null and one more, with no
+        choices, carries the request's usage before [DONE]."""
+        counts = [0, 0]  # prompt tokens, completion tokens
         try:
             if chat:
-                yield _event(_body(request_id, model, chat, "", None, role=True))
-            async for piece, _, finish, _ in chunks:
+                yield _event(_body(request_id, model, chat, "", None, role=True, usage=None if usage else False))
+            async for piece, tokens, finish, prompt_len in chunks:
+                counts[0], counts[1] = prompt_len or counts[0], counts[1] + tokens
                 if piece or finish:
-                    yield _event(_body(request_id, model, chat, piece, finish))
+                    yield _event(_body(request_id, model, chat, piece, finish, usage=None if usage else False))
+            if usage:
+                yield _event({**_body(request_id, model, chat, "", None, usage=tuple(counts)), "choices": []})
         except APIError as e:
             yield _event({"error": {"message": str(e), "type": e.kind, "code": e.status}})
         yield "data: [DONE]\n\n"
@@ -194,8 +258,11 @@ def create_app(server):
         await client.aclose()
 
     routes = [Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{model:path}", model, methods=["GET"]),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
+              Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -209,9 +276,17 @@ async def _json_body(request) -> dict:
     return body
 
 
+def _field(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise APIError(400, f"`{name}` must be a non-empty string")
+    return value
+
+
 def _body(request_id: str, model: str, chat: bool, text: str, finish, final: bool = False, role: bool = False,
-          usage=None) -> dict:
-    """A completion (final) or a streamed chunk, in OpenAI's shape for completions or chat."""
+          usage=False) -> dict:
+    """A completion (final) or a streamed chunk, in OpenAI's shape for completions or chat; `usage`:
+    (prompt, completion) tokens, None for "usage": null, False for no usage field."""
     if chat:
         kind = "chat.completion" if final else "chat.completion.chunk"
         content = {"role": "assistant", "content": text}
@@ -222,7 +297,9 @@ def _body(request_id: str, model: str, chat: bool, text: str, finish, final: boo
         kind = "text_completion"
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
     body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
-    if usage is not None:
+    if usage is None:
+        body["usage"] = None
+    elif usage is not False:
         body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
     return body
 

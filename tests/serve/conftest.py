@@ -87,6 +87,11 @@ class Reference:
         options = GenerationOptions(max_new_tokens=max_new_tokens, **sampling)
         return generate_ids(self.session, [ids], [adapter], options)[0]
 
+    def load(self, path: str) -> None:
+        """Load a PEFT adapter folder once (tests share this Reference); its name is the folder's."""
+        if os.path.basename(os.path.normpath(path)) not in self.session.adapters:
+            self.session.load_adapter(path)
+
     def encode(self, text: str) -> list[int]:
         return self.session.tokenizer().encode(text)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -152,6 +153,76 @@ def test_openai_client_completions_chat_and_models(continuous, reference):
     assert chat.choices[0].message.content == ref.decode(ref.generate(prompt, A2, 8))
     streamed_chat = client.chat.completions.create(model=A2, messages=messages, max_tokens=8, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed_chat) == chat.choices[0].message.content
+
+
+def test_openai_usage_in_streams_one_model_and_parameters_not_implemented(continuous, reference):
+    """`stream_options.include_usage` (the last chunk: no choices, the request's usage), GET /v1/models/{id},
+    and a parameter that would change the answer but is not implemented is refused by name, while the
+    values that mean "off" (which clients such as LangChain send) pass."""
+    import openai
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    chunks = list(client.completions.create(model=A1, prompt="the cat ", max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    expected = ref.generate(ref.encode("the cat "), A1, 12)
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == ref.decode(expected)
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (len(ref.encode("the cat ")), 12)
+    chat = list(client.chat.completions.create(model=A2, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                               stream=True, stream_options={"include_usage": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens == 8
+    assert client.models.retrieve(A1).parent == "llama-bank" and client.models.retrieve("llama-bank").parent is None
+    with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
+        client.models.retrieve("nope")
+    for refused in ({"presence_penalty": 0.5}, {"logprobs": 2}, {"echo": True}, {"best_of": 3},
+                    {"extra_body": {"top_k": 5}}, {"extra_body": {"repetition_penalty": 1.2}}):
+        field = next(iter(refused.get("extra_body", refused)))
+        with pytest.raises(openai.BadRequestError, match=f"`{field}` is not implemented by this server"):
+            client.completions.create(model=A1, prompt="the cat ", max_tokens=4, **refused)
+    with pytest.raises(openai.BadRequestError, match="`stream_options` needs"):
+        client.completions.create(model=A1, prompt="the cat ", max_tokens=4, stream_options={"include_usage": True})
+    off = client.completions.create(model=A1, prompt="the cat ", max_tokens=12, presence_penalty=0, frequency_penalty=0,
+                                    logprobs=None, echo=False, best_of=1, n=1, extra_body={"top_k": -1})
+    assert off.choices[0].text == ref.decode(expected)
+
+
+def test_vllm_runtime_adapter_loading(continuous, reference):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter is listed and answers as the
+    same adapter run alone; a name already loaded, or not loaded, gets a clear error."""
+    import openai
+    ref = reference("llama-bank")
+    ref.load(folder("llama-a3"))
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+
+    def post(path, body):
+        request = urllib.request.Request(f"{continuous.openai}/{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]["message"]
+
+    assert post("load_lora_adapter", {"lora_name": "llama-a3", "lora_path": folder("llama-a3")}) == (
+        200, "Success: LoRA adapter 'llama-a3' added successfully.")
+    try:
+        assert [m.id for m in client.models.list()] == ["llama-bank", A1, A2, "llama-a3"]
+        done = client.completions.create(model="llama-a3", prompt=[5, 6, 7], max_tokens=10)
+        assert done.choices[0].text == ref.decode(ref.generate([5, 6, 7], "llama-a3", 10))
+        status, message = post("load_lora_adapter", {"lora_name": "llama-a3", "lora_path": folder("llama-a3")})
+        assert status == 400 and "adapter 'llama-a3' is already loaded" in message
+        status, message = post("load_lora_adapter", {"lora_name": "x", "lora_path": folder("llama-a3") + "-missing"})
+        assert status == 400 and "x" not in [m.id for m in client.models.list()], message
+        assert post("load_lora_adapter", {"lora_name": "llama-a4"})[0] == 400  # no lora_path
+        status, message = post("load_lora_adapter", {"lora_name": "../a3", "lora_path": folder("llama-a3")})
+        assert status == 400 and "adapter name '../a3' is not allowed" in message
+    finally:
+        unloaded = post("unload_lora_adapter", {"lora_name": "llama-a3"})
+    assert unloaded == (200, "Success: LoRA adapter 'llama-a3' removed successfully.")
+    status, message = post("unload_lora_adapter", {"lora_name": "llama-a3"})
+    assert status == 404 and "adapter 'llama-a3' is not loaded" in message
+    with pytest.raises(openai.NotFoundError, match="The model `llama-a3` does not exist"):
+        client.completions.create(model="llama-a3", prompt=[5, 6, 7], max_tokens=2)
 
 
 def test_a_client_that_disconnects_stops_costing_steps(wide):

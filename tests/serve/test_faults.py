@@ -115,7 +115,7 @@ def test_adapters_added_and_removed_while_serving(llama_bank, reference):
     for t in threads:
         t.start()
     try:
-        ref.session.load_adapter(folder("llama-a3"))
+        ref.load(folder("llama-a3"))
         prompt, states = list(range(10, 26)), []
         while "draining" not in states:  # until an unload lands while a3 requests run (timing: a few tries)
             assert len(states) < 10, f"never caught the a3 request running: {states}"
