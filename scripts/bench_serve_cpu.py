@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--out", default=os.path.join(ROOT, "runs"))
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)  # the servers' logs go there before the result does
     result = {"script": "bench_serve_cpu", "folder": args.folder, "requests": args.requests}
     answers = {}
     for mode in args.modes.split(","):

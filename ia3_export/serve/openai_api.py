@@ -9,7 +9,7 @@ metrics, its health, its queue), and a non-streamed completion is the stream gat
 Triton cannot see: a client that disconnects is cancelled in the engine by the request's id, and a
 chat's messages become the prompt through the tokenizer's chat template (`runtime.chat`).
 Errors use OpenAI's body (`{"error": {"message", "type", "code"}}`) with 400 for a bad request, 404
-for an unknown model, 503 when busy. A parameter that would change the answer but is not implemented
+for an unknown model, 413 for a body too large to read, 503 when busy. A parameter that would change the answer but is not implemented
 (penalties, logprobs, tools...) is refused by name rather than ignored: a client must never get a
 different answer than it asked for without knowing.
 """
@@ -25,6 +25,7 @@ from ..errors import IA3Error
 from .streaming import REQUEST_ID, STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+INTEGERS = ("max_new_tokens", "seed")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
@@ -83,6 +84,7 @@ def create_app(server):
     upstream = f"{server.url}/v2/models/generate_stream/generate_stream"
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
     template = ChatTemplate(server.session.folder.path)
+    body_limit = 8 * server.config.max_text_bytes + 2**20  # a prompt's text JSON-escaped, and the rest
 
     def adapter_for(model) -> str:
         if model in (None, "", base):
@@ -115,7 +117,7 @@ def create_app(server):
         """vLLM's runtime adapter loading: {"lora_name", "lora_path"} (a PEFT IA3 folder or .onnx_adapter
         file on the server); the file is read off the event loop."""
         try:
-            body = await _json_body(request)
+            body = await _json_body(request, body_limit)
             name, path = _field(body, "lora_name"), _field(body, "lora_path")
             name = await run_in_threadpool(served.pool.add, path, name)
         except APIError as e:
@@ -127,7 +129,7 @@ def create_app(server):
     async def unload_adapter(request: Request):
         """vLLM's runtime adapter unloading: {"lora_name"}; requests running with it finish with it."""
         try:
-            name = _field(await _json_body(request), "lora_name")
+            name = _field(await _json_body(request, body_limit), "lora_name")
             state = served.pool.remove(name)
         except APIError as e:
             return _error(e)
@@ -144,7 +146,7 @@ def create_app(server):
 
     async def _complete(request: Request, chat: bool):
         try:
-            body = await _json_body(request)
+            body = await _json_body(request, body_limit)
             body_for_triton = _triton_body(body, chat)
             body_for_triton["adapter"] = adapter_for(body.get("model"))
         except APIError as e:
@@ -173,47 +175,11 @@ def create_app(server):
                                   usage=(prompt_tokens, completion_tokens)))
 
     def _triton_body(body: dict, chat: bool) -> dict:
-        if body.get("n", 1) not in (None, 1):
-            raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
-        for field, off in NOT_IMPLEMENTED.items():
-            if body.get(field) not in off:
-                raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
-                                    f"top_p and seed, and stops at stop strings, EOS or max_tokens); leave it out")
-        options = body.get("stream_options")
-        if options is not None and (not body.get("stream") or not isinstance(options, dict)):
-            raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "
-                                "{\"include_usage\": true}")
-        out = {"max_new_tokens": DEFAULT_MAX_TOKENS}
-        for field, name in FIELDS.items():
-            value = body.get(field if field != "max_tokens" or "max_tokens" in body else "max_completion_tokens")
-            if value is not None:
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise APIError(400, f"`{field}` must be a number, got {json.dumps(value)[:40]}")
-                out[name] = value
-        if "temperature" in out:  # OpenAI's temperature 0 is greedy decoding
-            if out["temperature"] == 0:
-                del out["temperature"]
-            else:
-                out["do_sample"] = True
-        stop = body.get("stop")
-        if stop:
-            out[STOP] = json.dumps([stop] if isinstance(stop, str) else stop)
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise APIError(400, "`messages` must be a non-empty list of {role, content} objects")
-            ids = template.encode(messages, served.tokenizer)  # the template writes the special tokens itself
-            out["input_ids"] = ids
-            return out
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            out["input_ids"] = prompt
-        elif isinstance(prompt, str) and prompt:
-            out["text"] = prompt
+        out = _options(body)
+        if chat:  # the template writes the special tokens itself
+            out["input_ids"] = template.encode(_messages(body), served.tokenizer)
         else:
-            raise APIError(400, "`prompt` must be a non-empty string or a list of token ids (one prompt per request)")
+            out.update(_prompt(body))
         return out
 
     async def _upstream(body: dict, request_id: str):
@@ -266,9 +232,91 @@ def create_app(server):
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _json_body(request) -> dict:
+def _options(body: dict) -> dict:
+    """Triton's generate parameters from OpenAI's; a parameter not implemented or of the wrong type is
+    refused by name."""
+    if body.get("n", 1) not in (None, 1):
+        raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
+    for field, off in NOT_IMPLEMENTED.items():
+        if body.get(field) not in off:
+            raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
+                                f"top_p and seed, and stops at stop strings, EOS or max_tokens); leave it out")
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, "`stream` must be true or false")
+    options = body.get("stream_options")
+    if options is not None and (not body.get("stream") or not isinstance(options, dict)):
+        raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "
+                            "{\"include_usage\": true}")
+    out = {"max_new_tokens": DEFAULT_MAX_TOKENS}
+    for field, name in FIELDS.items():
+        if field == "max_tokens" and field not in body:
+            field = "max_completion_tokens"  # the chat API's newer name
+        value = body.get(field)
+        if value is None:
+            continue
+        integer = name in INTEGERS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise APIError(400, f"`{field}` must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}")
+        if integer and not -2**63 <= value < 2**63:
+            raise APIError(400, f"`{field}` is out of range, got {value}")
+        out[name] = value
+    if "temperature" in out:  # OpenAI's temperature 0 is greedy decoding
+        if out["temperature"] == 0:
+            del out["temperature"]
+        else:
+            out["do_sample"] = True
+    stop = body.get("stop")
+    if stop not in (None, "", []):
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise APIError(400, "`stop` must be a string or a list of strings")
+        out[STOP] = json.dumps(stops)
+    return out
+
+
+def _messages(body: dict) -> list:
+    """Chat messages, OpenAI's text parts joined into one string per message as vLLM does for text-only
+    models (a template would otherwise render the list itself)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "`messages` must be a non-empty list of {role, content} objects")
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, "a message's `content` parts must all be text ({\"type\": \"text\", \"text\": ...}): "
+                                    "this server's models read text only")
+            message = {**message, "content": "\n".join(p["text"] for p in content)}
+        elif not isinstance(content, str):
+            raise APIError(400, "each message needs a `content`: a string or a list of text parts")
+        out.append(message)
+    return out
+
+
+def _prompt(body: dict) -> dict:
+    """A completion's prompt: `text`, or `input_ids` where it is a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < 2**63 for t in prompt):
+        return {"input_ids": prompt}
+    if isinstance(prompt, str) and prompt:
+        return {"text": prompt}
+    raise APIError(400, "`prompt` must be a non-empty string or a list of token ids >= 0 (one prompt per request)")
+
+
+async def _json_body(request, limit: int) -> dict:
+    """The JSON object sent, read no further than `limit` bytes (a huge body must not fill memory)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over {limit} bytes; send a shorter prompt (the limit is "
+                                "8x --max-text-bytes, plus 1 MiB)")
+        chunks.append(chunk)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(b"".join(chunks))
     except ValueError:
         raise APIError(400, "the request body is not JSON; send a JSON object") from None
     if not isinstance(body, dict):

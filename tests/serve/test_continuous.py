@@ -36,6 +36,16 @@ def wide(start_server):
     return server
 
 
+def post_openai(base: str, path: str, body) -> tuple[int, str]:
+    """(HTTP status, the answer's text, or its error's message) of a POST to the OpenAI front."""
+    request = urllib.request.Request(f"{base}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+
+
 def streamed(url: str, **request) -> tuple[list[int], str, list[float], str]:
     """(tokens, text, arrival time of each response from the request's start, finish reason)."""
     tokens, text, times, reason, start = [], "", [], "", time.monotonic()
@@ -186,6 +196,53 @@ def test_openai_usage_in_streams_one_model_and_parameters_not_implemented(contin
     assert off.choices[0].text == ref.decode(expected)
 
 
+CARELESS = [  # (endpoint, body, what the 400 says): each once answered 200 or with Triton's own words
+    ("completions", {"prompt": "hi", "max_tokens": 1.5}, "`max_tokens` must be an integer, got 1.5"),
+    ("completions", {"prompt": "hi", "seed": 2**70, "temperature": 1}, "`seed` is out of range"),
+    ("completions", {"prompt": [5, -1, 6]}, "a list of token ids >= 0"),
+    ("completions", {"prompt": "hi", "stop": 5}, "`stop` must be a string or a list of strings"),
+    ("completions", {"prompt": "hi", "stream": "yes"}, "`stream` must be true or false"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "each message needs a `content`"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "parts must all be text"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": "8"},
+     "`max_completion_tokens` must be an integer"),
+]
+
+
+@pytest.mark.parametrize("path,body,message", CARELESS, ids=[m.split("`")[1] if "`" in m else m[:20] for _, _, m in CARELESS])
+def test_careless_openai_requests_get_a_clear_400(continuous, path, body, message):
+    status, answer = post_openai(continuous.openai, path, {"model": A1, **body})
+    assert (status, message in answer) == (400, True), answer
+
+
+def test_a_huge_body_is_refused_before_it_is_read(continuous):
+    """12 MB of token ids (over 8x --max-text-bytes + 1 MiB): a 413 naming the limit, or the connection
+    closed while the client still sends, and the server goes on (it once read the whole body first)."""
+    request = urllib.request.Request(f"{continuous.openai}/completions", b'{"prompt": [' + b"5," * 6_000_000 + b'5]}',
+                                     {"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("a 12 MB body was accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 413 and "the request body is over 9437184 bytes" in e.read().decode()
+    except urllib.error.URLError as e:
+        assert isinstance(e.reason, (ConnectionResetError, BrokenPipeError)), e
+    assert post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def test_chat_content_as_text_parts_is_the_same_prompt(continuous):
+    """OpenAI's content parts ([{"type": "text", "text": ...}]), which many clients send, are joined into
+    the message's text (a template would otherwise render the list's repr into the prompt)."""
+    import openai
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    plain = client.chat.completions.create(model=A2, messages=[{"role": "user", "content": "hi\nthere"}], max_tokens=8)
+    parts = client.chat.completions.create(model=A2, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def test_vllm_runtime_adapter_loading(continuous, reference):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter is listed and answers as the
     same adapter run alone; a name already loaded, or not loaded, gets a clear error."""
@@ -195,13 +252,7 @@ def test_vllm_runtime_adapter_loading(continuous, reference):
     client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
 
     def post(path, body):
-        request = urllib.request.Request(f"{continuous.openai}/{path}", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())["error"]["message"]
+        return post_openai(continuous.openai, path, body)
 
     assert post("load_lora_adapter", {"lora_name": "llama-a3", "lora_path": folder("llama-a3")}) == (
         200, "Success: LoRA adapter 'llama-a3' added successfully.")
