@@ -6,15 +6,17 @@ vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` adding and removing
 A thin Starlette app (served by uvicorn in the server's process) that calls Triton's own
 `generate_stream` endpoint over loopback HTTP (httpx), so every request still passes Triton (its
 metrics, its health, its queue), and a non-streamed completion is the stream gathered. It adds what
-Triton cannot see: a client that disconnects is cancelled in the engine by the request's id, and a
-chat's messages become the prompt through the tokenizer's chat template (`runtime.chat`).
-Errors use OpenAI's body (`{"error": {"message", "type", "code"}}`) with 400 for a bad request, 404
-for an unknown model, 413 for a body too large to read, 503 when busy. A parameter that would change the answer but is not implemented
-(penalties, logprobs, tools...) is refused by name rather than ignored: a client must never get a
-different answer than it asked for without knowing.
+Triton cannot see: a client that disconnects is cancelled in the engine by the request's id; a chat's
+messages become the prompt through the tokenizer's chat template (`runtime.chat`); a completion with
+several prompts is one Triton stream per prompt, merged into one answer. Errors use OpenAI's body
+(`{"error": {"message", "type", "code"}}`) with 400 for a bad request, 404 for an unknown model, 413
+for a body too large to read, 503 when busy. A parameter that would change the answer but is not
+implemented (penalties, logprobs, tools...) is refused by name rather than ignored: a client must never
+get a different answer than it asked for without knowing.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -74,7 +76,7 @@ def create_app(server):
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     from ..runtime.chat import ChatTemplate
@@ -113,6 +115,15 @@ def create_app(server):
                                    "NotFoundError"))
         return JSONResponse(card)
 
+    async def health(request: Request):
+        """vLLM's liveness probe on this port: 200 only while Triton reports every model ready."""
+        try:
+            ready = (await client.get(f"{server.url}/v2/health/ready", timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        return Response(status_code=200) if ready else _error(APIError(503, "the server is not ready (starting or "
+                                                                           "draining)", "ServiceUnavailableError"))
+
     async def load_adapter(request: Request):
         """vLLM's runtime adapter loading: {"lora_name", "lora_path"} (a PEFT IA3 folder or .onnx_adapter
         file on the server); the file is read off the event loop."""
@@ -147,8 +158,9 @@ def create_app(server):
     async def _complete(request: Request, chat: bool):
         try:
             body = await _json_body(request, body_limit)
-            body_for_triton = _triton_body(body, chat)
-            body_for_triton["adapter"] = adapter_for(body.get("model"))
+            options = {**_options(body), "adapter": adapter_for(body.get("model"))}
+            prompts = ([{"input_ids": template.encode(_messages(body), served.tokenizer)}] if chat  # it writes the special tokens
+                       else _prompts(body, server.config.max_queue))
         except APIError as e:
             return _error(e)
         except IA3Error as e:
@@ -157,33 +169,25 @@ def create_app(server):
             return _error(APIError(400, "this server batches whole requests (--batching request, or an export the "
                                         "engine does not run); the OpenAI-compatible API needs --batching continuous"))
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        body_for_triton[REQUEST_ID] = request_id
         model = body.get("model") or base
-        chunks = _upstream(body_for_triton, request_id)
+        chunks = _merged([_upstream({**options, **prompt, REQUEST_ID: f"{request_id}-{i}"}) for i, prompt in enumerate(prompts)])
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_sse(chunks, request_id, model, chat, usage), media_type="text/event-stream")
-        text, reason, prompt_tokens, completion_tokens = [], None, 0, 0
+        texts, reasons, counts = [[] for _ in prompts], [None] * len(prompts), [0, 0]
         try:
-            async for piece, tokens, finish, prompt_len in chunks:
-                text.append(piece)
-                completion_tokens += tokens
-                reason, prompt_tokens = finish or reason, prompt_len or prompt_tokens
+            async for i, piece, tokens, finish, prompt_len in chunks:
+                texts[i].append(piece)
+                reasons[i] = finish or reasons[i]
+                counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
         except APIError as e:
             return _error(e)
-        return JSONResponse(_body(request_id, model, chat, "".join(text), reason, final=True,
-                                  usage=(prompt_tokens, completion_tokens)))
+        choices = [_choice(chat, True, i, "".join(t), r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        return JSONResponse(_body(request_id, model, chat, choices, final=True, usage=tuple(counts)))
 
-    def _triton_body(body: dict, chat: bool) -> dict:
-        out = _options(body)
-        if chat:  # the template writes the special tokens itself
-            out["input_ids"] = template.encode(_messages(body), served.tokenizer)
-        else:
-            out.update(_prompt(body))
-        return out
-
-    async def _upstream(body: dict, request_id: str):
-        """(text, new tokens, finish reason, prompt tokens) per Triton response; an error body raises APIError."""
+    async def _upstream(body: dict):
+        """(text, new tokens, finish reason, prompt tokens: on the last response only) per Triton response;
+        an error body raises APIError. Leaving early cancels the request in the engine."""
         try:
             async with client.stream("POST", upstream, json=body) as response:
                 if response.status_code != 200:
@@ -199,21 +203,21 @@ def create_app(server):
                     yield (event.get("text", ""), len(ids) if isinstance(ids, list) else 1,
                            event.get("finish_reason") or None, event.get("prompt_tokens") or 0)
         finally:
-            streams.cancel(request_id)  # a no-op once it ended; stops the engine's row when the client left
+            streams.cancel(body[REQUEST_ID])  # a no-op once it ended; stops the engine's row when the client left
 
     async def _sse(chunks, request_id: str, model: str, chat: bool, usage: bool):
-        """The chunks; with `usage`, as OpenAI: every chunk has "usage": null and one more, with no
-        choices, carries the request's usage before [DONE]."""
-        counts = [0, 0]  # prompt tokens, completion tokens
+        """The chunks, each naming its prompt's choice; with `usage`, as OpenAI: every chunk has "usage":
+        null and one more, with no choices, carries the request's usage before [DONE]."""
+        counts, each = [0, 0], None if usage else False  # prompt tokens, completion tokens
         try:
             if chat:
-                yield _event(_body(request_id, model, chat, "", None, role=True, usage=None if usage else False))
-            async for piece, tokens, finish, prompt_len in chunks:
-                counts[0], counts[1] = prompt_len or counts[0], counts[1] + tokens
+                yield _event(_body(request_id, model, chat, [_choice(chat, False, 0, "", None, role=True)], usage=each))
+            async for i, piece, tokens, finish, prompt_len in chunks:
+                counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
                 if piece or finish:
-                    yield _event(_body(request_id, model, chat, piece, finish, usage=None if usage else False))
+                    yield _event(_body(request_id, model, chat, [_choice(chat, False, i, piece, finish)], usage=each))
             if usage:
-                yield _event({**_body(request_id, model, chat, "", None, usage=tuple(counts)), "choices": []})
+                yield _event(_body(request_id, model, chat, [], usage=tuple(counts)))
         except APIError as e:
             yield _event({"error": {"message": str(e), "type": e.kind, "code": e.status}})
         yield "data: [DONE]\n\n"
@@ -223,7 +227,8 @@ def create_app(server):
         yield
         await client.aclose()
 
-    routes = [Route("/v1/models", models, methods=["GET"]),
+    routes = [Route("/health", health, methods=["GET"]),
+              Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{model:path}", model, methods=["GET"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -294,16 +299,53 @@ def _messages(body: dict) -> list:
     return out
 
 
-def _prompt(body: dict) -> dict:
-    """A completion's prompt: `text`, or `input_ids` where it is a list of token ids."""
+def _prompts(body: dict, limit: int) -> list[dict]:
+    """A completion's prompts, each `text` or `input_ids`: OpenAI's `prompt` is one string or token-id
+    list, or a list of them (one choice each, as LangChain's batches send)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = [_one_prompt(p) for p in (prompt if many else [prompt])]
+    if len(prompts) > limit:
+        raise APIError(400, f"`prompt` holds {len(prompts)} prompts, more than the {limit} the engine queues "
+                            "(--max-queue); send fewer per request")
+    return prompts
+
+
+def _one_prompt(prompt) -> dict:
     if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < 2**63 for t in prompt):
         return {"input_ids": prompt}
     if isinstance(prompt, str) and prompt:
         return {"text": prompt}
-    raise APIError(400, "`prompt` must be a non-empty string or a list of token ids >= 0 (one prompt per request)")
+    raise APIError(400, "`prompt` must be a non-empty string or a list of token ids >= 0, or a list of these")
+
+
+async def _merged(streams: list):
+    """(prompt index, *item) from every prompt's stream as the items come; the first error ends it all,
+    and leaving early (a client gone) stops every stream."""
+    queue, done = asyncio.Queue(), object()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, *item))
+            await queue.put((i, done))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item[1] is done:
+                running -= 1
+            elif isinstance(item[1], Exception):
+                raise item[1]
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _json_body(request, limit: int) -> dict:
@@ -331,20 +373,21 @@ def _field(body: dict, name: str) -> str:
     return value
 
 
-def _body(request_id: str, model: str, chat: bool, text: str, finish, final: bool = False, role: bool = False,
-          usage=False) -> dict:
-    """A completion (final) or a streamed chunk, in OpenAI's shape for completions or chat; `usage`:
-    (prompt, completion) tokens, None for "usage": null, False for no usage field."""
-    if chat:
-        kind = "chat.completion" if final else "chat.completion.chunk"
-        content = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": content} if final else {
-            "index": 0, "delta": {"role": "assistant", "content": ""} if role else {"content": text}}
-        choice.update(finish_reason=finish, logprobs=None)
-    else:
-        kind = "text_completion"
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+def _choice(chat: bool, final: bool, index: int, text: str, finish, role: bool = False) -> dict:
+    """One choice of a completion (final) or of a streamed chunk, in OpenAI's shape for completions or chat."""
+    if not chat:
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    if final:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+    delta = {"role": "assistant", "content": ""} if role else {"content": text}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+
+def _body(request_id: str, model: str, chat: bool, choices: list, final: bool = False, usage=False) -> dict:
+    """A completion (final) or a streamed chunk; `usage`: (prompt, completion) tokens, None for "usage":
+    null, False for no usage field."""
+    kind = ("chat.completion" if final else "chat.completion.chunk") if chat else "text_completion"
+    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
     if usage is None:
         body["usage"] = None
     elif usage is not False:

@@ -243,6 +243,25 @@ def test_chat_content_as_text_parts_is_the_same_prompt(continuous):
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
 
 
+def test_health_on_the_openai_port_follows_triton(continuous, tmp_path):
+    """GET /health (vLLM's probe) is 200 with an empty body while Triton is ready, and 503 when Triton does
+    not answer (the same app pointed at a closed port)."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from ia3_export.serve.openai_api import create_app
+    with urllib.request.urlopen(f"{continuous.openai[:-3]}/health", timeout=10) as response:
+        assert (response.status, response.read()) == (200, b"")
+    closed = free_ports(1)[0]
+    server = SimpleNamespace(url=f"http://127.0.0.1:{closed}", streams=None, served=SimpleNamespace(pool=None),
+                             config=SimpleNamespace(served_model_name="m", max_text_bytes=1024),
+                             session=SimpleNamespace(folder=SimpleNamespace(path=str(tmp_path))))
+    with TestClient(create_app(server)) as client:
+        answer = client.get("/health")
+    assert answer.status_code == 503 and "not ready" in answer.json()["error"]["message"]
+
+
 def test_vllm_runtime_adapter_loading(continuous, reference):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter is listed and answers as the
     same adapter run alone; a name already loaded, or not loaded, gets a clear error."""
@@ -276,9 +295,12 @@ def test_vllm_runtime_adapter_loading(continuous, reference):
         client.completions.create(model="llama-a3", prompt=[5, 6, 7], max_tokens=2)
 
 
-def test_a_client_that_disconnects_stops_costing_steps(wide):
-    """The OpenAI front sees the disconnect and cancels the request in the engine at once."""
-    body = json.dumps({"model": "wide-a1", "prompt": [5, 6, 7], "max_tokens": LONG, "stream": True}).encode()
+@pytest.mark.parametrize("prompt", [[5, 6, 7], [[5, 6, 7], [8, 9]]], ids=["one prompt", "two prompts"])
+def test_a_client_that_disconnects_stops_costing_steps(wide, prompt):
+    """The OpenAI front sees the disconnect and cancels the request in the engine at once (every prompt's
+    row, when it sent several)."""
+    cancelled = ServeClient(wide.url).adapters("stats")["engine"]["finished"].get("cancelled", 0)
+    body = json.dumps({"model": "wide-a1", "prompt": prompt, "max_tokens": LONG, "stream": True}).encode()
     request = urllib.request.Request(f"{wide.openai}/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         response.readline()  # the first chunk is there: the request is decoding
@@ -286,7 +308,37 @@ def test_a_client_that_disconnects_stops_costing_steps(wide):
     while ServeClient(wide.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = ServeClient(wide.url).adapters("stats")["engine"]
-    assert stats["active"] == 0 and stats["finished"].get("cancelled", 0) >= 1
+    rows = len(prompt) if isinstance(prompt[0], list) else 1
+    assert stats["active"] == 0 and stats["finished"].get("cancelled", 0) - cancelled == rows
+
+
+def test_several_prompts_in_one_completion_equal_alone(continuous, reference):
+    """OpenAI's `prompt` as a list of prompts (LangChain sends its batches so): one choice per prompt, in
+    order, each the prompt alone; streamed chunks name their choice; usage is the sum; one bad prompt
+    fails the request, and more prompts than --max-queue are refused."""
+    import openai
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    prompts = ["the cat ", [5, 6, 7], "hello there", [40, 41]]
+    ids = [ref.encode(p) if isinstance(p, str) else p for p in prompts]
+    expected = [ref.decode(ref.generate(i, A1, 10)) for i in ids]
+    done = client.completions.create(model=A1, prompt=prompts, max_tokens=10)
+    assert [(c.index, c.text) for c in done.choices] == list(enumerate(expected))
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (sum(map(len, ids)), 40)
+    pieces = [""] * len(prompts)
+    chunks = list(client.completions.create(model=A1, prompt=prompts, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        pieces[chunk.choices[0].index] += chunk.choices[0].text
+    assert pieces == expected and chunks[-1].usage.total_tokens == sum(map(len, ids)) + 40
+    with pytest.raises(openai.BadRequestError, match="input_ids holds 99999, outside the vocabulary"):
+        client.completions.create(model=A1, prompt=[[5, 6], [99999]], max_tokens=10)
+    with pytest.raises(openai.BadRequestError, match="`prompt` holds 257 prompts, more than the 256"):
+        client.completions.create(model=A1, prompt=["a"] * 257, max_tokens=2)
+    deadline = time.monotonic() + 5
+    while ServeClient(continuous.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ServeClient(continuous.url).adapters("stats")["engine"]["active"] == 0
 
 
 def test_ready_only_once_every_model_is_loaded(tmp_path):
