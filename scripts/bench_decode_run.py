@@ -75,9 +75,9 @@ def main() -> None:
                            "saving": 1 - split / ms[whole, widest]})
             print(f"{whole} rows at {widest}: one run {ms[whole, widest]:.2f} ms; half at {w} instead: two runs "
                   f"{split:.2f} ms ({splits[-1]['saving']:+.0%} saved)")
-    write_result(args.out, "bench_decode_run", {"folder": args.folder, "repeats": args.repeats, "load_average": os.getloadavg(),
-                                                "ms": {f"{r}x{w}": round(v, 3) for (r, w), v in ms.items()},
-                                                "splits": splits})
+    write_result(args.out, "bench_decode_run", {"folder": args.folder, "repeats": args.repeats,
+                                                "load_average": os.getloadavg(), "splits": splits,
+                                                "ms": {f"{r}x{w}": round(v, 3) for (r, w), v in ms.items()}})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 NOT_IMPLEMENTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
                    "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
                    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-                   "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+                   "functions": (None, []), "tool_choice": (None, "none", "auto"),
+                   "function_call": (None, "none", "auto"),
                    "response_format": (None, {"type": "text"}), "top_k": (None, 0, -1), "min_p": (None, 0),
                    "repetition_penalty": (None, 1), "min_tokens": (None, 0), "ignore_eos": (None, False)}
 
@@ -97,12 +98,10 @@ def create_app(server):
         return model
 
     def model_cards() -> dict:
+        """Model id -> OpenAI's model object: the base model, then each adapter with the base as parent."""
         created = int(time.time())
-        cards = {base: {"id": base, "object": "model", "created": created, "owned_by": "ia3-export", "root": base,
-                        "parent": None}}
-        cards.update((name, {"id": name, "object": "model", "created": created, "owned_by": "ia3-export",
-                             "root": name, "parent": base}) for name in served.pool.names())
-        return cards
+        return {name: {"id": name, "object": "model", "created": created, "owned_by": "ia3-export", "root": name,
+                       "parent": None if name == base else base} for name in [base, *served.pool.names()]}
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": list(model_cards().values())})
@@ -159,8 +158,10 @@ def create_app(server):
         try:
             body = await _json_body(request, body_limit)
             options = {**_options(body), "adapter": adapter_for(body.get("model"))}
-            prompts = ([{"input_ids": template.encode(_messages(body), served.tokenizer)}] if chat  # it writes the special tokens
-                       else _prompts(body, server.config.max_queue))
+            if chat:  # the template writes the special tokens itself
+                prompts = [{"input_ids": template.encode(_messages(body), served.tokenizer)}]
+            else:
+                prompts = _prompts(body, server.config.max_queue)
         except APIError as e:
             return _error(e)
         except IA3Error as e:
@@ -170,7 +171,8 @@ def create_app(server):
                                         "engine does not run); the OpenAI-compatible API needs --batching continuous"))
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.get("model") or base
-        chunks = _merged([_upstream({**options, **prompt, REQUEST_ID: f"{request_id}-{i}"}) for i, prompt in enumerate(prompts)])
+        chunks = _merged([_upstream({**options, **prompt, REQUEST_ID: f"{request_id}-{i}"})
+                          for i, prompt in enumerate(prompts)])
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_sse(chunks, request_id, model, chat, usage), media_type="text/event-stream")
@@ -261,7 +263,8 @@ def _options(body: dict) -> dict:
             continue
         integer = name in INTEGERS
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            raise APIError(400, f"`{field}` must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}")
+            kind = "an integer" if integer else "a number"
+            raise APIError(400, f"`{field}` must be {kind}, got {json.dumps(value)[:40]}")
         if integer and not -2**63 <= value < 2**63:
             raise APIError(400, f"`{field}` is out of range, got {value}")
         out[name] = value
@@ -289,9 +292,10 @@ def _messages(body: dict) -> list:
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, "a message's `content` parts must all be text ({\"type\": \"text\", \"text\": ...}): "
-                                    "this server's models read text only")
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, "a message's `content` parts must all be text "
+                                    "({\"type\": \"text\", \"text\": ...}): this server's models read text only")
             message = {**message, "content": "\n".join(p["text"] for p in content)}
         elif not isinstance(content, str):
             raise APIError(400, "each message needs a `content`: a string or a list of text parts")
@@ -378,7 +382,8 @@ def _choice(chat: bool, final: bool, index: int, text: str, finish, role: bool =
     if not chat:
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
     if final:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
     delta = {"role": "assistant", "content": ""} if role else {"content": text}
     return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 

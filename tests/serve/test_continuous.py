@@ -203,14 +203,15 @@ CARELESS = [  # (endpoint, body, what the 400 says): each once answered 200 or w
     ("completions", {"prompt": "hi", "stop": 5}, "`stop` must be a string or a list of strings"),
     ("completions", {"prompt": "hi", "stream": "yes"}, "`stream` must be true or false"),
     ("chat/completions", {"messages": [{"role": "user"}]}, "each message needs a `content`"),
-    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "parts must all be text"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": "8"},
      "`max_completion_tokens` must be an integer"),
 ]
 
 
-@pytest.mark.parametrize("path,body,message", CARELESS, ids=[m.split("`")[1] if "`" in m else m[:20] for _, _, m in CARELESS])
+@pytest.mark.parametrize("path,body,message", CARELESS,
+                         ids=[m.split("`")[1] if "`" in m else m.split()[0] for _, _, m in CARELESS])
 def test_careless_openai_requests_get_a_clear_400(continuous, path, body, message):
     status, answer = post_openai(continuous.openai, path, {"model": A1, **body})
     assert (status, message in answer) == (400, True), answer
