@@ -28,7 +28,7 @@ from .streaming import REQUEST_ID, STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 INTEGERS = ("max_new_tokens", "seed")
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
 NOT_IMPLEMENTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
@@ -160,8 +160,11 @@ def create_app(server):
             options = {**_options(body), "adapter": adapter_for(body.get("model"))}
             if chat:  # the template writes the special tokens itself
                 prompts = [{"input_ids": template.encode(_messages(body), served.tokenizer)}]
+                if "max_new_tokens" not in options and served.max_tokens:  # OpenAI's chat: up to the context's end
+                    options["max_new_tokens"] = max(1, served.max_tokens - len(prompts[0]["input_ids"]))
             else:
                 prompts = _prompts(body, server.config.max_queue)
+            options.setdefault("max_new_tokens", DEFAULT_MAX_TOKENS)
         except APIError as e:
             return _error(e)
         except IA3Error as e:
@@ -254,7 +257,7 @@ def _options(body: dict) -> dict:
     if options is not None and (not body.get("stream") or not isinstance(options, dict)):
         raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "
                             "{\"include_usage\": true}")
-    out = {"max_new_tokens": DEFAULT_MAX_TOKENS}
+    out = {}
     for field, name in FIELDS.items():
         if field == "max_tokens" and field not in body:
             field = "max_completion_tokens"  # the chat API's newer name

@@ -263,6 +263,20 @@ def test_health_on_the_openai_port_follows_triton(continuous, tmp_path):
     assert answer.status_code == 503 and "not ready" in answer.json()["error"]["message"]
 
 
+def test_a_chat_without_max_tokens_runs_to_its_end(continuous, reference):
+    """OpenAI's chat default: no max_tokens means until EOS or the end of the model's context (128
+    positions here), not the 16 tokens a completion gets."""
+    import openai
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    prompt = ref.session.tokenizer().encode("<s><|user|>\nhi</s>\n<|assistant|>\n")
+    chat = client.chat.completions.create(model=A2, messages=[{"role": "user", "content": "hi"}])
+    expected = ref.generate(prompt, A2, 128 - len(prompt))
+    assert chat.choices[0].message.content == ref.decode(expected) and chat.usage.completion_tokens == len(expected) > 16
+    assert chat.choices[0].finish_reason == ("length" if len(expected) == 128 - len(prompt) else "stop")
+    assert client.completions.create(model=A2, prompt="the cat ").usage.completion_tokens <= 16  # a completion's default
+
+
 def test_vllm_runtime_adapter_loading(continuous, reference):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter is listed and answers as the
     same adapter run alone; a name already loaded, or not loaded, gets a clear error."""
