@@ -1,7 +1,8 @@
 """The OpenAI-compatible API in front of Triton: `/v1/completions`, `/v1/chat/completions` (streamed
 as Server-Sent Events or not, with usage on request) and `/v1/models` (and one by its id), with
 `"model"` naming the adapter as vLLM and LoRAX do (the base model's id, or "", for no adapter), and
-vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` adding and removing IA3 adapters.
+vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` adding and removing IA3 adapters, and
+vLLM's `/health` and `/metrics` (Prometheus: serve/metrics.py) on the same port.
 
 A thin Starlette app (served by uvicorn in the server's process) that calls Triton's own
 `generate_stream` endpoint over loopback HTTP (httpx), so every request still passes Triton (its
@@ -80,7 +81,10 @@ def create_app(server):
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
     from ..runtime.chat import ChatTemplate
+    from .metrics import registry_for
 
     served, streams = server.served, server.streams
     base = server.config.served_model_name or _folder_name(server.session.folder.path)
@@ -113,6 +117,12 @@ def create_app(server):
             return _error(APIError(404, f"The model `{name}` does not exist: GET /v1/models lists this server's",
                                    "NotFoundError"))
         return JSONResponse(card)
+
+    registry = registry_for(server)
+
+    async def metrics(request: Request):
+        """Prometheus' text format: the engine's queue and batch, the adapters in use (serve/metrics.py)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(request: Request):
         """vLLM's liveness probe on this port: 200 only while Triton reports every model ready."""
@@ -233,6 +243,7 @@ def create_app(server):
         await client.aclose()
 
     routes = [Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{model:path}", model, methods=["GET"]),
               Route("/v1/completions", completions, methods=["POST"]),

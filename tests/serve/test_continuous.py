@@ -277,6 +277,39 @@ def test_a_chat_without_max_tokens_runs_to_its_end(continuous, reference):
     assert client.completions.create(model=A2, prompt="the cat ").usage.completion_tokens <= 16  # a completion's default
 
 
+def scrape(base: str) -> dict:
+    """GET /metrics on the OpenAI port: {(name, labels as a sorted tuple): value}, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"{base[:-3]}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_show_the_engine_and_the_adapters_in_use(wide):
+    """While a 500-token request decodes: one running, on its adapter; after it: none running and one more
+    finished for "length" (vLLM's names with ia3's prefix: an autoscaler reads the queue depth the same way)."""
+    before = scrape(wide.openai)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (streamed(wide.url, input_ids=[5, 6], adapter="wide-a2",
+                                                       max_new_tokens=LONG // 4), done.set()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not ServeClient(wide.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    during = scrape(wide.openai)
+    thread.join(60)
+    after = scrape(wide.openai)
+    assert done.is_set() and not ServeClient(wide.url).adapters("stats")["engine"]["active"]
+    assert during[("ia3:num_requests_running", ())] == 1 and during[("ia3:num_requests_waiting", ())] == 0
+    assert during[("ia3:adapter_requests_running", (("adapter", "wide-a2"),))] == 1
+    assert 0 < during[("ia3:kv_cache_usage_perc", ())] < 1 and during[("ia3:adapters_loaded", ())] == 2
+    assert after[("ia3:num_requests_running", ())] == 0 and after[("ia3:kv_cache_usage_perc", ())] == 0
+    key = ("ia3:request_finished_total", (("finished_reason", "length"),))
+    assert after[key] == before.get(key, 0) + 1
+    assert ("ia3:adapter_requests_running", (("adapter", "wide-a2"),)) not in after
+
+
 def test_vllm_runtime_adapter_loading(continuous, reference):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter is listed and answers as the
     same adapter run alone; a name already loaded, or not loaded, gets a clear error."""
