@@ -2,7 +2,8 @@
 as Server-Sent Events or not, with usage on request) and `/v1/models` (and one by its id), with
 `"model"` naming the adapter as vLLM and LoRAX do (the base model's id, or "", for no adapter), and
 vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` adding and removing IA3 adapters, and
-vLLM's `/health` and `/metrics` (Prometheus: serve/metrics.py) on the same port.
+vLLM's `/health`, `/metrics` (Prometheus: serve/metrics.py), `/tokenize` and `/detokenize` on the
+same port.
 
 A thin Starlette app (served by uvicorn in the server's process) that calls Triton's own
 `generate_stream` endpoint over loopback HTTP (httpx), so every request still passes Triton (its
@@ -133,12 +134,48 @@ def create_app(server):
         return Response(status_code=200) if ready else _error(APIError(503, "the server is not ready (starting or "
                                                                            "draining)", "ServiceUnavailableError"))
 
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: a completion's `prompt` text, or a chat's `messages`, as the ids the server
+        would decode from, with their count and the context's length."""
+        try:
+            body = await _json_body(request, body_limit)
+            adapter_for(body.get("model"))
+            if served.tokenizer is None:
+                raise APIError(400, f"{served.session.folder.path} has no tokenizer.json; send token ids instead")
+            if "messages" in body:
+                ids = await run_in_threadpool(template.encode, _messages(body), served.tokenizer)
+            else:
+                ids = await run_in_threadpool(served.tokenizer.encode, _text(body, "prompt"))
+        except APIError as e:
+            return _error(e)
+        except IA3Error as e:
+            return _error(APIError(400, str(e)))
+        return JSONResponse({"count": len(ids), "max_model_len": served.max_tokens, "tokens": ids})
+
+    async def detokenize(request: Request):
+        """vLLM's /detokenize: token ids -> text, as the server decodes an answer (special tokens skipped)."""
+        try:
+            body = await _json_body(request, body_limit)
+            adapter_for(body.get("model"))
+            ids = body.get("tokens")
+            vocab = served.vocab_size or 2**63
+            if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+                raise APIError(400, f"`tokens` must be a list of token ids from 0 to {vocab - 1}")
+            if served.tokenizer is None:
+                raise APIError(400, f"{served.session.folder.path} has no tokenizer.json; it answers token ids only")
+            text = await run_in_threadpool(served.tokenizer.decode, ids)
+        except APIError as e:
+            return _error(e)
+        except IA3Error as e:
+            return _error(APIError(400, str(e)))
+        return JSONResponse({"prompt": text})
+
     async def load_adapter(request: Request):
         """vLLM's runtime adapter loading: {"lora_name", "lora_path"} (a PEFT IA3 folder or .onnx_adapter
         file on the server); the file is read off the event loop."""
         try:
             body = await _json_body(request, body_limit)
-            name, path = _field(body, "lora_name"), _field(body, "lora_path")
+            name, path = _text(body, "lora_name"), _text(body, "lora_path")
             name = await run_in_threadpool(served.pool.add, path, name)
         except APIError as e:
             return _error(e)
@@ -149,7 +186,7 @@ def create_app(server):
     async def unload_adapter(request: Request):
         """vLLM's runtime adapter unloading: {"lora_name"}; requests running with it finish with it."""
         try:
-            name = _field(await _json_body(request, body_limit), "lora_name")
+            name = _text(await _json_body(request, body_limit), "lora_name")
             state = served.pool.remove(name)
         except APIError as e:
             return _error(e)
@@ -168,8 +205,8 @@ def create_app(server):
         try:
             body = await _json_body(request, body_limit)
             options = {**_options(body), "adapter": adapter_for(body.get("model"))}
-            if chat:  # the template writes the special tokens itself
-                prompts = [{"input_ids": template.encode(_messages(body), served.tokenizer)}]
+            if chat:  # the template writes the special tokens; the tokenizer's child is waited for off the loop
+                prompts = [{"input_ids": await run_in_threadpool(template.encode, _messages(body), served.tokenizer)}]
                 if "max_new_tokens" not in options and served.max_tokens:  # OpenAI's chat: up to the context's end
                     options["max_new_tokens"] = max(1, served.max_tokens - len(prompts[0]["input_ids"]))
             else:
@@ -248,6 +285,8 @@ def create_app(server):
               Route("/v1/models/{model:path}", model, methods=["GET"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/tokenize", tokenize, methods=["POST"]),
+              Route("/detokenize", detokenize, methods=["POST"]),
               Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
               Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan)
@@ -384,7 +423,7 @@ async def _json_body(request, limit: int) -> dict:
     return body
 
 
-def _field(body: dict, name: str) -> str:
+def _text(body: dict, name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value:
         raise APIError(400, f"`{name}` must be a non-empty string")

@@ -310,6 +310,25 @@ def test_metrics_show_the_engine_and_the_adapters_in_use(wide):
     assert ("ia3:adapter_requests_running", (("adapter", "wide-a2"),)) not in after
 
 
+def test_tokenize_and_detokenize_as_vllm(continuous, reference):
+    """/tokenize gives the ids a completion (its text) or a chat (its messages, through the template) is
+    decoded from; /detokenize the text an answer's ids read as; bad input is a 400, an unknown model a 404."""
+    ref, root = reference("llama-bank"), continuous.openai[:-3]  # beside /v1, as vLLM's
+    status, answer = post_openai(root, "tokenize", {"model": A1, "prompt": "the cat "})
+    assert status == 200 and json.loads(answer) == {"count": len(ref.encode("the cat ")), "max_model_len": 128,
+                                                    "tokens": ref.encode("the cat ")}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = json.loads(post_openai(root, "tokenize", {"messages": messages})[1])
+    assert chat["tokens"] == ref.session.tokenizer().encode("<s><|user|>\nhi</s>\n<|assistant|>\n")
+    ids = ref.generate([5, 6, 7], A1, 12)
+    status, answer = post_openai(root, "detokenize", {"tokens": ids})
+    assert (status, json.loads(answer)) == (200, {"prompt": ref.decode(ids)})
+    assert post_openai(root, "detokenize", {"tokens": [5, 99999]}) == (
+        400, "`tokens` must be a list of token ids from 0 to 319")
+    assert post_openai(root, "tokenize", {"prompt": 5}) == (400, "`prompt` must be a non-empty string")
+    assert post_openai(root, "tokenize", {"model": "nope", "prompt": "a"})[0] == 404
+
+
 def test_vllm_runtime_adapter_loading(continuous, reference):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter is listed and answers as the
     same adapter run alone; a name already loaded, or not loaded, gets a clear error."""
