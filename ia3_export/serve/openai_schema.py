@@ -1,0 +1,176 @@
+"""OpenAI's request fields and answer shapes, as the OpenAI-compatible API (`openai_api`) reads and
+writes them: a body's generation parameters, prompts and chat messages checked and turned into Triton's
+generate parameters (a parameter that would change the answer but is not implemented is refused by
+name, never ignored: a client must not get another answer than it asked for without knowing), and
+completions, chunks and errors in OpenAI's JSON.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from .streaming import STOP
+
+FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+INTEGERS = ("max_new_tokens", "seed")
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
+# OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
+# are accepted (clients such as LangChain send them); any other value is refused by name
+NOT_IMPLEMENTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+                   "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+                   "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+                   "functions": (None, []), "tool_choice": (None, "none", "auto"),
+                   "function_call": (None, "none", "auto"),
+                   "response_format": (None, {"type": "text"}), "top_k": (None, 0, -1), "min_p": (None, 0),
+                   "repetition_penalty": (None, 1), "min_tokens": (None, 0), "ignore_eos": (None, False)}
+
+
+class APIError(Exception):
+    """A request the API refuses: its HTTP status, OpenAI's error type and a one-line message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def generate_options(body: dict) -> dict:
+    """Triton's generate parameters from OpenAI's; a parameter not implemented or of the wrong type is
+    refused by name."""
+    if body.get("n", 1) not in (None, 1):
+        raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
+    for field, off in NOT_IMPLEMENTED.items():
+        if body.get(field) not in off:
+            raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
+                                f"top_p and seed, and stops at stop strings, EOS or max_tokens); leave it out")
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, "`stream` must be true or false")
+    options = body.get("stream_options")
+    if options is not None and (not body.get("stream") or not isinstance(options, dict)):
+        raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "
+                            "{\"include_usage\": true}")
+    out = {}
+    for field, name in FIELDS.items():
+        if field == "max_tokens" and field not in body:
+            field = "max_completion_tokens"  # the chat API's newer name
+        value = body.get(field)
+        if value is None:
+            continue
+        integer = name in INTEGERS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise APIError(400, f"`{field}` must be {kind}, got {json.dumps(value)[:40]}")
+        if integer and not -2**63 <= value < 2**63:
+            raise APIError(400, f"`{field}` is out of range, got {value}")
+        out[name] = value
+    if "temperature" in out:  # OpenAI's temperature 0 is greedy decoding
+        if out["temperature"] == 0:
+            del out["temperature"]
+        else:
+            out["do_sample"] = True
+    stop = body.get("stop")
+    if stop not in (None, "", []):
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise APIError(400, "`stop` must be a string or a list of strings")
+        out[STOP] = json.dumps(stops)
+    return out
+
+
+def chat_messages(body: dict) -> list:
+    """Chat messages, OpenAI's text parts joined into one string per message as vLLM does for text-only
+    models (a template would otherwise render the list itself)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "`messages` must be a non-empty list of {role, content} objects")
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, "a message's `content` parts must all be text "
+                                    "({\"type\": \"text\", \"text\": ...}): this server's models read text only")
+            message = {**message, "content": "\n".join(p["text"] for p in content)}
+        elif not isinstance(content, str):
+            raise APIError(400, "each message needs a `content`: a string or a list of text parts")
+        out.append(message)
+    return out
+
+
+def completion_prompts(body: dict, limit: int) -> list[dict]:
+    """A completion's prompts, each `text` or `input_ids`: OpenAI's `prompt` is one string or token-id
+    list, or a list of them (one choice each, as LangChain's batches send)."""
+    prompt = body.get("prompt")
+    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = [one_prompt(p) for p in (prompt if many else [prompt])]
+    if len(prompts) > limit:
+        raise APIError(400, f"`prompt` holds {len(prompts)} prompts, more than the {limit} the engine queues "
+                            "(--max-queue); send fewer per request")
+    return prompts
+
+
+def one_prompt(prompt) -> dict:
+    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < 2**63 for t in prompt):
+        return {"input_ids": prompt}
+    if isinstance(prompt, str) and prompt:
+        return {"text": prompt}
+    raise APIError(400, "`prompt` must be a non-empty string or a list of token ids >= 0, or a list of these")
+
+
+async def read_json(request, limit: int) -> dict:
+    """The JSON object sent, read no further than `limit` bytes (a huge body must not fill memory)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over {limit} bytes; send a shorter prompt (the limit is "
+                                "8x --max-text-bytes, plus 1 MiB)")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError:
+        raise APIError(400, "the request body is not JSON; send a JSON object") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def text_field(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise APIError(400, f"`{name}` must be a non-empty string")
+    return value
+
+
+def choice(chat: bool, final: bool, index: int, text: str, finish, role: bool = False) -> dict:
+    """One choice of a completion (final) or of a streamed chunk, in OpenAI's shape for completions or chat."""
+    if not chat:
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    if final:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+    delta = {"role": "assistant", "content": ""} if role else {"content": text}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+
+def completion(request_id: str, model: str, chat: bool, choices: list, final: bool = False, usage=False) -> dict:
+    """A completion (final) or a streamed chunk; `usage`: (prompt, completion) tokens, None for "usage":
+    null, False for no usage field."""
+    kind = ("chat.completion" if final else "chat.completion.chunk") if chat else "text_completion"
+    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if usage is None:
+        body["usage"] = None
+    elif usage is not False:
+        body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return body
+
+
+def sse_event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def error_response(error: APIError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": str(error), "type": error.kind, "param": None, "code": error.status}},
+                        status_code=error.status)
