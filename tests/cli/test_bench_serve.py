@@ -72,3 +72,29 @@ def test_goals_judge_at_the_first_rate_where_request_batching_reaches_3x(bench):
                         "continuous median TTFT <= 0.2x request batching's": (True, 0.167),
                         "saturation throughput (rate inf) continuous >= 1.3x request": (True, 1.3),
                         "mixed adapters >= 0.95x single-adapter throughput at saturation (continuous)": (False, 0.929)}
+
+
+def test_saturation_goals_pair_the_cases_of_each_round(bench):
+    """A round that ran slow for every case is one slow round: the goal takes the median of the per-round
+    ratios (here 1.5, 1.5, 1.2 -> 1.5) where the medians' ratio (150 / 120 = 1.25) would fail it."""
+    rounds = {"continuous": [150.0, 300.0, 120.0], "request": [100.0, 200.0, 100.0],
+              "continuous_single_adapter": [150.0, 310.0, 120.0], "continuous_not_streamed": [1.0, 1.0, 1.0]}
+    sends = {name: iter(values) for name, values in rounds.items()}
+    send = {"continuous": "continuous", "request": "request", "continuous_generate": "continuous_not_streamed"}
+
+    def open_loop(fn, requests, arrivals):
+        single = fn == "continuous" and all(r["adapter"] == bench.ADAPTERS[0] for r in requests)
+        case = "continuous_single_adapter" if single else fn
+        return {"wall_s": 1.0, "records": [{"tokens": [0] * int(next(sends[case])), "times": [0.1], "sent": 0.0, "end": 1.0}]}
+
+    original = bench.open_loop
+    bench.open_loop = open_loop
+    try:
+        sat = bench.saturation(send, type("Args", (), {"sweep_requests": 4, "saturation_rounds": 3}))
+    finally:
+        bench.open_loop = original
+    assert sat["continuous"]["rounds_new_tokens_per_s"] == [150.0, 300.0, 120.0]
+    assert sat["paired"] == {"continuous_over_request": 1.5, "mixed_over_single_adapter": pytest.approx(1.0)}
+    result = {"sweep": {"unloaded_request": {"e2e_ms": {"p50": 100.0}}, "by_rate": {}, "saturation": sat}}
+    verdicts = {g["goal"]: (g["pass"], g.get("ratio")) for g in bench.goals(result)}
+    assert verdicts["saturation throughput (rate inf) continuous >= 1.3x request"] == (True, 1.5)
