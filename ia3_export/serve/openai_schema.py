@@ -110,6 +110,7 @@ def completion_prompts(body: dict, limit: int) -> list[dict]:
 
 
 def one_prompt(prompt) -> dict:
+    """`text` for a string, `input_ids` for a list of token ids (their range is the model's to check)."""
     if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < 2**63 for t in prompt):
         return {"input_ids": prompt}
     if isinstance(prompt, str) and prompt:
@@ -136,6 +137,7 @@ async def read_json(request, limit: int) -> dict:
 
 
 def text_field(body: dict, name: str) -> str:
+    """A field that must be a non-empty string (an adapter's name or path, a prompt to tokenize)."""
     value = body.get(name)
     if not isinstance(value, str) or not value:
         raise APIError(400, f"`{name}` must be a non-empty string")
