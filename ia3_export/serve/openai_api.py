@@ -176,6 +176,9 @@ def create_app(server):
 
     @refusing
     async def _complete(request: Request, chat: bool):
+        if streams is None:  # before any work on the body: nothing it holds could be served
+            raise APIError(400, "this server batches whole requests (--batching request, or an export the engine "
+                                "does not run); the OpenAI-compatible API needs --batching continuous")
         body = await read_json(request, body_limit)
         options = {**generate_options(body), "adapter": adapter_for(body.get("model"))}
         if chat:
@@ -185,9 +188,6 @@ def create_app(server):
         else:
             prompts = completion_prompts(body, server.config.max_queue)
         options.setdefault("max_new_tokens", DEFAULT_MAX_TOKENS)
-        if streams is None:
-            raise APIError(400, "this server batches whole requests (--batching request, or an export the engine "
-                                "does not run); the OpenAI-compatible API needs --batching continuous")
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.get("model") or base
         chunks = _merged([_upstream({**options, **prompt, REQUEST_ID: f"{request_id}-{i}"})
