@@ -4,6 +4,8 @@ import click
 from ..runtime.requests import INT_MAX, MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S
 from .options import FloatRange, IntRange
 
+API_KEY_VARIABLE = "IA3_API_KEY"
+
 
 @click.command("serve")
 @click.argument("onnx_dir", type=click.Path())
@@ -38,16 +40,27 @@ from .options import FloatRange, IntRange
 @click.option("--openai-port", default=None, type=IntRange(1, 65_535),
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) here.")
 @click.option("--served-model-name", default=None, help="The base model's id in /v1/models (default: the folder's name).")
+@click.option("--api-key", envvar=API_KEY_VARIABLE, show_envvar=True, default=None,
+              help="Clients must send this key: `Authorization: Bearer KEY` to the OpenAI API, header "
+                   "`triton-access-token: KEY` to Triton's ports; health probes and /metrics need none. "
+                   "Prefer the environment variable: a command line is visible to every local user.")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
             instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout, batching, max_queue,
-            request_timeout, openai_port, served_model_name):
+            request_timeout, openai_port, served_model_name, api_key):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
+    import os
+
+    from ..errors import IA3Error
     from ..serve import ServeConfig, Server
     from ..serve.server import display_host
 
+    if api_key is None and API_KEY_VARIABLE in os.environ:  # click reads an empty variable as unset: no key at all
+        raise IA3Error(f"{API_KEY_VARIABLE} is set but empty, so the server would take requests from anyone; "
+                       f"set it to the key, or unset it to serve without one")
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
-                         tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name)
+                         tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
+                         api_key)
     server = Server(config)
 
     def ready(s):

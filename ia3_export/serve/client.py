@@ -38,9 +38,11 @@ def bucket(length: int, smallest: int = 16) -> int:
 
 
 class ServeClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 120.0):
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 120.0, api_key: str | None = None):
+        """`api_key`: the server's --api-key, sent as Triton's `triton-access-token` header."""
         parsed = urllib.parse.urlsplit(url)
         self.host, self.port, self.timeout = parsed.hostname, parsed.port or 80, timeout
+        self.headers = access_headers(api_key)
         self._local = threading.local()
 
     # -- models --------------------------------------------------------------------------------
@@ -67,7 +69,7 @@ class ServeClient:
         if request_id:
             body["request_id"] = request_id
         for event in server_sent_events(self.host, self.port, "/v2/models/generate_stream/generate_stream", body,
-                                        self.timeout):
+                                        self.timeout, self.headers):
             if event.get("error"):
                 raise ServeError(f"generate_stream: {event['error']}")
             ids = event.get("output_ids")
@@ -109,7 +111,8 @@ class ServeClient:
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+                conn.request(method, path, body=body,
+                             headers={**self.headers, **({"Content-Type": "application/json"} if body else {})})
                 response = conn.getresponse()
                 return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -133,12 +136,19 @@ class ServeClient:
         self.close()
 
 
-def server_sent_events(host: str, port: int, path: str, body: dict, timeout: float):
+def access_headers(api_key: str | None) -> dict[str, str]:
+    """The HTTP header Triton's restricted APIs check (pytriton's name; on gRPC the metadata key is
+    `triton-grpc-protocol-triton-access-token`)."""
+    return {"triton-access-token": api_key} if api_key else {}
+
+
+def server_sent_events(host: str, port: int, path: str, body: dict, timeout: float, headers: dict | None = None):
     """POST `body` as JSON to a streaming endpoint; yield each Server-Sent Event's data, parsed (the
     OpenAI API's closing `[DONE]` left out). A status other than 200 raises ServeError."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(body).encode(),
+                     headers={**(headers or {}), "Content-Type": "application/json"})
         response = conn.getresponse()
         if response.status != 200:
             raise ServeError(f"{path}: HTTP {response.status}: {response.read()[:300]!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import threading
 import time
@@ -61,6 +62,7 @@ def create_app(server):
     import httpx
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -72,7 +74,7 @@ def create_app(server):
     served, streams = server.served, server.streams
     base = server.config.served_model_name or _folder_name(server.session.folder.path)
     upstream = f"{server.url}/v2/models/generate_stream/generate_stream"
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), headers=server.access_headers)
     template = ChatTemplate(server.session.folder.path)
     body_limit = 8 * server.config.max_text_bytes + 2**20  # a prompt's text JSON-escaped, and the rest
     registry = registry_for(server)
@@ -259,7 +261,28 @@ def create_app(server):
               Route("/detokenize", detokenize, methods=["POST"]),
               Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
               Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    key = server.config.api_key
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RequireKey, key=key)] if key else [])
+
+
+class RequireKey:
+    """With --api-key, every route but the probes (/health, /metrics) answers 401 unless the request carries
+    `Authorization: Bearer KEY`, as OpenAI's clients send it; checked before the body is read."""
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # in constant time: the key's prefix never leaks
+                what = "a wrong API key" if given else "no API key"
+                error = APIError(401, f"this server needs an API key and the request has {what}; send the server's "
+                                      "key as `Authorization: Bearer KEY` (the openai client's api_key)",
+                                 "AuthenticationError")
+                return await error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def refusing(route):

@@ -32,7 +32,9 @@ def free_ports(count: int) -> list[int]:
 class ServerProcess:
     """Start `ia3-export serve ONNX_DIR OPTIONS...` and wait until it says it is serving."""
 
-    def __init__(self, onnx_dir: str, *options: str, log_path: str, start_timeout_s: float = 120):
+    def __init__(self, onnx_dir: str, *options: str, log_path: str, start_timeout_s: float = 120,
+                 env: dict | None = None):
+        """`env`: variables added to this process's environment for the server (IA3_API_KEY, say)."""
         self.http, self.grpc, self.metrics_port = free_ports(3)
         self.log_path = log_path
         exe = os.path.join(os.path.dirname(sys.executable), "ia3-export")
@@ -40,7 +42,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [exe, "serve", onnx_dir, "--http-port", str(self.http), "--grpc-port", str(self.grpc),
                  "--metrics-port", str(self.metrics_port), *options],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{self.http}"
         self.workspace = self._wait_for(r"serving \w+ .* workspace (\S+)", start_timeout_s).group(1)
 

@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import importlib.util
 import os
+import re
 import signal
 import socket
 import sys
@@ -28,9 +29,11 @@ from ..ort import session_options, telemetry_off
 from ..runtime import IA3Session
 from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from . import stub
+from .client import access_headers
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
+API_KEY = re.compile(r"[A-Za-z0-9._~+/-]{1,256}")  # RFC 6750's token characters: safe in a header and in Triton's flag
 BATCHING = ("continuous", "request")
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
@@ -56,6 +59,8 @@ class ServeConfig:
     request_timeout_s: float = 600  # a request's deadline (continuous): pytriton does not report disconnects
     openai_port: int | None = None  # the OpenAI-compatible API (/v1/...) on this port; None: off
     served_model_name: str | None = None  # the base model's id in /v1/models; default: the folder's name
+    # every client but a health probe must send it (see `access_headers`); None: anyone. Never in a repr or log.
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
@@ -64,6 +69,9 @@ class ServeConfig:
                                    ("--request-timeout", self.request_timeout_s, 1)):
             if value < low:
                 raise IA3Error(f"{option} must be at least {low}, got {value}")
+        if self.api_key is not None and not API_KEY.fullmatch(self.api_key):
+            raise IA3Error("--api-key must be 1 to 256 characters from A-Z a-z 0-9 . _ ~ + / - (a bearer token); the "
+                           f"one given has {len(self.api_key)} characters; `openssl rand -hex 32` makes a key")
         if self.batching not in BATCHING:
             raise IA3Error(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         ports = _ports(self)
@@ -122,6 +130,11 @@ class Server:
         return f"http://{display_host(self.config.address)}:{self.config.http_port}"
 
     @property
+    def access_headers(self) -> dict[str, str]:
+        """What a client of Triton's HTTP port sends with --api-key (the OpenAI front's calls to it too)."""
+        return access_headers(self.config.api_key)
+
+    @property
     def workspace(self) -> str | None:
         return str(self._workspace.path) if self.triton is not None else None
 
@@ -150,7 +163,7 @@ class Server:
 
     def _start_triton(self) -> "Server":
         from pytriton.model_config import DynamicBatcher, ModelConfig
-        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
         from pytriton.utils.workspace import Workspace
 
         c = self.config
@@ -161,7 +174,8 @@ class Server:
         self.triton = Triton(workspace=self._workspace, config=TritonConfig(
             http_address=c.address, http_port=c.http_port, grpc_address=c.address, grpc_port=c.grpc_port,
             metrics_address=c.address, metrics_port=c.metrics_port, exit_timeout_secs=c.drain_timeout_s),
-            triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True))
+            triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True),
+            security_config=_security(TritonSecurityConfig, c.api_key))
         batched = ModelConfig(max_batch_size=c.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=c.max_queue_delay_us))
         for name, functions, inputs, outputs, config in self._models(batched):
             self.triton.bind(model_name=name, infer_func=functions, inputs=_tensors(inputs), outputs=_tensors(outputs),
@@ -278,6 +292,17 @@ def _children() -> list[int]:
         except (OSError, IndexError, ValueError):
             pass
     return found
+
+
+def _security(config_class, api_key: str | None):
+    """Triton's restricted APIs: with a key, every API but health (a Kubernetes probe sends no key) needs it on
+    HTTP and gRPC; without one, pytriton's default (its own random key guards model loading, statistics,
+    tracing and logging; inference and metadata are open)."""
+    if api_key is None:
+        return config_class()
+    from pytriton.triton import VALID_TRITON_ENDPOINTS
+
+    return config_class(access_token=api_key, restricted_endpoints=sorted(VALID_TRITON_ENDPOINTS - {"health"}))
 
 
 def _tensors(ports) -> list:

@@ -30,12 +30,12 @@ def folder(*parts) -> str:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
-    """start_server(folder, *options) -> ServerProcess, stopped at the end of the session."""
+    """start_server(folder, *options, env=None) -> ServerProcess, stopped at the end of the session."""
     started = []
 
-    def start(onnx_dir: str, *options: str) -> ServerProcess:
+    def start(onnx_dir: str, *options: str, env: dict | None = None) -> ServerProcess:
         log = tmp_path_factory.mktemp("serve") / "server.log"
-        server = ServerProcess(onnx_dir, *options, log_path=str(log))
+        server = ServerProcess(onnx_dir, *options, log_path=str(log), env=env)
         started.append(server)
         return server
 

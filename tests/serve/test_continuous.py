@@ -256,7 +256,8 @@ def test_health_on_the_openai_port_follows_triton(continuous, tmp_path):
         assert (response.status, response.read()) == (200, b"")
     closed = free_ports(1)[0]
     server = SimpleNamespace(url=f"http://127.0.0.1:{closed}", streams=None, served=SimpleNamespace(pool=None),
-                             config=SimpleNamespace(served_model_name="m", max_text_bytes=1024),
+                             config=SimpleNamespace(served_model_name="m", max_text_bytes=1024, api_key=None),
+                             access_headers={},
                              session=SimpleNamespace(folder=SimpleNamespace(path=str(tmp_path))))
     with TestClient(create_app(server)) as client:
         answer = client.get("/health")
