@@ -9,9 +9,9 @@ A thin Starlette app (served by uvicorn in the server's process) that calls Trit
 `generate_stream` endpoint over loopback HTTP (httpx), so every request still passes Triton (its
 metrics, its health, its queue), and a non-streamed completion is the stream gathered. It adds what
 Triton cannot see: a client that disconnects is cancelled in the engine by the request's id; a chat's
-messages become the prompt through the tokenizer's chat template (`runtime.chat`); a completion with
-several prompts is one Triton stream per prompt, merged into one answer. What a body may ask and the
-shapes of the answers are `openai_schema`'s. Errors use OpenAI's body (`{"error": {"message", "type",
+messages become the prompt through the tokenizer's chat template (`runtime.chat`); a request with
+several prompts, or `n` choices, is one Triton stream per choice, merged into one answer. What a body
+may ask and the shapes of the answers are `openai_schema`'s. Errors use OpenAI's body (`{"error": {"message", "type",
 "code"}}`) with 400 for a bad request, 404 for an unknown model, 413 for a body too large to read, 503
 when busy.
 """
@@ -27,8 +27,8 @@ import time
 import uuid
 
 from ..errors import IA3Error
-from .openai_schema import (DEFAULT_MAX_TOKENS, APIError, chat_messages, choice, completion, completion_prompts,
-                            error_response, generate_options, read_json, sse_event, text_field)
+from .openai_schema import (DEFAULT_MAX_TOKENS, APIError, chat_messages, choice, choice_requests, completion,
+                            completion_prompts, error_response, generate_options, read_json, sse_event, text_field)
 from .streaming import REQUEST_ID
 
 
@@ -188,16 +188,20 @@ def create_app(server):
             if "max_new_tokens" not in options and served.max_tokens:  # OpenAI's chat: up to the context's end
                 options["max_new_tokens"] = max(1, served.max_tokens - len(prompts[0]["input_ids"]))
         else:
-            prompts = completion_prompts(body, server.config.max_queue)
+            prompts = completion_prompts(body)
         options.setdefault("max_new_tokens", DEFAULT_MAX_TOKENS)
+        requests = choice_requests(body, prompts, options, server.config.max_queue)
+        n = len(requests) // len(prompts)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.get("model") or base
-        chunks = _merged([_upstream({**options, **prompt, REQUEST_ID: f"{request_id}-{i}"})
-                          for i, prompt in enumerate(prompts)])
+        # a prompt's tokens count once in the usage, however many choices it has (as OpenAI counts them)
+        chunks = _merged([_upstream({**r, REQUEST_ID: f"{request_id}-{i}"}, counts_prompt=i % n == 0)
+                          for i, r in enumerate(requests)])
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(chunks, request_id, model, chat, usage), media_type="text/event-stream")
-        texts, reasons, counts = [[] for _ in prompts], [None] * len(prompts), [0, 0]
+            return StreamingResponse(_sse(chunks, len(requests), request_id, model, chat, usage),
+                                     media_type="text/event-stream")
+        texts, reasons, counts = [[] for _ in requests], [None] * len(requests), [0, 0]
         async for i, piece, tokens, finish, prompt_len in chunks:
             texts[i].append(piece)
             reasons[i] = finish or reasons[i]
@@ -205,9 +209,9 @@ def create_app(server):
         choices = [choice(chat, True, i, "".join(t), r) for i, (t, r) in enumerate(zip(texts, reasons))]
         return JSONResponse(completion(request_id, model, chat, choices, final=True, usage=tuple(counts)))
 
-    async def _upstream(body: dict):
-        """(text, new tokens, finish reason, prompt tokens: on the last response only) per Triton response;
-        an error body raises APIError. Leaving early cancels the request in the engine."""
+    async def _upstream(body: dict, counts_prompt: bool = True):
+        """(text, new tokens, finish reason, prompt tokens: on the last response only, 0 unless `counts_prompt`)
+        per Triton response; an error body raises APIError. Leaving early cancels the request in the engine."""
         try:
             async with client.stream("POST", upstream, json=body) as response:
                 if response.status_code != 200:
@@ -221,13 +225,14 @@ def create_app(server):
                         raise APIError(_status(event["error"]), event["error"])
                     ids = event.get("output_ids") or []
                     yield (event.get("text", ""), len(ids) if isinstance(ids, list) else 1,
-                           event.get("finish_reason") or None, event.get("prompt_tokens") or 0)
+                           event.get("finish_reason") or None, counts_prompt and event.get("prompt_tokens") or 0)
         finally:
             streams.cancel(body[REQUEST_ID])  # a no-op once it ended; stops the engine's row when the client left
 
-    async def _sse(chunks, request_id: str, model: str, chat: bool, usage: bool):
-        """The chunks, each naming its prompt's choice; with `usage`, as OpenAI: every chunk has "usage":
-        null and one more, with no choices, carries the request's usage before [DONE]."""
+    async def _sse(chunks, count: int, request_id: str, model: str, chat: bool, usage: bool):
+        """The chunks of `count` choices, each naming its choice (a chat's first says each one's role); with
+        `usage`, as OpenAI: every chunk has "usage": null and one more, with no choices, carries the
+        request's usage before [DONE]."""
         counts, each = [0, 0], None if usage else False  # prompt tokens, completion tokens
 
         def chunk(*choices) -> str:
@@ -235,7 +240,7 @@ def create_app(server):
 
         try:
             if chat:
-                yield chunk(choice(chat, False, 0, "", None, role=True))
+                yield chunk(*(choice(chat, False, i, "", None, role=True) for i in range(count)))
             async for i, piece, tokens, finish, prompt_len in chunks:
                 counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
                 if piece or finish:

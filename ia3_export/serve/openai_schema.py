@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+from ..runtime.requests import SEED_MAX
 from .streaming import STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
@@ -36,8 +37,6 @@ class APIError(Exception):
 def generate_options(body: dict) -> dict:
     """Triton's generate parameters from OpenAI's; a parameter not implemented or of the wrong type is
     refused by name."""
-    if body.get("n", 1) not in (None, 1):
-        raise APIError(400, "`n` must be 1: each choice is one request; send several requests instead")
     for field, off in NOT_IMPLEMENTED.items():
         if body.get(field) not in off:
             raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
@@ -97,16 +96,29 @@ def chat_messages(body: dict) -> list:
     return out
 
 
-def completion_prompts(body: dict, limit: int) -> list[dict]:
+def completion_prompts(body: dict) -> list[dict]:
     """A completion's prompts, each `text` or `input_ids`: OpenAI's `prompt` is one string or token-id
     list, or a list of them (one choice each, as LangChain's batches send)."""
     prompt = body.get("prompt")
     many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
-    prompts = [one_prompt(p) for p in (prompt if many else [prompt])]
-    if len(prompts) > limit:
-        raise APIError(400, f"`prompt` holds {len(prompts)} prompts, more than the {limit} the engine queues "
-                            "(--max-queue); send fewer per request")
-    return prompts
+    return [one_prompt(p) for p in (prompt if many else [prompt])]
+
+
+def choice_requests(body: dict, prompts: list[dict], options: dict, limit: int) -> list[dict]:
+    """One engine request per choice, in OpenAI's order (prompt by prompt, `n` choices each). Choice j of
+    a seeded request is seeded `seed + j`, as vLLM seeds a request's n children: each equals that request
+    alone. At most `limit` (--max-queue) in all."""
+    n = 1 if body.get("n") is None else body["n"]
+    if type(n) is not int or n < 1:
+        raise APIError(400, f"`n` must be an integer >= 1, got {json.dumps(n)[:40]}")
+    if len(prompts) * n > limit:
+        what = f"`prompt` holds {len(prompts)} prompts" if n == 1 else \
+            f"{len(prompts)} prompt(s) x `n` {n} = {len(prompts) * n} choices"
+        raise APIError(400, f"{what}, more than the {limit} the engine queues (--max-queue); send fewer per request")
+    seed = options.get("seed")
+    seeded = isinstance(seed, int) and 0 <= seed <= SEED_MAX  # another seed is the engine's to refuse
+    return [{**options, **prompt, **({"seed": (seed + j) % (SEED_MAX + 1)} if seeded and j else {})}
+            for prompt in prompts for j in range(n)]
 
 
 def one_prompt(prompt) -> dict:

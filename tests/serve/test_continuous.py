@@ -409,6 +409,38 @@ def test_several_prompts_in_one_completion_equal_alone(continuous, reference):
     assert ServeClient(continuous.url).adapters("stats")["engine"]["active"] == 0
 
 
+def test_n_choices_each_equal_alone_with_their_seed(continuous, reference):
+    """OpenAI's `n`: n choices per prompt in OpenAI's order (prompt by prompt); sampled with a seed, choice j
+    equals the request alone seeded seed + j (as vLLM seeds a request's n children), so the choices differ
+    and repeat; a chat streams every choice; the usage counts each prompt once."""
+    import openai
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    prompts, sampling = [[5, 6, 7], [8, 9]], {"do_sample": True, "temperature": 1.5, "top_p": 0.95}
+    alone = [ref.generate(p, A1, 8, seed=41 + j, **sampling) for p in prompts for j in range(3)]
+    done = client.completions.create(model=A1, prompt=prompts, n=3, max_tokens=8, seed=41, temperature=1.5,
+                                     top_p=0.95)
+    assert [(c.index, c.text) for c in done.choices] == list(enumerate(map(ref.decode, alone)))
+    assert len({tuple(a) for a in alone}) > 1
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (5, sum(map(len, alone)))
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=A2, messages=messages, n=2, max_tokens=6, seed=3, temperature=1.5)
+    pieces = ["", ""]
+    for chunk in client.chat.completions.create(model=A2, messages=messages, n=2, max_tokens=6, seed=3,
+                                                temperature=1.5, stream=True):
+        for c in chunk.choices:
+            pieces[c.index] += c.delta.content or ""
+    assert pieces == [c.message.content for c in chat.choices]
+    prompt = ref.session.tokenizer().encode("<s><|user|>\nhi</s>\n<|assistant|>\n")
+    assert pieces == [ref.decode(ref.generate(prompt, A2, 6, do_sample=True, temperature=1.5, seed=3 + j))
+                      for j in range(2)]
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(openai.BadRequestError, match="`n` must be an integer >= 1"):
+            client.completions.create(model=A1, prompt=[5], max_tokens=2, n=bad)
+    with pytest.raises(openai.BadRequestError, match=r"2 prompt\(s\) x `n` 200 = 400 choices, more than the 256"):
+        client.completions.create(model=A1, prompt=prompts, max_tokens=2, n=200)
+
+
 def test_ready_only_once_every_model_is_loaded(tmp_path):
     """/v2/health/ready never answers 200 while a model is not ready (a probe would route traffic early)."""
     server, (http, grpc, metrics) = None, free_ports(3)  # ports known before it starts: watched from its first moment
