@@ -4,11 +4,13 @@ must equal the same request run alone, or be refused `busy: ...` (past --max-que
 memory (RSS of its whole process group: the command, tritonserver, the backend stubs, from /proc)
 is sampled before, during and after, and must stay bounded.
 
-Half the requests stream (`generate_stream`, Server-Sent Events), half do not (`generate`), all sent
-at once from one asyncio loop (httpx), mixed adapters, 4-24 new tokens. Bounded: a timeout per
-request, the server stopped at the end. tests/serve/test_engine_faults.py runs 200 of them.
+Half the requests stream (`generate_stream`, Server-Sent Events), half do not (`generate`); with
+`--openai`, half of each go through the OpenAI-compatible API instead (`/v1/completions`, streamed
+and not; its answer is text, compared with the tokens alone decoded). All are sent at once from one
+asyncio loop (httpx), mixed adapters, 4-24 new tokens. Bounded: a timeout per request, the server
+stopped at the end. tests/serve/test_engine_faults.py runs 200 of them.
 
-    .venv-serve/bin/python scripts/serve_flood.py EXPORTS_DIR [--requests 1000 --max-queue 256]
+    .venv-serve/bin/python scripts/serve_flood.py EXPORTS_DIR [--requests 1000 --max-queue 256 --openai]
 EXPORTS_DIR: what tests/serve/prepare.py wrote (llama-bank with adapters llama-a1, llama-a2).
 """
 from __future__ import annotations
@@ -40,10 +42,11 @@ def group_rss_kib(pgid: int) -> int:
     return total
 
 
-def requests_for(count: int, adapters: list, seed: int = 0) -> list[dict]:
+def requests_for(count: int, adapters: list, seed: int = 0, openai: bool = False) -> list[dict]:
     rng = random.Random(seed)
     return [{"input_ids": [rng.randrange(4, 300) for _ in range(rng.randint(2, 12))], "adapter": rng.choice(adapters),
-             "max_new_tokens": rng.randint(4, 24), "stream": i % 2 == 0} for i in range(count)]
+             "max_new_tokens": rng.randint(4, 24), "stream": i % 2 == 0, "openai": openai and i % 4 >= 2}
+            for i in range(count)]
 
 
 async def _stream(client, url: str, r: dict) -> tuple[list[int], str]:
@@ -74,13 +77,34 @@ async def _generate(client, url: str, r: dict) -> tuple[list[int], str]:
     return outputs.get("output_ids", []), (outputs.get("error") or [""])[0]
 
 
-async def _send_all(url: str, requests: list[dict]) -> list:
+async def _openai(client, base: str, r: dict) -> tuple[str, str]:
+    """(the completion's text, its error's message) through `/v1/completions`, streamed or not."""
+    body = {"model": r["adapter"] or "", "prompt": r["input_ids"], "max_tokens": r["max_new_tokens"],
+            "stream": r["stream"]}
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            return "", json.loads(await response.aread())["error"]["message"]
+        if not r["stream"]:
+            return json.loads(await response.aread())["choices"][0]["text"], ""
+        text = ""
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                event = json.loads(line[5:])
+                if "error" in event:
+                    return text, event["error"]["message"]
+                text += event["choices"][0]["text"]
+    return text, ""
+
+
+async def _send_all(url: str, requests: list[dict], openai: str | None = None) -> list:
     import httpx
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         async def one(r):
             try:
+                if r["openai"]:
+                    return await _openai(client, openai, r)
                 return await (_stream if r["stream"] else _generate)(client, url, r)
             except Exception as e:  # counted as an unclear error: the assertion shows it
                 return [], f"{type(e).__name__}: {e}"
@@ -88,10 +112,12 @@ async def _send_all(url: str, requests: list[dict]) -> list:
         return await asyncio.gather(*(one(r) for r in requests))
 
 
-def flood(url: str, count: int, expected, watch: int, adapters=("llama-a1", "llama-a2", None), seed: int = 0) -> dict:
+def flood(url: str, count: int, expected, watch: int, adapters=("llama-a1", "llama-a2", None), seed: int = 0,
+          openai: str | None = None, decode=None) -> dict:
     """Send `count` requests at once; `expected(ids, adapter, max_new_tokens)` is the same request alone.
-    `watch` is the server's process group, whose RSS is sampled every 50 ms meanwhile."""
-    requests = requests_for(count, list(adapters), seed)
+    `watch` is the server's process group, whose RSS is sampled every 50 ms meanwhile. `openai`: the
+    OpenAI API's address (its answers compared with `decode` of the tokens alone)."""
+    requests = requests_for(count, list(adapters), seed, openai=openai is not None)
     peak, stop = [group_rss_kib(watch)], threading.Event()
 
     def sample():
@@ -102,7 +128,7 @@ def flood(url: str, count: int, expected, watch: int, adapters=("llama-a1", "lla
     sampler.start()
     start = time.monotonic()
     try:
-        answers = asyncio.run(_send_all(url, requests))
+        answers = asyncio.run(_send_all(url, requests, openai))
     finally:
         stop.set()
         sampler.join()
@@ -115,7 +141,7 @@ def flood(url: str, count: int, expected, watch: int, adapters=("llama-a1", "lla
                 report["busy"] += 1
             else:
                 report["other_errors"].append(error[:300])
-        elif tokens == expected(r["input_ids"], r["adapter"], r["max_new_tokens"]):
+        elif tokens == (decode if r["openai"] else list)(expected(r["input_ids"], r["adapter"], r["max_new_tokens"])):
             report["correct"] += 1
         else:
             report["wrong"].append(r)
@@ -130,10 +156,11 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="floods in a row (memory must not grow round to round)")
+    parser.add_argument("--openai", action="store_true", help="half the requests through the OpenAI-compatible API")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ia3_export.runtime import GenerationOptions, IA3Session, generate_ids
-    from ia3_export.serve.process import ServerProcess
+    from ia3_export.serve.process import ServerProcess, free_ports
 
     folder = os.path.join(args.exports, "llama-bank")
     session = IA3Session(folder)
@@ -146,14 +173,17 @@ def main() -> None:
             cache[key] = generate_ids(session, [ids], [adapter], GenerationOptions(max_new_tokens=n))[0]
         return cache[key]
 
+    port = free_ports(1)[0]
+    front = ("--openai-port", str(port)) if args.openai else ()
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(
             folder, "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch), "--drain-timeout", "10",
-            log_path=os.path.join(tmp, "server.log")) as server:
+            *front, log_path=os.path.join(tmp, "server.log")) as server:
         pgid = server.process.pid
         time.sleep(1)
         rounds = [{"rss_before_kib": group_rss_kib(pgid)}]
         for i in range(args.rounds):
-            report = flood(server.url, args.requests, expected, pgid, seed=i)
+            report = flood(server.url, args.requests, expected, pgid, seed=i,
+                           openai=f"http://127.0.0.1:{port}" if args.openai else None, decode=session.tokenizer().decode)
             time.sleep(2)  # let what the requests held go
             report["rss_after_kib"] = group_rss_kib(pgid)
             report["wrong"], report["other_errors"] = len(report["wrong"]), report["other_errors"][:5]

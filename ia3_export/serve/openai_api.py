@@ -213,7 +213,7 @@ def create_app(server):
         """(text, new tokens, finish reason, prompt tokens: on the last response only, 0 unless `counts_prompt`)
         per Triton response; an error body raises APIError. Leaving early cancels the request in the engine."""
         try:
-            async with client.stream("POST", upstream, json=body) as response:
+            async with _reaching_triton(), client.stream("POST", upstream, json=body) as response:
                 if response.status_code != 200:
                     detail = (await response.aread()).decode("utf-8", "replace")
                     raise APIError(_status(detail), _triton_error(detail))
@@ -266,8 +266,33 @@ def create_app(server):
               Route("/detokenize", detokenize, methods=["POST"]),
               Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
               Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"])]
-    key = server.config.api_key
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RequireKey, key=key)] if key else [])
+    key, capacity = server.config.api_key, server.config.max_batch + server.config.max_queue
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[
+        *([Middleware(RequireKey, key=key)] if key else []), Middleware(Admission, capacity=capacity)])
+
+
+class Admission:
+    """At most `capacity` completions at once (--max-batch + --max-queue: what the engine runs and queues);
+    past it a completion is refused busy (503) before its body is read. Without it a flood waited in the
+    app for connections to Triton, on one event loop, until some failed with a 500. Counted around the
+    whole response, so a stream holds its place until it ends, however it ends."""
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, capacity: int):
+        self.app, self.capacity, self.open = app, capacity, 0  # one event loop: no lock
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+            return await self.app(scope, receive, send)
+        if self.open >= self.capacity:
+            error = APIError(503, f"busy: {self.open} completions in flight, the limit is {self.capacity} "
+                                  "(--max-batch + --max-queue); retry later", "ServiceUnavailableError")
+            return await error_response(error)(scope, receive, send)
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
 
 
 class RequireKey:
@@ -331,6 +356,18 @@ async def _merged(streams: list):
     finally:
         for task in tasks:
             task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _reaching_triton():
+    """Triton's port not answering (a connection refused or timed out, one cut) is a 503 to retry, not a 500."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as e:
+        raise APIError(503, f"the server's Triton endpoint did not answer ({type(e).__name__}); retry later",
+                       "ServiceUnavailableError") from None
 
 
 def _status(message: str) -> int:

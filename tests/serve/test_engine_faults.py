@@ -10,8 +10,9 @@ import socket
 import struct
 import time
 
+import pytest
 from cli_helpers import assert_one_line_error, run_cli
-from conftest import folder
+from conftest import concurrently, folder
 from prepare import LONG
 from test_generate import A1, A2
 
@@ -69,14 +70,56 @@ def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
 
 
 def test_many_concurrent_requests_are_answered_or_refused_busy(start_server, reference):
-    """200 requests at once (streamed and not) against --max-queue 2 --max-batch 1: each answer equals the
-    request alone or is refused `busy: ...`; the server's memory stays bounded. (With room for 58, the
-    engine drained most of the 200 while the client was still sending them: nobody was refused.)"""
-    server = start_server(folder("llama-bank"), "--max-queue", "2", "--max-batch", "1", "--drain-timeout", "10")
+    """200 requests at once (streamed and not, half through Triton's endpoints, half through the OpenAI API)
+    against --max-queue 2 --max-batch 1: each answer equals the request alone or is refused `busy: ...`;
+    the server's memory stays bounded, and once the flood is over a request is served again. (With room
+    for 58, the engine drained most of the 200 while the client was still sending them: nobody was
+    refused. Through the OpenAI API 1,000 at once used to wait in the app for Triton's connections,
+    and 100 of them ended in a 500.)"""
+    port = free_ports(1)[0]
+    server = start_server(folder("llama-bank"), "--max-queue", "2", "--max-batch", "1", "--drain-timeout", "10",
+                          "--openai-port", str(port))
     ref = reference("llama-bank")
     script = serve_flood()
     before = script.group_rss_kib(server.process.pid)
-    report = script.flood(server.url, 200, lambda ids, adapter, n: ref.generate(ids, adapter, n), watch=server.process.pid)
+    report = script.flood(server.url, 1000, lambda ids, adapter, n: ref.generate(ids, adapter, n), watch=server.process.pid,
+                          openai=f"http://127.0.0.1:{port}", decode=ref.decode)
     assert report["wrong"] == [] and report["other_errors"] == [], report
-    assert report["correct"] + report["busy"] == 200 and report["correct"] >= 3 and report["busy"] >= 1  # 3: row + queue
+    assert report["correct"] + report["busy"] == 1000 and report["correct"] >= 3 and report["busy"] >= 1  # 3: row + queue
     assert report["rss_peak_kib"] < before + 300 * 1024, report  # bounded: far below what 200 requests could pile up
+    import openai
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    again = concurrently([lambda i=i: client.completions.create(model=A1, prompt=[5, 6, i], max_tokens=6, stream=i == 0)
+                          for i in range(3)])  # all three places free again: the row and the queue
+    texts = ["".join(c.choices[0].text for c in again[0]), *(a.choices[0].text for a in again[1:])]
+    assert texts == [ref.decode(ref.generate([5, 6, i], A1, 6)) for i in range(3)]
+
+
+def test_the_openai_api_admits_what_the_engine_can_hold(start_server):
+    """--max-batch 1 --max-queue 1: two streamed completions hold the engine's row and its queue place; a third
+    is refused busy by the API itself, at once, and streams their clients leave give their places back."""
+    import openai
+    port = free_ports(1)[0]
+    server = start_server(folder("llama-wide-bank"), "--max-batch", "1", "--max-queue", "1", "--openai-port",
+                          str(port), "--drain-timeout", "5")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    held = [client.completions.create(model="wide-a1", prompt=[5, 6, 0], max_tokens=LONG, stream=True)]
+    next(iter(held[0]))  # decoding: in the engine's one row (a second sent at once could find the queue taken)
+    held.append(client.completions.create(model="wide-a1", prompt=[5, 6, 1], max_tokens=LONG, stream=True))
+    admin, deadline = ServeClient(server.url), time.monotonic() + 30
+    while admin.adapters("stats")["engine"]["queued"] != 1:  # the second waits in the queue
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(openai.APIStatusError, match="busy: 2 completions in flight, the limit is 2") as refused:
+        client.completions.create(model="wide-a1", prompt=[5], max_tokens=2)
+    assert refused.value.status_code == 503
+    for stream in held:
+        stream.close()
+    deadline = time.monotonic() + 30
+    while True:  # the server sees each client leave at its next token
+        try:
+            assert client.completions.create(model="wide-a1", prompt=[5], max_tokens=2).choices[0].finish_reason
+            break
+        except openai.APIStatusError as e:
+            assert "busy" in str(e) and time.monotonic() < deadline, e
+            time.sleep(0.1)
