@@ -6,6 +6,7 @@ completions, chunks and errors in OpenAI's JSON.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -14,6 +15,7 @@ from .streaming import STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 INTEGERS = ("max_new_tokens", "seed")
+BODY_TIMEOUT_S = 60  # the most a request's whole body may take to arrive (nginx waits 60 s between two reads)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
@@ -130,15 +132,21 @@ def one_prompt(prompt) -> dict:
     raise APIError(400, "`prompt` must be a non-empty string or a list of token ids >= 0, or a list of these")
 
 
-async def read_json(request, limit: int) -> dict:
-    """The JSON object sent, read no further than `limit` bytes (a huge body must not fill memory)."""
+async def read_json(request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> dict:
+    """The JSON object sent, read no further than `limit` bytes (a huge body must not fill memory) and for no
+    longer than `timeout_s` (a body that trickles in holds one of the completions the server admits)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over {limit} bytes; send a shorter prompt (the limit is "
-                                "8x --max-text-bytes, plus 1 MiB)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the request body is over {limit} bytes; send a shorter prompt (the limit is "
+                                        "8x --max-text-bytes, plus 1 MiB)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came); send it "
+                            "whole at once") from None
     try:
         body = json.loads(b"".join(chunks))
     except ValueError:

@@ -3,6 +3,7 @@ decode step, stream their tokens, and every answer still equals the same request
 (IA3Session here, PEFT's own tokens for the shipped adapters); the OpenAI-compatible API on top."""
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -232,6 +233,21 @@ def test_a_huge_body_is_refused_before_it_is_read(continuous):
     assert post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", "max_tokens": 2})[0] == 200
 
 
+def test_a_body_that_trickles_in_is_refused_in_time():
+    """A completion's place is held while its body arrives: one sent a byte at a time (or never finished)
+    is refused 408 once the body's time is up, instead of holding the place for good."""
+    from ia3_export.serve.openai_schema import APIError, read_json
+
+    class Trickling:
+        async def stream(self):
+            yield b'{"prompt": '
+            await asyncio.sleep(3600)
+
+    with pytest.raises(APIError, match=r"did not arrive within 0.2 s \(11 bytes came\)") as refused:
+        asyncio.run(read_json(Trickling(), 1000, timeout_s=0.2))
+    assert refused.value.status == 408
+
+
 def test_chat_content_as_text_parts_is_the_same_prompt(continuous):
     """OpenAI's content parts ([{"type": "text", "text": ...}]), which many clients send, are joined into
     the message's text (a template would otherwise render the list's repr into the prompt)."""
@@ -256,7 +272,8 @@ def test_health_on_the_openai_port_follows_triton(continuous, tmp_path):
         assert (response.status, response.read()) == (200, b"")
     closed = free_ports(1)[0]
     server = SimpleNamespace(url=f"http://127.0.0.1:{closed}", streams=None, served=SimpleNamespace(pool=None),
-                             config=SimpleNamespace(served_model_name="m", max_text_bytes=1024, api_key=None),
+                             config=SimpleNamespace(served_model_name="m", max_text_bytes=1024, api_key=None, max_batch=1,
+                                                    max_queue=1),
                              access_headers={},
                              session=SimpleNamespace(folder=SimpleNamespace(path=str(tmp_path))))
     with TestClient(create_app(server)) as client:
