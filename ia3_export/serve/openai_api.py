@@ -272,20 +272,20 @@ def create_app(server):
 
 
 class Admission:
-    """At most `capacity` completions at once (--max-batch + --max-queue: what the engine runs and queues);
-    past it a completion is refused busy (503) before its body is read. Without it a flood waited in the
-    app for connections to Triton, on one event loop, until some failed with a 500. Counted around the
-    whole response, so a stream holds its place until it ends, however it ends."""
-    PATHS = ("/v1/completions", "/v1/chat/completions")
+    """At most `capacity` POSTs at once (--max-batch + --max-queue: what the engine runs and queues); past
+    it a request is refused busy (503) before its body is read. Without it a flood of completions waited in
+    the app for connections to Triton, on one event loop, until some failed with a 500, and every body was
+    read into memory at once. Counted around the whole response, so a stream holds its place until it
+    ends, however it ends; GETs (models, health, metrics) are not counted."""
 
     def __init__(self, app, capacity: int):
         self.app, self.capacity, self.open = app, capacity, 0  # one event loop: no lock
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.open >= self.capacity:
-            error = APIError(503, f"busy: {self.open} completions in flight, the limit is {self.capacity} "
+            error = APIError(503, f"busy: {self.open} requests in flight, the limit is {self.capacity} "
                                   "(--max-batch + --max-queue); retry later", "ServiceUnavailableError")
             return await error_response(error)(scope, receive, send)
         self.open += 1

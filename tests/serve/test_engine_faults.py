@@ -110,7 +110,7 @@ def test_the_openai_api_admits_what_the_engine_can_hold(start_server):
     while admin.adapters("stats")["engine"]["queued"] != 1:  # the second waits in the queue
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    with pytest.raises(openai.APIStatusError, match="busy: 2 completions in flight, the limit is 2") as refused:
+    with pytest.raises(openai.APIStatusError, match="busy: 2 requests in flight, the limit is 2") as refused:
         client.completions.create(model="wide-a1", prompt=[5], max_tokens=2)
     assert refused.value.status_code == 503
     for stream in held:
