@@ -37,19 +37,21 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
-from .generation import (GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, empty_cache, eos_ids, is_int,
-                         is_real, kv_layout, new_token_budget, prefill)
+from .generation import (MAX_LOGPROBS, GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, empty_cache,
+                         eos_ids, is_int, is_real, kv_layout, new_token_budget, prefill, token_logprobs)
 
 
 @dataclasses.dataclass
 class Request:
     """Prompt token ids (or text, encoded with the folder's tokenizer), the adapter (None: the base
-    model), the options, and a timeout in seconds from submit (past it: finish reason "deadline")."""
+    model), the options, a timeout in seconds from submit (past it: finish reason "deadline") and, where
+    asked, how many alternatives' log-probabilities each token reports (`Handle.logprobs`)."""
 
     prompt: list[int] | str
     adapter: str | None = None
     options: GenerationOptions = dataclasses.field(default_factory=GenerationOptions)
     timeout: float | None = None
+    logprobs: int | None = None  # 0..MAX_LOGPROBS: each token's log-probability and this many alternatives'
 
 
 @dataclasses.dataclass
@@ -77,6 +79,7 @@ class Handle:
 
     def __init__(self, on_event: Callable | None):
         self.tokens: list[int] = []
+        self.logprobs: list = []  # with Request.logprobs: per token, (its log-probability, [(id, log-prob), ...])
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._on_event, self._done, self._result = on_event, threading.Event(), None
         self.cancelled, self.error = False, None
@@ -115,8 +118,9 @@ class Handle:
 class _Row:
     """An admitted (or queued) request: its handle, chooser, stop rule, KV need and cache position."""
 
-    def __init__(self, handle, prompt, adapter, options, max_new, stop, deadline):
+    def __init__(self, handle, prompt, adapter, options, max_new, stop, deadline, logprobs=None):
         self.handle, self.prompt, self.adapter, self.max_new = handle, prompt, adapter, max_new
+        self.logprobs = logprobs  # alternatives per token whose log-probabilities the request asked for
         self.choose, self.stop, self.deadline = TokenChooser(options), stop, deadline
         self.need = len(prompt) + max_new  # KV tokens it may hold; the shared layout's buffer length
         self.kv = None  # between its prefill and its join: (the prefill's outputs, past name -> [heads, seen, dim] view)
@@ -198,11 +202,13 @@ class Engine:
         timeout = request.timeout
         if timeout is not None and (not is_real(timeout) or not math.isfinite(timeout) or timeout < 0):
             raise IA3Error(f"timeout must be a number of seconds >= 0 (or None), got {timeout!r}")
+        if request.logprobs is not None and (not is_int(request.logprobs) or not 0 <= request.logprobs <= MAX_LOGPROBS):
+            raise IA3Error(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (or None), got {request.logprobs!r}")
         max_new = new_token_budget(session.folder, len(prompt), options.max_new_tokens, False, session.limits.max_new_tokens)
         decode = session.tokenizer().decode if options.stop_strings else None
         stop = RowStop(eos_ids(session.folder, options), options.stop_strings, decode)
         row = _Row(Handle(on_event), prompt, request.adapter, options, max_new, stop,
-                   None if timeout is None else self.clock() + timeout)
+                   None if timeout is None else self.clock() + timeout, request.logprobs)
         if row.need > self.kv_token_budget:
             raise IA3Error(f"the request needs {row.need} KV tokens (prompt {len(prompt)} + max_new_tokens {max_new}), "
                            f"more than the engine's kv_token_budget of {self.kv_token_budget}; shorten it or raise the budget")
@@ -333,7 +339,7 @@ class Engine:
             cols = slice(seq.length - row.seen, seq.length) if concat else slice(0, row.seen)
             # with the outputs and the values bound to them (the shared layout's buffers): kept alive
             row.kv = ((results, bound), {past: a[i, :, cols] for past, a in arrays.items()})
-            if self._advance(row, token):
+            if self._advance(row, token, logits[i]):
                 group.joining.append(row)
 
     def _place(self, group: _Group) -> None:
@@ -437,8 +443,9 @@ class Engine:
             group.host = {past: v.numpy() for past, v in group.kv.items()} if self.graph.device[0] == "cpu" else None
         for row in rows:
             row.seen += 1
-        for row, token in zip(rows, self._choose(rows, results["logits"].numpy()[:, -1, :])):
-            self._advance(row, token)  # a row that ends frees its slot
+        logits = results["logits"].numpy()[:, -1, :]
+        for i, (row, token) in enumerate(zip(rows, self._choose(rows, logits))):
+            self._advance(row, token, logits[i])  # a row that ends frees its slot
 
     @staticmethod
     def _choose(rows: list[_Row], logits: np.ndarray) -> list[int]:
@@ -446,9 +453,12 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         return [row.choose(logits[i:i + 1])[0] if row.choose.options.do_sample else greedy[i] for i, row in enumerate(rows)]
 
-    def _advance(self, row: _Row, token) -> bool:
-        """Hand the token to the request; False (and the request finished) where it ends there."""
+    def _advance(self, row: _Row, token, logits: np.ndarray) -> bool:
+        """Hand the token (with its log-probabilities, where asked, from its row's `logits`) to the request;
+        False (and the request finished) where it ends there."""
         token = int(token)
+        if row.logprobs is not None:  # before the token: a reader that has the token has its entry
+            row.handle.logprobs.append(token_logprobs(logits, token, row.logprobs))
         row.handle._emit(token)
         stopped = row.stop(token)
         if stopped or len(row.handle.tokens) >= row.max_new:

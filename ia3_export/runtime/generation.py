@@ -32,6 +32,7 @@ from .requests import INT_MAX, SEED_MAX
 
 PAST, PRESENT = "past_key_values", "present"
 GENERATIVE = ("causal-lm", "seq2seq-lm")  # the task families whose exports generate text
+MAX_LOGPROBS = 20  # the most alternatives a request may ask the log-probabilities of (OpenAI's and vLLM's limit)
 
 
 class GenerationCapped(UserWarning):
@@ -74,6 +75,18 @@ def is_int(value) -> bool:
 
 def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model's own distribution (its logits as they are,
+    before temperature and top_p: what vLLM reports by default) and the `top` most likely tokens as
+    (id, log-probability), most likely first; in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    logprobs = x - np.log(np.exp(x).sum())
+    best = np.argpartition(-logprobs, top)[:top] if 0 < top < len(logprobs) else np.arange(len(logprobs))[:top]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return float(logprobs[token]), [(int(i), float(logprobs[i])) for i in best]
 
 
 class TokenChooser:

@@ -81,6 +81,10 @@ class TextTokenizer:
                 text = text.replace(old, new)
         return text
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token's own text, special tokens included (`</s>`): how a log-probability names its token."""
+        return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
     def _add_named_special_tokens(self, config: dict) -> None:
         from tokenizers import AddedToken
 
@@ -126,6 +130,10 @@ class IsolatedTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text without special tokens, as transformers' decode(ids, skip_special_tokens=True)."""
         return self._call("decode", [int(i) for i in ids])
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token's own text, special tokens included, in one call."""
+        return self._call("pieces", [int(i) for i in ids])
 
     def close(self) -> None:
         """Stop the waiting children now (a later call starts a new one; they also stop when this session

@@ -83,6 +83,7 @@ class Row:
     ids: list[int] = dataclasses.field(default_factory=list)
     adapter: str | None = None
     options: GenerationOptions | None = None
+    logprobs: int | None = None  # generate_stream: alternatives per token to report the log-probabilities of
     error: str = ""
     answer: object = None
     batch_size: int = 0

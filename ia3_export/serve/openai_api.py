@@ -28,8 +28,9 @@ import uuid
 
 from ..errors import IA3Error
 from .openai_schema import (DEFAULT_MAX_TOKENS, APIError, chat_messages, choice, choice_requests, completion,
-                            completion_prompts, error_response, generate_options, read_json, sse_event, text_field)
-from .streaming import REQUEST_ID
+                            completion_prompts, error_response, generate_options, logprob_count, logprobs_object,
+                            read_json, sse_event, text_field)
+from .streaming import LOGPROBS, REQUEST_ID
 
 
 class OpenAIFront:
@@ -183,6 +184,8 @@ def create_app(server):
                                 "does not run); the OpenAI-compatible API needs --batching continuous")
         body = await read_json(request, body_limit)
         options = {**generate_options(body), "adapter": adapter_for(body.get("model"))}
+        if (alternatives := logprob_count(body, chat)) is not None:
+            options[LOGPROBS] = alternatives
         if chat:
             prompts = [{"input_ids": await tokens_of(body)}]
             if "max_new_tokens" not in options and served.max_tokens:  # OpenAI's chat: up to the context's end
@@ -202,16 +205,32 @@ def create_app(server):
             return StreamingResponse(_sse(chunks, len(requests), request_id, model, chat, usage),
                                      media_type="text/event-stream")
         texts, reasons, counts = [[] for _ in requests], [None] * len(requests), [0, 0]
-        async for i, piece, tokens, finish, prompt_len in chunks:
+        entries = [[] for _ in requests]
+        async for i, piece, tokens, finish, prompt_len, logprobs in chunks:
             texts[i].append(piece)
+            entries[i] += logprobs or []
             reasons[i] = finish or reasons[i]
             counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
-        choices = [choice(chat, True, i, "".join(t), r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        text_of = await token_texts(sum(entries, []))
+        choices = [choice(chat, True, i, "".join(t), r, logprobs=logprobs_object(chat, e, text_of))
+                   for i, (t, r, e) in enumerate(zip(texts, reasons, entries))]
         return JSONResponse(completion(request_id, model, chat, choices, final=True, usage=tuple(counts)))
 
+    async def token_texts(entries: list) -> dict:
+        """Token id -> its own text, for every token and alternative in (id, log-probability, alternatives)
+        entries: one call to the tokenizer's child, off the event loop (`token_id:N` without a tokenizer,
+        as vLLM writes it)."""
+        ids = sorted({i for i, _, _ in entries} | {j for _, _, top in entries for j, _ in top})
+        if not ids:
+            return {}
+        if served.tokenizer is None:
+            return {i: f"token_id:{i}" for i in ids}
+        return dict(zip(ids, await run_in_threadpool(served.tokenizer.pieces, ids)))
+
     async def _upstream(body: dict, counts_prompt: bool = True):
-        """(text, new tokens, finish reason, prompt tokens: on the last response only, 0 unless `counts_prompt`)
-        per Triton response; an error body raises APIError. Leaving early cancels the request in the engine."""
+        """(text, new tokens, finish reason, prompt tokens: on the last response only, 0 unless `counts_prompt`,
+        and where asked the new tokens' (id, log-probability, [(id, log-probability), ...])) per Triton
+        response; an error body raises APIError. Leaving early cancels the request in the engine."""
         try:
             async with _reaching_triton(), client.stream("POST", upstream, json=body) as response:
                 if response.status_code != 200:
@@ -223,9 +242,12 @@ def create_app(server):
                     event = json.loads(line[5:])
                     if event.get("error"):
                         raise APIError(_status(event["error"]), event["error"])
-                    ids = event.get("output_ids") or []
-                    yield (event.get("text", ""), len(ids) if isinstance(ids, list) else 1,
-                           event.get("finish_reason") or None, counts_prompt and event.get("prompt_tokens") or 0)
+                    ids = event.get("output_ids", [])
+                    ids = ids if isinstance(ids, list) else [ids]  # one token arrives as a number
+                    logprobs = event.get("logprobs")
+                    logprobs = [(i, lp, top) for i, (lp, top) in zip(ids, json.loads(logprobs))] if logprobs else None
+                    yield (event.get("text", ""), len(ids), event.get("finish_reason") or None,
+                           counts_prompt and event.get("prompt_tokens") or 0, logprobs)
         finally:
             streams.cancel(body[REQUEST_ID])  # a no-op once it ended; stops the engine's row when the client left
 
@@ -234,6 +256,7 @@ def create_app(server):
         `usage`, as OpenAI: every chunk has "usage": null and one more, with no choices, carries the
         request's usage before [DONE]."""
         counts, each = [0, 0], None if usage else False  # prompt tokens, completion tokens
+        offsets = [0] * count  # each choice's text so far: a completion's logprobs give token offsets in it
 
         def chunk(*choices) -> str:
             return sse_event(completion(request_id, model, chat, list(choices), usage=each))
@@ -241,10 +264,12 @@ def create_app(server):
         try:
             if chat:
                 yield chunk(*(choice(chat, False, i, "", None, role=True) for i in range(count)))
-            async for i, piece, tokens, finish, prompt_len in chunks:
+            async for i, piece, tokens, finish, prompt_len, entries in chunks:
                 counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
-                if piece or finish:
-                    yield chunk(choice(chat, False, i, piece, finish))
+                if piece or finish or entries:
+                    logprobs = logprobs_object(chat, entries, await token_texts(entries or []), offsets[i])
+                    offsets[i] += len(piece)
+                    yield chunk(choice(chat, False, i, piece, finish, logprobs=logprobs))
             if usage:
                 yield sse_event(completion(request_id, model, chat, [], usage=tuple(counts)))
         except APIError as e:

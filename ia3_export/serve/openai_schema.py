@@ -7,19 +7,22 @@ completions, chunks and errors in OpenAI's JSON.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 
+from ..runtime.generation import MAX_LOGPROBS
 from ..runtime.requests import SEED_MAX
 from .streaming import STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 INTEGERS = ("max_new_tokens", "seed")
 BODY_TIMEOUT_S = 60  # the most a request's whole body may take to arrive (nginx waits 60 s between two reads)
+LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability (-inf) is written as
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
-NOT_IMPLEMENTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+NOT_IMPLEMENTED = {"echo": (None, False),
                    "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
                    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                    "functions": (None, []), "tool_choice": (None, "none", "auto"),
@@ -75,6 +78,48 @@ def generate_options(body: dict) -> dict:
             raise APIError(400, "`stop` must be a string or a list of strings")
         out[STOP] = json.dumps(stops)
     return out
+
+
+def logprob_count(body: dict, chat: bool) -> int | None:
+    """How many alternatives' log-probabilities each new token reports, None where none are asked: a
+    completion's `logprobs` (an integer), a chat's `logprobs: true` with its `top_logprobs`."""
+    if chat:
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted not in (None, True, False):
+            raise APIError(400, "`logprobs` must be true or false (a chat's alternatives are `top_logprobs`)")
+        if not wanted:
+            if top not in (None, 0):
+                raise APIError(400, "`top_logprobs` needs `\"logprobs\": true`")
+            return None
+        field, count = "top_logprobs", 0 if top is None else top
+    else:
+        field, count = "logprobs", body.get("logprobs")
+        if count is None or count is False:
+            return None
+    if type(count) is not int or not 0 <= count <= MAX_LOGPROBS:
+        raise APIError(400, f"`{field}` must be an integer from 0 to {MAX_LOGPROBS}, got {json.dumps(count)[:40]}")
+    return count
+
+
+def logprobs_object(chat: bool, entries: list, text_of: dict, offset: int = 0) -> dict | None:
+    """OpenAI's `logprobs` for a choice (or a chunk of one) from (token id, log-probability, [(id,
+    log-probability), ...]) entries, `text_of` giving each id's own text: a chat's `content` list, or a
+    completion's token lists with each token's offset in the text from `offset`. None without tokens.
+    -inf is written -9999.0, as vLLM does (JSON has no infinity)."""
+    if not entries:
+        return None
+
+    def finite(logprob: float) -> float:
+        return logprob if logprob > LOWEST_LOGPROB else LOWEST_LOGPROB
+
+    if chat:
+        def token(i, logprob):
+            return {"token": text_of[i], "logprob": finite(logprob), "bytes": list(text_of[i].encode())}
+        return {"content": [{**token(i, lp), "top_logprobs": [token(j, l) for j, l in top]} for i, lp, top in entries]}
+    offsets = itertools.accumulate((len(text_of[i]) for i, _, _ in entries[:-1]), initial=offset)
+    return {"tokens": [text_of[i] for i, _, _ in entries], "token_logprobs": [finite(lp) for _, lp, _ in entries],
+            "top_logprobs": [{text_of[j]: finite(l) for j, l in top} for _, _, top in entries],
+            "text_offset": list(offsets)}
 
 
 def chat_messages(body: dict) -> list:
@@ -164,15 +209,15 @@ def text_field(body: dict, name: str) -> str:
     return value
 
 
-def choice(chat: bool, final: bool, index: int, text: str, finish, role: bool = False) -> dict:
+def choice(chat: bool, final: bool, index: int, text: str, finish, role: bool = False, logprobs=None) -> dict:
     """One choice of a completion (final) or of a streamed chunk, in OpenAI's shape for completions or chat."""
     if not chat:
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
     if final:
         message = {"role": "assistant", "content": text}
-        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
     delta = {"role": "assistant", "content": ""} if role else {"content": text}
-    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
 def completion(request_id: str, model: str, chat: bool, choices: list, final: bool = False, usage=False) -> dict:

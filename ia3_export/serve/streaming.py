@@ -35,15 +35,16 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..runtime.engine import Request, Result
-from ..runtime.generation import TextStream
+from ..runtime.generation import MAX_LOGPROBS, TextStream
 from ..runtime.requests import register
 from .models import BYTES, Generate, Port, Row, Served
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
-                  Port("prompt_tokens", np.int64), Port("error", BYTES))
+                  Port("prompt_tokens", np.int64), Port("error", BYTES), Port("logprobs", BYTES))
 RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupled path; facts.md)
 STREAM_SHARE = 0.1  # of one core, what the responses of all open streams may cost together (docs/serving.md)
-REQUEST_ID, STOP = "request_id", "stop"  # request parameters (not tensors): a client's id for cancel, stop strings
+# request parameters (not tensors): a client's id for cancel, stop strings, alternatives' log-probabilities per token
+REQUEST_ID, STOP, LOGPROBS = "request_id", "stop", "logprobs"
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
 
 
@@ -131,7 +132,7 @@ class Streams:
             if on_event is not None:
                 on_event(e)
 
-        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s), event)
+        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s, row.logprobs), event)
         with self._lock:
             self._running.update((key, handle) for key in ids if key)
         return handle
@@ -156,7 +157,8 @@ class Streams:
 
 def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
     """A generate request's prompt, adapter and options (stop strings from the `stop` parameter, a JSON
-    list); returns the client's request id, if it sent one."""
+    list; `logprobs`: how many alternatives' log-probabilities each response reports per token); returns
+    the client's request id, if it sent one."""
     parser.parse(row, request)
     parameters = getattr(request, "parameters", None) or {}
     stop = parameters.get(STOP)
@@ -168,6 +170,11 @@ def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
         if not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
             raise IA3Error("parameter `stop` must be a string or a JSON list of non-empty strings")
         row.options.stop_strings = strings
+    logprobs = parameters.get(LOGPROBS)
+    if logprobs is not None:
+        if type(logprobs) is not int or not 0 <= logprobs <= MAX_LOGPROBS:
+            raise IA3Error(f"parameter `logprobs` must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
+        row.logprobs = logprobs
     request_id = parameters.get(REQUEST_ID)
     return str(request_id) if request_id else None
 
@@ -235,7 +242,7 @@ class GenerateStream:
         loop = asyncio.get_running_loop()
         tokenizer = self.served.tokenizer
         text = TextStream(tokenizer.decode) if tokenizer is not None else None
-        handle = None
+        handle, sent = None, 0
         self.open += 1
         try:
             relay = self.relays.get(loop) or self.relays.setdefault(loop, Relay(loop, self.streams.engine))
@@ -245,13 +252,15 @@ class GenerateStream:
                 tokens, result = await inbox.take()  # what arrived since the last response goes together
                 # one decode per response, not per token: decode is a call to the tokenizer's child process
                 piece = "" if text is None else text.finish(*tokens) if result else text.push(*tokens)
+                logprobs = handle.logprobs[sent:sent + len(tokens)] if row.logprobs is not None else None
+                sent += len(tokens)
                 if result is None:
-                    yield [_response(piece, tokens)]
+                    yield [_response(piece, tokens, logprobs=logprobs)]
                     with contextlib.suppress(asyncio.TimeoutError):  # tokens gather meanwhile; the end cuts it short
                         await asyncio.wait_for(inbox.wake.wait(), self.pause_s())
                     continue
                 error = _failure(result) if result.finish_reason in ("error", "deadline") else ""
-                yield [_response(piece, tokens, result.finish_reason, len(row.ids), error)]
+                yield [_response(piece, tokens, result.finish_reason, len(row.ids), error, logprobs)]
                 return
         except IA3Error as e:  # refused by the engine (busy, too long for its KV budget, ...)
             yield [_response(error=_one_line(e))]
@@ -333,13 +342,17 @@ def _failure(result: Result) -> str:
     return result.error or "generation failed"
 
 
-def _response(text: str = "", tokens=(), finish_reason: str = "", prompt_tokens: int = 0, error: str = "") -> dict:
+def _response(text: str = "", tokens=(), finish_reason: str = "", prompt_tokens: int = 0, error: str = "",
+              logprobs: list | None = None) -> dict:
     """One streamed response (no batch dimension: the model does not batch). `output_ids` is left out
-    when a response carries no token (pytriton cannot send an empty array)."""
+    when a response carries no token (pytriton cannot send an empty array); `logprobs`, where asked, is
+    JSON: per token of `output_ids`, [its log-probability, [[id, log-probability], ...]]."""
     response = {"text": _one(text), "finish_reason": _one(finish_reason), "error": _one(error),
                 "prompt_tokens": np.array([prompt_tokens], np.int64)}
     if len(tokens):
         response["output_ids"] = np.array(tokens, np.int64)
+        if logprobs is not None:
+            response["logprobs"] = _one(json.dumps(logprobs))
     return response
 
 

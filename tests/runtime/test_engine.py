@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from ia3_export.errors import IA3Error
-from runtime_helpers import export_once, llama_exports, open_session, peft_greedy
+from runtime_helpers import export_once, llama_exports, open_session, peft_greedy, peft_model
 
 
 def options(max_new_tokens=12, **kw):
@@ -160,6 +160,41 @@ def test_sampled_rows_with_seeds_get_the_tokens_they_get_alone(llama):
     tokens = [h.result(0).tokens for h in handles]
     assert tokens == [alone(s, r) for step in sorted(arrivals) for r in arrivals[step]]
     assert tokens[0] != tokens[2]  # the seed matters
+
+
+def test_logprobs_are_the_models_own_whatever_shares_the_batch(llama):
+    """Request.logprobs: each new token's log-probability and its k most likely alternatives', equal to PEFT's
+    model in float64 (log_softmax of its logits over prompt + chosen tokens) to float32's error, for a greedy
+    and a sampled row (the model's own distribution, before temperature) sharing the batch with a row that
+    asks for none and one that arrives later; the greedy row's token is its own most likely."""
+    import numpy as np
+    import torch
+
+    from ia3_export.runtime import Engine, Request
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    requests = [Request([5, 6, 7, 8], "adapter1", options(10), logprobs=3),
+                Request([11, 12, 13], None, options(8, do_sample=True, temperature=1.5, seed=4), logprobs=0),
+                Request([40, 41], "adapter2", options(9)), Request([20, 21, 22], "adapter2", options(6), logprobs=5)]
+    handles, widest = drive(Engine(s, max_batch=4), {0: requests[:3], 3: requests[3:]})
+    assert widest == 4 and handles[2].logprobs == []
+    for request, handle, adapter in zip(requests, handles, (llama["a1"], None, None, llama["a2"])):
+        tokens = handle.result(0).tokens
+        assert tokens == alone(s, request)
+        if request.logprobs is None:
+            continue
+        model = peft_model(llama["base"], adapter).double()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([request.prompt + tokens])).logits
+        want = torch.log_softmax(logits[0], -1).numpy()[len(request.prompt) - 1:-1]  # position t predicts token t+1
+        assert len(handle.logprobs) == len(tokens)
+        for step, (token, (logprob, top)) in enumerate(zip(tokens, handle.logprobs)):
+            best = np.argsort(-want[step], kind="stable")[:request.logprobs]
+            assert abs(logprob - want[step, token]) < 1e-4 and [i for i, _ in top] == best.tolist()
+            assert np.allclose([lp for _, lp in top], want[step, best], atol=1e-4)
+            assert request.options.do_sample or top[0][0] == token
+    with pytest.raises(IA3Error, match="logprobs must be an integer from 0 to 20"):
+        Engine(s).submit(Request([5], None, options(2), logprobs=21))
 
 
 def test_a_full_queue_says_busy_and_a_request_that_never_fits_the_kv_budget_is_refused(llama):

@@ -1,6 +1,7 @@
 """The torch-free tokenizer gives the ids and text of transformers' AutoTokenizer on the same folder.
 
-Reference: transformers' AutoTokenizer (`tok(text)["input_ids"]`, `tok.decode(ids, skip_special_tokens=True)`).
+Reference: transformers' AutoTokenizer (`tok(text)["input_ids"]`, `tok.decode(ids, skip_special_tokens=True)`,
+and each id decoded alone for `pieces`).
 Folders: the shipped MiniLM (its tokenizer.json pads and truncates to 128) and tokenizers of three
 styles trained here with the `tokenizers` library and saved through transformers, each once plain
 and once with padding to 16 and truncation to 8 stored in tokenizer.json (as many hub files do).
@@ -84,6 +85,9 @@ def assert_like_transformers(folder: str, texts=TEXTS) -> None:
         ids = reference(text)["input_ids"]
         assert ours.encode(text) == ids, (folder, text)
         assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), (folder, text, ids)
+        # each token's own text (how a log-probability names it): special tokens kept, no clean-up
+        assert ours.pieces(ids) == [reference.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                                    for i in ids], (folder, text, ids)
 
 
 def test_minilm_as_transformers_tokenizes_it():

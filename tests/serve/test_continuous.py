@@ -185,7 +185,7 @@ def test_openai_usage_in_streams_one_model_and_parameters_not_implemented(contin
     assert client.models.retrieve(A1).parent == "llama-bank" and client.models.retrieve("llama-bank").parent is None
     with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
         client.models.retrieve("nope")
-    for refused in ({"presence_penalty": 0.5}, {"logprobs": 2}, {"echo": True}, {"best_of": 3},
+    for refused in ({"presence_penalty": 0.5}, {"logit_bias": {"5": 1}}, {"echo": True}, {"best_of": 3},
                     {"extra_body": {"top_k": 5}}, {"extra_body": {"repetition_penalty": 1.2}}):
         field = next(iter(refused.get("extra_body", refused)))
         with pytest.raises(openai.BadRequestError, match=f"`{field}` is not implemented by this server"):
@@ -456,6 +456,66 @@ def test_n_choices_each_equal_alone_with_their_seed(continuous, reference):
             client.completions.create(model=A1, prompt=[5], max_tokens=2, n=bad)
     with pytest.raises(openai.BadRequestError, match=r"2 prompt\(s\) x `n` 200 = 400 choices, more than the 256"):
         client.completions.create(model=A1, prompt=prompts, max_tokens=2, n=200)
+
+
+def logprobs_alone(ref, ids: list[int], adapter, tokens: list[int]):
+    """float64 log_softmax of the model's logits over prompt + tokens in ONE forward without a cache: what
+    the server's (cached, batched, streamed) log-probabilities must equal."""
+    import numpy as np
+
+    from ia3_export.runtime.generation import empty_cache, position_ids
+    full = np.array([ids + tokens], np.int64)
+    mask = np.ones_like(full)
+    feeds = {"input_ids": full, "attention_mask": mask, "position_ids": position_ids(mask),
+             **empty_cache(ref.session.graphs["model"], 1, "float32", ref.session.folder.cache)}
+    logits = ref.session.run(feeds, "model", [adapter], ["logits"])["logits"][0].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return (logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[len(ids) - 1:-1]
+
+
+def test_openai_logprobs_are_the_models_own(continuous, reference):
+    """A completion's `logprobs: k` and a chat's `logprobs` / `top_logprobs` in OpenAI's shapes: each token's
+    log-probability and its k most likely alternatives equal one uncached float64 forward over prompt +
+    answer; the tokens' texts join to the answer; streamed equals not streamed."""
+    import numpy as np
+    import openai
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    tokens = ref.generate([5, 6, 7], A1, 10)
+    want = logprobs_alone(ref, [5, 6, 7], A1, tokens)
+    text_of = {i: ref.session.tokenizer().pieces([i])[0] for i in range(want.shape[1])}
+    done = client.completions.create(model=A1, prompt=[5, 6, 7], max_tokens=10, logprobs=3)
+    got = done.choices[0].logprobs
+    assert done.choices[0].text == ref.decode(tokens) and got.tokens == [text_of[t] for t in tokens]
+    assert np.allclose(got.token_logprobs, [want[k, t] for k, t in enumerate(tokens)], atol=1e-4)
+    for k, top in enumerate(got.top_logprobs):  # OpenAI's dict: two tokens of the same text are one key
+        best = {text_of[i]: want[k, i] for i in np.argsort(-want[k], kind="stable")[:3]}
+        assert list(top) == list(best) and np.allclose(list(top.values()), list(best.values()), atol=1e-4)
+    assert got.text_offset == [sum(len(text_of[t]) for t in tokens[:k]) for k in range(len(tokens))]
+    chunks = [c.choices[0].logprobs for c in client.completions.create(model=A1, prompt=[5, 6, 7], max_tokens=10,
+                                                                         logprobs=3, stream=True)]
+    assert sum((c.token_logprobs for c in chunks if c), []) == got.token_logprobs
+    assert sum((c.text_offset for c in chunks if c), []) == got.text_offset
+    # a chat: OpenAI's content list with bytes; the chosen token is the most likely (greedy)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=A2, messages=messages, max_tokens=6, logprobs=True, top_logprobs=2)
+    prompt = ref.session.tokenizer().encode("<s><|user|>\nhi</s>\n<|assistant|>\n")
+    answer = ref.generate(prompt, A2, 6)
+    want = logprobs_alone(ref, prompt, A2, answer)
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [text_of[t] for t in answer] and all(c.bytes == list(c.token.encode())
+                                                                               for c in content)
+    assert np.allclose([c.logprob for c in content], [want[k, t] for k, t in enumerate(answer)], atol=1e-4)
+    assert all(c.top_logprobs[0].token == c.token and len(c.top_logprobs) == 2 for c in content)
+    streamed = client.chat.completions.create(model=A2, messages=messages, max_tokens=6, logprobs=True, top_logprobs=2,
+                                              stream=True)
+    assert sum((c.choices[0].logprobs.content for c in streamed if c.choices and c.choices[0].logprobs), []) == content
+    for body, message in [({"logprobs": 21}, "`logprobs` must be an integer from 0 to 20"),
+                          ({"logprobs": "3"}, "`logprobs` must be an integer from 0 to 20")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model=A1, prompt=[5], max_tokens=2, **body)
+    with pytest.raises(openai.BadRequestError, match="`top_logprobs` needs"):
+        client.chat.completions.create(model=A2, messages=messages, max_tokens=2, top_logprobs=2)
 
 
 def test_ready_only_once_every_model_is_loaded(tmp_path):
