@@ -10,10 +10,12 @@ A thin Starlette app (served by uvicorn in the server's process) that calls Trit
 metrics, its health, its queue), and a non-streamed completion is the stream gathered. It adds what
 Triton cannot see: a client that disconnects is cancelled in the engine by the request's id; a chat's
 messages become the prompt through the tokenizer's chat template (`runtime.chat`); a request with
-several prompts, or `n` choices, is one Triton stream per choice, merged into one answer. What a body
-may ask and the shapes of the answers are `openai_schema`'s. Errors use OpenAI's body (`{"error": {"message", "type",
-"code"}}`) with 400 for a bad request, 404 for an unknown model, 413 for a body too large to read, 503
-when busy.
+several prompts, or `n` choices, is one Triton stream per choice, merged into one answer; log-probabilities
+come back in OpenAI's shapes. What a body may ask and the shapes of the answers are `openai_schema`'s.
+Two guards wrap every route: `RequireKey` (with --api-key) and `Admission` (at most --max-batch +
+--max-queue POSTs at once). Errors use OpenAI's body (`{"error": {"message", "type", "code"}}`) with
+400 for a bad request, 401 without the key, 404 for an unknown model, 408 for a body that does not
+arrive in time, 413 for a body too large to read, 503 when busy.
 """
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ def create_app(server):
     import httpx
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
-    from starlette.middleware import Middleware
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route

@@ -13,12 +13,13 @@ import time
 
 from ..runtime.generation import MAX_LOGPROBS
 from ..runtime.requests import SEED_MAX
-from .streaming import STOP
+from .streaming import LOGPROBS, STOP
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 INTEGERS = ("max_new_tokens", "seed")
 BODY_TIMEOUT_S = 60  # the most a request's whole body may take to arrive (nginx waits 60 s between two reads)
 LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability (-inf) is written as
+MAX_LOGPROB_ENTRIES = 2**20  # log-probabilities one answer may hold (~100 MB of JSON): n x prompts x tokens x k
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
@@ -154,7 +155,7 @@ def completion_prompts(body: dict) -> list[dict]:
 def choice_requests(body: dict, prompts: list[dict], options: dict, limit: int) -> list[dict]:
     """One engine request per choice, in OpenAI's order (prompt by prompt, `n` choices each). Choice j of
     a seeded request is seeded `seed + j`, as vLLM seeds a request's n children: each equals that request
-    alone. At most `limit` (--max-queue) in all."""
+    alone. At most `limit` (--max-queue) in all, and at most MAX_LOGPROB_ENTRIES log-probabilities."""
     n = 1 if body.get("n") is None else body["n"]
     if type(n) is not int or n < 1:
         raise APIError(400, f"`n` must be an integer >= 1, got {json.dumps(n)[:40]}")
@@ -162,6 +163,12 @@ def choice_requests(body: dict, prompts: list[dict], options: dict, limit: int) 
         what = f"`prompt` holds {len(prompts)} prompts" if n == 1 else \
             f"{len(prompts)} prompt(s) x `n` {n} = {len(prompts) * n} choices"
         raise APIError(400, f"{what}, more than the {limit} the engine queues (--max-queue); send fewer per request")
+    alternatives, most = options.get(LOGPROBS), options.get("max_new_tokens", 1)
+    if alternatives is not None and len(prompts) * n * most * (alternatives + 1) > MAX_LOGPROB_ENTRIES:
+        raise APIError(400, f"{len(prompts) * n} choice(s) of up to {most} tokens with {alternatives} alternatives "
+                            f"each would answer {len(prompts) * n * most * (alternatives + 1)} log-probabilities, "
+                            f"more than the {MAX_LOGPROB_ENTRIES} one request may; ask for fewer tokens, "
+                            "choices or alternatives")
     seed = options.get("seed")
     seeded = isinstance(seed, int) and 0 <= seed <= SEED_MAX  # another seed is the engine's to refuse
     return [{**options, **prompt, **({"seed": (seed + j) % (SEED_MAX + 1)} if seeded and j else {})}
@@ -179,7 +186,7 @@ def one_prompt(prompt) -> dict:
 
 async def read_json(request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> dict:
     """The JSON object sent, read no further than `limit` bytes (a huge body must not fill memory) and for no
-    longer than `timeout_s` (a body that trickles in holds one of the completions the server admits)."""
+    longer than `timeout_s` (a body that trickles in holds one of the places the server admits)."""
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):

@@ -511,9 +511,11 @@ def test_openai_logprobs_are_the_models_own(continuous, reference):
                                               stream=True)
     assert sum((c.choices[0].logprobs.content for c in streamed if c.choices and c.choices[0].logprobs), []) == content
     for body, message in [({"logprobs": 21}, "`logprobs` must be an integer from 0 to 20"),
-                          ({"logprobs": "3"}, "`logprobs` must be an integer from 0 to 20")]:
+                          ({"logprobs": "3"}, "`logprobs` must be an integer from 0 to 20"),
+                          ({"logprobs": 20, "n": 250, "max_tokens": 1000},  # ~250 MB of JSON from one request
+                           "250 choice\\(s\\) of up to 1000 tokens with 20 alternatives each would answer 5250000")]:
         with pytest.raises(openai.BadRequestError, match=message):
-            client.completions.create(model=A1, prompt=[5], max_tokens=2, **body)
+            client.completions.create(model=A1, prompt=[5], **{"max_tokens": 2, **body})
     with pytest.raises(openai.BadRequestError, match="`top_logprobs` needs"):
         client.chat.completions.create(model=A2, messages=messages, max_tokens=2, top_logprobs=2)
 
