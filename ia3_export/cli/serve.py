@@ -56,7 +56,7 @@ def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max
 
     if api_key is None and API_KEY_VARIABLE in os.environ:  # click reads an empty variable as unset: no key at all
         raise IA3Error(f"{API_KEY_VARIABLE} is set but empty, so the server would take requests from anyone; "
-                       f"set it to the key, or unset it to serve without one")
+                       "set it to the key, or unset it to serve without one")
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
                          tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
