@@ -213,7 +213,7 @@ def create_app(server):
             entries[i] += logprobs or []
             reasons[i] = finish or reasons[i]
             counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
-        text_of = await token_texts(sum(entries, []))
+        text_of = await token_texts([e for choice_entries in entries for e in choice_entries])
         choices = [choice(chat, True, i, "".join(t), r, logprobs=logprobs_object(chat, e, text_of))
                    for i, (t, r, e) in enumerate(zip(texts, reasons, entries))]
         return JSONResponse(completion(request_id, model, chat, choices, final=True, usage=tuple(counts)))
@@ -269,7 +269,8 @@ def create_app(server):
             async for i, piece, tokens, finish, prompt_len, entries in chunks:
                 counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
                 if piece or finish or entries:
-                    logprobs = logprobs_object(chat, entries, await token_texts(entries or []), offsets[i])
+                    text_of = await token_texts(entries) if entries else {}  # no tokenizer work without logprobs
+                    logprobs = logprobs_object(chat, entries, text_of, offsets[i])
                     offsets[i] += len(piece)
                     yield chunk(choice(chat, False, i, piece, finish, logprobs=logprobs))
             if usage:

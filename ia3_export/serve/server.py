@@ -163,7 +163,7 @@ class Server:
 
     def _start_triton(self) -> "Server":
         from pytriton.model_config import DynamicBatcher, ModelConfig
-        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
         from pytriton.utils.workspace import Workspace
 
         c = self.config
@@ -175,7 +175,7 @@ class Server:
             http_address=c.address, http_port=c.http_port, grpc_address=c.address, grpc_port=c.grpc_port,
             metrics_address=c.address, metrics_port=c.metrics_port, exit_timeout_secs=c.drain_timeout_s),
             triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True),
-            security_config=_security(TritonSecurityConfig, c.api_key))
+            security_config=_security(c.api_key))
         batched = ModelConfig(max_batch_size=c.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=c.max_queue_delay_us))
         for name, functions, inputs, outputs, config in self._models(batched):
             self.triton.bind(model_name=name, infer_func=functions, inputs=_tensors(inputs), outputs=_tensors(outputs),
@@ -294,15 +294,15 @@ def _children() -> list[int]:
     return found
 
 
-def _security(config_class, api_key: str | None):
+def _security(api_key: str | None):
     """Triton's restricted APIs: with a key, every API but health (a Kubernetes probe sends no key) needs it on
     HTTP and gRPC; without one, pytriton's default (its own random key guards model loading, statistics,
     tracing and logging; inference and metadata are open)."""
-    if api_key is None:
-        return config_class()
-    from pytriton.triton import VALID_TRITON_ENDPOINTS
+    from pytriton.triton import VALID_TRITON_ENDPOINTS, TritonSecurityConfig
 
-    return config_class(access_token=api_key, restricted_endpoints=sorted(VALID_TRITON_ENDPOINTS - {"health"}))
+    if api_key is None:
+        return TritonSecurityConfig()
+    return TritonSecurityConfig(access_token=api_key, restricted_endpoints=sorted(VALID_TRITON_ENDPOINTS - {"health"}))
 
 
 def _tensors(ports) -> list:
