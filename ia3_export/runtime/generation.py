@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import reprlib
 import warnings
 from typing import Callable, Iterator
 
@@ -32,6 +33,7 @@ from .requests import INT_MAX, SEED_MAX
 
 PAST, PRESENT = "past_key_values", "present"
 GENERATIVE = ("causal-lm", "seq2seq-lm")  # the task families whose exports generate text
+MAX_STOP_STRINGS = 64  # each is looked for in the row's text at every token: one request's list must not slow every row
 MAX_LOGPROBS = 20  # the most alternatives a request may ask the log-probabilities of (OpenAI's and vLLM's limit)
 
 
@@ -65,8 +67,13 @@ class GenerationOptions:
             raise IA3Error(f"seed must be an integer from 0 to {SEED_MAX}, got {self.seed!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
-        if self.stop_strings is not None and not all(isinstance(x, str) and x for x in self.stop_strings):
-            raise IA3Error(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.stop_strings is not None:
+            stops = self.stop_strings
+            if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops):
+                raise IA3Error(f"stop_strings must be a list of non-empty strings, got {reprlib.repr(stops)}")
+            if len(stops) > MAX_STOP_STRINGS:
+                raise IA3Error(f"{len(stops)} stop strings, more than the {MAX_STOP_STRINGS} a request may hold (each "
+                               "is looked for at every token); send fewer")
 
 
 def is_int(value) -> bool:

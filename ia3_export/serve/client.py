@@ -48,12 +48,12 @@ class ServeClient:
     # -- models --------------------------------------------------------------------------------
     def generate(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None) -> Answer:
+                 seed: int | None = None, stop: list[str] | None = None) -> Answer:
         inputs = {**_prompt(text, input_ids, adapter), "max_new_tokens": max_new_tokens}
         if do_sample:
             inputs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p),
                           seed=-1 if seed is None else seed)
-        return self.infer("generate", inputs)
+        return self.infer("generate", inputs, {"stop": json.dumps(list(stop))} if stop else None)
 
     def stream(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None,
                max_new_tokens: int = 32, stop: list[str] | None = None, request_id: str | None = None, **sampling):
@@ -87,9 +87,10 @@ class ServeClient:
         return json.loads(self.infer("adapters", inputs).outputs["result"])
 
     # -- protocol ------------------------------------------------------------------------------
-    def infer(self, model: str, inputs: dict) -> Answer:
-        """One request; each value is a str, bool, int, float or a list of ints (a token id row)."""
-        body = {"inputs": [_tensor(name, value) for name, value in inputs.items()]}
+    def infer(self, model: str, inputs: dict, parameters: dict | None = None) -> Answer:
+        """One request; each value is a str, bool, int, float or a list of ints (a token id row);
+        `parameters`: the request's (such as `stop`)."""
+        body = {"inputs": [_tensor(name, value) for name, value in inputs.items()], **({"parameters": parameters} if parameters else {})}
         status, answer = self.request("POST", f"/v2/models/{model}/infer", json.dumps(body).encode())
         reply = json.loads(answer or b"{}")
         if status != 200:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import threading
 
 import numpy as np
@@ -28,6 +29,9 @@ from ..tasks import EXPORT_TASKS, task_named
 from .adapters import AdapterPool
 
 BYTES = np.bytes_
+# generate's request parameters (not tensors): stop strings; alternatives' log-probabilities per token
+# (generate_stream only); a client's id to cancel its request by
+STOP, LOGPROBS, REQUEST_ID = "stop", "logprobs", "request_id"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,17 +213,30 @@ class Generate(ServedModel):
               Port("seed", np.int64, optional=True))
     outputs = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), *STATUS_OUTPUTS)
 
+    def __init__(self, served: Served, streamed: bool = False):
+        super().__init__(served)
+        self.streamed = streamed  # generate_stream's parser: its responses carry the `logprobs` asked for
+
     def parse(self, row: Row, request) -> None:
+        parameters = getattr(request, "parameters", None) or {}
+        if LOGPROBS in parameters and not self.streamed:  # never ignored: the client would not get what it asked
+            raise IA3Error("parameter `logprobs` is answered by generate_stream only (this model has no logprobs "
+                           "output); send the request there, or to the OpenAI API's /v1/completions")
         seed = _number(request, "seed", -1, int)
         row.options = GenerationOptions(
             max_new_tokens=_number(request, "max_new_tokens", None, int), do_sample=_number(request, "do_sample", False, bool),
             temperature=_number(request, "temperature", 1.0, float), top_p=_number(request, "top_p", 1.0, float),
-            seed=None if seed == -1 else seed)  # -1: unseeded; other negatives are refused
+            seed=None if seed == -1 else seed,  # -1: unseeded; other negatives are refused
+            stop_strings=_stop_strings(parameters.get(STOP)))
+        if row.options.stop_strings and self.served.tokenizer is None:
+            raise IA3Error("parameter `stop` needs the export's tokenizer to read the text, and this folder has none; "
+                           "end the request with max_new_tokens")
         self.served.parse_prompt(row, request, reserve=row.options.max_new_tokens)
 
     def plan(self, rows: list[Row]) -> list[list[Row]]:
-        return [fitted for group in self.served.groups(rows, alone=lambda row: row.options.do_sample)
-                for fitted in self._fit(group)]
+        """Sampled rows and rows with stop strings run alone: a batch shares one GenerationOptions."""
+        alone = lambda row: row.options.do_sample or row.options.stop_strings  # noqa: E731
+        return [fitted for group in self.served.groups(rows, alone=alone) for fitted in self._fit(group)]
 
     def _fit(self, rows: list[Row]) -> list[list[Row]]:
         """Split a batch whose longest prompt plus largest max_new_tokens would pass the model's positions
@@ -236,7 +253,8 @@ class Generate(ServedModel):
     def execute(self, rows: list[Row]) -> list[list[int]]:
         """One generate_ids call; greedy rows run to the longest max_new_tokens and are cut to their own."""
         options = dataclasses.replace(rows[0].options, max_new_tokens=max(r.options.max_new_tokens for r in rows))
-        outs = generate_ids(self.served.session, [r.ids for r in rows], [r.adapter for r in rows], options)
+        decode = self.served.tokenizer.decode if options.stop_strings else None
+        outs = generate_ids(self.served.session, [r.ids for r in rows], [r.adapter for r in rows], options, decode)
         return [ids[:r.options.max_new_tokens] for ids, r in zip(outs, rows)]
 
     def respond(self, row: Row) -> dict:
@@ -371,6 +389,19 @@ def _values(request, name: str) -> np.ndarray:
     if values.size != 1:
         raise IA3Error(f"input `{name}` must hold one value, got {values.size}")
     return values
+
+
+def _stop_strings(stop) -> list[str] | None:
+    """The `stop` parameter: one string, or a JSON list of strings (Triton's parameters are scalars)."""
+    if not stop:
+        return None
+    try:
+        strings = json.loads(stop) if isinstance(stop, str) and stop.startswith("[") else [stop]
+    except (ValueError, RecursionError):
+        strings = None
+    if not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
+        raise IA3Error("parameter `stop` must be a string or a JSON list of non-empty strings")
+    return strings
 
 
 def _number(request, name: str, default, cast):

@@ -29,10 +29,10 @@ import time
 import uuid
 
 from ..errors import IA3Error
+from .models import LOGPROBS, REQUEST_ID
 from .openai_schema import (DEFAULT_MAX_TOKENS, APIError, chat_messages, choice, choice_requests, completion,
                             completion_prompts, error_response, generate_options, logprob_count, logprobs_object,
                             read_json, sse_event, text_field)
-from .streaming import LOGPROBS, REQUEST_ID
 
 
 class OpenAIFront:
@@ -85,7 +85,10 @@ def create_app(server):
     def adapter_for(model) -> str:
         if model in (None, "", base):
             return ""
-        if not isinstance(model, str) or model not in served.pool.names():
+        if not isinstance(model, str):
+            raise APIError(400, f"`model` must be a string (the base model's id or an adapter's name; GET /v1/models "
+                                f"lists them), got {json.dumps(model)[:40]}")
+        if model not in served.pool.names():
             raise APIError(404, f"The model `{model}` does not exist: this server has {base!r} (no adapter) and the "
                                 f"adapters {served.pool.names()}; GET /v1/models lists them", "NotFoundError")
         return model

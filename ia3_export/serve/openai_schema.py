@@ -9,17 +9,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
+import re
 import time
+
+import numpy as np
 
 from ..runtime.generation import MAX_LOGPROBS
 from ..runtime.requests import SEED_MAX
-from .streaming import LOGPROBS, STOP
+from .models import LOGPROBS, STOP, Generate
 
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 INTEGERS = ("max_new_tokens", "seed")
+# the integer range of each integer input's tensor: Triton's JSON reader wraps a value past it
+# (max_new_tokens 2**32 + 5 would arrive as 5), so the front refuses it first
+PORT_RANGES = {port.name: np.iinfo(port.dtype) for port in Generate.inputs if port.name in INTEGERS}
 BODY_TIMEOUT_S = 60  # the most a request's whole body may take to arrive (nginx waits 60 s between two reads)
 LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability (-inf) is written as
 MAX_LOGPROB_ENTRIES = 2**20  # log-probabilities one answer may hold (~100 MB of JSON): n x prompts x tokens x k
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # the escape a lone surrogate needs (a pair starts so too)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
@@ -64,8 +72,8 @@ def generate_options(body: dict) -> dict:
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             kind = "an integer" if integer else "a number"
             raise APIError(400, f"`{field}` must be {kind}, got {json.dumps(value)[:40]}")
-        if integer and not -2**63 <= value < 2**63:
-            raise APIError(400, f"`{field}` is out of range, got {value}")
+        if integer and not PORT_RANGES[name].min <= value <= PORT_RANGES[name].max:  # Triton would wrap it
+            raise APIError(400, f"`{field}` is out of range, got {value} (at most {PORT_RANGES[name].max})")
         out[name] = value
     if "temperature" in out:  # OpenAI's temperature 0 is greedy decoding
         if out["temperature"] == 0:
@@ -199,13 +207,49 @@ async def read_json(request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> d
     except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came); send it "
                             "whole at once") from None
-    try:
-        body = json.loads(b"".join(chunks))
-    except ValueError:
-        raise APIError(400, "the request body is not JSON; send a JSON object") from None
+    body = parse_json(b"".join(chunks))
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
+
+
+def parse_json(raw: bytes):
+    """Strict JSON: what Python's reader lets through but JSON forbids (NaN, Infinity, a lone UTF-16
+    surrogate, which no UTF-8 text can hold) or cannot nest (past ~1,000 levels) is refused here, in the
+    one place every request body passes, instead of failing later as an HTTP 500."""
+    try:
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        if LONE_SURROGATE.search(raw):  # an escape such as \ud800: fine if paired; checked only when one is there
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise APIError(400, "the request body nests deeper than this server reads (~1,000 levels); send a "
+                            "flatter JSON object") from None
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                            "escape); send valid Unicode text") from None
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                            "send JSON in UTF-8") from None
+    except ValueError as e:
+        raise APIError(400, str(e) if isinstance(e, NotJSON) else "the request body is not JSON; send a JSON "
+                                                                   "object") from None
+    return body
+
+
+class NotJSON(ValueError):
+    """A value Python's JSON reader accepts and JSON does not."""
+
+
+def _not_json(constant: str):
+    raise NotJSON(f"the request body holds {constant}, which JSON does not allow; send finite numbers")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one past float's range (1e999) would read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotJSON(f"the request body holds the number {text[:40]}, past a float's range; send a smaller one")
+    return value
 
 
 def text_field(body: dict, name: str) -> str:

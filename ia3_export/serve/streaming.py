@@ -37,14 +37,12 @@ from ..errors import IA3Error
 from ..runtime.engine import Request, Result
 from ..runtime.generation import MAX_LOGPROBS, TextStream
 from ..runtime.requests import register
-from .models import BYTES, Generate, Port, Row, Served
+from .models import BYTES, LOGPROBS, REQUEST_ID, Generate, Port, Row, Served
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES), Port("logprobs", BYTES))
 RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupled path; facts.md)
 STREAM_SHARE = 0.1  # of one core, what the responses of all open streams may cost together (docs/serving.md)
-# request parameters (not tensors): a client's id for cancel, stop strings, alternatives' log-probabilities per token
-REQUEST_ID, STOP, LOGPROBS = "request_id", "stop", "logprobs"
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
 
 
@@ -156,20 +154,11 @@ class Streams:
 
 
 def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
-    """A generate request's prompt, adapter and options (stop strings from the `stop` parameter, a JSON
-    list; `logprobs`: how many alternatives' log-probabilities each response reports per token); returns
-    the client's request id, if it sent one."""
+    """A generate_stream request's prompt, adapter and options (`parser` reads the stop strings), and
+    its `logprobs` parameter: how many alternatives' log-probabilities each response reports per token;
+    returns the client's request id, if it sent one."""
     parser.parse(row, request)
     parameters = getattr(request, "parameters", None) or {}
-    stop = parameters.get(STOP)
-    if stop:
-        try:
-            strings = json.loads(stop) if isinstance(stop, str) and stop.startswith("[") else [stop]
-        except ValueError:
-            strings = None
-        if not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
-            raise IA3Error("parameter `stop` must be a string or a JSON list of non-empty strings")
-        row.options.stop_strings = strings
     logprobs = parameters.get(LOGPROBS)
     if logprobs is not None:
         if type(logprobs) is not int or not 0 <= logprobs <= MAX_LOGPROBS:
@@ -213,7 +202,7 @@ class GenerateStream:
 
     def __init__(self, served, streams: Streams):
         self.served, self.streams = served, streams
-        self.parser = Generate(served)
+        self.parser = Generate(served, streamed=True)
         self.inputs = self.parser.inputs
         self.open = 0  # streams open now (all on this instance's one event loop)
         self.relays: dict = {}  # event loop -> its Relay

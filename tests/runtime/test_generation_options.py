@@ -29,6 +29,7 @@ def gpt2(tmp_path_factory, model_dir):
     (["--top-p", "0"], "--top-p is 0.0; give a finite number in the range 0<x<=1"),
     (["--top-k", "-1"], "--top-k is -1; give a whole number in the range 0<=x<=2147483647"),
     (["--max-new-tokens", "0"], "--max-new-tokens is 0; give a whole number in the range 1<=x<=2147483647"),
+    ([a for i in range(65) for a in ("--stop", f"s{i}")], "65 stop strings, more than the 64 a request may hold"),
 ])
 def test_cli_bad_generation_options_are_one_line_usage_errors(gpt2, args, message):
     assert_one_line_error(run_cli("generate", gpt2[1], "--prompt", "hi", *args), 2, message)
@@ -36,7 +37,8 @@ def test_cli_bad_generation_options_are_one_line_usage_errors(gpt2, args, messag
 
 @pytest.mark.parametrize("options", [
     {"do_sample": True, "temperature": math.nan}, {"temperature": -1.0}, {"top_k": 2.5}, {"top_k": True},
-    {"top_p": 1.5}, {"max_new_tokens": 3.0}, {"seed": "1"}, {"stop_strings": [""]},
+    {"top_p": 1.5}, {"max_new_tokens": 3.0}, {"seed": "1"}, {"stop_strings": [""]}, {"stop_strings": 5},
+    {"stop_strings": ["x"] * 65},
 ])
 def test_api_bad_generation_options_raise_ia3error(gpt2, options):
     from ia3_export.runtime import IA3Session

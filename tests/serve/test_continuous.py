@@ -38,8 +38,10 @@ def wide(start_server):
 
 
 def post_openai(base: str, path: str, body) -> tuple[int, str]:
-    """(HTTP status, the answer's text, or its error's message) of a POST to the OpenAI front."""
-    request = urllib.request.Request(f"{base}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    """(HTTP status, the answer's text, or its error's message) of a POST to the OpenAI front; bytes are
+    sent as they are."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/{path}", data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read().decode()
@@ -143,6 +145,22 @@ def test_non_streaming_generate_joins_the_engine(continuous, reference):
         assert answer.outputs["output_ids"] == ref.generate(request["input_ids"], request["adapter"], request["max_new_tokens"])
 
 
+def test_non_streaming_generate_stops_at_stop_strings_as_generate_stream(continuous, reference):
+    """The `generate` model reads the `stop` parameter as generate_stream does (it once ignored it and ran
+    to max_new_tokens), and refuses `logprobs`, which only generate_stream answers."""
+    ref = reference("llama-bank")
+    tokens = ref.generate([5, 6, 7], A1, 30)
+    stop = ref.decode(tokens)[4:6]
+    cut = ServeClient(continuous.url).generate(input_ids=[5, 6, 7], adapter=A1, max_new_tokens=30, stop=[stop])
+    assert cut.outputs["output_ids"] == streamed(continuous.url, input_ids=[5, 6, 7], adapter=A1, max_new_tokens=30,
+                                                 stop=[stop])[0]
+    shortest = next(n for n in range(1, len(tokens) + 1) if stop in ref.decode(tokens[:n]))
+    assert cut.outputs["output_ids"] == tokens[:shortest] and shortest < len(tokens)
+    with pytest.raises(ServeError, match="parameter `logprobs` is answered by generate_stream only"):
+        ServeClient(continuous.url).infer("generate", {"input_ids": [5, 6], "adapter": A1, "max_new_tokens": 3},
+                                          {"logprobs": 2})
+
+
 def test_openai_client_completions_chat_and_models(continuous, reference):
     import openai
     ref = reference("llama-bank")
@@ -200,9 +218,12 @@ def test_openai_usage_in_streams_one_model_and_parameters_not_implemented(contin
 CARELESS = [  # (endpoint, body, what the 400 says): each once answered 200 or with Triton's own words
     ("completions", {"prompt": "hi", "max_tokens": 1.5}, "`max_tokens` must be an integer, got 1.5"),
     ("completions", {"prompt": "hi", "seed": 2**70, "temperature": 1}, "`seed` is out of range"),
+    ("completions", {"prompt": "hi", "max_tokens": 2**32 + 5}, "`max_tokens` is out of range, got 4294967301"),  # was 5
     ("completions", {"prompt": [5, -1, 6]}, "a list of token ids >= 0"),
     ("completions", {"prompt": "hi", "stop": 5}, "`stop` must be a string or a list of strings"),
     ("completions", {"prompt": "hi", "stream": "yes"}, "`stream` must be true or false"),
+    ("completions", {"prompt": "hi", "model": [A1]}, "`model` must be a string"),
+    ("completions", {"prompt": "hi", "stop": [f"s{i}" for i in range(65)]}, "65 stop strings, more than the 64"),
     ("chat/completions", {"messages": [{"role": "user"}]}, "each message needs a `content`"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "parts must all be text"),
@@ -216,6 +237,27 @@ CARELESS = [  # (endpoint, body, what the 400 says): each once answered 200 or w
 def test_careless_openai_requests_get_a_clear_400(continuous, path, body, message):
     status, answer = post_openai(continuous.openai, path, {"model": A1, **body})
     assert (status, message in answer) == (400, True), answer
+
+
+HOSTILE_JSON = [  # (raw body, what the 400 says): each once got an HTTP 500 with a traceback in the log
+    (b'{"prompt": "hi", "temperature": NaN}', "holds NaN, which JSON does not allow"),
+    (b'{"prompt": "hi", "top_p": Infinity}', "holds Infinity, which JSON does not allow"),
+    (b'{"prompt": "hi", "temperature": 1e999}', "holds the number 1e999, past a float's range"),
+    (b'{"prompt": "hi \\ud800 there"}', "a lone UTF-16 surrogate"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper than this server reads"),
+    (b'{"prompt": "\xff\xfe"}', "is not UTF-8 (byte 0xff at offset 12)"),
+]
+
+
+@pytest.mark.parametrize("body,message", HOSTILE_JSON, ids=["nan", "infinity", "1e999", "surrogate", "nested", "utf8"])
+def test_json_that_python_reads_but_json_forbids_gets_a_400(continuous, body, message):
+    """Every route reads its body through one reader (openai_schema.parse_json): completions, chat and
+    the adapter and tokenizer routes all refuse these, and the server goes on."""
+    root = continuous.openai.removesuffix("/v1")
+    for path in ("v1/completions", "v1/chat/completions", "tokenize", "detokenize", "v1/load_lora_adapter"):
+        status, answer = post_openai(root, path, body)
+        assert (status, message in answer) == (400, True), (path, answer)
+    assert post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", "max_tokens": 2})[0] == 200
 
 
 def test_a_huge_body_is_refused_before_it_is_read(continuous):

@@ -119,6 +119,23 @@ def test_sampled_request_runs_alone_and_repeats_with_its_seed(llama_bank, refere
     assert first.batch_size == second.batch_size == 1
 
 
+def test_stop_strings_cut_each_row_as_alone_in_request_batching(llama_bank, reference):
+    """Request batching runs a row with stop strings alone (a batch shares one set of options): each
+    answer ends at its own stop string, and the rows without one are not cut."""
+    ref = reference("llama-bank")
+    full = ref.generate([5, 6, 7], A1, 20)
+    stop = ref.decode(full)[3:5]
+    requests = [{"input_ids": [5, 6, 7], "adapter": A1, "max_new_tokens": 20, "stop": [stop]},
+                {"input_ids": [5, 6, 7], "adapter": A1, "max_new_tokens": 20},
+                {"input_ids": [8, 9], "adapter": A2, "max_new_tokens": 20}]
+    answers = concurrently([lambda r=r: ServeClient(llama_bank.url).generate(**r) for r in requests])
+    shortest = next(n for n in range(1, len(full) + 1) if stop in ref.decode(full[:n]))
+    assert answers[0].outputs["output_ids"] == full[:shortest] and shortest < len(full)
+    assert answers[0].batch_size == 1
+    assert answers[1].outputs["output_ids"] == full
+    assert answers[2].outputs["output_ids"] == ref.generate([8, 9], A2, 20)
+
+
 def test_merged_export_serves_the_base_only(start_server, reference):
     server = start_server(folder("llama-merged"), "--drain-timeout", "10")
     with ServeClient(server.url) as client:
