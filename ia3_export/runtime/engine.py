@@ -45,13 +45,15 @@ from .generation import (MAX_LOGPROBS, GenerationOptions, RowStop, Sequence, Tok
 class Request:
     """Prompt token ids (or text, encoded with the folder's tokenizer), the adapter (None: the base
     model), the options, a timeout in seconds from submit (past it: finish reason "deadline") and, where
-    asked, how many alternatives' log-probabilities each token reports (`Handle.logprobs`)."""
+    asked, how many alternatives' log-probabilities each new token reports (`Handle.logprobs`) and each
+    prompt token (`Handle.prompt_logprobs`: what scoring a text needs, as lm-eval's loglikelihood)."""
 
     prompt: list[int] | str
     adapter: str | None = None
     options: GenerationOptions = dataclasses.field(default_factory=GenerationOptions)
     timeout: float | None = None
     logprobs: int | None = None  # 0..MAX_LOGPROBS: each token's log-probability and this many alternatives'
+    prompt_logprobs: int | None = None  # 0..MAX_LOGPROBS: the same for each prompt token after the first
 
 
 @dataclasses.dataclass
@@ -80,6 +82,8 @@ class Handle:
     def __init__(self, on_event: Callable | None):
         self.tokens: list[int] = []
         self.logprobs: list = []  # with Request.logprobs: per token, (its log-probability, [(id, log-prob), ...])
+        # with Request.prompt_logprobs, set before the first token: per prompt token, the same (None for the first)
+        self.prompt_logprobs: list | None = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._on_event, self._done, self._result = on_event, threading.Event(), None
         self.cancelled, self.error = False, None
@@ -118,9 +122,10 @@ class Handle:
 class _Row:
     """An admitted (or queued) request: its handle, chooser, stop rule, KV need and cache position."""
 
-    def __init__(self, handle, prompt, adapter, options, max_new, stop, deadline, logprobs=None):
+    def __init__(self, handle, prompt, adapter, options, max_new, stop, deadline, logprobs=None, prompt_logprobs=None):
         self.handle, self.prompt, self.adapter, self.max_new = handle, prompt, adapter, max_new
         self.logprobs = logprobs  # alternatives per token whose log-probabilities the request asked for
+        self.prompt_logprobs = prompt_logprobs  # the same, for its prompt's tokens
         self.choose, self.stop, self.deadline = TokenChooser(options), stop, deadline
         self.need = len(prompt) + max_new  # KV tokens it may hold; the shared layout's buffer length
         self.kv = None  # between its prefill and its join: (the prefill's outputs, past name -> [heads, seen, dim] view)
@@ -202,13 +207,15 @@ class Engine:
         timeout = request.timeout
         if timeout is not None and (not is_real(timeout) or not math.isfinite(timeout) or timeout < 0):
             raise IA3Error(f"timeout must be a number of seconds >= 0 (or None), got {timeout!r}")
-        if request.logprobs is not None and (not is_int(request.logprobs) or not 0 <= request.logprobs <= MAX_LOGPROBS):
-            raise IA3Error(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (or None), got {request.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise IA3Error(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (or None), got {value!r}")
         max_new = new_token_budget(session.folder, len(prompt), options.max_new_tokens, False, session.limits.max_new_tokens)
         decode = session.tokenizer().decode if options.stop_strings else None
         stop = RowStop(eos_ids(session.folder, options), options.stop_strings, decode)
         row = _Row(Handle(on_event), prompt, request.adapter, options, max_new, stop,
-                   None if timeout is None else self.clock() + timeout, request.logprobs)
+                   None if timeout is None else self.clock() + timeout, request.logprobs, request.prompt_logprobs)
         if row.need > self.kv_token_budget:
             raise IA3Error(f"the request needs {row.need} KV tokens (prompt {len(prompt)} + max_new_tokens {max_new}), "
                            f"more than the engine's kv_token_budget of {self.kv_token_budget}; shorten it or raise the budget")
@@ -313,13 +320,17 @@ class Engine:
 
     def _prefill_batch(self, rows: list[_Row]) -> None:
         """One prefill for the rows of one group; where it fails, each row alone, so a bad prompt (a
-        token id past the vocabulary) ends its own request, not those that arrived with it."""
-        if len(rows) > 1:
+        token id past the vocabulary) ends its own request, not those that arrived with it. A row that
+        scores its prompt runs alone: its logits at every position stay one prompt's, never a batch's."""
+        alone = [r for r in rows if r.prompt_logprobs is not None]
+        batch = [r for r in rows if r.prompt_logprobs is None]
+        if len(batch) > 1:
             try:
-                return self._prefill(rows)
+                self._prefill(batch)
+                batch = []
             except Exception:  # noqa: BLE001 - retried row by row just below, where the error is reported
                 pass
-        for row in rows:
+        for row in batch + alone:
             self._guarded([row], self._prefill, [row])
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -328,8 +339,14 @@ class Engine:
         the batch within the step)."""
         concat = self.layout == KV_CONCAT
         seq = Sequence([r.prompt for r in rows], 0, self.session.folder.pad_id(), right_pad=not concat)
-        _, results, bound = prefill(self.session, seq, [r.adapter for r in rows], self.layout)
+        scored = rows[0].prompt_logprobs  # such a row runs alone
+        _, results, bound = prefill(self.session, seq, [r.adapter for r in rows], self.layout,
+                                    every_logit=scored is not None)
         self.stats["prefill_runs"] += 1
+        if scored is not None:  # position p's logits give token p + 1's log-probability
+            every, prompt = results["logits"].numpy()[0], rows[0].prompt
+            rows[0].handle.prompt_logprobs = [None] + [token_logprobs(every[p], t, scored)
+                                                       for p, t in enumerate(prompt[1:])]
         logits = seq.last(results["logits"].numpy())
         self._logits = logits.shape[1:], logits.dtype  # a decode step's logits: [rows, 1, vocab] of this type
         arrays = {past: results[name].numpy() for name, past in self.cache.items()}

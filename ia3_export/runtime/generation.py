@@ -413,13 +413,15 @@ def decoder_logits(session, prompts, adapters, steps):
         chosen = yield results["logits"].numpy()[:, -1, :]
 
 
-def prefill(session, seq: Sequence, adapters, layout: str):
+def prefill(session, seq: Sequence, adapters, layout: str, every_logit: bool = False):
     """The prompt's run on a cached layout: (its StepRun with the adapter bound, its results, the bound
     outputs). The concat layout's present.* come back as new OrtValues; the shared layout's KV
-    buffers, of the run's full length, are bound as past and present."""
+    buffers, of the run's full length, are bound as past and present. `every_logit`: logits for every
+    prompt position (to score the prompt), not only the last ones a fused graph keeps by default."""
     folder, graph = session.folder, session.graphs["model"]
     cache = cache_names(graph)
-    keep_logits = LOGITS_TO_KEEP in graph.initializer_inputs  # a fused graph's; a step's 1 column is kept by any k
+    # a fused graph's `logits_to_keep`; a step's 1 column is kept by any k
+    keep_logits = LOGITS_TO_KEEP in graph.initializer_inputs and not every_logit
     feeds = seq.prompt("position_ids" in graph.inputs, keep_logits)
     if layout == KV_SHARED:
         kv = {name: graph.to_device(a) for name, a in

@@ -29,9 +29,9 @@ from ..tasks import EXPORT_TASKS, task_named
 from .adapters import AdapterPool
 
 BYTES = np.bytes_
-# generate's request parameters (not tensors): stop strings; alternatives' log-probabilities per token
-# (generate_stream only); a client's id to cancel its request by
-STOP, LOGPROBS, REQUEST_ID = "stop", "logprobs", "request_id"
+# generate's request parameters (not tensors): stop strings; alternatives' log-probabilities per new token
+# and per prompt token (generate_stream only); a client's id to cancel its request by
+STOP, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID = "stop", "logprobs", "prompt_logprobs", "request_id"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,7 @@ class Row:
     adapter: str | None = None
     options: GenerationOptions | None = None
     logprobs: int | None = None  # generate_stream: alternatives per token to report the log-probabilities of
+    prompt_logprobs: int | None = None  # generate_stream: the same per prompt token
     error: str = ""
     answer: object = None
     batch_size: int = 0
@@ -219,9 +220,10 @@ class Generate(ServedModel):
 
     def parse(self, row: Row, request) -> None:
         parameters = getattr(request, "parameters", None) or {}
-        if LOGPROBS in parameters and not self.streamed:  # never ignored: the client would not get what it asked
-            raise IA3Error("parameter `logprobs` is answered by generate_stream only (this model has no logprobs "
-                           "output); send the request there, or to the OpenAI API's /v1/completions")
+        for name in (LOGPROBS, PROMPT_LOGPROBS):
+            if name in parameters and not self.streamed:  # never ignored: the client would not get what it asked
+                raise IA3Error(f"parameter `{name}` is answered by generate_stream only (this model has no {name} "
+                               "output); send the request there, or to the OpenAI API's /v1/completions")
         seed = _number(request, "seed", -1, int)
         row.options = GenerationOptions(
             max_new_tokens=_number(request, "max_new_tokens", None, int), do_sample=_number(request, "do_sample", False, bool),

@@ -29,8 +29,8 @@ import time
 import uuid
 
 from ..errors import IA3Error
-from .models import LOGPROBS, REQUEST_ID
-from .openai_schema import (DEFAULT_MAX_TOKENS, APIError, chat_messages, choice, choice_requests, completion,
+from .models import LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID
+from .openai_schema import (DEFAULT_MAX_TOKENS, ECHO_ONLY, APIError, chat_messages, choice, choice_requests, completion,
                             completion_prompts, error_response, generate_options, logprob_count, logprobs_object,
                             read_json, sse_event, text_field)
 
@@ -188,9 +188,12 @@ def create_app(server):
             raise APIError(400, "this server batches whole requests (--batching request, or an export the engine "
                                 "does not run); the OpenAI-compatible API needs --batching continuous")
         body = await read_json(request, body_limit)
-        options = {**generate_options(body), "adapter": adapter_for(body.get("model"))}
+        options = {**generate_options(body, chat), "adapter": adapter_for(body.get("model"))}
+        echo, echo_only = body.get("echo") is True, options.pop(ECHO_ONLY, False)
         if (alternatives := logprob_count(body, chat)) is not None:
             options[LOGPROBS] = alternatives
+            if echo:
+                options[PROMPT_LOGPROBS] = alternatives
         if chat:
             prompts = [{"input_ids": await tokens_of(body)}]
             if "max_new_tokens" not in options and served.max_tokens:  # OpenAI's chat: up to the context's end
@@ -198,7 +201,8 @@ def create_app(server):
         else:
             prompts = completion_prompts(body)
         options.setdefault("max_new_tokens", DEFAULT_MAX_TOKENS)
-        requests = choice_requests(body, prompts, options, server.config.max_queue)
+        echoed = max(len(p.get("input_ids", ())) or served.max_tokens or 0 for p in prompts) if echo else 0
+        requests = choice_requests(body, prompts, options, server.config.max_queue, echoed)
         n = len(requests) // len(prompts)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.get("model") or base
@@ -210,22 +214,35 @@ def create_app(server):
             return StreamingResponse(_sse(chunks, len(requests), request_id, model, chat, usage),
                                      media_type="text/event-stream")
         texts, reasons, counts = [[] for _ in requests], [None] * len(requests), [0, 0]
-        entries = [[] for _ in requests]
-        async for i, piece, tokens, finish, prompt_len, logprobs in chunks:
+        entries, scored = [[] for _ in requests], [[] for _ in requests]
+        async for i, piece, tokens, finish, prompt_len, logprobs, prompt_logprobs in chunks:
             texts[i].append(piece)
             entries[i] += logprobs or []
+            scored[i] += prompt_logprobs or []
             reasons[i] = finish or reasons[i]
             counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
+        if echo:  # the prompt's text (and its tokens' log-probabilities) before the answer; `max_tokens: 0`: alone
+            prompt_texts = await run_in_threadpool(echoed_texts, prompts)
+            for i in range(len(requests)):
+                answer, answer_entries = ([], []) if echo_only else (texts[i], entries[i])
+                texts[i], entries[i] = [prompt_texts[i // n], *answer], scored[i] + answer_entries
+            if echo_only:
+                reasons, counts[1] = ["length"] * len(requests), 0
         text_of = await token_texts([e for choice_entries in entries for e in choice_entries])
         choices = [choice(chat, True, i, "".join(t), r, logprobs=logprobs_object(chat, e, text_of))
                    for i, (t, r, e) in enumerate(zip(texts, reasons, entries))]
         return JSONResponse(completion(request_id, model, chat, choices, final=True, usage=tuple(counts)))
 
+    def echoed_texts(prompts: list[dict]) -> list[str]:
+        """Each prompt as `echo` returns it: its text as sent, or its token ids decoded ("" without a tokenizer)."""
+        tokenizer = served.tokenizer
+        return [p["text"] if "text" in p else tokenizer.decode(p["input_ids"]) if tokenizer else "" for p in prompts]
+
     async def token_texts(entries: list) -> dict:
         """Token id -> its own text, for every token and alternative in (id, log-probability, alternatives)
         entries: one call to the tokenizer's child, off the event loop (`token_id:N` without a tokenizer,
         as vLLM writes it)."""
-        ids = sorted({i for i, _, _ in entries} | {j for _, _, top in entries for j, _ in top})
+        ids = sorted({i for i, _, _ in entries} | {j for _, _, top in entries for j, _ in top or ()})
         if not ids:
             return {}
         if served.tokenizer is None:
@@ -234,8 +251,9 @@ def create_app(server):
 
     async def _upstream(body: dict, counts_prompt: bool = True):
         """(text, new tokens, finish reason, prompt tokens: on the last response only, 0 unless `counts_prompt`,
-        and where asked the new tokens' (id, log-probability, [(id, log-probability), ...])) per Triton
-        response; an error body raises APIError. Leaving early cancels the request in the engine."""
+        and where asked the new tokens' (id, log-probability, [(id, log-probability), ...]) and the prompt's,
+        on the first response) per Triton response; an error body raises APIError. Leaving early cancels the
+        request in the engine."""
         try:
             async with _reaching_triton(), client.stream("POST", upstream, json=body) as response:
                 if response.status_code != 200:
@@ -251,8 +269,9 @@ def create_app(server):
                     ids = ids if isinstance(ids, list) else [ids]  # one token arrives as a number
                     logprobs = event.get("logprobs")
                     logprobs = [(i, lp, top) for i, (lp, top) in zip(ids, json.loads(logprobs))] if logprobs else None
+                    scored = [tuple(entry) for entry in json.loads(event.get("prompt_logprobs") or "[]")]
                     yield (event.get("text", ""), len(ids), event.get("finish_reason") or None,
-                           counts_prompt and event.get("prompt_tokens") or 0, logprobs)
+                           counts_prompt and event.get("prompt_tokens") or 0, logprobs, scored)
         finally:
             streams.cancel(body[REQUEST_ID])  # a no-op once it ended; stops the engine's row when the client left
 
@@ -269,7 +288,7 @@ def create_app(server):
         try:
             if chat:
                 yield chunk(*(choice(chat, False, i, "", None, role=True) for i in range(count)))
-            async for i, piece, tokens, finish, prompt_len, entries in chunks:
+            async for i, piece, tokens, finish, prompt_len, entries, _ in chunks:  # no echo when streamed
                 counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
                 if piece or finish or entries:
                     text_of = await token_texts(entries) if entries else {}  # no tokenizer work without logprobs

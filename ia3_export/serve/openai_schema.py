@@ -28,11 +28,11 @@ BODY_TIMEOUT_S = 60  # the most a request's whole body may take to arrive (nginx
 LOWEST_LOGPROB = -9999.0  # what an impossible token's log-probability (-inf) is written as
 MAX_LOGPROB_ENTRIES = 2**20  # log-probabilities one answer may hold (~100 MB of JSON): n x prompts x tokens x k
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # the escape a lone surrogate needs (a pair starts so too)
+ECHO_ONLY = "echo_only"  # not a Triton parameter: `max_tokens: 0` with `echo`, the answer is the prompt alone
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
-NOT_IMPLEMENTED = {"echo": (None, False),
-                   "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+NOT_IMPLEMENTED = {"best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
                    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                    "functions": (None, []), "tool_choice": (None, "none", "auto"),
                    "function_call": (None, "none", "auto"),
@@ -48,15 +48,20 @@ class APIError(Exception):
         self.status, self.kind = status, kind
 
 
-def generate_options(body: dict) -> dict:
+def generate_options(body: dict, chat: bool) -> dict:
     """Triton's generate parameters from OpenAI's; a parameter not implemented or of the wrong type is
     refused by name."""
-    for field, off in NOT_IMPLEMENTED.items():
+    for field, off in {**NOT_IMPLEMENTED, **({"echo": (None, False)} if chat else {})}.items():
         if body.get(field) not in off:
             raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
                                 f"top_p and seed, and stops at stop strings, EOS or max_tokens); leave it out")
-    if not isinstance(body.get("stream", False), bool):
-        raise APIError(400, "`stream` must be true or false")
+    for flag in ("stream", "echo"):
+        if not isinstance(body.get(flag, False), bool):
+            raise APIError(400, f"`{flag}` must be true or false")
+    if body.get("echo") and body.get("stream"):
+        raise APIError(400, "`echo` with `\"stream\": true` is not implemented by this server; ask for the "
+                            "whole answer (echo is how scoring tools such as lm-eval read a prompt's "
+                            "log-probabilities)")
     options = body.get("stream_options")
     if options is not None and (not body.get("stream") or not isinstance(options, dict)):
         raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "
@@ -68,6 +73,8 @@ def generate_options(body: dict) -> dict:
         value = body.get(field)
         if value is None:
             continue
+        if field == "max_tokens" and type(value) is int and value == 0 and body.get("echo") is True:
+            value = out[ECHO_ONLY] = 1  # the prompt alone, scored (vLLM's): one token generated, then dropped
         integer = name in INTEGERS
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             kind = "an integer" if integer else "a number"
@@ -118,8 +125,8 @@ def logprobs_object(chat: bool, entries: list, text_of: dict, offset: int = 0) -
     if not entries:
         return None
 
-    def finite(logprob: float) -> float:
-        return logprob if logprob > LOWEST_LOGPROB else LOWEST_LOGPROB
+    def finite(logprob: float | None) -> float | None:  # None: an echoed prompt's first token, which nothing predicts
+        return logprob if logprob is None or logprob > LOWEST_LOGPROB else LOWEST_LOGPROB
 
     if chat:
         def token(i, logprob):
@@ -127,7 +134,7 @@ def logprobs_object(chat: bool, entries: list, text_of: dict, offset: int = 0) -
         return {"content": [{**token(i, lp), "top_logprobs": [token(j, l) for j, l in top]} for i, lp, top in entries]}
     offsets = itertools.accumulate((len(text_of[i]) for i, _, _ in entries[:-1]), initial=offset)
     return {"tokens": [text_of[i] for i, _, _ in entries], "token_logprobs": [finite(lp) for _, lp, _ in entries],
-            "top_logprobs": [{text_of[j]: finite(l) for j, l in top} for _, _, top in entries],
+            "top_logprobs": [None if top is None else {text_of[j]: finite(l) for j, l in top} for _, _, top in entries],
             "text_offset": list(offsets)}
 
 
@@ -160,10 +167,11 @@ def completion_prompts(body: dict) -> list[dict]:
     return [one_prompt(p) for p in (prompt if many else [prompt])]
 
 
-def choice_requests(body: dict, prompts: list[dict], options: dict, limit: int) -> list[dict]:
+def choice_requests(body: dict, prompts: list[dict], options: dict, limit: int, echoed: int = 0) -> list[dict]:
     """One engine request per choice, in OpenAI's order (prompt by prompt, `n` choices each). Choice j of
     a seeded request is seeded `seed + j`, as vLLM seeds a request's n children: each equals that request
-    alone. At most `limit` (--max-queue) in all, and at most MAX_LOGPROB_ENTRIES log-probabilities."""
+    alone. At most `limit` (--max-queue) in all, and at most MAX_LOGPROB_ENTRIES log-probabilities
+    (`echoed`: the most prompt tokens a choice's echo adds to them)."""
     n = 1 if body.get("n") is None else body["n"]
     if type(n) is not int or n < 1:
         raise APIError(400, f"`n` must be an integer >= 1, got {json.dumps(n)[:40]}")
@@ -171,7 +179,7 @@ def choice_requests(body: dict, prompts: list[dict], options: dict, limit: int) 
         what = f"`prompt` holds {len(prompts)} prompts" if n == 1 else \
             f"{len(prompts)} prompt(s) x `n` {n} = {len(prompts) * n} choices"
         raise APIError(400, f"{what}, more than the {limit} the engine queues (--max-queue); send fewer per request")
-    alternatives, most = options.get(LOGPROBS), options.get("max_new_tokens", 1)
+    alternatives, most = options.get(LOGPROBS), options.get("max_new_tokens", 1) + echoed
     if alternatives is not None and len(prompts) * n * most * (alternatives + 1) > MAX_LOGPROB_ENTRIES:
         raise APIError(400, f"{len(prompts) * n} choice(s) of up to {most} tokens with {alternatives} alternatives "
                             f"each would answer {len(prompts) * n * most * (alternatives + 1)} log-probabilities, "

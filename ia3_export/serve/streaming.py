@@ -37,10 +37,11 @@ from ..errors import IA3Error
 from ..runtime.engine import Request, Result
 from ..runtime.generation import MAX_LOGPROBS, TextStream
 from ..runtime.requests import register
-from .models import BYTES, LOGPROBS, REQUEST_ID, Generate, Port, Row, Served
+from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port, Row, Served
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
-                  Port("prompt_tokens", np.int64), Port("error", BYTES), Port("logprobs", BYTES))
+                  Port("prompt_tokens", np.int64), Port("error", BYTES), Port("logprobs", BYTES),
+                  Port("prompt_logprobs", BYTES))
 RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupled path; facts.md)
 STREAM_SHARE = 0.1  # of one core, what the responses of all open streams may cost together (docs/serving.md)
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
@@ -130,7 +131,8 @@ class Streams:
             if on_event is not None:
                 on_event(e)
 
-        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s, row.logprobs), event)
+        handle = self.engine.submit(Request(row.ids, row.adapter, row.options, self.timeout_s, row.logprobs,
+                                            row.prompt_logprobs), event)
         with self._lock:
             self._running.update((key, handle) for key in ids if key)
         return handle
@@ -155,15 +157,15 @@ class Streams:
 
 def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
     """A generate_stream request's prompt, adapter and options (`parser` reads the stop strings), and
-    its `logprobs` parameter: how many alternatives' log-probabilities each response reports per token;
-    returns the client's request id, if it sent one."""
+    its `logprobs` and `prompt_logprobs` parameters: how many alternatives' log-probabilities the
+    responses report per new token, and per prompt token; returns the client's request id, if it sent one."""
     parser.parse(row, request)
     parameters = getattr(request, "parameters", None) or {}
-    logprobs = parameters.get(LOGPROBS)
-    if logprobs is not None:
-        if type(logprobs) is not int or not 0 <= logprobs <= MAX_LOGPROBS:
-            raise IA3Error(f"parameter `logprobs` must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
-        row.logprobs = logprobs
+    for name in (LOGPROBS, PROMPT_LOGPROBS):
+        count = parameters.get(name)
+        if count is not None and (type(count) is not int or not 0 <= count <= MAX_LOGPROBS):
+            raise IA3Error(f"parameter `{name}` must be an integer from 0 to {MAX_LOGPROBS}, got {count!r}")
+        setattr(row, name, count)
     request_id = parameters.get(REQUEST_ID)
     return str(request_id) if request_id else None
 
@@ -242,14 +244,15 @@ class GenerateStream:
                 # one decode per response, not per token: decode is a call to the tokenizer's child process
                 piece = "" if text is None else text.finish(*tokens) if result else text.push(*tokens)
                 logprobs = handle.logprobs[sent:sent + len(tokens)] if row.logprobs is not None else None
+                scored = _scored(row.ids, handle.prompt_logprobs) if not sent else None  # with the first response
                 sent += len(tokens)
                 if result is None:
-                    yield [_response(piece, tokens, logprobs=logprobs)]
+                    yield [_response(piece, tokens, logprobs=logprobs, prompt_logprobs=scored)]
                     with contextlib.suppress(asyncio.TimeoutError):  # tokens gather meanwhile; the end cuts it short
                         await asyncio.wait_for(inbox.wake.wait(), self.pause_s())
                     continue
                 error = _failure(result) if result.finish_reason in ("error", "deadline") else ""
-                yield [_response(piece, tokens, result.finish_reason, len(row.ids), error, logprobs)]
+                yield [_response(piece, tokens, result.finish_reason, len(row.ids), error, logprobs, scored)]
                 return
         except IA3Error as e:  # refused by the engine (busy, too long for its KV budget, ...)
             yield [_response(error=_one_line(e))]
@@ -332,17 +335,26 @@ def _failure(result: Result) -> str:
 
 
 def _response(text: str = "", tokens=(), finish_reason: str = "", prompt_tokens: int = 0, error: str = "",
-              logprobs: list | None = None) -> dict:
+              logprobs: list | None = None, prompt_logprobs: list | None = None) -> dict:
     """One streamed response (no batch dimension: the model does not batch). `output_ids` is left out
     when a response carries no token (pytriton cannot send an empty array); `logprobs`, where asked, is
-    JSON: per token of `output_ids`, [its log-probability, [[id, log-probability], ...]]."""
+    JSON: per token of `output_ids`, [its log-probability, [[id, log-probability], ...]]; `prompt_logprobs`
+    (the first response) per prompt token, [its id, its log-probability, [[id, log-probability], ...]]
+    (null and null for the first token, which nothing predicts)."""
     response = {"text": _one(text), "finish_reason": _one(finish_reason), "error": _one(error),
                 "prompt_tokens": np.array([prompt_tokens], np.int64)}
     if len(tokens):
         response["output_ids"] = np.array(tokens, np.int64)
         if logprobs is not None:
             response["logprobs"] = _one(json.dumps(logprobs))
+    if prompt_logprobs is not None:
+        response["prompt_logprobs"] = _one(json.dumps(prompt_logprobs))
     return response
+
+
+def _scored(prompt: list[int], entries: list | None) -> list | None:
+    """The prompt's [id, log-probability, alternatives] entries (None and None for its first token)."""
+    return None if entries is None else [[t, *(entry or (None, None))] for t, entry in zip(prompt, entries)]
 
 
 def _one(text: str) -> np.ndarray:

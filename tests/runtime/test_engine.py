@@ -197,6 +197,45 @@ def test_logprobs_are_the_models_own_whatever_shares_the_batch(llama):
         Engine(s).submit(Request([5], None, options(2), logprobs=21))
 
 
+@pytest.mark.parametrize("layout", ["concat", "shared"])
+def test_prompt_logprobs_score_the_prompt_as_the_model_does(llama, fused_llama, fused_exports, layout):
+    """Request.prompt_logprobs (what lm-eval's loglikelihood asks of a server through `echo`): each prompt
+    token after the first gets its log-probability given the tokens before it, and its k most likely
+    alternatives, equal to PEFT's model in float64; on the traced graph and on the fused one (whose LM head
+    keeps only the last position unless asked), prefilled with other rows arriving at the same step
+    (a scoring row runs its prefill alone); the new tokens stay those of the request alone."""
+    import numpy as np
+    import torch
+
+    from ia3_export.runtime import Engine, IA3Session, Request
+
+    if layout == "concat":
+        s, name = open_session(llama["bank"], llama["a1"], llama["a2"]), "adapter1"
+        base, adapter = llama["base"], llama["a1"]
+    else:
+        s = IA3Session(fused_exports("bank"))
+        (name,) = s.load_shipped_adapters()
+        base, adapter, _ = fused_llama
+    prompt = [5, 6, 7, 8, 9, 30, 31]
+    requests = [Request(prompt, name, options(4), prompt_logprobs=3), Request([11, 12], None, options(5)),
+                Request(prompt[:3], name, options(3), prompt_logprobs=0, logprobs=1)]
+    handles, _ = drive(Engine(s, max_batch=4), {0: requests})
+    assert handles[1].prompt_logprobs is None
+    model = peft_model(base, adapter).double()
+    for request, handle in zip(requests[::2], handles[::2]):
+        assert handle.result(0).tokens == alone(s, request)
+        with torch.no_grad():
+            want = torch.log_softmax(model(input_ids=torch.tensor([request.prompt])).logits[0], -1).numpy()
+        got = handle.prompt_logprobs
+        assert len(got) == len(request.prompt) and got[0] is None
+        for p, (logprob, top) in enumerate(got[1:], 1):  # position p - 1 predicts token p
+            best = np.argsort(-want[p - 1], kind="stable")[:request.prompt_logprobs]
+            assert abs(logprob - want[p - 1, request.prompt[p]]) < 1e-4 and [i for i, _ in top] == best.tolist()
+            assert np.allclose([lp for _, lp in top], want[p - 1, best], atol=1e-4)
+    with pytest.raises(IA3Error, match="prompt_logprobs must be an integer from 0 to 20"):
+        Engine(s).submit(Request([5], None, options(2), prompt_logprobs=-1))
+
+
 def test_a_full_queue_says_busy_and_a_request_that_never_fits_the_kv_budget_is_refused(llama):
     from ia3_export.runtime import Engine
 

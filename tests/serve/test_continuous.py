@@ -203,7 +203,7 @@ def test_openai_usage_in_streams_one_model_and_parameters_not_implemented(contin
     assert client.models.retrieve(A1).parent == "llama-bank" and client.models.retrieve("llama-bank").parent is None
     with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
         client.models.retrieve("nope")
-    for refused in ({"presence_penalty": 0.5}, {"logit_bias": {"5": 1}}, {"echo": True}, {"best_of": 3},
+    for refused in ({"presence_penalty": 0.5}, {"logit_bias": {"5": 1}}, {"best_of": 3},
                     {"extra_body": {"top_k": 5}}, {"extra_body": {"repetition_penalty": 1.2}}):
         field = next(iter(refused.get("extra_body", refused)))
         with pytest.raises(openai.BadRequestError, match=f"`{field}` is not implemented by this server"):
@@ -513,6 +513,58 @@ def logprobs_alone(ref, ids: list[int], adapter, tokens: list[int]):
     logits = ref.session.run(feeds, "model", [adapter], ["logits"])["logits"][0].astype(np.float64)
     logits -= logits.max(-1, keepdims=True)
     return (logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[len(ids) - 1:-1]
+
+
+def test_openai_echo_scores_the_prompt_as_lm_eval_asks(continuous, reference):
+    """lm-eval's loglikelihood through `local-completions`: token-id prompts in one request, `echo: true`,
+    `logprobs: 1`, `max_tokens: 1`, greedy. Each choice's text is the prompt's then the answer's; its
+    token_logprobs are null for the first prompt token, then every prompt and answer token's, equal to one
+    uncached float64 forward; `max_tokens: 0` gives the prompt alone (vLLM's scoring call)."""
+    import numpy as np
+    import openai
+    ref = reference("llama-bank")
+    client = openai.OpenAI(base_url=continuous.openai, api_key="unused")
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42]]
+    done = client.completions.create(model=A1, prompt=prompts, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    for prompt, got in zip(prompts, done.choices):
+        answer = ref.generate(prompt, A1, 1)
+        want = logprobs_alone(ref, prompt[:1], A1, prompt[1:] + answer)  # row k predicts token k + 1
+        assert got.text == ref.decode(prompt) + ref.decode(answer)
+        scores = got.logprobs.token_logprobs
+        assert len(scores) == len(prompt) + 1 and scores[0] is None and got.logprobs.top_logprobs[0] is None
+        assert np.allclose(scores[1:], [want[k, t] for k, t in enumerate(prompt[1:] + answer)], atol=1e-4)
+        for k, top in enumerate(got.logprobs.top_logprobs[1:]):  # lm-eval's is_greedy reads these
+            best = int(np.argmax(want[k]))
+            assert list(top) == ref.session.tokenizer().pieces([best])
+            assert np.isclose(list(top.values())[0], want[k, best], atol=1e-4)
+    assert done.usage.prompt_tokens == sum(map(len, prompts)) and done.usage.completion_tokens == 2
+    alone = client.completions.create(model=A1, prompt="the cat", max_tokens=0, logprobs=0, echo=True)
+    ids = ref.session.tokenizer().encode("the cat")
+    want = logprobs_alone(ref, ids[:1], A1, ids[1:])
+    assert alone.choices[0].text == "the cat" and alone.usage.completion_tokens == 0
+    scores = alone.choices[0].logprobs.token_logprobs
+    assert np.allclose(scores[1:], [want[k, t] for k, t in enumerate(ids[1:])], atol=1e-4)
+    assert alone.choices[0].logprobs.top_logprobs[1:] == [{}] * (len(ids) - 1)
+    plain = client.completions.create(model=A1, prompt="the cat", max_tokens=3, echo=True)
+    assert plain.choices[0].text == "the cat" + ref.decode(ref.generate(ids, A1, 3))
+    assert plain.choices[0].logprobs is None
+    for body, message in [({"echo": True, "stream": True}, "`echo` with `\"stream\": true` is not implemented"),
+                          ({"echo": "yes"}, "`echo` must be true or false")]:
+        status, answer = post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", **body})
+        assert status == 400 and message in answer, answer
+    status, answer = post_openai(continuous.openai, "chat/completions",
+                                 {"model": A1, "messages": [{"role": "user", "content": "hi"}], "echo": True})
+    assert status == 400 and "`echo` is not implemented" in answer
+    # underneath: generate_stream's `prompt_logprobs` parameter, answered on the first response
+    first = next(ServeClient(continuous.url).stream(input_ids=[5, 6, 7], adapter=A1, max_new_tokens=2,
+                                                    prompt_logprobs=2))
+    scored, want = json.loads(first["prompt_logprobs"]), logprobs_alone(ref, [5], A1, [6, 7])
+    assert [e[0] for e in scored] == [5, 6, 7] and scored[0][1:] == [None, None]
+    assert np.allclose([e[1] for e in scored[1:]], [want[0, 6], want[1, 7]], atol=1e-4)
+    assert [[i for i, _ in e[2]] for e in scored[1:]] == [np.argsort(-w, kind="stable")[:2].tolist() for w in want]
+    with pytest.raises(ServeError, match="parameter `prompt_logprobs` is answered by generate_stream only"):
+        ServeClient(continuous.url).infer("generate", {"input_ids": [5, 6], "adapter": A1, "max_new_tokens": 3},
+                                          {"prompt_logprobs": 2})
 
 
 def test_openai_logprobs_are_the_models_own(continuous, reference):
