@@ -39,6 +39,9 @@ API_KEY_VARIABLE = "IA3_API_KEY"
               help="Seconds a request may run (continuous) before it ends with an error.")
 @click.option("--openai-port", default=None, type=IntRange(1, 65_535),
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) here.")
+@click.option("--max-adapters", default=256, show_default=True, type=IntRange(1, 1_000_000),
+              help="Most adapters loaded at once (shipped, --adapter and added while serving); past it an add "
+                   "is refused until one is unloaded.")
 @click.option("--served-model-name", default=None, help="The base model's id in /v1/models (default: the folder's name).")
 @click.option("--api-key", envvar=API_KEY_VARIABLE, show_envvar=True, default=None,
               help="Clients must send this key: `Authorization: Bearer KEY` to the OpenAI API, header "
@@ -46,7 +49,7 @@ API_KEY_VARIABLE = "IA3_API_KEY"
                    "Prefer the environment variable: a command line is visible to every local user.")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
             instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout, batching, max_queue,
-            request_timeout, openai_port, served_model_name, api_key):
+            request_timeout, openai_port, max_adapters, served_model_name, api_key):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
     import os
 
@@ -60,7 +63,7 @@ def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
                          tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
-                         api_key)
+                         api_key, max_adapters)
     server = Server(config)
 
     def ready(s):

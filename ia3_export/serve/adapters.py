@@ -15,10 +15,14 @@ import threading
 from ..errors import IA3Error
 from ..runtime.adapters import check_name, resolve
 
+MAX_ADAPTERS = 256  # a server's default bound: every added name holds its vectors in memory (~1.7 MB on a 7B Llama)
+
 
 class AdapterPool:
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, session, limit: int = MAX_ADAPTERS):
+        """`limit`: the most adapters loaded at once; an add past it is refused (names are the client's to
+        choose, so one folder loaded under ever new names would otherwise fill the memory)."""
+        self.session, self.limit = session, limit
         self._lock = threading.Lock()
         self._in_use: collections.Counter = collections.Counter()
         self._leaving: set[str] = set()
@@ -43,6 +47,10 @@ class AdapterPool:
             return self.session.add_adapter(adapter)
 
     def _refuse_taken(self, name: str) -> None:
+        if len(self.session.adapters) >= self.limit:
+            raise IA3Error(f"{len(self.session.adapters)} adapters are loaded, the most this server holds "
+                           f"(--max-adapters {self.limit}); unload one first, or start the server with a larger "
+                           "--max-adapters")
         if name in self._leaving:
             raise IA3Error(f"adapter {name!r} is being removed ({self._in_use[name]} requests still use it); "
                            "add it again once it is gone")

@@ -26,7 +26,7 @@ from ..formats.jsonfile import dumps
 from ..runtime import GenerationOptions, IA3Session, generate_ids
 from ..runtime.requests import register
 from ..tasks import EXPORT_TASKS, task_named
-from .adapters import AdapterPool
+from .adapters import MAX_ADAPTERS, AdapterPool
 
 BYTES = np.bytes_
 # generate's request parameters (not tensors): stop strings; alternatives' log-probabilities per new token
@@ -97,8 +97,8 @@ class Row:
 class Served:
     """What every served model shares: the session, its adapter pool, tokenizer, limits and stats."""
 
-    def __init__(self, session, max_tokens: int | None = None):
-        self.session, self.pool = session, AdapterPool(session)
+    def __init__(self, session, max_tokens: int | None = None, max_adapters: int = MAX_ADAPTERS):
+        self.session, self.pool = session, AdapterPool(session, max_adapters)
         self.stats = Stats()
         self.streams = None  # the engine's requests (serve.streaming.Streams) under continuous batching
         self.config = session.folder.config

@@ -29,6 +29,7 @@ from ..ort import session_options, telemetry_off
 from ..runtime import IA3Session
 from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from . import stub
+from .adapters import MAX_ADAPTERS
 from .client import access_headers
 from .models import Adapters, Served, model_for
 
@@ -61,12 +62,14 @@ class ServeConfig:
     served_model_name: str | None = None  # the base model's id in /v1/models; default: the folder's name
     # every client but a health probe must send it (see `access_headers`); None: anyone. Never in a repr or log.
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    max_adapters: int = MAX_ADAPTERS  # loaded at once, shipped and --adapter ones included; past it an add is refused
 
     def __post_init__(self):
         for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--drain-timeout", self.drain_timeout_s, 1), ("--max-queue", self.max_queue, 1),
-                                   ("--request-timeout", self.request_timeout_s, 1)):
+                                   ("--request-timeout", self.request_timeout_s, 1),
+                                   ("--max-adapters", self.max_adapters, 1)):
             if value < low:
                 raise IA3Error(f"{option} must be at least {low}, got {value}")
         if self.api_key is not None and not API_KEY.fullmatch(self.api_key):
@@ -92,10 +95,13 @@ class Server:
         self.session = IA3Session(config.onnx_dir, provider=config.provider, session_options=session_options(spin=False),
                                   limits=Limits(max_text_bytes=config.max_text_bytes,
                                                 tokenizer_timeout_s=config.tokenizer_timeout_s))
-        self.served = Served(self.session, config.max_tokens)
+        self.served = Served(self.session, config.max_tokens, config.max_adapters)
         self.session.load_shipped_adapters()
         for source in config.adapters:
             self._load_at_start(source)
+        if len(self.session.adapters) > config.max_adapters:
+            raise IA3Error(f"the folder's adapters and --adapter make {len(self.session.adapters)}, more than "
+                           f"--max-adapters {config.max_adapters}; raise --max-adapters or load fewer")
         self.model = model_for(self.session)
         self.streams = self.served.streams = self._engine() if config.batching == "continuous" else None
         self.triton = self.front = self.disconnects = None

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -387,6 +390,28 @@ def test_tokenize_and_detokenize_as_vllm(continuous, reference):
         400, "`tokens` must be a list of token ids from 0 to 319")
     assert post_openai(root, "tokenize", {"prompt": 5}) == (400, "`prompt` must be a non-empty string")
     assert post_openai(root, "tokenize", {"model": "nope", "prompt": "a"})[0] == 404
+
+
+def test_loaded_adapters_are_bounded_by_max_adapters(start_server):
+    """Names are the client's to choose, so one adapter folder loaded under ever new names filled the memory
+    (3,000 names were taken; on a 7B Llama each holds ~1.7 MB): --max-adapters bounds the adapters loaded at
+    once, through the OpenAI route and Triton's `adapters` model alike, an unload frees a place, and a
+    start-up past it is refused."""
+    port = free_ports(1)[0]
+    server = start_server(folder("llama-bank"), "--openai-port", str(port), "--max-adapters", "3")
+    api, source = f"http://127.0.0.1:{port}/v1", folder("llama-a3")
+    assert post_openai(api, "load_lora_adapter", {"lora_name": "n3", "lora_path": source})[0] == 200  # 2 shipped + 1
+    status, message = post_openai(api, "load_lora_adapter", {"lora_name": "n4", "lora_path": source})
+    assert status == 400 and "3 adapters are loaded, the most this server holds (--max-adapters 3)" in message
+    with pytest.raises(ServeError, match=r"the most this server holds \(--max-adapters 3\)"):
+        ServeClient(server.url).adapters("load", name="n5", source=source)
+    assert post_openai(api, "unload_lora_adapter", {"lora_name": "n3"})[0] == 200
+    assert post_openai(api, "load_lora_adapter", {"lora_name": "n4", "lora_path": source})[0] == 200
+    assert ServeClient(server.url).adapters("list")["adapters"] == [A1, A2, "n4"]
+    exe = os.path.join(os.path.dirname(sys.executable), "ia3-export")
+    done = subprocess.run([exe, "serve", folder("llama-bank"), "--max-adapters", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "make 2, more than --max-adapters 1" in done.stderr, done.stderr
 
 
 def test_vllm_runtime_adapter_loading(continuous, reference):
