@@ -40,8 +40,9 @@ server.stop()
 PY
 until [ -s "$work/port" ]; do sleep 1; done
 port=$(cat "$work/port")
+model_args="model=llama-a1,base_url=http://127.0.0.1:$port/v1/completions,tokenizer=$dir/llama-bank"
 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 "$lmeval/bin/lm_eval" --model local-completions \
-  --model_args "model=llama-a1,base_url=http://127.0.0.1:$port/v1/completions,tokenizer=$dir/llama-bank,tokenizer_backend=huggingface,max_length=128" \
+  --model_args "$model_args,tokenizer_backend=huggingface,max_length=128" \
   --include_path "$work/tasks" --tasks ia3_tiny_mc --output_path "$work/out" --log_samples
 touch "$work/done"
 wait

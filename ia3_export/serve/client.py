@@ -90,7 +90,9 @@ class ServeClient:
     def infer(self, model: str, inputs: dict, parameters: dict | None = None) -> Answer:
         """One request; each value is a str, bool, int, float or a list of ints (a token id row);
         `parameters`: the request's (such as `stop`)."""
-        body = {"inputs": [_tensor(name, value) for name, value in inputs.items()], **({"parameters": parameters} if parameters else {})}
+        body = {"inputs": [_tensor(name, value) for name, value in inputs.items()]}
+        if parameters:
+            body["parameters"] = parameters
         status, answer = self.request("POST", f"/v2/models/{model}/infer", json.dumps(body).encode())
         reply = json.loads(answer or b"{}")
         if status != 200:
