@@ -36,7 +36,7 @@ import weakref
 from ..errors import IA3Error
 from ..formats.jsonfile import check_depth, parse_json
 from ..formats.reader import present, read_bytes, read_text, registers
-from .requests import Limits, prompt_text
+from .requests import MAX_TEXT_BYTES, Limits, prompt_text
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers' clean_up_tokenization, in its order
@@ -49,6 +49,7 @@ class TextTokenizer:
     def __init__(self, folder: str):
         from tokenizers import Tokenizer
 
+        self.folder, self._chat = folder, None
         path = os.path.join(folder, "tokenizer.json")
         if not present(path):  # anything there is read, and refused by name if it is no regular file
             raise IA3Error(f"{folder} has no tokenizer.json; export from a model folder with a fast tokenizer, "
@@ -72,6 +73,14 @@ class TextTokenizer:
         """Token ids with the special tokens the folder's tokenizer adds (unless told not to: a chat
         template writes its own); never padded or truncated."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def chat(self, messages: list, max_text_bytes: int = MAX_TEXT_BYTES) -> list[int]:
+        """A chat's prompt ids: the folder's chat template rendered (runtime/chat.py; its text at most
+        `max_text_bytes`), encoded without adding special tokens (the template wrote them)."""
+        from .chat import ChatTemplate
+
+        self._chat = self._chat or ChatTemplate(self.folder)
+        return self.encode(self._chat.render(messages, max_text_bytes), add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         """Text without special tokens, as transformers' decode(ids, skip_special_tokens=True)."""
@@ -134,6 +143,11 @@ class IsolatedTokenizer:
     def pieces(self, ids: list[int]) -> list[str]:
         """Each token's own text, special tokens included, in one call."""
         return self._call("pieces", [int(i) for i in ids])
+
+    def chat(self, messages: list) -> list[int]:
+        """A chat's prompt ids (`TextTokenizer.chat`): the chat template is untrusted code too, so it renders
+        in the child, within the same time limit, its text within the prompt's byte limit."""
+        return self._call("chat", messages, self.limits.max_text_bytes)
 
     def close(self) -> None:
         """Stop the waiting children now (a later call starts a new one; they also stop when this session
@@ -213,8 +227,8 @@ class _Worker:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise IA3Error(f"the tokenizer took longer than {timeout_s:g} s on this request and was stopped; "
-                               "send a shorter text, or fix the tokenizer.json (a pre-tokenizer regex that "
-                               "backtracks)")
+                               "send a shorter text, or fix the folder's tokenizer.json (a pre-tokenizer regex "
+                               "that backtracks) or chat template (a loop)")
             chunk = os.read(fd, size - len(out))
             if not chunk:
                 raise EOFError
@@ -259,6 +273,9 @@ def _serve() -> None:
             return
         try:
             value = None if op == "ready" else getattr(tokenizer, op)(*args)
+        except IA3Error as e:  # a request the chat template refused (a role it does not know, text too long)
+            _answer(out, ["error", str(e)])
+            continue
         except BaseException as e:  # noqa: BLE001 - PanicException is a BaseException; nothing else runs here
             _answer(out, ["error", f"the tokenizer failed on this request ({_describe(e)}); the folder's "
                                    "tokenizer.json is broken or hostile: fix or replace it"])

@@ -62,3 +62,55 @@ def test_a_template_cannot_leave_the_sandbox(chat_folder, tmp_path):
     (folder / "chat_template.jinja").write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(IA3Error, match="the chat template failed"):
         ChatTemplate(str(folder)).render(MESSAGES)
+
+
+def test_chat_renders_in_the_tokenizers_child_equal_to_transformers(chat_folder):
+    """The session's tokenizer (IsolatedTokenizer) renders and encodes a chat in its child process: the
+    same ids as transformers' apply_chat_template."""
+    from transformers import AutoTokenizer
+
+    from ia3_export.runtime.tokenizer import IsolatedTokenizer
+
+    expected = AutoTokenizer.from_pretrained(chat_folder).apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                                             tokenize=True, return_dict=False)
+    isolated = IsolatedTokenizer(chat_folder)
+    try:
+        assert ChatTemplate(chat_folder).encode(MESSAGES, isolated) == list(expected)
+    finally:
+        isolated.close()
+
+
+HOSTILE = ('{% if messages[0].content == "spin" %}{% for i in range(100000) %}{% for j in range(100000) %}'
+           '{% endfor %}{% endfor %}{% elif messages[0].content == "grow" %}{% for i in range(100000) %}'
+           '{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}{% elif messages[0].content == "huge" %}'
+           '{{ "x" * 4000000000 }}{% endif %}<s>{{ messages[0].content }}')
+
+
+def test_a_hostile_chat_template_costs_one_request(chat_folder, tmp_path):
+    """A template is code from the model folder: two nested range(100000) loops once held a server thread
+    for good (and grew it to 8 GB when they wrote), `"x" * 4000000000` made 4 GB at once. Rendered in the
+    tokenizer's child, the spinning one is stopped at the time limit, the growing one at the prompt's byte
+    limit, the huge one before it is built; the next chat is answered."""
+    import shutil
+    import time
+
+    from ia3_export.runtime.requests import Limits
+    from ia3_export.runtime.tokenizer import IsolatedTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(chat_folder, folder)
+    (folder / "chat_template.jinja").write_text(HOSTILE)
+    template, isolated = ChatTemplate(str(folder)), IsolatedTokenizer(str(folder), Limits(tokenizer_timeout_s=2))
+    try:
+        for content, message, most_s in [
+                ("spin", r"the tokenizer took longer than 2 s on this request .* or chat template \(a loop\)", 10),
+                ("grow", r"the chat template wrote more than 1048576 bytes for these messages", 10),
+                ("huge", r"the chat template failed on these messages \(a repetition of 4000000000 items", 2)]:
+            start = time.monotonic()
+            with pytest.raises(IA3Error, match=message):
+                template.encode([{"role": "user", "content": content}], isolated)
+            assert time.monotonic() - start < most_s, content
+            assert template.encode([{"role": "user", "content": "hi"}], isolated) == \
+                TextTokenizer(str(folder)).encode("<s>hi", add_special_tokens=False)
+    finally:
+        isolated.close()

@@ -39,3 +39,54 @@ def test_a_panicking_tokenizer_costs_one_request_and_the_server_still_stops(tmp_
         assert server.stop(timeout_s=60) == 0
     finally:
         server.kill()
+
+
+def test_a_hostile_chat_template_costs_one_request(tmp_path):
+    """A folder's chat template is code too: two nested range(100000) loops held a server thread for good
+    and grew the server to 8 GB in 40 s. It now renders in the tokenizer's child: the spinning chat gets a
+    400 at --tokenizer-timeout, the one that writes without end a 400 at the prompt's byte limit, and
+    completions and other chats are answered meanwhile and after, the server's memory flat."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from ia3_export.serve.process import free_ports
+
+    onnx = tmp_path / "onnx"
+    shutil.copytree(folder("llama-bank"), onnx)
+    (onnx / "chat_template.jinja").write_text(
+        '{% if messages[0].content == "spin" %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}'
+        '{% endfor %}{% elif messages[0].content == "grow" %}{% for i in range(100000) %}{% for j in range(100000) %}'
+        '{{ i }}{% endfor %}{% endfor %}{% endif %}<s>{{ messages[0].content }}')
+    port = free_ports(1)[0]
+    server = ServerProcess(str(onnx), "--tokenizer-timeout", "5", "--openai-port", str(port), "--drain-timeout", "10",
+                           log_path=str(tmp_path / "server.log"))
+
+    def post(path, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]["message"]
+
+    def rss_mib():
+        with open(f"/proc/{server.process.pid}/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+
+    try:
+        hello = {"model": "llama-a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert post("chat/completions", hello)[0] == 200
+        before = rss_mib()
+        for content, message in [("spin", "the tokenizer took longer than 5 s on this request"),
+                                 ("grow", "the chat template wrote more than 1048576 bytes")]:
+            start = time.monotonic()
+            status, answer = post("chat/completions", {**hello, "messages": [{"role": "user", "content": content}]})
+            assert status == 400 and message in answer and time.monotonic() - start < 30, (content, answer)
+            assert post("completions", {"model": "llama-a1", "prompt": "hi", "max_tokens": 4})[0] == 200
+            assert post("chat/completions", hello)[0] == 200
+        assert rss_mib() < before + 200, (before, rss_mib())
+        assert server.stop(timeout_s=60) == 0
+    finally:
+        server.kill()
