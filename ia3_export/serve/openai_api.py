@@ -269,7 +269,8 @@ def create_app(server):
                     ids = ids if isinstance(ids, list) else [ids]  # one token arrives as a number
                     logprobs = event.get("logprobs")
                     logprobs = [(i, lp, top) for i, (lp, top) in zip(ids, json.loads(logprobs))] if logprobs else None
-                    scored = [tuple(entry) for entry in json.loads(event.get("prompt_logprobs") or "[]")]
+                    scored = event.get("prompt_logprobs")  # on the first response only, where asked
+                    scored = [tuple(entry) for entry in json.loads(scored)] if scored else None
                     yield (event.get("text", ""), len(ids), event.get("finish_reason") or None,
                            counts_prompt and event.get("prompt_tokens") or 0, logprobs, scored)
         finally:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..runtime.engine import Request, Result
-from ..runtime.generation import MAX_LOGPROBS, TextStream
+from ..runtime.generation import TextStream
 from ..runtime.requests import register
 from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port, Row, Served
 
@@ -158,14 +158,11 @@ class Streams:
 def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
     """A generate_stream request's prompt, adapter and options (`parser` reads the stop strings), and
     its `logprobs` and `prompt_logprobs` parameters: how many alternatives' log-probabilities the
-    responses report per new token, and per prompt token; returns the client's request id, if it sent one."""
+    responses report per new token, and per prompt token (the engine's submit checks them, as for every
+    caller); returns the client's request id, if it sent one."""
     parser.parse(row, request)
     parameters = getattr(request, "parameters", None) or {}
-    for name in (LOGPROBS, PROMPT_LOGPROBS):
-        count = parameters.get(name)
-        if count is not None and (type(count) is not int or not 0 <= count <= MAX_LOGPROBS):
-            raise IA3Error(f"parameter `{name}` must be an integer from 0 to {MAX_LOGPROBS}, got {count!r}")
-        setattr(row, name, count)
+    row.logprobs, row.prompt_logprobs = parameters.get(LOGPROBS), parameters.get(PROMPT_LOGPROBS)
     request_id = parameters.get(REQUEST_ID)
     return str(request_id) if request_id else None
 
