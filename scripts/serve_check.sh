@@ -5,4 +5,5 @@
 #   scripts/serve_check.sh [EXPORTS_DIR]     (or $IA3_SERVE_DIR: what tests/serve/prepare.py wrote)
 set -euo pipefail
 [ $# -gt 0 ] && export IA3_SERVE_DIR=$1
-exec bash "$(dirname "$0")/torchfree_job.sh" serve tests/serve IA3_SERVE_DIR serve,cpu openai  # the client users point at /v1
+# openai: the client users point at /v1; trustme: a test certificate authority for the HTTPS tests
+exec bash "$(dirname "$0")/torchfree_job.sh" serve tests/serve IA3_SERVE_DIR serve,cpu openai trustme

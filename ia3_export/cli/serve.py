@@ -1,7 +1,7 @@
 """`ia3-export serve ONNX_DIR`: serve an exported folder behind Triton Inference Server."""
 import click
 
-from ..runtime.requests import INT_MAX, MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S
+from ..runtime.requests import HEADER_TIMEOUT_S, INT_MAX, MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S
 from .options import FloatRange, IntRange
 
 API_KEY_VARIABLE = "IA3_API_KEY"
@@ -39,6 +39,14 @@ API_KEY_VARIABLE = "IA3_API_KEY"
               help="Seconds a request may run (continuous) before it ends with an error.")
 @click.option("--openai-port", default=None, type=IntRange(1, 65_535),
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) here.")
+@click.option("--openai-address", default=None,
+              help="Address the OpenAI API listens on (default: --address), e.g. 0.0.0.0 for it alone.")
+@click.option("--openai-certfile", type=click.Path(), default=None,
+              help="Serve the OpenAI API over HTTPS with this PEM certificate (chain); needs --openai-keyfile.")
+@click.option("--openai-keyfile", type=click.Path(), default=None, help="The PEM private key of --openai-certfile.")
+@click.option("--header-timeout", default=HEADER_TIMEOUT_S, show_default=True, type=FloatRange(0.1, 3600),
+              help="Seconds an OpenAI API connection may take to send a request's line and headers, from "
+                   "connecting or from its last answer; then it is closed.")
 @click.option("--max-adapters", default=256, show_default=True, type=IntRange(1, 1_000_000),
               help="Most adapters loaded at once (shipped, --adapter and added while serving); past it an add "
                    "is refused until one is unloaded.")
@@ -49,26 +57,32 @@ API_KEY_VARIABLE = "IA3_API_KEY"
                    "Prefer the environment variable: a command line is visible to every local user.")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
             instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout, batching, max_queue,
-            request_timeout, openai_port, max_adapters, served_model_name, api_key):
+            request_timeout, openai_port, openai_address, openai_certfile, openai_keyfile, header_timeout, max_adapters,
+            served_model_name, api_key):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
     import os
 
     from ..errors import IA3Error
     from ..serve import ServeConfig, Server
-    from ..serve.server import display_host
 
     if api_key is None and API_KEY_VARIABLE in os.environ:  # click reads an empty variable as unset: no key at all
         raise IA3Error(f"{API_KEY_VARIABLE} is set but empty, so the server would take requests from anyone; "
                        "set it to the key, or unset it to serve without one")
+    if (openai_certfile is None) != (openai_keyfile is None):
+        raise IA3Error("--openai-certfile and --openai-keyfile go together (a certificate and its private key); "
+                       "pass both, or neither to serve plain HTTP")
+    if openai_port is None and (openai_address or openai_certfile):
+        raise IA3Error("--openai-address and --openai-certfile set up the OpenAI API, which is off; add --openai-port")
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
                          tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
-                         api_key, max_adapters)
+                         api_key, max_adapters, openai_address, openai_certfile and (openai_certfile, openai_keyfile),
+                         header_timeout)
     server = Server(config)
 
     def ready(s):
         batching = "continuous batching" if s.streams is not None else "request batching"
-        openai = f", OpenAI API http://{display_host(config.address)}:{config.openai_port}/v1" if s.front is not None else ""
+        openai = f", OpenAI API {config.openai_url}" if s.front is not None else ""
         click.echo(f"serving {s.model.name} ({s.session.mode}, {batching}, adapters: "
                    f"{', '.join(s.served.pool.names()) or 'none'}) on {s.url} (gRPC {config.grpc_port}, metrics "
                    f"{config.metrics_port}{openai}); workspace {s.workspace}", err=True)

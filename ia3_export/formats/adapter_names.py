@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import IA3Error
+from ..errors import IA3Error, quoted
 from .onnx_adapter import SUFFIX
 
 MAX_LENGTH = 128
@@ -21,7 +21,7 @@ NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_LENGTH - 1}}}")
 def check_name(name: str) -> str:
     """An adapter name: letters, digits, '_', '-', '.' (not first); never a path."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
-        raise IA3Error(f"adapter name {name!r} is not allowed; use letters, digits, '_', '-' and '.' "
+        raise IA3Error(f"adapter name {quoted(name)} is not allowed; use letters, digits, '_', '-' and '.' "
                        "(no path separators, no '..')")
     return name
 

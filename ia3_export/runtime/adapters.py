@@ -13,7 +13,7 @@ import numpy as np
 
 from ..formats.adapter_format import CONFIG_NAME, VECTOR_SUFFIX, read_adapter, read_config
 from ..formats.adapter_names import check_name, name_for
-from ..errors import IA3Error
+from ..errors import IA3Error, quoted
 from ..core.loading import check_task
 from ..formats.atomic import check_finite, check_output
 from ..formats.onnx_adapter import SUFFIX, read_onnx_adapter, write_onnx_adapter
@@ -35,16 +35,16 @@ def resolve(folder: ExportedFolder, source: str) -> tuple[str, str]:
     shipped but exists here is refused with the spelling that means the path (`./NAME`)."""
     if is_path(source):
         if not present(source):
-            raise IA3Error(f"adapter {source!r} does not exist; pass a PEFT adapter folder or an {SUFFIX} file")
+            raise IA3Error(f"adapter {quoted(source)} does not exist; pass a PEFT adapter folder or an {SUFFIX} file")
         return name_for(source), source
     shipped = ", ".join(sorted(folder.adapters)) or "none"
     if source in folder.adapters:
         check_name(source)
         return source, folder.adapter_file(source)
     if present(source):
-        raise IA3Error(f"adapter {source!r} is not shipped in {folder.path} (shipped: {shipped}) but names a path "
-                       f"here; pass ./{source} to load that path")
-    raise IA3Error(f"adapter {source!r} is neither a PEFT folder, an {SUFFIX} file, nor an adapter shipped "
+        raise IA3Error(f"adapter {quoted(source)} is not shipped in {folder.path} (shipped: {shipped}) but names "
+                       f"a path here; pass ./{source} to load that path")
+    raise IA3Error(f"adapter {quoted(source)} is neither a PEFT folder, an {SUFFIX} file, nor an adapter shipped "
                    f"in {folder.path} (shipped: {shipped})")
 
 

@@ -69,6 +69,8 @@ class ChatTemplate:
                 if size > max_bytes:
                     break
                 pieces.append(piece)
+        except MemoryError:
+            raise  # the tokenizer's child says so and stops (tokenizer._serve)
         except Exception as e:  # jinja2's TemplateError, a sandbox SecurityError, or the template's raise_exception
             raise IA3Error(f"{self.source}: the chat template failed on these messages ({str(e)[:200]}); check the "
                            "messages' roles and order") from None

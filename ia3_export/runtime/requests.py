@@ -23,6 +23,7 @@ from ..errors import IA3Error
 MiB = 1024 * 1024
 MAX_TEXT_BYTES = 1 * MiB  # a prompt; ~250,000 tokens of English, more than any model here takes
 TOKENIZER_TIMEOUT_S = 10.0  # one encode or decode; a 1 MiB prompt takes well under a second
+HEADER_TIMEOUT_S = 10.0  # a served request's line and headers (nginx's client_header_timeout is 60 s)
 MAX_NEW_TOKENS = 4096  # the ceiling where a model names no positions (T5's relative positions)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seed range: what every seed option accepts
 INT_MAX = 2**31 - 1  # counts a request or an option may give

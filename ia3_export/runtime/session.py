@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from ..errors import IA3Error
+from ..errors import IA3Error, quoted
 from ..formats.onnx_graph import check_graph
 from ..ort import onnxruntime, session_options as default_session_options
 from . import adapters as adapter_io
@@ -275,7 +275,7 @@ class IA3Session:
             if not self.binding.takes_adapters:
                 raise IA3Error(f"{self.folder.path} is a {self.mode} export; it has no adapters to activate")
             loaded = ", ".join(sorted(self.adapters)) or "none"
-            raise IA3Error(f"adapter {name!r} is not loaded (loaded: {loaded}); load it with load_adapter first")
+            raise IA3Error(f"adapter {quoted(name)} is not loaded (loaded: {loaded}); load it with load_adapter first")
 
     def _place(self, name: str, source: str, vectors: dict[str, np.ndarray]) -> Adapter:
         return self.binding.place(Adapter(name, source, vectors))

@@ -184,6 +184,8 @@ def _stop(idle: list, lock: threading.Lock) -> None:
 
 
 START_TIMEOUT_S = 120.0  # loading a large tokenizer.json on a busy machine
+# What one request may allocate in the child beyond the loaded tokenizer: a 1 MiB prompt needs ~100 MiB
+MEMORY_HEADROOM_MIB = 1024
 # Children are started from one long-lived thread: PR_SET_PDEATHSIG fires when the THREAD that started
 # a child ends, and a request thread may end while its child waits in the pool.
 _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia3-tokenizer-spawner")
@@ -263,6 +265,7 @@ def _serve() -> None:
         error = str(e)
     except BaseException as e:  # noqa: BLE001 - a panic while loading
         error = f"{sys.argv[1]}: the tokenizer cannot be loaded ({_describe(e)}); fix or replace tokenizer.json"
+    _cap_memory()
     while True:
         header = inp.read(_HEADER.size)
         if len(header) < _HEADER.size:
@@ -276,6 +279,11 @@ def _serve() -> None:
         except IA3Error as e:  # a request the chat template refused (a role it does not know, text too long)
             _answer(out, ["error", str(e)])
             continue
+        except MemoryError:
+            _answer(out, ["error", f"the tokenizer needed more than {MEMORY_HEADROOM_MIB} MiB of memory on this "
+                                   "request and was stopped; send a shorter text, or fix the folder's chat template "
+                                   "(a value that keeps growing) or tokenizer.json"])
+            return  # its memory is not given back: a fresh process for the next call
         except BaseException as e:  # noqa: BLE001 - PanicException is a BaseException; nothing else runs here
             _answer(out, ["error", f"the tokenizer failed on this request ({_describe(e)}); the folder's "
                                    "tokenizer.json is broken or hostile: fix or replace it"])
@@ -292,6 +300,19 @@ def _answer(out, message) -> None:
 def _describe(error: BaseException) -> str:
     text = " ".join(str(error).split())[:200]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _cap_memory() -> None:
+    """Cap the child's data (RLIMIT_DATA: heap and private writable mappings) at what it holds now plus
+    MEMORY_HEADROOM_MIB, so a request that grows without bound (a chat template doubling a string with
+    `~`, which writes almost nothing, so no byte limit sees it) fails here with a MemoryError, or a Rust
+    abort, instead of taking the server's machine to its out-of-memory killer."""
+    import resource
+
+    held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = held + MEMORY_HEADROOM_MIB * 2**20
+    resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
 
 
 def _die_with_parent() -> None:

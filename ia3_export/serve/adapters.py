@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from ..errors import IA3Error
+from ..errors import IA3Error, quoted
 from ..runtime.adapters import check_name, resolve
 
 MAX_ADAPTERS = 256  # a server's default bound: every added name holds its vectors in memory (~1.7 MB on a 7B Llama)
@@ -61,7 +61,7 @@ class AdapterPool:
         """Stop offering `name`; returns "removed", or "draining" while requests still use it."""
         with self._lock:
             if name not in self.session.adapters or name in self._leaving:
-                raise IA3Error(f"adapter {name!r} is not loaded (loaded: {self._loaded()})")
+                raise IA3Error(f"adapter {quoted(name)} is not loaded (loaded: {self._loaded()})")
             if self._in_use[name]:
                 self._leaving.add(name)
                 return "draining"
@@ -74,7 +74,7 @@ class AdapterPool:
             return
         with self._lock:
             if name not in self.session.adapters or name in self._leaving:
-                raise IA3Error(f"adapter {name!r} is not loaded (loaded: {self._loaded()}); add it through the "
+                raise IA3Error(f"adapter {quoted(name)} is not loaded (loaded: {self._loaded()}); add it through the "
                                "`adapters` model or start the server with --adapter")
             self._in_use[name] += 1
 

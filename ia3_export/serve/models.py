@@ -32,6 +32,7 @@ BYTES = np.bytes_
 # generate's request parameters (not tensors): stop strings; alternatives' log-probabilities per new token
 # and per prompt token (generate_stream only); a client's id to cancel its request by
 STOP, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID = "stop", "logprobs", "prompt_logprobs", "request_id"
+BAD_PARAMETERS = "ia3_bad_parameters"  # the mended stub's note: the request's parameters could not be read (stub.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +220,7 @@ class Generate(ServedModel):
         self.streamed = streamed  # generate_stream's parser: its responses carry the `logprobs` asked for
 
     def parse(self, row: Row, request) -> None:
-        parameters = getattr(request, "parameters", None) or {}
+        parameters = request_parameters(request)
         for name in (LOGPROBS, PROMPT_LOGPROBS):
             if name in parameters and not self.streamed:  # never ignored: the client would not get what it asked
                 raise IA3Error(f"parameter `{name}` is answered by generate_stream only (this model has no {name} "
@@ -391,6 +392,14 @@ def _values(request, name: str) -> np.ndarray:
     if values.size != 1:
         raise IA3Error(f"input `{name}` must hold one value, got {values.size}")
     return values
+
+
+def request_parameters(request) -> dict:
+    """A Triton request's parameters; the mended stub's note that they could not be read is a one-line error."""
+    parameters = getattr(request, "parameters", None) or {}
+    if BAD_PARAMETERS in parameters:
+        raise IA3Error(str(parameters[BAD_PARAMETERS]))
+    return parameters
 
 
 def _stop_strings(stop) -> list[str] | None:

@@ -28,22 +28,29 @@ import threading
 import time
 import uuid
 
-from ..errors import IA3Error
+from ..errors import IA3Error, clipped
 from .models import LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID
 from .openai_schema import (DEFAULT_MAX_TOKENS, ECHO_ONLY, APIError, chat_messages, choice, choice_requests, completion,
                             completion_prompts, error_response, generate_options, logprob_count, logprobs_object,
                             read_json, sse_event, text_field)
 
 
-class OpenAIFront:
-    """The app on `address:port`, running on a thread of its own until `stop()`."""
+FIRST_RESPONSE_WAIT_S = 1.0  # a stream's headers wait at most this for its first response (a refusal: milliseconds)
 
-    def __init__(self, server, address: str, port: int):
+
+class OpenAIFront:
+    """The app on --openai-address:--openai-port (HTTPS with --openai-certfile), running on a thread of
+    its own until `stop()`."""
+
+    def __init__(self, server):
         import uvicorn
 
+        c = server.config
+        certificate, key = c.openai_tls or (None, None)
         self.app = create_app(server)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host=address, port=port, log_level="warning",
-                                                     access_log=False))
+        self.uvicorn = uvicorn.Server(uvicorn.Config(
+            self.app, host=c.openai_host, port=c.openai_port, log_level="warning", access_log=False,
+            http=timed_protocol(c.header_timeout_s), ssl_certfile=certificate, ssl_keyfile=key))
         self.thread = threading.Thread(target=self.uvicorn.run, name="ia3-openai", daemon=True)
 
     def start(self) -> "OpenAIFront":
@@ -58,6 +65,53 @@ class OpenAIFront:
     def stop(self) -> None:
         self.uvicorn.should_exit = True
         self.thread.join(timeout=10)
+
+
+def timed_protocol(header_timeout_s: float):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request head (request
+    line and headers) within `header_timeout_s` of connecting or of its last answer. uvicorn times only a
+    kept-alive connection, and any byte stops that clock: 3,000 connections that sent nothing, or half
+    a head a byte at a time, stayed open for good (a slow-loris client holds a socket each). A body
+    has its own deadline (`BODY_TIMEOUT_S`)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._time_the_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is in: a request is under way
+                self._stop_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._time_the_head()  # the next request's head
+
+        def connection_lost(self, exc) -> None:
+            self._stop_timer()
+            super().connection_lost(exc)
+
+        def _time_the_head(self) -> None:
+            self._stop_timer()
+            self.head_timer = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _stop_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _expire(self) -> None:
+            self.head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
 
 
 def create_app(server):
@@ -89,8 +143,8 @@ def create_app(server):
             raise APIError(400, f"`model` must be a string (the base model's id or an adapter's name; GET /v1/models "
                                 f"lists them), got {json.dumps(model)[:40]}")
         if model not in served.pool.names():
-            raise APIError(404, f"The model `{model}` does not exist: this server has {base!r} (no adapter) and the "
-                                f"adapters {served.pool.names()}; GET /v1/models lists them", "NotFoundError")
+            raise APIError(404, f"The model `{clipped(model)}` does not exist: this server has {base!r} (no adapter) "
+                                f"and the adapters {served.pool.names()}; GET /v1/models lists them", "NotFoundError")
         return model
 
     def model_cards() -> dict:
@@ -111,7 +165,7 @@ def create_app(server):
     async def model(request: Request):
         name = request.path_params["model"]
         if name not in (cards := model_cards()):
-            raise APIError(404, f"The model `{name}` does not exist: GET /v1/models lists this server's",
+            raise APIError(404, f"The model `{clipped(name)}` does not exist: GET /v1/models lists this server's",
                            "NotFoundError")
         return JSONResponse(cards[name])
 
@@ -209,25 +263,27 @@ def create_app(server):
         # a prompt's tokens count once in the usage, however many choices it has (as OpenAI counts them)
         chunks = _merged([_upstream({**r, REQUEST_ID: f"{request_id}-{i}"}, counts_prompt=i % n == 0)
                           for i, r in enumerate(requests)])
+        chunks = _echoed(chunks, await run_in_threadpool(echoed_texts, prompts) if echo else None, n, echo_only)
         if body.get("stream"):
+            # the first response waited for (a little) before the headers: a refusal at submission (a prompt too
+            # long, busy) is then an HTTP status, as vLLM answers it, not an error event in a 200 stream
+            first = asyncio.ensure_future(anext(chunks, None))
+            await asyncio.wait((first,), timeout=FIRST_RESPONSE_WAIT_S)
+            if first.done():
+                first.result()  # an APIError: refused
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(chunks, len(requests), request_id, model, chat, usage),
+            return StreamingResponse(_sse(_chained(first, chunks), len(requests), request_id, model, chat, usage),
                                      media_type="text/event-stream")
-        texts, reasons, counts = [[] for _ in requests], [None] * len(requests), [0, 0]
-        entries, scored = [[] for _ in requests], [[] for _ in requests]
-        async for i, piece, tokens, finish, prompt_len, logprobs, prompt_logprobs in chunks:
+        return await _unless_gone(request, _whole(chunks, len(requests), request_id, model, chat))
+
+    async def _whole(chunks, count: int, request_id: str, model: str, chat: bool):
+        """A non-streamed answer: the `count` choices' streams gathered."""
+        texts, reasons, counts, entries = [[] for _ in range(count)], [None] * count, [0, 0], [[] for _ in range(count)]
+        async for i, piece, tokens, finish, prompt_len, logprobs in chunks:
             texts[i].append(piece)
             entries[i] += logprobs or []
-            scored[i] += prompt_logprobs or []
             reasons[i] = finish or reasons[i]
             counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
-        if echo:  # the prompt's text (and its tokens' log-probabilities) before the answer; `max_tokens: 0`: alone
-            prompt_texts = await run_in_threadpool(echoed_texts, prompts)
-            for i in range(len(requests)):
-                answer, answer_entries = ([], []) if echo_only else (texts[i], entries[i])
-                texts[i], entries[i] = [prompt_texts[i // n], *answer], scored[i] + answer_entries
-            if echo_only:
-                reasons, counts[1] = ["length"] * len(requests), 0
         text_of = await token_texts([e for choice_entries in entries for e in choice_entries])
         choices = [choice(chat, True, i, "".join(t), r, logprobs=logprobs_object(chat, e, text_of))
                    for i, (t, r, e) in enumerate(zip(texts, reasons, entries))]
@@ -289,7 +345,7 @@ def create_app(server):
         try:
             if chat:
                 yield chunk(*(choice(chat, False, i, "", None, role=True) for i in range(count)))
-            async for i, piece, tokens, finish, prompt_len, entries, _ in chunks:  # no echo when streamed
+            async for i, piece, tokens, finish, prompt_len, entries in chunks:
                 counts[0], counts[1] = counts[0] + prompt_len, counts[1] + tokens
                 if piece or finish or entries:
                     text_of = await token_texts(entries) if entries else {}  # no tokenizer work without logprobs
@@ -377,7 +433,62 @@ def refusing(route):
             return error_response(e)
         except IA3Error as e:
             return error_response(APIError(400, str(e)))
+        except ClientGone:
+            from starlette.responses import Response
+            return Response(status_code=499)  # nginx's "client closed request": logged, never read
     return answer
+
+
+async def _echoed(chunks, prompt_texts: list[str] | None, n: int, only: bool):
+    """The items without the prompt's log-probabilities; with `echo` (`prompt_texts`, one per prompt), each
+    choice's prompt (its text, and its tokens' log-probabilities where asked) before its first piece, streamed
+    or gathered; `only` (`max_tokens: 0`): the prompt alone, its one generated token left out and not counted."""
+    started = set()
+    async for i, piece, tokens, finish, prompt_len, entries, scored in chunks:
+        if only:
+            piece, tokens, entries, finish = "", 0, None, finish and "length"
+        if prompt_texts is not None and i not in started:
+            started.add(i)
+            piece, entries = prompt_texts[i // n] + piece, (scored or []) + (entries or [])
+        yield i, piece, tokens, finish, prompt_len, entries
+
+
+async def _chained(first: asyncio.Future, rest):
+    """`first`'s item (None: nothing), then the rest of the async iterator `rest`."""
+    try:
+        if (item := await first) is not None:
+            yield item
+        async for item in rest:
+            yield item
+    finally:
+        first.cancel()  # the answer ended before its first item (the client left): stop waiting for it
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer: nobody to answer."""
+
+
+async def _unless_gone(request, work):
+    """`work`'s result, unless the client disconnects first: then `work` is cancelled (its streams' rows are
+    cancelled in the engine as they close) and ClientGone raised. Without it a non-streamed request whose
+    client left ran to its last token. The body is read by now, so the connection's next message is its end."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise ClientGone() from None
 
 
 async def _merged(streams: list):

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from ..errors import capped
 from ..runtime.generation import MAX_LOGPROBS
 from ..runtime.requests import SEED_MAX
 from .models import LOGPROBS, STOP, Generate
@@ -44,7 +45,7 @@ class APIError(Exception):
     """A request the API refuses: its HTTP status, OpenAI's error type and a one-line message."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
+        super().__init__(capped(message))
         self.status, self.kind = status, kind
 
 
@@ -58,10 +59,6 @@ def generate_options(body: dict, chat: bool) -> dict:
     for flag in ("stream", "echo"):
         if not isinstance(body.get(flag, False), bool):
             raise APIError(400, f"`{flag}` must be true or false")
-    if body.get("echo") and body.get("stream"):
-        raise APIError(400, "`echo` with `\"stream\": true` is not implemented by this server; ask for the "
-                            "whole answer (echo is how scoring tools such as lm-eval read a prompt's "
-                            "log-probabilities)")
     options = body.get("stream_options")
     if options is not None and (not body.get("stream") or not isinstance(options, dict)):
         raise APIError(400, "`stream_options` needs `\"stream\": true` and must be an object such as "

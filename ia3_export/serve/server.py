@@ -24,10 +24,10 @@ import time
 
 import numpy as np
 
-from ..errors import CheckFailed, IA3Error
+from ..errors import CheckFailed, IA3Error, quoted
 from ..ort import session_options, telemetry_off
 from ..runtime import IA3Session
-from ..runtime.requests import MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
+from ..runtime.requests import HEADER_TIMEOUT_S, MAX_TEXT_BYTES, TOKENIZER_TIMEOUT_S, Limits
 from . import stub
 from .adapters import MAX_ADAPTERS
 from .client import access_headers
@@ -63,13 +63,17 @@ class ServeConfig:
     # every client but a health probe must send it (see `access_headers`); None: anyone. Never in a repr or log.
     api_key: str | None = dataclasses.field(default=None, repr=False)
     max_adapters: int = MAX_ADAPTERS  # loaded at once, shipped and --adapter ones included; past it an add is refused
+    openai_address: str | None = None  # where the OpenAI API listens; None: `address`
+    openai_tls: tuple[str, str] | None = None  # (certificate, private key) PEM files: the OpenAI API speaks HTTPS
+    header_timeout_s: float = HEADER_TIMEOUT_S  # the OpenAI API closes a connection whose request head takes longer
 
     def __post_init__(self):
         for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--drain-timeout", self.drain_timeout_s, 1), ("--max-queue", self.max_queue, 1),
                                    ("--request-timeout", self.request_timeout_s, 1),
-                                   ("--max-adapters", self.max_adapters, 1)):
+                                   ("--max-adapters", self.max_adapters, 1),
+                                   ("--header-timeout", self.header_timeout_s, 0.1)):
             if value < low:
                 raise IA3Error(f"{option} must be at least {low}, got {value}")
         if self.api_key is not None and not API_KEY.fullmatch(self.api_key):
@@ -77,10 +81,21 @@ class ServeConfig:
                            f"one given has {len(self.api_key)} characters; `openssl rand -hex 32` makes a key")
         if self.batching not in BATCHING:
             raise IA3Error(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        if self.openai_tls is not None:
+            _check_tls(*self.openai_tls)
         ports = _ports(self)
         if len(set(ports.values())) != len(ports):
             names = [f"--{name}" for name in ports]
             raise IA3Error(f"{', '.join(names[:-1])} and {names[-1]} must differ, got {', '.join(map(str, ports.values()))}")
+
+    @property
+    def openai_host(self) -> str:
+        return self.address if self.openai_address is None else self.openai_address
+
+    @property
+    def openai_url(self) -> str:
+        scheme = "http" if self.openai_tls is None else "https"
+        return f"{scheme}://{display_host(self.openai_host)}:{self.openai_port}/v1"
 
 
 class Server:
@@ -187,6 +202,7 @@ class Server:
             self.triton.bind(model_name=name, infer_func=functions, inputs=_tensors(inputs), outputs=_tensors(outputs),
                              config=config)
         stub.serialize_empty_tensors(self._workspace.model_store_path)
+        stub.read_parameters_safely(self._workspace.model_store_path)
         if self.streams is not None:
             from .streaming import Disconnects, GenerateStream
 
@@ -197,7 +213,7 @@ class Server:
         if c.openai_port is not None:
             from .openai_api import OpenAIFront
 
-            self.front = OpenAIFront(self, c.address, c.openai_port).start()
+            self.front = OpenAIFront(self).start()
         return self
 
     def _models(self, batched) -> list[tuple]:
@@ -319,8 +335,8 @@ def _tensors(ports) -> list:
 
 def _check_ports(c: ServeConfig) -> None:
     """Fail with one line before starting anything when a port is taken (tritonserver would only log it)."""
-    address = c.address
     for option, port in _ports(c).items():
+        address = c.openai_host if option == "openai-port" else c.address
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -345,6 +361,23 @@ def _python_library_on_path() -> None:
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
     if libdir not in paths:
         os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
+def _check_tls(certificate: str, key: str) -> None:
+    """Load the pair as uvicorn will, so a missing file, a file that is not PEM or a key that does not
+    match the certificate is one line before anything starts (uvicorn would stop with a traceback)."""
+    import ssl
+
+    for option, path in (("--openai-certfile", certificate), ("--openai-keyfile", key)):
+        if not os.path.isfile(path):
+            raise IA3Error(f"{option} {quoted(path)} is not a file; pass the PEM file (`openssl req -x509 -newkey "
+                           "rsa:2048 -nodes -keyout key.pem -out cert.pem` makes a self-signed pair)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
+    except (ssl.SSLError, ValueError) as e:
+        raise IA3Error(f"--openai-certfile {quoted(certificate)} and --openai-keyfile {quoted(key)} are not a PEM "
+                       f"certificate and its private key ({e}); pass the pair your certificate authority "
+                       "issued") from None
 
 
 def display_host(address: str) -> str:

@@ -37,7 +37,7 @@ from ..errors import IA3Error
 from ..runtime.engine import Request, Result
 from ..runtime.generation import TextStream
 from ..runtime.requests import register
-from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port, Row, Served
+from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port, Row, Served, request_parameters
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES), Port("logprobs", BYTES),
@@ -161,7 +161,7 @@ def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
     responses report per new token, and per prompt token (the engine's submit checks them, as for every
     caller); returns the client's request id, if it sent one."""
     parser.parse(row, request)
-    parameters = getattr(request, "parameters", None) or {}
+    parameters = request_parameters(request)
     row.logprobs, row.prompt_logprobs = parameters.get(LOGPROBS), parameters.get(PROMPT_LOGPROBS)
     request_id = parameters.get(REQUEST_ID)
     return str(request_id) if request_id else None
@@ -221,8 +221,7 @@ class GenerateStream:
             if missing:
                 raise IA3Error(f"missing input `{missing[0]}`; every request sends "
                                f"{', '.join(p.name for p in self.inputs if not p.optional)}")
-            ids = (parse_stream_request(self.parser, row, request),
-                   (getattr(request, "parameters", None) or {}).get(STUB_KEY))
+            ids = (parse_stream_request(self.parser, row, request), request_parameters(request).get(STUB_KEY))
             self.served.pool.acquire(row.adapter)
         except IA3Error as e:
             yield [_response(error=_one_line(e))]

@@ -3,8 +3,9 @@
 pytriton copies its stub (model.py, data.py) into each model's folder of Triton's model repository;
 the stub runs inside Triton's Python backend, out of our reach at run time. Two of its limits cost
 users a promise, so the copies are edited in the repository: a tensor with a zero in its shape
-could not pass (`input_ids` [1, 0] got HTTP 500 with a traceback), and a decoupled model was never
-told that its client went away (a disconnected stream kept generating). Each edit is a plain text
+could not pass (`input_ids` [1, 0] got HTTP 500 with a traceback), a request whose parameters are
+not UTF-8 got a traceback (or, streamed, no answer ever), and a decoupled model was never told that
+its client went away (a disconnected stream kept generating). Each edit is a plain text
 replacement of pytriton 0.7.0's code, tested by the serve job (tests/serve)."""
 from __future__ import annotations
 
@@ -24,8 +25,19 @@ def serialize_empty_tensors(model_store) -> None:
         _rewrite(path, lambda text: text.replace(old, new) if new not in text else text)
 
 
-STUB_REQUEST = ("            parameters=json.loads(triton_request.parameters()),\n",
-                "            parameters={**json.loads(triton_request.parameters()), %r: f'{os.getpid()}-{id(triton_request)}'},\n")
+PARAMETERS = ("            parameters=json.loads(triton_request.parameters()),\n",
+              "            parameters=_ia3_parameters(triton_request),\n")
+PARAMETERS_READER = """
+
+def _ia3_parameters(triton_request):
+    try:
+        parameters = json.loads(triton_request.parameters())
+    except ValueError as e:  # ia3-export: not UTF-8, or not JSON; the model answers it with one line
+        parameters = {%r: f"the request's parameters cannot be read ({type(e).__name__}: {str(e)[:80]}); send "
+                          "them as UTF-8 JSON"}
+    return parameters
+"""
+STUB_REQUEST = ("    return parameters\n", "    return {**parameters, %r: f'{os.getpid()}-{id(triton_request)}'}\n")
 STUB_RESPONSE = "                flags, responses_payload = await responses_queue.get()\n"
 STUB_REPORT = """\
                 if any(r.is_cancelled() for r in triton_requests):  # ia3-export: the client went away
@@ -44,12 +56,25 @@ def _ia3_disconnected(triton_requests):
 """
 
 
+def read_parameters_safely(model_store) -> None:
+    """pytriton 0.7.0's stub reads a request's parameters with `json.loads`, unguarded: parameters that are
+    not UTF-8 (Triton's generate endpoint passes a body's unknown fields on as parameters) got HTTP 400 with
+    the stub's traceback, and a streamed request got no response at all, its connection held open for good.
+    Every model's copy of model.py is mended to pass a note instead (models.BAD_PARAMETERS), which the
+    model answers as its one-line `error`."""
+    from .models import BAD_PARAMETERS
+
+    old, new = PARAMETERS
+    for stub in glob.glob(os.path.join(str(model_store), "*", "*", "model.py")):
+        _rewrite(stub, lambda text: text.replace(old, new) + PARAMETERS_READER % BAD_PARAMETERS)
+
+
 def report_disconnects(model_store, model: str, path: str) -> None:
     """pytriton 0.7.0 never tells a decoupled model that its client went away, though Triton marks the
     request cancelled (`is_cancelled()`; seen for a reset HTTP stream and a cancelled gRPC stream). The
     stub's copy of pytriton's model.py in `model`'s folder is mended: each request gets a key (a
     parameter, streaming.STUB_KEY), and at every response of a cancelled request the stub sends that key
-    to `path`, where `streaming.Disconnects` cancels it in the engine."""
+    to `path`, where `streaming.Disconnects` cancels it in the engine. After `read_parameters_safely`."""
     from .streaming import STUB_KEY
 
     def edit(text: str) -> str:

@@ -83,14 +83,17 @@ def test_chat_renders_in_the_tokenizers_child_equal_to_transformers(chat_folder)
 HOSTILE = ('{% if messages[0].content == "spin" %}{% for i in range(100000) %}{% for j in range(100000) %}'
            '{% endfor %}{% endfor %}{% elif messages[0].content == "grow" %}{% for i in range(100000) %}'
            '{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}{% elif messages[0].content == "huge" %}'
-           '{{ "x" * 4000000000 }}{% endif %}<s>{{ messages[0].content }}')
+           '{{ "x" * 4000000000 }}{% elif messages[0].content == "double" %}{% set ns = namespace(s="x") %}'
+           '{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s[:3] }}{% endif %}'
+           '<s>{{ messages[0].content }}')
 
 
 def test_a_hostile_chat_template_costs_one_request(chat_folder, tmp_path):
     """A template is code from the model folder: two nested range(100000) loops once held a server thread
     for good (and grew it to 8 GB when they wrote), `"x" * 4000000000` made 4 GB at once. Rendered in the
     tokenizer's child, the spinning one is stopped at the time limit, the growing one at the prompt's byte
-    limit, the huge one before it is built; the next chat is answered."""
+    limit, the huge one before it is built, the one doubling a string with `~` (2^40 bytes, written 3 at a
+    time: no byte limit sees it) at the child's memory cap; the next chat is answered."""
     import shutil
     import time
 
@@ -100,12 +103,13 @@ def test_a_hostile_chat_template_costs_one_request(chat_folder, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(chat_folder, folder)
     (folder / "chat_template.jinja").write_text(HOSTILE)
-    template, isolated = ChatTemplate(str(folder)), IsolatedTokenizer(str(folder), Limits(tokenizer_timeout_s=2))
+    template, isolated = ChatTemplate(str(folder)), IsolatedTokenizer(str(folder), Limits(tokenizer_timeout_s=5))
     try:
         for content, message, most_s in [
-                ("spin", r"the tokenizer took longer than 2 s on this request .* or chat template \(a loop\)", 10),
+                ("spin", r"the tokenizer took longer than 5 s on this request .* or chat template \(a loop\)", 10),
                 ("grow", r"the chat template wrote more than 1048576 bytes for these messages", 10),
-                ("huge", r"the chat template failed on these messages \(a repetition of 4000000000 items", 2)]:
+                ("huge", r"the chat template failed on these messages \(a repetition of 4000000000 items", 2),
+                ("double", r"needed more than 1024 MiB of memory on this request and was stopped", 5)]:
             start = time.monotonic()
             with pytest.raises(IA3Error, match=message):
                 template.encode([{"role": "user", "content": content}], isolated)

@@ -175,6 +175,22 @@ def test_adapter_mismatches_and_names_are_refused(llama, adapter_dir, tmp_path):
         s.load_adapter("evil")
 
 
+def test_a_huge_name_is_quoted_short_in_every_error(llama):
+    """A client's 10,000-character adapter name once came back whole in the error (an HTTP body, a log
+    line): each place that quotes it clips it, and every IA3Error is capped where it is made."""
+    from ia3_export.errors import MAX_MESSAGE
+    from ia3_export.runtime.adapters import check_name
+
+    s, huge = open_session(llama["swappable"]), "x" * 10_000
+    for call in (lambda: check_name(huge), lambda: s.load_adapter(huge), lambda: s.set_adapter(huge),
+                 lambda: s.load_adapter(llama["a1"], name=huge + "/")):
+        with pytest.raises(IA3Error) as caught:
+            call()
+        assert len(str(caught.value)) < 400 and "(10,00" in str(caught.value), str(caught.value)[:500]
+    long = IA3Error("what is wrong: " + "y" * 50_000 + " the fix")
+    assert len(str(long)) <= MAX_MESSAGE and str(long).startswith("what is wrong") and str(long).endswith("the fix")
+
+
 def test_seq2seq_greedy_generation_matches_transformers(tmp_path_factory, model_dir, adapter_dir):
     from ia3_export.runtime import GenerationOptions, generate_ids
 

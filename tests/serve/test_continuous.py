@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -227,6 +228,8 @@ CARELESS = [  # (endpoint, body, what the 400 says): each once answered 200 or w
     ("completions", {"prompt": "hi", "stream": "yes"}, "`stream` must be true or false"),
     ("completions", {"prompt": "hi", "model": [A1]}, "`model` must be a string"),
     ("completions", {"prompt": "hi", "stop": [f"s{i}" for i in range(65)]}, "65 stop strings, more than the 64"),
+    ("completions", {"prompt": [5, 6, 7], "max_tokens": 200, "stream": True},  # was an error event in a 200 stream
+     "the prompt has 3 tokens and 200 new tokens were asked, over this model's limit of 128"),
     ("chat/completions", {"messages": [{"role": "user"}]}, "each message needs a `content`"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "parts must all be text"),
@@ -261,6 +264,34 @@ def test_json_that_python_reads_but_json_forbids_gets_a_400(continuous, body, me
         status, answer = post_openai(root, path, body)
         assert (status, message in answer) == (400, True), (path, answer)
     assert post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def test_parameters_that_are_not_utf8_get_one_line_on_both_generate_models(continuous, reference):
+    """Triton's generate endpoints pass a body's unknown fields on as parameters, and pytriton's stub read them
+    unguarded: `generate` answered a 400 with the stub's traceback, and `generate_stream` never answered
+    (the connection held for good, and a stop waited --drain-timeout for it). Both now answer the one-line
+    `error`, and the server serves on."""
+    import http.client
+    for model in ("generate", "generate_stream"):
+        connection = http.client.HTTPConnection("127.0.0.1", continuous.http, timeout=15)
+        body = b'{"input_ids": [5, 6, 7], "adapter": "%s", "max_new_tokens": 3, "note": "\xff\xfe"}' % A1.encode()
+        connection.request("POST", f"/v2/models/{model}/{model}", body, {"Content-Type": "application/json"})
+        answer = connection.getresponse().read().decode()
+        connection.close()
+        assert "the request's parameters cannot be read (UnicodeDecodeError" in answer and "Traceback" not in answer
+    expected = reference("llama-bank").generate([5, 6, 7], A1, 3)
+    assert ServeClient(continuous.url).generate(input_ids=[5, 6, 7], adapter=A1, max_new_tokens=3).outputs[
+        "output_ids"] == expected
+
+
+def test_a_huge_name_comes_back_clipped(continuous):
+    """A 10,000-character model or adapter name once came back whole in every error body."""
+    root, huge = continuous.openai.removesuffix("/v1"), "x" * 10_000
+    for path, body, status in (("v1/completions", {"model": huge, "prompt": "hi"}, 404),
+                               ("v1/load_lora_adapter", {"lora_name": huge, "lora_path": folder("llama-a3")}, 400),
+                               ("v1/unload_lora_adapter", {"lora_name": huge}, 404)):
+        answer = post_openai(root, path, body)
+        assert answer[0] == status and len(answer[1]) < 400 and "(10,00" in answer[1], (path, answer[1][:500])
 
 
 def test_a_huge_body_is_refused_before_it_is_read(continuous):
@@ -447,15 +478,21 @@ def test_vllm_runtime_adapter_loading(continuous, reference):
         client.completions.create(model="llama-a3", prompt=[5, 6, 7], max_tokens=2)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 @pytest.mark.parametrize("prompt", [[5, 6, 7], [[5, 6, 7], [8, 9]]], ids=["one prompt", "two prompts"])
-def test_a_client_that_disconnects_stops_costing_steps(wide, prompt):
+def test_a_client_that_disconnects_stops_costing_steps(wide, prompt, stream):
     """The OpenAI front sees the disconnect and cancels the request in the engine at once (every prompt's
-    row, when it sent several)."""
+    row, when it sent several), streamed or not (a whole answer's client that left once cost every step to
+    its last token)."""
     cancelled = ServeClient(wide.url).adapters("stats")["engine"]["finished"].get("cancelled", 0)
-    body = json.dumps({"model": "wide-a1", "prompt": prompt, "max_tokens": LONG, "stream": True}).encode()
-    request = urllib.request.Request(f"{wide.openai}/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        response.readline()  # the first chunk is there: the request is decoding
+    body = json.dumps({"model": "wide-a1", "prompt": prompt, "max_tokens": LONG, "stream": stream}).encode()
+    port = int(wide.openai.split(":")[-1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while not ServeClient(wide.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the request is decoding
     deadline = time.monotonic() + 5
     while ServeClient(wide.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -573,10 +610,24 @@ def test_openai_echo_scores_the_prompt_as_lm_eval_asks(continuous, reference):
     plain = client.completions.create(model=A1, prompt="the cat", max_tokens=3, echo=True)
     assert plain.choices[0].text == "the cat" + ref.decode(ref.generate(ids, A1, 3))
     assert plain.choices[0].logprobs is None
-    for body, message in [({"echo": True, "stream": True}, "`echo` with `\"stream\": true` is not implemented"),
-                          ({"echo": "yes"}, "`echo` must be true or false")]:
-        status, answer = post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", **body})
-        assert status == 400 and message in answer, answer
+    for whole, request, echoed in (
+            (done, {"prompt": prompts, "max_tokens": 1, "logprobs": 1, "temperature": 0},
+             [ref.decode(p) for p in prompts]),
+            (alone, {"prompt": "the cat", "max_tokens": 0, "logprobs": 0}, ["the cat"]),
+            (plain, {"prompt": "the cat", "max_tokens": 3}, ["the cat"])):  # streamed: the same, its prompt first
+        chunks = list(client.completions.create(model=A1, echo=True, stream=True, **request,
+                                                stream_options={"include_usage": True}))
+        for i, want_choice in enumerate(whole.choices):
+            mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+            assert mine[0].text.startswith(echoed[i]) and "".join(c.text for c in mine) == want_choice.text
+            assert mine[-1].finish_reason == want_choice.finish_reason
+            if want_choice.logprobs is not None:
+                assert sum((c.logprobs.token_logprobs for c in mine), []) == want_choice.logprobs.token_logprobs
+                assert sum((c.logprobs.top_logprobs for c in mine), []) == want_choice.logprobs.top_logprobs
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+            whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    status, answer = post_openai(continuous.openai, "completions", {"model": A1, "prompt": "hi", "echo": "yes"})
+    assert status == 400 and "`echo` must be true or false" in answer, answer
     status, answer = post_openai(continuous.openai, "chat/completions",
                                  {"model": A1, "messages": [{"role": "user", "content": "hi"}], "echo": True})
     assert status == 400 and "`echo` is not implemented" in answer

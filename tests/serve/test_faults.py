@@ -68,6 +68,9 @@ def tensor(name, datatype, data):
      200, "give exactly one of the inputs `text` and `input_ids`"),
     (json.dumps({"inputs": [tensor("text", "BYTES", ["hi"]), tensor("adapter", "BYTES", [""]),
                             tensor("max_new_tokens", "INT32", [0])]}).encode(), 200, "max_new_tokens must be an integer of at least 1"),  # the runtime's own check
+    (json.dumps({"inputs": [tensor("text", "BYTES", ["hi"]), tensor("adapter", "BYTES", [""]),
+                            tensor("max_new_tokens", "INT32", [4])], "parameters": {"note": "@@"}}).encode().replace(
+        b"@@", b"\xff\xfe"), 200, "the request's parameters cannot be read (UnicodeDecodeError"),  # was a traceback
 ])
 def test_malformed_request_gets_a_clear_error_and_the_server_serves_on(llama_bank, reference, body, status, message):
     got_status, reply = post(llama_bank, body)
