@@ -81,6 +81,24 @@ def test_malformed_request_gets_a_clear_error_and_the_server_serves_on(llama_ban
     assert answer.outputs["output_ids"] == reference("llama-bank").generate([5, 6], A1, 3)
 
 
+def test_millions_of_input_ids_are_refused_without_growing_the_server(llama_bank):
+    """10 million ids (300: above CPython's cached small ints) over Triton's HTTP port: the length limit is
+    checked on the array (it once built a Python list of every id first, ~360 MB for these). What grows is
+    pytriton's own copy of the tensor (80 MB here)."""
+    def peak_mb() -> float:  # the process's peak resident memory: what a list built and freed still shows
+        with open(f"/proc/{llama_bank.process.pid}/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
+
+    n, before = 10_000_000, peak_mb()
+    ids = b'{"name": "input_ids", "datatype": "INT64", "shape": [1, %d], "data": [' % n + b"300," * (n - 1) + b"300]}"
+    others = [json.dumps(tensor("adapter", "BYTES", [A1])), json.dumps(tensor("max_new_tokens", "INT32", [3]))]
+    body = b'{"inputs": [%s, %s, %s]}' % (ids, *(o.encode() for o in others))
+    status, reply = post(llama_bank, body)
+    error = next(o["data"][0] for o in reply["outputs"] if o["name"] == "error")
+    assert status == 200 and "the prompt has 10000000 tokens and 3 new tokens were asked" in error
+    assert peak_mb() - before < 200, (before, peak_mb())
+
+
 def test_client_disconnecting_mid_generation(llama_bank, reference):
     stats = ServeClient(llama_bank.url).adapters("stats")["generate"]
     body = json.dumps({"inputs": [tensor("input_ids", "INT64", [5, 6, 7]), tensor("adapter", "BYTES", [A1]),
