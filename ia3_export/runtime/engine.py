@@ -211,7 +211,7 @@ class Engine:
             value = getattr(request, name)
             if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise IA3Error(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (or None), got {value!r}")
-        max_new = new_token_budget(session.folder, len(prompt), options.max_new_tokens, False, session.limits.max_new_tokens)
+        max_new = new_token_budget(session.folder, len(prompt), options.max_new_tokens, False, session.limits)
         decode = session.tokenizer().decode if options.stop_strings else None
         stop = RowStop(eos_ids(session.folder, options), options.stop_strings, decode)
         row = _Row(Handle(on_event), prompt, request.adapter, options, max_new, stop,

@@ -188,7 +188,7 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
         raise IA3Error(f"{session.folder.path} is a {task or 'non-generative'} export; generation needs a decoder "
                        f"export (text-generation or text2text-generation){classify}")
     steps = new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq,
-                              session.limits.max_new_tokens)
+                             session.limits)
     rows = _Rows(len(prompts), eos_ids(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
     loop = _seq2seq_logits if seq2seq else decoder_logits
     return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
@@ -244,12 +244,22 @@ class _Rows:
         return emitted, feed
 
 
-def new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool, ceiling: int) -> int:
+def check_prompt_length(prompt_len: int, limits) -> None:
+    """Where a model names no position limit: a prompt of at most `limits.max_prompt_tokens` tokens."""
+    if prompt_len > limits.max_prompt_tokens:
+        raise IA3Error(f"the prompt has {prompt_len} tokens; this model names no position limit, so a request takes "
+                       f"at most {limits.max_prompt_tokens} (Limits.max_prompt_tokens); shorten the prompt")
+
+
+def new_token_budget(folder, prompt_len: int, max_new_tokens: int, seq2seq: bool, limits) -> int:
     """max_new_tokens, cut to the positions left; a prompt that leaves none is an error naming both.
-    A seq2seq model without positions in its config is cut to `ceiling` (a decoder without them
-    has no cache limit we know of, and is cut the same way)."""
+    A seq2seq model without positions in its config (T5) takes at most `limits.max_prompt_tokens` in a
+    prompt and is cut to `limits.max_new_tokens` (a decoder without them has no cache limit we know of,
+    and is bounded the same way)."""
     limit = folder.max_positions
     if limit is None:
+        check_prompt_length(prompt_len, limits)
+        ceiling = limits.max_new_tokens
         if max_new_tokens > ceiling:
             warnings.warn(f"max_new_tokens {max_new_tokens} cut to {ceiling}: the model names no position limit "
                           "and this session generates at most that many tokens (Limits.max_new_tokens)",

@@ -25,6 +25,7 @@ MAX_TEXT_BYTES = 1 * MiB  # a prompt; ~250,000 tokens of English, more than any 
 TOKENIZER_TIMEOUT_S = 10.0  # one encode or decode; a 1 MiB prompt takes well under a second
 HEADER_TIMEOUT_S = 10.0  # a served request's line and headers (nginx's client_header_timeout is 60 s)
 MAX_NEW_TOKENS = 4096  # the ceiling where a model names no positions (T5's relative positions)
+MAX_PROMPT_TOKENS = 4096  # a prompt's ceiling there: its attention grows as its square (one prompt could sink a server)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seed range: what every seed option accepts
 INT_MAX = 2**31 - 1  # counts a request or an option may give
 
@@ -36,9 +37,10 @@ class Limits:
     max_text_bytes: int = MAX_TEXT_BYTES
     tokenizer_timeout_s: float = TOKENIZER_TIMEOUT_S
     max_new_tokens: int = MAX_NEW_TOKENS
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
 
     def __post_init__(self):
-        for name in ("max_text_bytes", "max_new_tokens"):
+        for name in ("max_text_bytes", "max_new_tokens", "max_prompt_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT_MAX:
                 raise IA3Error(f"{name} is {value!r}; give a whole number from 1 to {INT_MAX}")

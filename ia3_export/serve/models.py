@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import IA3Error
 from ..formats.jsonfile import dumps
 from ..runtime import GenerationOptions, IA3Session, generate_ids
+from ..runtime.generation import check_prompt_length
 from ..runtime.requests import register
 from ..tasks import EXPORT_TASKS, task_named
 from .adapters import MAX_ADAPTERS, AdapterPool
@@ -126,6 +127,8 @@ class Served:
             count = int(np.count_nonzero(given >= 0))  # the batch's padding (-1) left out
         if not count:
             raise IA3Error("the prompt is empty; send at least one token")
+        if self.session.folder.max_positions is None:  # a model without positions (T5): bounded all the same
+            check_prompt_length(count, self.session.limits)  # here, per row, as generate_ids would for the batch
         if self.max_tokens and count + reserve > self.max_tokens:
             asked = f" and {reserve} new tokens were asked" if reserve else ""
             raise IA3Error(f"the prompt has {count} tokens{asked}"

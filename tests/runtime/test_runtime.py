@@ -175,6 +175,31 @@ def test_adapter_mismatches_and_names_are_refused(llama, adapter_dir, tmp_path):
         s.load_adapter("evil")
 
 
+def test_a_model_without_positions_still_bounds_its_prompt(tmp_path_factory, model_dir):
+    """T5 names no position limit, so nothing bounded a prompt: one of 250,000 tokens (what 1 MiB of text
+    makes) would have the encoder attend over it squared and take the server with it. At most
+    Limits.max_prompt_tokens (4096) now, checked for the session's generate and engine (new_token_budget)
+    and per row by the server (Served.parse_prompt), so one such request fails alone."""
+    from ia3_export.runtime import GenerationOptions, IA3Session, generate_ids
+    from ia3_export.runtime.requests import Limits
+    from ia3_export.serve.models import Row, Served
+
+    folder = export_once(tmp_path_factory, model_dir("t5"), "merged", [])
+    session = IA3Session(folder)
+    assert session.folder.max_positions is None
+    with pytest.raises(IA3Error, match="the prompt has 4097 tokens; this model names no position limit"):
+        generate_ids(session, [[5] * 4097], [None], GenerationOptions(max_new_tokens=2))
+    small = IA3Session(folder, limits=Limits(max_prompt_tokens=8))
+    assert len(generate_ids(small, [[5] * 8], [None], GenerationOptions(max_new_tokens=2))[0]) == 2
+    with pytest.raises(IA3Error, match="at most 8 \\(Limits.max_prompt_tokens\\)"):
+        generate_ids(small, [[5] * 9], [None], GenerationOptions(max_new_tokens=2))
+    served, row = Served(small), Row()
+    with pytest.raises(IA3Error, match="the prompt has 9 tokens"):
+        served.parse_prompt(row, {"input_ids": np.full((1, 9), 5)}, reserve=2)
+    served.parse_prompt(row, {"input_ids": np.array([[5, 6, -1]]), "adapter": np.array([[b""]])}, reserve=2)
+    assert row.ids == [5, 6]
+
+
 def test_a_huge_name_is_quoted_short_in_every_error(llama):
     """A client's 10,000-character adapter name once came back whole in the error (an HTTP body, a log
     line): each place that quotes it clips it, and every IA3Error is capped where it is made."""
