@@ -76,8 +76,8 @@ def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max
     config = ServeConfig(onnx_dir, tuple(adapters), address, http_port, grpc_port, metrics_port, max_batch,
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
                          tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
-                         api_key, max_adapters, openai_address, openai_certfile and (openai_certfile, openai_keyfile),
-                         header_timeout)
+                         api_key, max_adapters, openai_address,
+                         None if openai_certfile is None else (openai_certfile, openai_keyfile), header_timeout)
     server = Server(config)
 
     def ready(s):

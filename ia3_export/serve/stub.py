@@ -1,7 +1,7 @@
 """Mending pytriton 0.7.0's backend stub (pinned: the `serve` extra), before tritonserver starts.
 
 pytriton copies its stub (model.py, data.py) into each model's folder of Triton's model repository;
-the stub runs inside Triton's Python backend, out of our reach at run time. Two of its limits cost
+the stub runs inside Triton's Python backend, out of our reach at run time. Three of its limits cost
 users a promise, so the copies are edited in the repository: a tensor with a zero in its shape
 could not pass (`input_ids` [1, 0] got HTTP 500 with a traceback), a request whose parameters are
 not UTF-8 got a traceback (or, streamed, no answer ever), and a decoupled model was never told that

@@ -108,10 +108,11 @@ def test_a_connection_that_never_finishes_its_head_is_closed(https):
 @pytest.mark.parametrize("options,message", [
     (["--openai-certfile", "cert.pem"], "--openai-certfile and --openai-keyfile go together"),
     (["--openai-certfile", "missing.pem", "--openai-keyfile", "key.pem"], "--openai-certfile 'missing.pem' is not a file"),
+    (["--openai-certfile", "", "--openai-keyfile", "key.pem"], "--openai-certfile '' is not a file"),
     (["--openai-certfile", "cert.pem", "--openai-keyfile", "other.pem"], "are not a PEM certificate and its private key"),
     (["--openai-certfile", "key.pem", "--openai-keyfile", "key.pem"], "are not a PEM certificate and its private key"),
     (["--header-timeout", "0"], "--header-timeout"),
-], ids=["no key", "missing", "other key", "not a certificate", "zero timeout"])
+], ids=["no key", "missing", "empty", "other key", "not a certificate", "zero timeout"])
 def test_a_bad_tls_setup_is_one_line_before_anything_starts(authority, tmp_path, options, message):
     issued, other = authority.issue_cert(HOST), authority.issue_cert(HOST)
     issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
