@@ -48,6 +48,7 @@ KINDS = {
     "onnx_adapter": Kind(4 * 1024 * MiB, "an .onnx_adapter file"),  # vectors: megabytes at most
     "data": Kind(4 * 1024 * MiB, "a training data file"),  # rows are streamed, but a data set is bounded
     "text": Kind(16 * MiB, "a text file"),  # a prompt read from a file
+    "pem": Kind(1 * MiB, "a PEM certificate or key"),  # serve's TLS files: a chain is kilobytes
 }
 
 _TYPES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),

@@ -368,10 +368,15 @@ def _check_tls(certificate: str, key: str) -> None:
     match the certificate is one line before anything starts (uvicorn would stop with a traceback)."""
     import ssl
 
+    from ..formats.reader import check_regular
+
     for option, path in (("--openai-certfile", certificate), ("--openai-keyfile", key)):
-        if not os.path.isfile(path):
-            raise IA3Error(f"{option} {quoted(path)} is not a file; pass the PEM file (`openssl req -x509 -newkey "
-                           "rsa:2048 -nodes -keyout key.pem -out cert.pem` makes a self-signed pair)")
+        try:
+            check_regular(path, "pem")  # the guarded reader's check: a regular file within its cap
+        except IA3Error as e:
+            raise IA3Error(f"{option} {quoted(path)} is not a file it can read ({e}); pass the PEM file (`openssl "
+                           "req -x509 -newkey rsa:2048 -nodes -keyout key.pem -out cert.pem` makes a self-signed "
+                           "pair)") from None
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
     except (ssl.SSLError, ValueError) as e:
