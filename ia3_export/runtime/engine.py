@@ -14,7 +14,8 @@ column 0 of one buffer of capacity rows x capacity length (grown geometrically, 
 present) and the mask gives each row's length. A row that ends frees its slot; at the next step
 boundary a joining row's prompt cache is written into a free slot, the free slots left are filled by
 moving the last rows down, and the arrays are copied only when they lack room (more rows, a longer
-prompt or need) or when the common left padding passes half the width (trimmed).
+prompt or need) or when the common left padding passes a quarter of the width (trimmed: every later
+step of the concat graph reads and copies each column, so a trim pays for itself within a few steps).
 Each request keeps its own TokenChooser (its seeded RNG), EOS and stop strings, so its tokens are
 those of the same request run alone (up to float rounding of a batched run: near-ties can flip).
 Bounded: `max_queue` waiting requests (past it `submit` says busy), `max_batch` active rows, a KV
@@ -39,6 +40,8 @@ from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
 from .generation import (MAX_LOGPROBS, GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, empty_cache,
                          eos_ids, is_int, is_real, kv_layout, new_token_budget, prefill, token_logprobs)
+
+TRIM_FRACTION = 4  # concat: the cache is trimmed once its common left padding passes 1/4 of its width
 
 
 @dataclasses.dataclass
@@ -363,7 +366,7 @@ class Engine:
         """Membership changes at a step boundary: rows whose adapter was unloaded end; the joining
         rows take the free slots (then go after the last); the last rows move down into the free
         slots left. Their caches are copied row by row into the batch's arrays where these have room
-        (rows, columns; concat: left padding at most half the width), else into new ones (counted in
+        (rows, columns; concat: left padding at most a quarter of the width), else into new ones (counted in
         stats["cache_copies"]): concat as wide as the longest row, shared with geometric headroom."""
         for row in group.rows + group.joining:
             if row.adapter is not None and row.adapter not in self.session.adapters:
@@ -390,7 +393,7 @@ class Engine:
         longest = max(r.seen for r in slots) if concat else max(r.need for r in slots)
         fits = host is not None and len(slots) <= next(iter(host.values())).shape[0] and longest <= group.width
         if concat:
-            fits = fits and 2 * (group.width - longest) <= group.width
+            fits = fits and (group.width - longest) * TRIM_FRACTION <= group.width
         if fits:
             target, width = host, group.width
             moved = [(i, r) for i, r in enumerate(slots) if id(r) in before and before[id(r)] != i]

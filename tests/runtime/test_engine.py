@@ -476,6 +476,33 @@ def test_rows_leave_and_join_in_place_and_the_batch_compacts(llama, fused_export
     assert group.slots == [] and group.kv is None  # an empty group lets its arrays go
 
 
+def test_the_concat_cache_is_trimmed_once_its_left_padding_passes_a_quarter_of_its_width(llama):
+    """When the oldest row leaves, the columns only it used stay as left padding every later concat step
+    reads and copies: once that padding passes a quarter of the width (engine.TRIM_FRACTION), the
+    next step boundary copies the rows into arrays as wide as the longest row left. Tokens stay those
+    alone."""
+    from ia3_export.runtime import Engine
+
+    s = open_session(llama["bank"], llama["a1"])
+    old = request(list(range(5, 17)), "adapter1", max_new_tokens=8)  # 12 + 8 columns, ends first
+    young = request([40, 41, 42, 43, 44, 45], None, max_new_tokens=24)
+    engine = Engine(s, max_batch=2)
+    handles = [engine.submit(old)]
+    engine.step()
+    handles.append(engine.submit(young))
+    while not handles[0].done:
+        engine.step()
+    group = engine.groups[None]
+    padding = group.width - group.slots[1].seen  # the young row's columns are the rightmost ones
+    assert group.width / 4 < padding <= group.width / 2  # trimmed at 1/4 of the width, not yet at 1/2
+    copies = engine.stats["cache_copies"]
+    engine.step()  # the step boundary compacts: the young row moves down into new, narrower arrays
+    assert engine.stats["cache_copies"] == copies + 1 and group.width == group.slots[0].seen
+    while engine.step():
+        pass
+    assert [h.result(0).tokens for h in handles] == [alone(s, r) for r in (old, young)]
+
+
 def test_a_bad_prompt_in_a_batched_prefill_fails_alone(llama):
     """A token id past the vocabulary makes the batched prefill fail: each row is then prefilled alone, so
     only that request ends with the error and the one that arrived with it gets its tokens."""
