@@ -30,6 +30,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from ..errors import IA3Error
 from ..runtime.engine import Request, Result
 from ..runtime.generation import TextStream
 from ..runtime.requests import register
+from .metrics import RequestTimes
 from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port, Row, Served, request_parameters
 
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
@@ -120,13 +122,19 @@ class Streams:
         self._running: dict[str, object] = {}
         self._lock = threading.Lock()
         self.finished: collections.Counter = collections.Counter()  # finish reason -> requests
+        self.times = RequestTimes()  # latencies and tokens of the requests that ended (GET /metrics)
         self.most_active = 0  # the most requests seen decoding together
 
     def submit(self, row: Row, ids: tuple = (), on_event=None):
+        submitted, first_token = time.monotonic(), None
+
         def event(e):  # on the engine's thread: count, then hand on
+            nonlocal first_token
             if isinstance(e, Result):
                 self.finished[e.finish_reason] += 1
+                self.times.observe(e, submitted, first_token)
             else:
+                first_token = first_token or time.monotonic()
                 self.most_active = max(self.most_active, self.engine.active)
             if on_event is not None:
                 on_event(e)

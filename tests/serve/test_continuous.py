@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import subprocess
@@ -402,6 +403,36 @@ def test_metrics_show_the_engine_and_the_adapters_in_use(wide):
     key = ("ia3:request_finished_total", (("finished_reason", "length"),))
     assert after[key] == before.get(key, 0) + 1
     assert ("ia3:adapter_requests_running", (("adapter", "wide-a2"),)) not in after
+
+
+def test_metrics_time_each_request_and_count_its_tokens(wide):
+    """vLLM's request histograms and token counters (`ia3:` prefix): after three streamed requests, the
+    counters grew by the prompt ids sent and the tokens received; each histogram counted three requests,
+    their first-token seconds within their end-to-end seconds and those within what the client waited;
+    buckets are cumulative up to +Inf = the count."""
+    requests = [{"input_ids": list(range(5, 5 + n)), "adapter": a, "max_new_tokens": m}
+                for n, a, m in ((3, "wide-a1", 40), (7, None, 12), (2, "wide-a2", 25))]
+    before = scrape(wide.openai)
+    answers = []
+    for request in requests:
+        start = time.monotonic()
+        tokens, *_ = streamed(wide.url, **request)
+        answers.append((tokens, time.monotonic() - start))
+    after = scrape(wide.openai)
+
+    def grew(name):
+        return after[(name, ())] - before.get((name, ()), 0)
+
+    assert grew("ia3:prompt_tokens_total") == sum(len(r["input_ids"]) for r in requests)
+    assert grew("ia3:generation_tokens_total") == sum(len(tokens) for tokens, _ in answers) > 3
+    for name in ("ia3:time_to_first_token_seconds", "ia3:time_per_output_token_seconds", "ia3:e2e_request_latency_seconds"):
+        assert grew(f"{name}_count") == 3
+        buckets = sorted((float(dict(labels)["le"]), value) for (n, labels), value in after.items() if n == f"{name}_bucket")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1] == (math.inf, after[(f"{name}_count", ())])
+    first, whole = grew("ia3:time_to_first_token_seconds_sum"), grew("ia3:e2e_request_latency_seconds_sum")
+    assert 0 < first < whole <= sum(waited for _, waited in answers)
+    per_token = grew("ia3:time_per_output_token_seconds_sum")  # three means, each under its request's whole time
+    assert 0 < per_token < whole
 
 
 def test_tokenize_and_detokenize_as_vllm(continuous, reference):
