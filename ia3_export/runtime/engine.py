@@ -40,6 +40,7 @@ from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
 from .generation import (MAX_LOGPROBS, GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, empty_cache,
                          eos_ids, is_int, is_real, kv_layout, new_token_budget, prefill, token_logprobs)
+from .generation import check_logit_bias
 
 TRIM_FRACTION = 4  # concat: the cache is trimmed once its common left padding passes 1/4 of its width
 
@@ -129,7 +130,7 @@ class _Row:
         self.handle, self.prompt, self.adapter, self.max_new = handle, prompt, adapter, max_new
         self.logprobs = logprobs  # alternatives per token whose log-probabilities the request asked for
         self.prompt_logprobs = prompt_logprobs  # the same, for its prompt's tokens
-        self.choose, self.stop, self.deadline = TokenChooser(options), stop, deadline
+        self.choose, self.stop, self.deadline = TokenChooser(options, [prompt], stop.eos), stop, deadline
         self.need = len(prompt) + max_new  # KV tokens it may hold; the shared layout's buffer length
         self.kv = None  # between its prefill and its join: (the prefill's outputs, past name -> [heads, seen, dim] view)
         self.seen = 0  # tokens whose keys and values are cached
@@ -215,8 +216,9 @@ class Engine:
             if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise IA3Error(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (or None), got {value!r}")
         max_new = new_token_budget(session.folder, len(prompt), options.max_new_tokens, False, session.limits)
+        check_logit_bias(options, session.folder.config.get("vocab_size"))
         decode = session.tokenizer().decode if options.stop_strings else None
-        stop = RowStop(eos_ids(session.folder, options), options.stop_strings, decode)
+        stop = RowStop(eos_ids(session.folder, options), options, decode)
         row = _Row(Handle(on_event), prompt, request.adapter, options, max_new, stop,
                    None if timeout is None else self.clock() + timeout, request.logprobs, request.prompt_logprobs)
         if row.need > self.kv_token_budget:
@@ -469,9 +471,10 @@ class Engine:
 
     @staticmethod
     def _choose(rows: list[_Row], logits: np.ndarray) -> list[int]:
-        """Each row's token from its logits: one argmax for the greedy rows, each sampled row its own RNG."""
+        """Each row's token from its logits: one argmax for the plain greedy rows; a sampled row (its own RNG)
+        or one with logits processors (its own history) through its chooser."""
         greedy = logits.argmax(-1).tolist()
-        return [row.choose(logits[i:i + 1])[0] if row.choose.options.do_sample else greedy[i] for i, row in enumerate(rows)]
+        return [greedy[i] if row.choose.plain else row.choose(logits[i:i + 1])[0] for i, row in enumerate(rows)]
 
     def _advance(self, row: _Row, token, logits: np.ndarray) -> bool:
         """Hand the token (with its log-probabilities, where asked, from its row's `logits`) to the request;

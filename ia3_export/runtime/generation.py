@@ -1,4 +1,5 @@
-"""Token generation on an IA3Session: greedy or sampled (temperature, top-k, top-p), stop strings,
+"""Token generation on an IA3Session: greedy or sampled (temperature, top-k, top-p, min-p), with
+logit bias, repetition/presence/frequency penalties, min_new_tokens and ignore_eos, stop strings,
 streaming, with the KV cache.
 
 Decoders: prompts are left-padded into one batch, position ids come from the attention mask
@@ -35,6 +36,7 @@ PAST, PRESENT = "past_key_values", "present"
 GENERATIVE = ("causal-lm", "seq2seq-lm")  # the task families whose exports generate text
 MAX_STOP_STRINGS = 64  # each is looked for in the row's text at every token: one request's list must not slow every row
 MAX_LOGPROBS = 20  # the most alternatives a request may ask the log-probabilities of (OpenAI's and vLLM's limit)
+MAX_LOGIT_BIAS = 300  # the most token ids one request's logit_bias may name (OpenAI's limit)
 
 
 class GenerationCapped(UserWarning):
@@ -51,6 +53,13 @@ class GenerationOptions:
     seed: int | None = None
     stop_strings: list[str] | None = None  # a row stops once its generated text contains one (kept, as transformers)
     eos_token_ids: list[int] | None = None  # default: generation_config.json's, else the manifest's
+    min_p: float = 0.0  # 0: off; else drop tokens less likely than min_p x the top token (transformers, vLLM)
+    repetition_penalty: float = 1.0  # 1: off; transformers'/vLLM's, over the prompt and the new tokens
+    presence_penalty: float = 0.0  # OpenAI's, over the new tokens only: logit - presence x (count > 0)
+    frequency_penalty: float = 0.0  # OpenAI's, over the new tokens only: logit - frequency x count
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias added to its logit
+    min_new_tokens: int = 0  # EOS (the eos_token_ids) suppressed and stop strings unchecked until this many tokens
+    ignore_eos: bool = False  # vLLM's: EOS does not end a row (it runs to max_new_tokens or a stop string)
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= INT_MAX:
@@ -74,6 +83,58 @@ class GenerationOptions:
             if len(stops) > MAX_STOP_STRINGS:
                 raise IA3Error(f"{len(stops)} stop strings, more than the {MAX_STOP_STRINGS} a request may hold (each "
                                "is looked for at every token); send fewer")
+        self._check_processors()
+
+    def _check_processors(self) -> None:
+        if not is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise IA3Error(f"min_p must be a number from 0 to 1 (0 turns it off), got {self.min_p!r}")
+        penalty = self.repetition_penalty
+        if not is_real(penalty) or not math.isfinite(penalty) or penalty <= 0:
+            raise IA3Error(f"repetition_penalty must be a finite number > 0 (1 turns it off, above 1 discourages "
+                           f"repeats), got {penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_real(value) or not -2 <= value <= 2:
+                raise IA3Error(f"{name} must be a number from -2 to 2 (0 turns it off), got {value!r}")
+        if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise IA3Error(f"min_new_tokens must be an integer from 0 to max_new_tokens ({self.max_new_tokens}), "
+                           f"got {self.min_new_tokens!r}; lower it or raise max_new_tokens")
+        if not isinstance(self.ignore_eos, bool):
+            raise IA3Error(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
+
+    @property
+    def processors(self) -> bool:
+        """Whether anything changes the logits before a token is chosen (then greedy is the argmax of
+        the processed logits, and a row cannot share another's argmax)."""
+        return bool(self.logit_bias or self.min_new_tokens or self.repetition_penalty != 1
+                    or self.presence_penalty or self.frequency_penalty)
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """OpenAI's logit_bias with integer keys: JSON's keys are strings ("50256"), so decimal strings count."""
+    shown = reprlib.repr(bias)
+    if not isinstance(bias, dict):
+        raise IA3Error(f"logit_bias must map token ids to biases from -100 to 100, got {shown}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise IA3Error(f"logit_bias names {len(bias)} tokens, more than the {MAX_LOGIT_BIAS} a request may; send fewer")
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not is_int(token) or not 0 <= token <= INT_MAX or not is_real(value) or not -100 <= value <= 100:
+            raise IA3Error(f"logit_bias must map token ids (integers >= 0) to biases from -100 to 100, got "
+                           f"{reprlib.repr(key)}: {reprlib.repr(value)}")
+        out[int(token)] = float(value)
+    return out
+
+
+def check_logit_bias(options: GenerationOptions, vocab_size: int | None) -> None:
+    """A logit_bias token past the vocabulary is refused before any work (each request path calls this)."""
+    outside = [t for t in options.logit_bias or () if vocab_size and t >= vocab_size]
+    if outside:
+        raise IA3Error(f"logit_bias names token {outside[0]}, outside the vocabulary of {vocab_size} tokens; "
+                       f"use ids from 0 to {vocab_size - 1}")
 
 
 def is_int(value) -> bool:
@@ -97,18 +158,48 @@ def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, lis
 
 
 class TokenChooser:
-    """Greedy argmax, or sampling from temperature-scaled logits filtered by top-k then top-p (the
-    order of transformers' warpers), seeded."""
+    """One request's choice of the next token for each row of its batch, seeded. The logits are processed
+    first, in float64, in this order (transformers' processors, then vLLM's penalties): logit_bias added,
+    EOS masked while fewer than min_new_tokens tokens are out, the repetition penalty over each row's
+    prompt and new tokens (a logit < 0 multiplied by it, else divided: transformers' and vLLM's), then
+    frequency and presence over its new tokens only (logit - frequency x count - presence x (count > 0),
+    OpenAI's and vLLM's). Greedy is the argmax of the processed logits (as transformers); sampling then
+    applies temperature, top-k, top-p and min-p (transformers' warpers, in their order). The chooser
+    records every token it chooses: the history the penalties read."""
 
-    def __init__(self, options: GenerationOptions):
+    def __init__(self, options: GenerationOptions, prompts: list[list[int]] | None = None, eos=()):
         self.options = options
         self.rng = np.random.default_rng(options.seed)
+        self.prompts = prompts or []  # each row's history before its first new token (a seq2seq's decoder start)
+        self.eos = sorted(eos)
+        self.plain = not options.do_sample and not options.processors  # the raw logits' argmax: batched by callers
+        self.new = 0  # tokens chosen so far (a batch's rows start together)
+        self.seen = self.counts = None  # [rows, vocab]: tokens in each row's history; each new token's count
+
+    def process(self, logits: np.ndarray) -> np.ndarray:
+        """[batch, vocab] float64 logits after logit_bias, min_new_tokens and the penalties."""
+        o, x = self.options, logits.astype(np.float64)
+        vocab = x.shape[-1]
+        if o.logit_bias:
+            ids = np.fromiter(o.logit_bias, np.int64)
+            if ids.max() >= vocab:
+                raise IA3Error(f"logit_bias names token {ids.max()}, outside the vocabulary of {vocab} tokens")
+            x[:, ids] += np.fromiter(o.logit_bias.values(), np.float64)
+        if self.new < o.min_new_tokens:
+            x[:, [t for t in self.eos if t < vocab]] = -np.inf
+        if o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty:
+            self._history(x.shape)
+        if o.repetition_penalty != 1:
+            x = np.where(self.seen, np.where(x < 0, x * o.repetition_penalty, x / o.repetition_penalty), x)
+        if o.presence_penalty or o.frequency_penalty:
+            x -= o.frequency_penalty * self.counts + o.presence_penalty * (self.counts > 0)
+        return x
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """[batch, vocab] float64 sampling distribution after temperature, top-k and top-p."""
+        """[batch, vocab] float64 sampling distribution after the processors, temperature, top-k, top-p, min-p."""
         o = self.options
+        logits = self.process(logits)
         # the top logit first, then the temperature: any temperature > 0 (1e-320 too) stays finite
-        logits = logits.astype(np.float64)
         with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: wanted
             scaled = (logits - logits.max(-1, keepdims=True)) / o.temperature
         if 0 < o.top_k < scaled.shape[-1]:  # ties with the k-th logit stay, as in transformers
@@ -123,13 +214,36 @@ class TokenChooser:
             probs = probs.copy()
             np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_p), -1)
             probs /= probs.sum(-1, keepdims=True)
+        if o.min_p > 0:  # the top token always stays
+            probs = np.where(probs < o.min_p * probs.max(-1, keepdims=True), 0.0, probs)
+            probs /= probs.sum(-1, keepdims=True)
         return probs
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        if not self.options.do_sample:
-            return logits.argmax(-1)
-        probs = self.probabilities(logits)
-        return np.array([self.rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+        if self.plain:
+            tokens = logits.argmax(-1)
+        elif not self.options.do_sample:
+            tokens = self.process(logits).argmax(-1)
+        else:
+            probs = self.probabilities(logits)
+            tokens = np.array([self.rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+        self._record(tokens)
+        return tokens
+
+    def _history(self, shape) -> None:
+        """The penalties' history arrays, made at the first step (the vocabulary is the logits')."""
+        if self.seen is None:
+            self.seen, self.counts = np.zeros(shape, bool), np.zeros(shape, np.int64)
+            for row, prompt in enumerate(self.prompts):
+                ids = np.asarray(prompt, np.int64)
+                self.seen[row, ids[(ids >= 0) & (ids < shape[1])]] = True
+
+    def _record(self, tokens: np.ndarray) -> None:
+        self.new += 1
+        if self.seen is not None:
+            rows = np.arange(len(tokens))
+            self.seen[rows, tokens] = True
+            self.counts[rows, tokens] += 1
 
 
 class TextStream:
@@ -189,9 +303,13 @@ def iter_tokens(session, prompts: list[list[int]], adapters: list[str | None] | 
                        f"export (text-generation or text2text-generation){classify}")
     steps = new_token_budget(session.folder, max(len(p) for p in prompts), options.max_new_tokens, seq2seq,
                              session.limits)
-    rows = _Rows(len(prompts), eos_ids(session.folder, options), options.stop_strings, decode, session.folder.pad_id())
+    check_logit_bias(options, session.folder.config.get("vocab_size"))
+    eos = eos_ids(session.folder, options)
+    rows = _Rows(len(prompts), eos, options, decode, session.folder.pad_id())
+    # the penalties' history: the prompt (transformers' and vLLM's), or a seq2seq's decoder input (its start token)
+    history = [[folder_start(session.folder)]] * len(prompts) if seq2seq else prompts
     loop = _seq2seq_logits if seq2seq else decoder_logits
-    return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options))
+    return _steps(loop(session, prompts, adapters, steps), rows, TokenChooser(options, history, eos))
 
 
 def _steps(logits_loop, rows, choose) -> Iterator[dict[int, int]]:
@@ -209,28 +327,36 @@ def _steps(logits_loop, rows, choose) -> Iterator[dict[int, int]]:
 
 
 class RowStop:
-    """When one row ends: at EOS, or once its generated text contains a stop string. Plain Python on
-    purpose: it runs once per token."""
+    """When one row ends: at EOS (unless ignore_eos), or once a stop string appears in its generated
+    text; neither before min_new_tokens tokens (vLLM's min_tokens), and a stop string only where it
+    ends in the new token's text (vLLM's), so one written before then does not end the row later.
+    Plain Python on purpose: it runs once per token."""
 
-    def __init__(self, eos: set[int], stops: list[str] | None, decode):
-        self.eos, self.stops, self.decode, self.tokens = eos, stops or [], decode, []
+    def __init__(self, eos: set[int], options: GenerationOptions, decode):
+        self.eos, self.stops, self.decode, self.tokens = eos, options.stop_strings or [], decode, []
+        self.ignore_eos, self.min_new, self.count, self.text = options.ignore_eos, options.min_new_tokens, 0, ""
 
     def __call__(self, token: int) -> bool:
-        if token in self.eos:
+        self.count += 1
+        early = self.count < self.min_new
+        if token in self.eos and not self.ignore_eos and not early:
             return True
         if not self.stops:
             return False
         self.tokens.append(token)
-        text = self.decode(self.tokens)
-        return any(stop in text for stop in self.stops)
+        text, before = self.decode(self.tokens), self.text
+        # where the text changed: its end, unless this token completed a character the last one left as U+FFFD
+        same = len(before) if text.startswith(before) else next(i for i, (a, b) in enumerate(zip(before, text)) if a != b)
+        self.text = text
+        return not early and any(stop in text[max(0, same - len(stop) + 1):] for stop in self.stops)
 
 
 class _Rows:
     """Which rows of a batch still generate (each row's `RowStop`)."""
 
-    def __init__(self, batch: int, eos: set[int], stops: list[str] | None, decode, pad: int):
+    def __init__(self, batch: int, eos: set[int], options: GenerationOptions, decode, pad: int):
         self.live, self.pad = list(range(batch)), pad
-        self.stopped = [RowStop(eos, stops, decode) for _ in range(batch)]
+        self.stopped = [RowStop(eos, options, decode) for _ in range(batch)]
 
     def advance(self, chosen: np.ndarray) -> tuple[dict[int, int], list[int]]:
         """({row: token} for the rows that were live, the tokens to feed next: pad for finished rows)."""
@@ -478,13 +604,19 @@ def eos_ids(folder, options: GenerationOptions) -> set[int]:
     return set(options.eos_token_ids if options.eos_token_ids is not None else folder.eos_ids())
 
 
+def folder_start(folder) -> int:
+    """A seq2seq export's decoder start token (the manifest's tokens.decoder_start)."""
+    start = folder.tokens.get("decoder_start")
+    if start is None:
+        raise IA3Error(f"{folder.path}: the manifest has no tokens.decoder_start; re-export the model")
+    return int(start)
+
+
 def _seq2seq_logits(session, prompts, adapters, steps):
     """Yields the decoder's last-position logits; receives each step's tokens."""
     folder = session.folder
     encoder, decoder = session.graphs["encoder"], session.graphs["decoder"]
-    start = folder.tokens.get("decoder_start")
-    if start is None:
-        raise IA3Error(f"{folder.path}: the manifest has no tokens.decoder_start; re-export the model")
+    start = folder_start(folder)
     batch = len(prompts)
     ids, mask = _pad_right(prompts, folder.pad_id())
     hidden = session.run({"input_ids": ids, "attention_mask": mask}, graph="encoder", adapters=adapters,

@@ -28,6 +28,10 @@ MAX_NEW_TOKENS = 4096  # the ceiling where a model names no positions (T5's rela
 MAX_PROMPT_TOKENS = 4096  # a prompt's ceiling there: its attention grows as its square (one prompt could sink a server)
 SEED_MAX = 2**32 - 1  # numpy's and torch's seed range: what every seed option accepts
 INT_MAX = 2**31 - 1  # counts a request or an option may give
+SAMPLING_FIELDS = ("seed", "temperature", "top_k", "top_p", "min_p")  # options that only matter when sampling
+# the numeric generation options every generating path takes (RequestPath.fields; the tests walk them)
+NUMERIC_FIELDS = ("max_new_tokens", *SAMPLING_FIELDS, "repetition_penalty", "presence_penalty", "frequency_penalty",
+                  "min_new_tokens")
 
 
 @dataclasses.dataclass(frozen=True)

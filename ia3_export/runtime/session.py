@@ -27,7 +27,7 @@ from ..ort import onnxruntime, session_options as default_session_options
 from . import adapters as adapter_io
 from .bindings import Adapter, binding_class
 from .folder import ExportedFolder, open_folder
-from .requests import Limits, register
+from .requests import NUMERIC_FIELDS, SAMPLING_FIELDS, Limits, register
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -381,13 +381,13 @@ def _check_provider(provider: str) -> str:
     return provider
 
 
-@register("IA3Session.generate", ("causal-lm", "seq2seq-lm"), ("max_new_tokens", "seed", "temperature", "top_p"))
+@register("IA3Session.generate", ("causal-lm", "seq2seq-lm"), NUMERIC_FIELDS)
 def _open_request_path(folder: str, limits: Limits):
     """The Python API as a request path (runtime/requests.py): one session, greedy unless a sampling field is given."""
     session = IA3Session(folder, limits=limits)
 
     def send(text, **fields) -> str:
-        sample = bool({"seed", "temperature", "top_p"} & set(fields))
+        sample = bool(set(SAMPLING_FIELDS) & set(fields))
         return session.generate(text, adapter=None, do_sample=sample, **fields)
 
     send.close = session.close

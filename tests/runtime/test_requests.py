@@ -43,7 +43,24 @@ HOSTILE = [
     ("negative temperature", NORMAL, {"temperature": -1.0}, r"temperature"),
     ("subnormal temperature", NORMAL, {"temperature": 1e-320}, None),
     ("top_p over 1", NORMAL, {"top_p": 2.0}, r"top.p"),
+    ("negative top_k", NORMAL, {"top_k": -2}, r"top.k"),
+    ("min_p over 1", NORMAL, {"min_p": 1.5}, r"min.p"),
+    ("zero repetition_penalty", NORMAL, {"repetition_penalty": 0.0}, r"repetition.penalty"),
+    ("huge repetition_penalty", NORMAL, {"repetition_penalty": 1e30}, None),
+    ("presence_penalty past 2", NORMAL, {"presence_penalty": 2.5}, r"presence.penalty"),
+    ("frequency_penalty below -2", NORMAL, {"frequency_penalty": -2.5}, r"frequency.penalty"),
+    ("negative min_new_tokens", NORMAL, {"min_new_tokens": -1}, r"min.new.tokens"),
+    ("min_new_tokens past max_new_tokens", NORMAL, {"min_new_tokens": INT32_MAX}, r"min.new.tokens"),
 ]
+
+
+def test_every_numeric_field_meets_a_hostile_value():
+    """A generating path takes every numeric option (NUMERIC_FIELDS), and each gets a hostile value here."""
+    from ia3_export.runtime.requests import NUMERIC_FIELDS
+
+    assert {field for _, _, fields, _ in HOSTILE for field in fields} >= set(NUMERIC_FIELDS)
+    for path in REQUEST_PATHS.values():
+        assert set(path.fields) in (set(), set(NUMERIC_FIELDS)), path.name
 
 
 def test_every_served_model_and_the_generate_command_are_registered():
