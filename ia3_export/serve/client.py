@@ -16,7 +16,10 @@ import urllib.parse
 from ..errors import IA3Error
 
 DATATYPES = {str: "BYTES", bool: "BOOL", int: "INT64", float: "FP32"}
-INT32_INPUTS = ("max_new_tokens",)
+INT32_INPUTS = ("max_new_tokens", "top_k", "min_new_tokens")
+# the generate models' optional logits-processing inputs -> the type each is sent as (logit_bias: a JSON object)
+PROCESSORS = {"top_k": int, "min_p": float, "repetition_penalty": float, "presence_penalty": float,
+              "frequency_penalty": float, "min_new_tokens": int, "ignore_eos": bool, "logit_bias": json.dumps}
 
 
 class ServeError(IA3Error):
@@ -48,8 +51,10 @@ class ServeClient:
     # -- models --------------------------------------------------------------------------------
     def generate(self, text: str | None = None, input_ids: list[int] | None = None, adapter: str | None = None,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None) -> Answer:
-        inputs = {**_prompt(text, input_ids, adapter), "max_new_tokens": max_new_tokens}
+                 seed: int | None = None, stop: list[str] | None = None, **processors) -> Answer:
+        """`processors`: any of PROCESSORS (top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+        min_new_tokens, ignore_eos, logit_bias as {token id: bias}), as GenerationOptions takes them."""
+        inputs = {**_prompt(text, input_ids, adapter), "max_new_tokens": max_new_tokens, **processor_inputs(processors)}
         if do_sample:
             inputs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p),
                           seed=-1 if seed is None else seed)
@@ -61,7 +66,7 @@ class ServeClient:
         `text` (the new piece), `output_ids` (the new tokens, absent when none), `finish_reason` (set on
         the last one) and `prompt_tokens`. An `error` in a response raises ServeError."""
         body = {**_prompt(text, None if input_ids is None else list(input_ids), adapter), "max_new_tokens": max_new_tokens,
-                **sampling}
+                **sampling, **processor_inputs({k: sampling[k] for k in PROCESSORS if k in sampling})}
         if input_ids is not None:
             body["input_ids"] = list(input_ids)  # one request, not batched: no bucketing
         if stop:
@@ -160,6 +165,14 @@ def server_sent_events(host: str, port: int, path: str, body: dict, timeout: flo
                 yield json.loads(line[5:])
     finally:
         conn.close()
+
+
+def processor_inputs(given: dict) -> dict:
+    """The inputs for the logits-processing options given (None left out), each in its input's type."""
+    unknown = sorted(set(given) - set(PROCESSORS))
+    if unknown:
+        raise IA3Error(f"unknown generate option {unknown[0]!r}; the client takes {', '.join(PROCESSORS)}")
+    return {name: PROCESSORS[name](value) for name, value in given.items() if value is not None}
 
 
 def _prompt(text, input_ids, adapter) -> dict:

@@ -6,7 +6,8 @@ ones are split into ONNX Runtime batches the IA3 way:
 
 - a bank export runs every greedy request in ONE batch, each row with its own adapter;
 - a swappable, foldswap or merged export runs one batch per adapter (it binds one vector set);
-- a sampled request runs alone (its seed drives its own random stream, as it would alone).
+- a sampled request runs alone (its seed drives its own random stream, as it would alone), as does
+  one with logits processors (penalties, logit_bias, min_new_tokens) or ignore_eos.
 
 Prompts of different lengths share a batch: decoders are left-padded, encoders right-padded,
 both with an attention mask, so every answer equals the same request run alone. A batch that
@@ -25,7 +26,7 @@ from ..errors import IA3Error
 from ..formats.jsonfile import dumps
 from ..runtime import GenerationOptions, IA3Session, generate_ids
 from ..runtime.generation import check_prompt_length
-from ..runtime.requests import register
+from ..runtime.requests import NUMERIC_FIELDS, register
 from ..tasks import EXPORT_TASKS, task_named
 from .adapters import MAX_ADAPTERS, AdapterPool
 
@@ -220,7 +221,10 @@ class Generate(ServedModel):
     name = "generate"
     inputs = (*PROMPT_INPUTS, Port("max_new_tokens", np.int32), Port("do_sample", np.bool_, optional=True),
               Port("temperature", np.float32, optional=True), Port("top_p", np.float32, optional=True),
-              Port("seed", np.int64, optional=True))
+              Port("seed", np.int64, optional=True), *(Port(name, dtype, optional=True) for name, dtype in (
+                  ("top_k", np.int32), ("min_p", np.float32), ("repetition_penalty", np.float32),
+                  ("presence_penalty", np.float32), ("frequency_penalty", np.float32),
+                  ("min_new_tokens", np.int32), ("ignore_eos", np.bool_), ("logit_bias", BYTES))))
     outputs = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), *STATUS_OUTPUTS)
 
     def __init__(self, served: Served, streamed: bool = False):
@@ -234,19 +238,22 @@ class Generate(ServedModel):
                 raise IA3Error(f"parameter `{name}` is answered by generate_stream only (this model has no {name} "
                                "output); send the request there, or to the OpenAI API's /v1/completions")
         seed = _number(request, "seed", -1, int)
-        row.options = GenerationOptions(
-            max_new_tokens=_number(request, "max_new_tokens", None, int), do_sample=_number(request, "do_sample", False, bool),
-            temperature=_number(request, "temperature", 1.0, float), top_p=_number(request, "top_p", 1.0, float),
-            seed=None if seed == -1 else seed,  # -1: unseeded; other negatives are refused
-            stop_strings=_stop_strings(parameters.get(STOP)))
+        defaults = GenerationOptions()  # an optional input left out: the option's default
+        numbers = {name: _number(request, name, getattr(defaults, name), type(getattr(defaults, name)))
+                   for name in (*NUMERIC_FIELDS, "do_sample", "ignore_eos") if name != "seed"}
+        row.options = GenerationOptions(**numbers, seed=None if seed == -1 else seed,  # -1: unseeded; below: refused
+                                        stop_strings=_stop_strings(parameters.get(STOP)),
+                                        logit_bias=_logit_bias(request))
         if row.options.stop_strings and self.served.tokenizer is None:
             raise IA3Error("parameter `stop` needs the export's tokenizer to read the text, and this folder has none; "
                            "end the request with max_new_tokens")
         self.served.parse_prompt(row, request, reserve=row.options.max_new_tokens)
 
     def plan(self, rows: list[Row]) -> list[list[Row]]:
-        """Sampled rows and rows with stop strings run alone: a batch shares one GenerationOptions."""
-        alone = lambda row: row.options.do_sample or row.options.stop_strings  # noqa: E731
+        """Rows that sample, process logits, stop at strings or ignore EOS run alone: a batch shares one
+        GenerationOptions."""
+        alone = lambda row: (row.options.do_sample or row.options.stop_strings or row.options.processors  # noqa: E731
+                             or row.options.ignore_eos)
         return [fitted for group in self.served.groups(rows, alone=alone) for fitted in self._fit(group)]
 
     def _fit(self, rows: list[Row]) -> list[list[Row]]:
@@ -390,7 +397,7 @@ def _open(model_cls: type, answer: str):
     return open_path
 
 
-register("serve generate", ("causal-lm", "seq2seq-lm"), ("max_new_tokens", "seed", "temperature", "top_p"))(
+register("serve generate", ("causal-lm", "seq2seq-lm"), NUMERIC_FIELDS)(
     _open(Generate, "text"))
 register("serve classify", ("seq-cls",))(_open(Classify, "label"))
 
@@ -421,6 +428,17 @@ def _stop_strings(stop) -> list[str] | None:
     if not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
         raise IA3Error("parameter `stop` must be a string or a JSON list of non-empty strings")
     return strings
+
+
+def _logit_bias(request) -> dict | None:
+    """The `logit_bias` input: OpenAI's JSON object of token id -> bias (GenerationOptions checks it)."""
+    if "logit_bias" not in request:
+        return None
+    try:
+        return json.loads(_string(request, "logit_bias"))
+    except (ValueError, RecursionError):
+        raise IA3Error("input `logit_bias` must be a JSON object of token ids to biases, such as "
+                       "{\"50256\": -100}") from None
 
 
 def _number(request, name: str, default, cast):

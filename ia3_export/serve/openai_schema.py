@@ -20,8 +20,13 @@ from ..runtime.generation import MAX_LOGPROBS
 from ..runtime.requests import SEED_MAX
 from .models import LOGPROBS, STOP, Generate
 
-FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
-INTEGERS = ("max_new_tokens", "seed")
+# OpenAI's (and vLLM's) generation fields -> Triton's generate inputs (GenerationOptions checks the ranges)
+FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+          "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+          "min_tokens": "min_new_tokens", "ignore_eos": "ignore_eos"}
+INTEGERS = ("max_new_tokens", "seed", "top_k", "min_new_tokens")
+FLAGS = ("ignore_eos",)
 # the integer range of each integer input's tensor: Triton's JSON reader wraps a value past it
 # (max_new_tokens 2**32 + 5 would arrive as 5), so the front refuses it first
 PORT_RANGES = {port.name: np.iinfo(port.dtype) for port in Generate.inputs if port.name in INTEGERS}
@@ -33,12 +38,9 @@ ECHO_ONLY = "echo_only"  # not a Triton parameter: `max_tokens: 0` with `echo`, 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's: the rest of the model's context)
 # OpenAI's (and vLLM's) parameters this server does not implement -> the values that mean "off", which
 # are accepted (clients such as LangChain send them); any other value is refused by name
-NOT_IMPLEMENTED = {"best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
-                   "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+NOT_IMPLEMENTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
                    "functions": (None, []), "tool_choice": (None, "none", "auto"),
-                   "function_call": (None, "none", "auto"),
-                   "response_format": (None, {"type": "text"}), "top_k": (None, 0, -1), "min_p": (None, 0),
-                   "repetition_penalty": (None, 1), "min_tokens": (None, 0), "ignore_eos": (None, False)}
+                   "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"})}
 
 
 class APIError(Exception):
@@ -54,8 +56,9 @@ def generate_options(body: dict, chat: bool) -> dict:
     refused by name."""
     for field, off in {**NOT_IMPLEMENTED, **({"echo": (None, False)} if chat else {})}.items():
         if body.get(field) not in off:
-            raise APIError(400, f"`{field}` is not implemented by this server (it samples with temperature, "
-                                f"top_p and seed, and stops at stop strings, EOS or max_tokens); leave it out")
+            raise APIError(400, f"`{field}` is not implemented by this server (it generates text with OpenAI's "
+                                f"sampling, penalty and stop parameters and vLLM's top_k, min_p, repetition_penalty, "
+                                f"min_tokens and ignore_eos); leave it out")
     for flag in ("stream", "echo"):
         if not isinstance(body.get(flag, False), bool):
             raise APIError(400, f"`{flag}` must be true or false")
@@ -72,8 +75,13 @@ def generate_options(body: dict, chat: bool) -> dict:
             continue
         if field == "max_tokens" and type(value) is int and value == 0 and body.get("echo") is True:
             value = out[ECHO_ONLY] = 1  # the prompt alone, scored (vLLM's): one token generated, then dropped
+        if field == "top_k" and value == -1 and type(value) is int:  # vLLM's "off"
+            continue
         integer = name in INTEGERS
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        if name in FLAGS:
+            if not isinstance(value, bool):
+                raise APIError(400, f"`{field}` must be true or false, got {json.dumps(value)[:40]}")
+        elif isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             kind = "an integer" if integer else "a number"
             raise APIError(400, f"`{field}` must be {kind}, got {json.dumps(value)[:40]}")
         if integer and not PORT_RANGES[name].min <= value <= PORT_RANGES[name].max:  # Triton would wrap it
@@ -84,6 +92,12 @@ def generate_options(body: dict, chat: bool) -> dict:
             del out["temperature"]
         else:
             out["do_sample"] = True
+    bias = body.get("logit_bias")
+    if bias is not None:  # keys are JSON strings: GenerationOptions reads them as ids, the engine checks the vocabulary
+        if not isinstance(bias, dict):
+            raise APIError(400, f"`logit_bias` must be an object of token ids to biases, got {json.dumps(bias)[:40]}")
+        if bias:
+            out["logit_bias"] = json.dumps(bias)
     stop = body.get("stop")
     if stop not in (None, "", []):
         stops = [stop] if isinstance(stop, str) else stop

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import IA3Error
 from ..runtime.engine import Request, Result
 from ..runtime.generation import TextStream
-from ..runtime.requests import register
+from ..runtime.requests import NUMERIC_FIELDS, register
 from .metrics import RequestTimes
 from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port, Row, Served, request_parameters
 
@@ -296,7 +296,7 @@ class Disconnects(threading.Thread):
         self._socket.close()
 
 
-@register("serve generate_stream", ("causal-lm",), ("max_new_tokens", "seed", "temperature", "top_p"))
+@register("serve generate_stream", ("causal-lm",), NUMERIC_FIELDS)
 def open_stream_path(folder: str, limits):
     """`generate_stream` as a request path (runtime/requests.py): requests in Triton's form through the
     model's infer function, on an engine of its own; `send` gathers the streamed text."""

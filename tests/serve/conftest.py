@@ -51,6 +51,17 @@ def llama_bank(start_server):
     return start_server(folder("llama-bank"), "--batching", "request", "--max-batch", "8", "--max-queue-delay-us", "300000")
 
 
+@pytest.fixture(scope="module")
+def continuous(start_server):
+    """The llama bank export under continuous batching with the OpenAI front (`server.openai`), one per module."""
+    from ia3_export.serve.process import free_ports
+
+    port = free_ports(1)[0]
+    server = start_server(folder("llama-bank"), "--openai-port", str(port), "--max-batch", "8", "--drain-timeout", "10")
+    server.openai = f"http://127.0.0.1:{port}/v1"
+    return server
+
+
 def concurrently(calls: list, timeout: float = 120) -> list:
     """Run the calls from one thread each, released together; their results (or exceptions) in order."""
     results = [None] * len(calls)
