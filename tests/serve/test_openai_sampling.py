@@ -96,7 +96,8 @@ def test_whole_request_batching_runs_a_row_with_processors_alone(llama_bank, ref
     on = [{"repetition_penalty": 1.5, "logit_bias": {13: 5.0}, "min_new_tokens": 2, "ignore_eos": True},
           {"repetition_penalty": 1.0, "logit_bias": {40: 5.0}, "min_new_tokens": 0, "ignore_eos": False}]
     options = [off, on[0], off, on[1]]
-    requests = [dict(input_ids=[5, 6, 7 + i], adapter=(A1, A2)[i % 2], max_new_tokens=8, **options[i]) for i in range(4)]
+    requests = [dict(input_ids=[5, 6, 7 + i], adapter=(A1, A2)[i % 2], max_new_tokens=8, **options[i])
+                for i in range(4)]
     answers = concurrently([lambda r=r: ServeClient(llama_bank.url).generate(**r) for r in requests])
     for request, answer, extra in zip(requests, answers, options):
         assert answer.outputs["output_ids"] == ref.generate(request["input_ids"], request["adapter"], 8, **extra)
