@@ -7,7 +7,7 @@ adapter (bank) or its adapter's group (swappable, foldswap). Two Triton models f
 - `generate_stream`, a decoupled model (HTTP `POST /v2/models/generate_stream/generate_stream`
   as Server-Sent Events, or a gRPC stream): one response per group of new tokens as the engine
   chooses them (tokens that pile up while a response is being sent go together in the next one:
-  each response costs ~1.3 ms of server CPU, see facts.md), the last one with `finish_reason`;
+  each response costs ~2.7 ms of server CPU: scripts/bench_response_cost.py), the last one with `finish_reason`;
 - `generate`, the non-streaming model: its Triton batch is handed to the engine, where it joins
   whatever is running, and answered when its rows end.
 
@@ -44,7 +44,7 @@ from .models import BYTES, LOGPROBS, PROMPT_LOGPROBS, REQUEST_ID, Generate, Port
 STREAM_OUTPUTS = (Port("text", BYTES), Port("output_ids", np.int64, (-1,)), Port("finish_reason", BYTES),
                   Port("prompt_tokens", np.int64), Port("error", BYTES), Port("logprobs", BYTES),
                   Port("prompt_logprobs", BYTES))
-RESPONSE_COST_S = 1.3e-3  # server CPU per streamed response (pytriton's decoupled path; facts.md)
+RESPONSE_COST_S = 2.7e-3  # server CPU per streamed response (pytriton's decoupled path; bench_response_cost.py)
 STREAM_SHARE = 0.1  # of one core, what the responses of all open streams may cost together (docs/serving.md)
 STUB_KEY = "ia3_stub_request"  # the parameter pytriton's mended stub adds: the key it reports a disconnect with
 
@@ -217,7 +217,7 @@ class GenerateStream:
     def pause_s(self) -> float:
         """How long a stream waits after a response before the next: every response costs the server
         ~RESPONSE_COST_S of CPU, so with many streams open each sends fewer, larger responses, and all
-        of them together stay within STREAM_SHARE of a core (one stream: every ~13 ms; 40: every ~0.5 s).
+        of them together stay within STREAM_SHARE of a core (one stream: every ~27 ms; 40: every ~1.1 s).
         The first token and the end are sent at once."""
         return RESPONSE_COST_S * self.open / STREAM_SHARE
 
