@@ -19,8 +19,10 @@ API_KEY_VARIABLE = "IA3_API_KEY"
 @click.option("--max-batch", default=16, show_default=True, type=IntRange(1, 1024), help="Most requests Triton batches together.")
 @click.option("--max-queue-delay-us", default=2000, show_default=True, type=IntRange(0, 60_000_000),
               help="How long a request may wait for others to batch with (microseconds).")
-@click.option("--instances", default=1, show_default=True, type=IntRange(1, 64),
-              help="Model instances running batches in parallel (one shared session).")
+@click.option("--instances", default=None, type=IntRange(1, 64),
+              help="Model instances running batches in parallel (one shared session). Default: 1; 4 on the "
+                   "engine (--batching continuous), where each holds one Triton batch of `generate` requests "
+                   "while they decode.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--max-tokens", default=None, type=IntRange(1, INT_MAX),
               help="Most tokens per request (prompt + new tokens); default: the model's context length.")

@@ -34,6 +34,7 @@ from .client import access_headers
 from .models import Adapters, Served, model_for
 
 START_ATTEMPTS = 3
+ENGINE_INSTANCES = 4  # generate's instances on the engine: Triton batches of whole requests decoding at once
 API_KEY = re.compile(r"[A-Za-z0-9._~+/-]{1,256}")  # RFC 6750's token characters: safe in a header and in Triton's flag
 BATCHING = ("continuous", "request")
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -49,7 +50,7 @@ class ServeConfig:
     metrics_port: int = 8002
     max_batch: int = 16
     max_queue_delay_us: int = 2000
-    instances: int = 1
+    instances: int | None = None  # Triton model instances; None: Server.model_instances chooses
     provider: str = "cpu"
     max_tokens: int | None = None  # prompt + new tokens per request; default: the model's context length
     drain_timeout_s: int = 30
@@ -68,7 +69,7 @@ class ServeConfig:
     header_timeout_s: float = HEADER_TIMEOUT_S  # the OpenAI API closes a connection whose request head takes longer
 
     def __post_init__(self):
-        for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", self.instances, 1),
+        for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", 1 if self.instances is None else self.instances, 1),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--drain-timeout", self.drain_timeout_s, 1), ("--max-queue", self.max_queue, 1),
                                    ("--request-timeout", self.request_timeout_s, 1),
@@ -147,6 +148,16 @@ class Server:
         return Streams(engine, self.config.request_timeout_s)
 
     @property
+    def model_instances(self) -> int:
+        """Instances of the generate (or classify) model: `--instances`, else ENGINE_INSTANCES on the engine
+        and 1 otherwise. On the engine an instance only waits, but pytriton's non-streaming model holds it
+        until its Triton batch ends: with one, a `generate` request arriving while another decoded could
+        not join the running batch before that one ended."""
+        if self.config.instances is not None:
+            return self.config.instances
+        return ENGINE_INSTANCES if self.streams is not None else 1
+
+    @property
     def url(self) -> str:
         return f"http://{display_host(self.config.address)}:{self.config.http_port}"
 
@@ -176,7 +187,7 @@ class Server:
             except Exception as e:  # pytriton raises TimeoutError/RuntimeError; the server's log is above
                 self.stop()
                 reason = " ".join(str(e).split())
-                if c.instances == 1 or "ConnectionRefusedError" not in reason or attempt == START_ATTEMPTS:
+                if self.model_instances == 1 or "ConnectionRefusedError" not in reason or attempt == START_ATTEMPTS:
                     raise CheckFailed(f"Triton Inference Server did not start ({reason[:300]}); "
                                       "check the ports and the log above") from None
                 print(f"ia3-export serve: an instance missed pytriton's handshake; starting again ({attempt + 1}/"
@@ -220,16 +231,16 @@ class Server:
         """(name, infer functions, inputs, outputs, config) of every model this server binds."""
         from pytriton.model_config import ModelConfig
 
-        c, served = self.config, self.served
+        served = self.served
         single = ModelConfig(max_batch_size=1, batcher=batched.batcher)
         if self.streams is None:
-            functions = [self.model(served) for _ in range(c.instances)]
+            functions = [self.model(served) for _ in range(self.model_instances)]
             models = [(self.model.name, functions, self.model.inputs, self.model.outputs, batched)]
         else:
             from .streaming import EngineGenerate, GenerateStream
 
             stream = GenerateStream(served, self.streams)
-            models = [(EngineGenerate.name, [EngineGenerate(served, self.streams) for _ in range(c.instances)],
+            models = [(EngineGenerate.name, [EngineGenerate(served, self.streams) for _ in range(self.model_instances)],
                        EngineGenerate.inputs, EngineGenerate.outputs, batched),
                       (stream.name, [stream], stream.inputs, stream.outputs, ModelConfig(batching=False, decoupled=True))]
         return [*models, (Adapters.name, [Adapters(served, self.model.name)], Adapters.inputs, Adapters.outputs, single)]

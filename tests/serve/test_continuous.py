@@ -142,6 +142,32 @@ def test_non_streaming_generate_joins_the_engine(continuous, reference):
         assert answer.outputs["output_ids"] == ref.generate(request["input_ids"], request["adapter"], request["max_new_tokens"])
 
 
+def test_a_whole_answer_sent_while_another_decodes_joins_it_and_ends_first(wide, reference):
+    """Non-streaming `generate` on the engine: pytriton holds a model instance until its Triton batch
+    ends, so with the one instance of old a short request sent while a long one decoded waited for the
+    long one to end. The engine's default instances let it join the running batch: it ends first, and
+    both answers are the requests alone."""
+    ref = reference("llama-wide-bank")
+    long = {"input_ids": [5, 6], "adapter": "wide-a1", "max_new_tokens": LONG // 4}
+    short = {"input_ids": [7, 8, 9], "adapter": "wide-a2", "max_new_tokens": 4}
+    ended = {}
+
+    def send(name, request):
+        tokens = ServeClient(wide.url).generate(**request).outputs["output_ids"]
+        ended[name] = time.monotonic()
+        return tokens
+
+    thread = threading.Thread(target=lambda: ended.setdefault("long tokens", send("long", long)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not ServeClient(wide.url).adapters("stats")["engine"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert send("short", short) == ref.generate(short["input_ids"], short["adapter"], short["max_new_tokens"])
+    thread.join(60)
+    assert ended["short"] < ended["long"]
+    assert ended["long tokens"] == ref.generate(long["input_ids"], long["adapter"], long["max_new_tokens"])
+
+
 def test_non_streaming_generate_stops_at_stop_strings_as_generate_stream(continuous, reference):
     """The `generate` model reads the `stop` parameter as generate_stream does (it once ignored it and ran
     to max_new_tokens), and refuses `logprobs`, which only generate_stream answers."""
