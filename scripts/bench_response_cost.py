@@ -48,7 +48,7 @@ def main() -> None:
     from ia3_export.serve.process import ServerProcess
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="a causal-lm bank export with adapter a1 (bench_serve.py --prepare's EXPORTS/bank)")
+    parser.add_argument("folder", help="a bank export with adapter a1 (bench_serve.py --prepare's EXPORTS/bank)")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--out", default=os.path.join(ROOT, "runs"))
     args = parser.parse_args()

@@ -346,7 +346,8 @@ class RowStop:
         self.tokens.append(token)
         text, before = self.decode(self.tokens), self.text
         # where the text changed: its end, unless this token completed a character the last one left as U+FFFD
-        same = len(before) if text.startswith(before) else next(i for i, (a, b) in enumerate(zip(before, text)) if a != b)
+        same = len(before) if text.startswith(before) else next(
+            i for i, (a, b) in enumerate(zip(before, text)) if a != b)
         self.text = text
         return not early and any(stop in text[max(0, same - len(stop) + 1):] for stop in self.stops)
 

@@ -69,7 +69,8 @@ class ServeConfig:
     header_timeout_s: float = HEADER_TIMEOUT_S  # the OpenAI API closes a connection whose request head takes longer
 
     def __post_init__(self):
-        for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", 1 if self.instances is None else self.instances, 1),
+        instances = 1 if self.instances is None else self.instances
+        for option, value, low in (("--max-batch", self.max_batch, 1), ("--instances", instances, 1),
                                    ("--max-queue-delay-us", self.max_queue_delay_us, 0),
                                    ("--drain-timeout", self.drain_timeout_s, 1), ("--max-queue", self.max_queue, 1),
                                    ("--request-timeout", self.request_timeout_s, 1),
@@ -214,6 +215,7 @@ class Server:
                              config=config)
         stub.serialize_empty_tensors(self._workspace.model_store_path)
         stub.read_parameters_safely(self._workspace.model_store_path)
+        stub.wait_for_the_first_instance(self._workspace.model_store_path)
         if self.streams is not None:
             from .streaming import Disconnects, GenerateStream
 

@@ -1,12 +1,13 @@
 """Mending pytriton 0.7.0's backend stub (pinned: the `serve` extra), before tritonserver starts.
 
 pytriton copies its stub (model.py, data.py) into each model's folder of Triton's model repository;
-the stub runs inside Triton's Python backend, out of our reach at run time. Three of its limits cost
+the stub runs inside Triton's Python backend, out of our reach at run time. Four of its limits cost
 users a promise, so the copies are edited in the repository: a tensor with a zero in its shape
 could not pass (`input_ids` [1, 0] got HTTP 500 with a traceback), a request whose parameters are
-not UTF-8 got a traceback (or, streamed, no answer ever), and a decoupled model was never told that
-its client went away (a disconnected stream kept generating). Each edit is a plain text
-replacement of pytriton 0.7.0's code, tested by the serve job (tests/serve)."""
+not UTF-8 got a traceback (or, streamed, no answer ever), a decoupled model was never told that
+its client went away (a disconnected stream kept generating), and a model's second instance gave up
+on its first after 1 s (a server with several instances failed to start on a busy machine). Each
+edit is a plain text replacement of pytriton 0.7.0's code, tested by the serve job (tests/serve)."""
 from __future__ import annotations
 
 import glob
@@ -85,6 +86,45 @@ def report_disconnects(model_store, model: str, path: str) -> None:
 
     for stub in glob.glob(os.path.join(str(model_store), model, "*", "model.py")):
         _rewrite(stub, edit)
+
+
+HANDSHAKE_TIMEOUT_S = 60  # how long a model's later instances wait for its first one (pytriton: 1 s)
+HANDSHAKE = ("def get_config_from_handshake_server(socket_path: pathlib.Path, timeout_s: float = 1.0) -> dict:",
+             "def get_config_from_handshake_server(socket_path: pathlib.Path, timeout_s: float = %r) -> dict:")
+CONNECT = ("""        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.0, should_stop_before_s - time.time()))
+        sock.connect(socket_path.as_posix())
+""", """        while True:  # ia3-export: the first instance's socket exists from its bind, answers from its listen
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.0, should_stop_before_s - time.time()))
+            try:
+                sock.connect(socket_path.as_posix())
+                break
+            except ConnectionRefusedError:
+                sock.close()
+                if time.time() >= should_stop_before_s:
+                    raise
+                time.sleep(0.01)
+""")
+
+
+def wait_for_the_first_instance(model_store) -> None:
+    """A model's instances load in parallel, and all but the first fetch their configuration from a Unix
+    socket the first one serves once it has started its tensor store (a process of its own): pytriton
+    0.7.0 waits 1 s for that socket and connects once, so on a busy machine a later instance failed
+    (TimeoutError, or ConnectionRefusedError between the first one's bind and listen) and with it the
+    server's start (`failed to load all models`). The copies of pytriton's communication.py wait up to
+    HANDSHAKE_TIMEOUT_S and retry a refused connection."""
+
+    def edit(text: str) -> str:
+        for old, new in (HANDSHAKE, CONNECT):
+            if old not in text:
+                raise RuntimeError(f"pytriton's stub has changed: {old.strip()[:60]!r} not found; pin nvidia-pytriton")
+            text = text.replace(old, new % HANDSHAKE_TIMEOUT_S if "%r" in new else new)
+        return text
+
+    for path in glob.glob(os.path.join(str(model_store), "*", "*", "communication.py")):
+        _rewrite(path, edit)
 
 
 def _rewrite(path: str, edit) -> None:

@@ -443,10 +443,13 @@ def test_metrics_time_each_request_and_count_its_tokens(wide):
 
     assert grew("ia3:prompt_tokens_total") == sum(len(r["input_ids"]) for r in requests)
     assert grew("ia3:generation_tokens_total") == sum(len(tokens) for tokens, _ in answers) > 3
-    for name in ("ia3:time_to_first_token_seconds", "ia3:time_per_output_token_seconds", "ia3:e2e_request_latency_seconds"):
+    for name in ("ia3:time_to_first_token_seconds", "ia3:time_per_output_token_seconds",
+                 "ia3:e2e_request_latency_seconds"):
         assert grew(f"{name}_count") == 3
-        buckets = sorted((float(dict(labels)["le"]), value) for (n, labels), value in after.items() if n == f"{name}_bucket")
-        assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1] == (math.inf, after[(f"{name}_count", ())])
+        buckets = sorted((float(dict(labels)["le"]), value)
+                         for (n, labels), value in after.items() if n == f"{name}_bucket")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+        assert buckets[-1] == (math.inf, after[(f"{name}_count", ())])
     first, whole = grew("ia3:time_to_first_token_seconds_sum"), grew("ia3:e2e_request_latency_seconds_sum")
     assert 0 < first < whole <= sum(waited for _, waited in answers)
     per_token = grew("ia3:time_per_output_token_seconds_sum")  # three means, each under its request's whole time
