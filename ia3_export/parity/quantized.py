@@ -94,8 +94,9 @@ def _expected_scales(weight: np.ndarray, quantization: dict) -> tuple[np.ndarray
     """Per element of an [N, K] weight: the scale ORT's quantizer gives its block, and the largest
     rounding error allowed (in scales). int4 symmetric maps the largest magnitude to -8, so the
     other sign clips at +7: up to one step; otherwise half a step."""
-    if quantization["method"] == "int8":  # symmetric int8, one scale per output column
-        return np.broadcast_to(np.abs(weight).max(axis=1, keepdims=True) / 127, weight.shape), 0.5
+    if quantization["method"] == "int8":  # symmetric, one scale per output column; 7 bits since 2026-12-07
+        top = quantization.get("weight_max", 127)
+        return np.broadcast_to(np.abs(weight).max(axis=1, keepdims=True) / top, weight.shape), 0.5
     n, k = weight.shape
     block = quantization["block_size"]
     blocks = -(-k // block)
