@@ -38,9 +38,9 @@ import numpy as np
 
 from ..errors import IA3Error
 from ..formats.manifest import KV_CONCAT, KV_SHARED
-from .generation import (MAX_LOGPROBS, GenerationOptions, RowStop, Sequence, TokenChooser, cache_names, empty_cache,
-                         eos_ids, is_int, is_real, kv_layout, new_token_budget, prefill, token_logprobs)
-from .generation import check_logit_bias
+from .generation import (MAX_LOGPROBS, GenerationOptions, RowStop, Sequence, TokenChooser, cache_names,
+                         check_logit_bias, empty_cache, eos_ids, is_int, is_real, kv_layout, new_token_budget, prefill,
+                         token_logprobs)
 
 TRIM_FRACTION = 4  # concat: the cache is trimmed once its common left padding passes 1/4 of its width
 
