@@ -24,6 +24,9 @@ API_KEY_VARIABLE = "IA3_API_KEY"
                    "engine (--batching continuous), where each holds one Triton batch of `generate` requests "
                    "while they decode.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", default=None, type=IntRange(1, 1024),
+              help="ONNX Runtime's intra-op threads. Default: the cores this process may use, less one "
+                   "(left to Triton and the server's own threads).")
 @click.option("--max-tokens", default=None, type=IntRange(1, INT_MAX),
               help="Most tokens per request (prompt + new tokens); default: the model's context length.")
 @click.option("--drain-timeout", default=30, show_default=True, type=IntRange(1, 3600),
@@ -58,9 +61,9 @@ API_KEY_VARIABLE = "IA3_API_KEY"
                    "`triton-access-token: KEY` to Triton's ports; health probes and /metrics need none. "
                    "Prefer the environment variable: a command line is visible to every local user.")
 def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
-            instances, provider, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout, batching, max_queue,
-            request_timeout, openai_port, openai_address, openai_certfile, openai_keyfile, header_timeout, max_adapters,
-            served_model_name, api_key):
+            instances, provider, threads, max_tokens, drain_timeout, max_text_bytes, tokenizer_timeout, batching,
+            max_queue, request_timeout, openai_port, openai_address, openai_certfile, openai_keyfile, header_timeout,
+            max_adapters, served_model_name, api_key):
     """Serve an exported folder (generate or classify) behind Triton Inference Server; SIGTERM drains and stops."""
     import os
 
@@ -79,7 +82,7 @@ def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
                          tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
                          api_key, max_adapters, openai_address,
-                         None if openai_certfile is None else (openai_certfile, openai_keyfile), header_timeout)
+                         None if openai_certfile is None else (openai_certfile, openai_keyfile), header_timeout, threads)
     server = Server(config)
 
     def ready(s):
@@ -87,6 +90,7 @@ def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max
         openai = f", OpenAI API {config.openai_url}" if s.front is not None else ""
         click.echo(f"serving {s.model.name} ({s.session.mode}, {batching}, adapters: "
                    f"{', '.join(s.served.pool.names()) or 'none'}) on {s.url} (gRPC {config.grpc_port}, metrics "
-                   f"{config.metrics_port}{openai}); workspace {s.workspace}", err=True)
+                   f"{config.metrics_port}{openai}; ONNX Runtime threads: {config.intra_op_threads}); workspace "
+                   f"{s.workspace}", err=True)
 
     server.serve_forever(on_ready=ready)

@@ -11,6 +11,7 @@ from cli_helpers import assert_one_line_error, run_cli
 from conftest import concurrently, folder
 from test_generate import A1, A2, ask
 
+from ia3_export.serve import ServeConfig, Server
 from ia3_export.serve.process import ServerProcess, free_ports
 
 
@@ -81,7 +82,26 @@ def test_bad_start_options_fail_with_one_line(tmp_path):
     ports = ["--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics]  # not whatever holds 8000-8002
     assert_one_line_error(run_cli("serve", folder("llama-bank"), *ports, "--max-batch", "0"), 2,
                           "--max-batch is 0; give a whole number in the range 1<=x<=1024")
+    assert_one_line_error(run_cli("serve", folder("llama-bank"), *ports, "--threads", "0"), 2,
+                          "--threads is 0; give a whole number in the range 1<=x<=1024")
     assert_one_line_error(run_cli("serve", folder("llama-bank"), "--http-port", http, "--grpc-port", http), 2,
                           "--http-port, --grpc-port and --metrics-port must differ")
     assert_one_line_error(run_cli("serve", str(tmp_path / "nothing"), *ports), 2, "does not exist")
     assert_one_line_error(run_cli("serve", folder("llama-bank"), *ports, "--adapter", folder("bert-a1")), 2, "bert-a1")
+
+
+def test_onnx_runtime_threads_leave_a_core_to_the_server_unless_given():
+    """Every graph of the served session runs on --threads intra-op threads, else on the cores this process may
+    use less one: ONNX Runtime's own default takes them all, and the server's other threads and tritonserver
+    then wait for a core (on 2 cores one thread gave the engine 1.07-1.20x the tokens/s; docs/serving.md)."""
+    http, grpc, metrics = free_ports(3)
+    expected = {None: max(1, len(os.sched_getaffinity(0)) - 1), 3: 3}
+    for threads, want in expected.items():
+        server = Server(ServeConfig(folder("llama-bank"), http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                    threads=threads))
+        try:
+            got = {name: graph.session.get_session_options().intra_op_num_threads
+                   for name, graph in server.session.graphs.items()}
+        finally:
+            server.close()
+        assert got and set(got.values()) == {want}, (threads, got)
