@@ -348,7 +348,9 @@ def saturation(send: dict, args) -> dict:
     """Rounds at rate inf: continuous and request on the mixed requests, continuous on the same requests
     all on one adapter, and the continuous server's non-streamed `generate` (the same engine without a
     response per step: what streaming costs); medians of the rounds (this machine's noise is +-30% per run),
-    and the goals' ratios paired within each round (its cases run back to back), then their median: a
+    and the goals' ratios paired within each round (its cases run back to back, in an order that rotates
+    from round to round: with mixed adapters always first they measured 0.92x one adapter in one run, and
+    1.05x in a probe that alternated the two), then their median: a
     round that ran slow for every case counts as one round, not as a slow case."""
     mixed = sweep_requests(args.sweep_requests, seed=300)
     single = [{**r, "adapter": ADAPTERS[0]} for r in mixed]
@@ -356,9 +358,10 @@ def saturation(send: dict, args) -> dict:
     cases = {"continuous": (send["continuous"], mixed), "request": (send["request"], mixed),
              "continuous_single_adapter": (send["continuous"], single),
              "continuous_not_streamed": (send["continuous_generate"], mixed)}
-    rounds = {name: [] for name in cases}
-    for _ in range(args.saturation_rounds):
-        for name, (fn, requests) in cases.items():
+    rounds, names = {name: [] for name in cases}, list(cases)
+    for i in range(args.saturation_rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # each case first in turn: no order bias
+            fn, requests = cases[name]
             rounds[name].append(metrics(open_loop(fn, requests, at_once)))
     out = {name: {key: float(np.median([m[key] for m in ms])) for key in ("new_tokens_per_s", "requests_per_s", "errors")}
            | {"rounds_new_tokens_per_s": [round(m["new_tokens_per_s"], 1) for m in ms]} for name, ms in rounds.items()}
