@@ -175,16 +175,18 @@ class TokenChooser:
         self.plain = not options.do_sample and not options.processors  # the raw logits' argmax: batched by callers
         self.new = 0  # tokens chosen so far (a batch's rows start together)
         self.seen = self.counts = None  # [rows, vocab]: tokens in each row's history; each new token's count
+        bias = options.logit_bias or {}
+        self.bias_ids, self.bias = np.fromiter(bias, np.int64), np.fromiter(bias.values(), np.float64)  # once
 
     def process(self, logits: np.ndarray) -> np.ndarray:
         """[batch, vocab] float64 logits after logit_bias, min_new_tokens and the penalties."""
         o, x = self.options, logits.astype(np.float64)
         vocab = x.shape[-1]
-        if o.logit_bias:
-            ids = np.fromiter(o.logit_bias, np.int64)
-            if ids.max() >= vocab:
-                raise IA3Error(f"logit_bias names token {ids.max()}, outside the vocabulary of {vocab} tokens")
-            x[:, ids] += np.fromiter(o.logit_bias.values(), np.float64)
+        if self.bias_ids.size:
+            if self.bias_ids.max() >= vocab:  # a folder whose config names no vocab_size is checked here
+                raise IA3Error(f"logit_bias names token {self.bias_ids.max()}, outside the vocabulary of "
+                               f"{vocab} tokens")
+            x[:, self.bias_ids] += self.bias
         if self.new < o.min_new_tokens:
             x[:, [t for t in self.eos if t < vocab]] = -np.inf
         if o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty:
