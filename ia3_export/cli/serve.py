@@ -82,7 +82,8 @@ def command(onnx_dir, adapters, address, http_port, grpc_port, metrics_port, max
                          max_queue_delay_us, instances, provider, max_tokens, drain_timeout, max_text_bytes,
                          tokenizer_timeout, batching, max_queue, request_timeout, openai_port, served_model_name,
                          api_key, max_adapters, openai_address,
-                         None if openai_certfile is None else (openai_certfile, openai_keyfile), header_timeout, threads)
+                         None if openai_certfile is None else (openai_certfile, openai_keyfile), header_timeout,
+                         threads)
     server = Server(config)
 
     def ready(s):
