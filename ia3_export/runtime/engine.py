@@ -160,8 +160,9 @@ class Engine:
     """Continuous batching over `session` (see the module docstring). Drive it with `step()` until it
     returns False (tests, benchmarks), or `start()` its loop thread (or use it as a context manager);
     `submit` is thread-safe. `stats` counts prefill and decode runs and new batch arrays (cache_copies);
-    `after_step` callables run on the engine's thread after each step (a server's relay flushes the
-    step's events to its event loop there: serve/streaming.py)."""
+    `after_step` callables run on the engine's thread after each step, and after its prefills when it
+    has any, so that first tokens do not wait for the batch's decode run (a server's relay flushes the
+    events to its event loop there: serve/streaming.py)."""
 
     def __init__(self, session, max_batch: int = 8, max_queue: int = 64, kv_token_budget: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -259,6 +260,8 @@ class Engine:
                 batches.setdefault(self._key(row), []).append(row)
             for rows in batches.values():
                 self._prefill_batch(rows)
+            if batches:
+                self._after_step()
             for group in list(self.groups.values()):
                 if group.joining or None in group.slots:
                     self._guarded(group.rows + group.joining, self._place, group)
@@ -266,10 +269,13 @@ class Engine:
                     self._guarded(group.rows, self._decode, group)
                 if not group.rows:
                     self._release(group)
-            for hook in self.after_step:
-                hook()
+            self._after_step()
             with self._lock:
                 return bool(self._queue) or self.active > 0
+
+    def _after_step(self) -> None:
+        for hook in self.after_step:
+            hook()
 
     def start(self) -> "Engine":
         """Run `step()` on a daemon thread until `close()`; it sleeps while nothing is queued or active."""

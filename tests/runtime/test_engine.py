@@ -520,7 +520,7 @@ def test_a_streams_inbox_wakes_its_loop_only_when_it_waits_or_ends_and_keeps_its
     """serve/streaming.py's Inbox and Relay between the engine's thread and an event loop: every request's
     tokens come out of its inbox in order (those alone), then its Result; a stream that waits is woken by
     its next token, one that paces (does not wait) only by its end, and the loop at most once per engine
-    step (Engine.after_step), not once per token."""
+    step and once more on a step that prefills (Engine.after_step), not once per token."""
     import asyncio
 
     from ia3_export.runtime import Engine, Result
@@ -564,7 +564,34 @@ def test_a_streams_inbox_wakes_its_loop_only_when_it_waits_or_ends_and_keeps_its
     assert [g[:-1] for g in got] == want and all(isinstance(g[-1], Result) and g[-1].tokens == w for g, w in zip(got, want))
     assert len(calls[1]) == len(calls[2]) == 1  # 5 and 9 tokens: woken once, by the end
     # request 0 waited at every step (its first step chose two tokens: prefill, then decode): a wake a step, then the end
-    assert len(calls[0]) == steps + 1 == 12 and len(wakes) <= steps
+    assert len(calls[0]) == steps + 1 == 12 and len(wakes) <= steps + 1  # one more on the step that prefilled
+
+
+def test_a_joining_requests_first_token_reaches_the_after_step_hooks_before_the_batch_decodes(llama):
+    """A request that joins a running batch gets its first token from its prefill; the hooks (where a
+    server's relay wakes the stream) run before the step's decode run of every row, so the first
+    response does not wait for that run. Every answer still equals the request alone."""
+    from ia3_export.runtime import Engine, Result
+
+    s = open_session(llama["bank"], llama["a1"], llama["a2"])
+    engine, log = Engine(s), []
+    engine.after_step.append(lambda: log.append(("hook", engine.stats["decode_runs"])))
+    running = [request([5, 6, 7, 8], "adapter1", max_new_tokens=20), request([9, 10], None, max_new_tokens=16)]
+    late = request([11, 12, 13], "adapter2", max_new_tokens=6)
+    handles = [engine.submit(r) for r in running]
+    for _ in range(3):
+        engine.step()
+
+    def on_event(event):
+        if not isinstance(event, Result) and not any(kind == "late" for kind, _ in log):
+            log.append(("late", engine.stats["decode_runs"]))
+    handles.append(engine.submit(late, on_event=on_event))
+    while engine.step():
+        pass
+    assert [h.result().tokens for h in handles] == [alone(s, r) for r in running + [late]]
+    at = log.index(next(e for e in log if e[0] == "late"))
+    next_hook = next(e for e in log[at + 1:] if e[0] == "hook")
+    assert next_hook[1] == log[at][1], log[at - 2:at + 4]  # no decode run between the first token and the hook
 
 
 def test_a_text_stream_fed_several_tokens_at_once_decodes_once_per_push_and_joins_to_the_text(llama):
