@@ -92,6 +92,7 @@ class Row:
     options: GenerationOptions | None = None
     logprobs: int | None = None  # generate_stream: alternatives per token to report the log-probabilities of
     prompt_logprobs: int | None = None  # generate_stream: the same per prompt token
+    key: str | None = None  # on the engine: what pytriton's mended stub reports a disconnect with (stub.py)
     error: str = ""
     answer: object = None
     batch_size: int = 0

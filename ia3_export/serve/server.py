@@ -232,10 +232,11 @@ class Server:
         stub.read_parameters_safely(self._workspace.model_store_path)
         stub.wait_for_the_first_instance(self._workspace.model_store_path)
         if self.streams is not None:
-            from .streaming import Disconnects, GenerateStream
+            from .streaming import Disconnects, EngineGenerate, GenerateStream
 
             self.disconnects = Disconnects(os.path.join(self.workspace, "ia3-disconnects.sock"), self.streams)
-            stub.report_disconnects(self._workspace.model_store_path, GenerateStream.name, self.disconnects.path)
+            stub.report_disconnects(self._workspace.model_store_path, (GenerateStream.name, EngineGenerate.name),
+                                    self.disconnects.path)
             self.streams.engine.start()
         self.triton.run()
         if c.openai_port is not None:

@@ -16,11 +16,12 @@ thread puts each token in the stream's `Inbox`, which wakes the loop (through it
 `call_soon_threadsafe` per engine step) only when the stream waits for tokens or its request ends, so
 a stream pacing its responses costs its loop no wake per step. pytriton 0.7.0
 does not tell a model that a client went away, though Triton marks the request cancelled (a reset
-HTTP stream, a cancelled gRPC stream): the server mends pytriton's stub to look at each response and
-report it (`Disconnects`), so a `generate_stream` whose client left is cancelled within a step or
-two. Every request still has a deadline (`--request-timeout`) and a cap on its tokens (the
-non-streaming `generate` is not told), and the OpenAI-compatible front cancels by the request's id
-(`Streams.cancel`) when its own client leaves.
+HTTP stream, a cancelled gRPC stream or call): the server mends pytriton's stub to look at each
+response, or every 0.1 s of a non-streaming batch, and report it (`Disconnects`), so a
+`generate_stream` whose client left is cancelled within a step or two, a gRPC `generate` within 0.1 s.
+Every request still has a deadline (`--request-timeout`) and a cap on its tokens (Triton does not
+mark a closed non-streaming HTTP connection), and the OpenAI-compatible front cancels by the
+request's id (`Streams.cancel`) when its own client leaves.
 """
 from __future__ import annotations
 
@@ -176,25 +177,32 @@ def parse_stream_request(parser: Generate, row: Row, request) -> str | None:
 
 
 class EngineGenerate(Generate):
-    """`generate` on the engine: the Triton batch's rows join the running batch; answered when they end."""
+    """`generate` on the engine: the Triton batch's rows join the running batch; answered when they end.
+    A row whose client went away (a gRPC call cancelled or past its deadline) is cancelled (`Disconnects`)."""
 
     def __init__(self, served, streams: Streams):
         super().__init__(served)
         self.streams = streams
 
+    def parse(self, row: Row, request) -> None:
+        super().parse(row, request)
+        row.key = request_parameters(request).get(STUB_KEY)
+
     def plan(self, rows: list[Row]) -> list[list[Row]]:
         return [rows] if rows else []  # the engine batches, with whatever else is running
 
     def execute(self, rows: list[Row]) -> list[list[int]]:
-        handles = []
+        handles, keys = [], tuple(row.key for row in rows)
         try:
             for row in rows:
-                handles.append(self.streams.submit(row))
+                handles.append(self.streams.submit(row, (row.key,)))
+            results = [handle.result() for handle in handles]
         except IA3Error:  # busy: the rows already in would run again, alone, when the batch is retried row by row
             for handle in handles:
                 handle.cancel()
             raise
-        results = [handle.result() for handle in handles]
+        finally:
+            self.streams.done(keys)
         failed = [r for r in results if r.finish_reason in ("error", "deadline")]
         if failed:
             raise IA3Error(_failure(failed[0]))

@@ -42,8 +42,10 @@ STUB_REQUEST = ("    return parameters\n", "    return {**parameters, %r: f'{os.
 STUB_RESPONSE = "                flags, responses_payload = await responses_queue.get()\n"
 STUB_REPORT = """\
                 if any(r.is_cancelled() for r in triton_requests):  # ia3-export: the client went away
-                    _ia3_disconnected(triton_requests)
+                    _ia3_disconnected([r for r in triton_requests if r.is_cancelled()])
 """
+STUB_WAIT = ("                triton_responses_or_error = handle_responses_concurrent_future.result()\n",
+             "                triton_responses_or_error = _ia3_wait(handle_responses_concurrent_future, triton_requests)\n")
 STUB_SENDER = """
 
 def _ia3_disconnected(triton_requests):
@@ -54,7 +56,21 @@ def _ia3_disconnected(triton_requests):
                 s.sendto(f"{os.getpid()}-{id(r)}".encode(), %r)
             except OSError:
                 pass
+
+
+def _ia3_wait(future, triton_requests):
+    import concurrent.futures
+    reported = set()
+    while True:
+        try:
+            return future.result(timeout=%r)
+        except concurrent.futures.TimeoutError:  # still running: report the requests cancelled since
+            gone = [r for r in triton_requests if id(r) not in reported and r.is_cancelled()]
+            reported.update(map(id, gone))
+            if gone:
+                _ia3_disconnected(gone)
 """
+CANCEL_POLL_S = 0.1  # how often a non-streaming model's stub looks for cancelled requests while they run
 
 
 def read_parameters_safely(model_store) -> None:
@@ -70,22 +86,27 @@ def read_parameters_safely(model_store) -> None:
         _rewrite(stub, lambda text: text.replace(old, new) + PARAMETERS_READER % BAD_PARAMETERS)
 
 
-def report_disconnects(model_store, model: str, path: str) -> None:
-    """pytriton 0.7.0 never tells a decoupled model that its client went away, though Triton marks the
-    request cancelled (`is_cancelled()`; seen for a reset HTTP stream and a cancelled gRPC stream). The
-    stub's copy of pytriton's model.py in `model`'s folder is mended: each request gets a key (a
-    parameter, streaming.STUB_KEY), and at every response of a cancelled request the stub sends that key
-    to `path`, where `streaming.Disconnects` cancels it in the engine. After `read_parameters_safely`."""
+def report_disconnects(model_store, models: tuple[str, ...], path: str) -> None:
+    """pytriton 0.7.0 never tells a model that its client went away, though Triton marks the request
+    cancelled (`is_cancelled()`; seen for a reset HTTP stream, a cancelled gRPC stream and a gRPC call past
+    its deadline, not for a closed non-streaming HTTP connection). The stubs' copies of pytriton's model.py
+    in the `models`' folders are mended: each request gets a key (a parameter, streaming.STUB_KEY), and the
+    stub sends the key of a cancelled request to `path`, where `streaming.Disconnects` cancels it in the
+    engine: a decoupled model's at each of its responses, a non-streaming model's every CANCEL_POLL_S while
+    its batch runs. After `read_parameters_safely`."""
     from .streaming import STUB_KEY
 
     def edit(text: str) -> str:
+        if STUB_RESPONSE not in text or STUB_WAIT[0] not in text:
+            raise RuntimeError("pytriton's stub has changed: its responses' loop or wait not found; pin nvidia-pytriton")
         response = text.index(STUB_RESPONSE, text.index("class DecoupledResponsesHandler")) + len(STUB_RESPONSE)
         old, new = STUB_REQUEST
-        text = text[:response] + STUB_REPORT + text[response:]
-        return text.replace(old, new % STUB_KEY) + STUB_SENDER % path
+        text = (text[:response] + STUB_REPORT + text[response:]).replace(*STUB_WAIT)
+        return text.replace(old, new % STUB_KEY) + STUB_SENDER % (path, CANCEL_POLL_S)
 
-    for stub in glob.glob(os.path.join(str(model_store), model, "*", "model.py")):
-        _rewrite(stub, edit)
+    for model in models:
+        for stub in glob.glob(os.path.join(str(model_store), model, "*", "model.py")):
+            _rewrite(stub, edit)
 
 
 HANDSHAKE_TIMEOUT_S = 60  # how long a model's later instances wait for its first one (pytriton: 1 s)

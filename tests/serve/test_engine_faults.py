@@ -1,5 +1,6 @@
 """Faults of `serve --batching continuous`: shipped adapters named again at start-up, clients that
-disconnect from a direct `generate_stream`, and many concurrent requests against a short queue."""
+disconnect from a direct `generate_stream` or leave a gRPC `generate`, and many concurrent requests
+against a short queue."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +11,7 @@ import socket
 import struct
 import time
 
+import numpy as np
 import pytest
 from cli_helpers import assert_one_line_error, run_cli
 from conftest import concurrently, folder
@@ -62,11 +64,36 @@ def test_a_direct_stream_whose_client_disconnects_is_cancelled(start_server):
             seen += chunk
         # the first tokens came: it is decoding
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
-    admin, deadline = ServeClient(server.url), time.monotonic() + 60
+    assert engine_finished(server) == {"cancelled": 1}  # not run to its LONG tokens
+
+
+def test_a_grpc_generate_whose_call_ends_early_is_cancelled(start_server):
+    """A non-streaming `generate` over gRPC whose call ends before its answer (tritonclient's client_timeout:
+    the call is cancelled at its deadline) leaves the engine: Triton marks the request cancelled, and the
+    mended stub, which polls its batch's requests while they run, reports it (without that the row would
+    decode its LONG tokens, or until --request-timeout; Triton 2.51 marks no closed HTTP connection)."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    server = start_server(folder("llama-wide-bank"), "--drain-timeout", "5")
+    inputs = [grpcclient.InferInput("input_ids", [1, 3], "INT64"), grpcclient.InferInput("adapter", [1, 1], "BYTES"),
+              grpcclient.InferInput("max_new_tokens", [1, 1], "INT32")]
+    for tensor, value in zip(inputs, (np.array([[5, 6, 7]], np.int64), np.array([[b"wide-a1"]], np.object_),
+                                      np.array([[LONG]], np.int32))):
+        tensor.set_data_from_numpy(value)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("generate", inputs, client_timeout=1.0)
+    assert engine_finished(server) == {"cancelled": 1}
+
+
+def engine_finished(server, timeout_s: float = 60) -> dict:
+    """The engine's requests by finish reason, once none is running (a test fails past timeout_s)."""
+    admin, deadline = ServeClient(server.url), time.monotonic() + timeout_s
     while admin.adapters("stats")["engine"]["active"]:
-        assert time.monotonic() < deadline, "the abandoned stream never ended"
+        assert time.monotonic() < deadline, "the abandoned request never ended"
         time.sleep(0.1)
-    assert admin.adapters("stats")["engine"]["finished"] == {"cancelled": 1}  # not run to its LONG tokens
+    return admin.adapters("stats")["engine"]["finished"]
 
 
 def test_many_concurrent_requests_are_answered_or_refused_busy(start_server, reference):
