@@ -45,7 +45,8 @@ STUB_REPORT = """\
                     _ia3_disconnected([r for r in triton_requests if r.is_cancelled()])
 """
 STUB_WAIT = ("                triton_responses_or_error = handle_responses_concurrent_future.result()\n",
-             "                triton_responses_or_error = _ia3_wait(handle_responses_concurrent_future, triton_requests)\n")
+             "                triton_responses_or_error = _ia3_wait(handle_responses_concurrent_future, "
+             "triton_requests)\n")
 STUB_SENDER = """
 
 def _ia3_disconnected(triton_requests):
@@ -98,7 +99,8 @@ def report_disconnects(model_store, models: tuple[str, ...], path: str) -> None:
 
     def edit(text: str) -> str:
         if STUB_RESPONSE not in text or STUB_WAIT[0] not in text:
-            raise RuntimeError("pytriton's stub has changed: its responses' loop or wait not found; pin nvidia-pytriton")
+            raise RuntimeError("pytriton's stub has changed: its responses' loop or wait not found; "
+                               "pin nvidia-pytriton")
         response = text.index(STUB_RESPONSE, text.index("class DecoupledResponsesHandler")) + len(STUB_RESPONSE)
         old, new = STUB_REQUEST
         text = (text[:response] + STUB_REPORT + text[response:]).replace(*STUB_WAIT)
