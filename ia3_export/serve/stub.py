@@ -41,8 +41,8 @@ def _ia3_parameters(triton_request):
 STUB_REQUEST = ("    return parameters\n", "    return {**parameters, %r: f'{os.getpid()}-{id(triton_request)}'}\n")
 STUB_RESPONSE = "                flags, responses_payload = await responses_queue.get()\n"
 STUB_REPORT = """\
-                if any(r.is_cancelled() for r in triton_requests):  # ia3-export: the client went away
-                    _ia3_disconnected([r for r in triton_requests if r.is_cancelled()])
+                if gone := [r for r in triton_requests if r.is_cancelled()]:  # ia3-export: the client went away
+                    _ia3_disconnected(gone)
 """
 STUB_WAIT = ("                triton_responses_or_error = handle_responses_concurrent_future.result()\n",
              "                triton_responses_or_error = _ia3_wait(handle_responses_concurrent_future, "
