@@ -55,6 +55,10 @@ def test_metrics_follow_their_definitions(bench):
     assert m["new_tokens_per_s"] == pytest.approx(4.0)
 
 
+SATURATION = {"continuous": {"new_tokens_per_s": 130.0}, "request": {"new_tokens_per_s": 100.0},
+              "continuous_single_adapter": {"new_tokens_per_s": 140.0}}
+
+
 def _row(e2e_p99, ttft_p50, tokens_per_s=100.0):
     return {"e2e_ms": {"p99": e2e_p99}, "ttft_ms": {"p50": ttft_p50}, "new_tokens_per_s": tokens_per_s}
 
@@ -65,13 +69,25 @@ def test_goals_judge_at_the_first_rate_where_request_batching_reaches_3x(bench):
         "by_rate": {"1": {"request": _row(250, 100), "continuous": _row(200, 10)},
                     "2": {"request": _row(400, 300), "continuous": _row(180, 50)},  # 4x: judged here
                     "4": {"request": _row(900, 800), "continuous": _row(100, 10)}},
-        "saturation": {"continuous": {"new_tokens_per_s": 130.0}, "request": {"new_tokens_per_s": 100.0},
-                       "continuous_single_adapter": {"new_tokens_per_s": 140.0}}}}
+        "saturation": SATURATION}}
     verdicts = {g["goal"]: (g["pass"], g.get("ratio")) for g in bench.goals(result)}
     assert verdicts == {"continuous p99 e2e <= 0.5x request batching's": (True, 0.45),
                         "continuous median TTFT <= 0.2x request batching's": (True, 0.167),
                         "saturation throughput (rate inf) continuous >= 1.3x request": (True, 1.3),
                         "mixed adapters >= 0.95x single-adapter throughput at saturation (continuous)": (False, 0.929)}
+
+
+def test_the_p99_goal_reports_its_floor_the_longest_request_alone(bench):
+    """No load makes a request faster than alone: where the rate's longest request alone already takes more
+    than half of request batching's p99, the verdict says the goal is out of reach there."""
+    by_rate = {"4": {"request": _row(400, 300), "continuous": _row(240, 20)}}
+    for alone, floor, over in ((150.0, 0.375, False), (220.0, 0.55, True)):
+        result = {"sweep": {"unloaded_request": {"e2e_ms": {"p50": 100.0}}, "by_rate": by_rate,
+                            "longest_alone_ms": {"4": alone}, "saturation": SATURATION}}
+        p99 = next(g for g in bench.goals(result) if g["goal"].startswith("continuous p99"))
+        assert (p99["pass"], p99["ratio"], p99["floor_ratio"]) == (False, 0.6, floor)
+        assert f"alone on the continuous server {alone:.0f} ms" in p99["numbers"]
+        assert ("over the goal before any load" in p99["numbers"]) is over
 
 
 def test_saturation_goals_pair_the_cases_of_each_round(bench):
