@@ -301,8 +301,9 @@ def mismatches(a: list, b: list) -> list[int]:
 
 def sweep(servers: dict, args) -> dict:
     """Every rate: the same requests to both servers (continuous, then request), open loop; one at a time
-    first (the unloaded latency, and each request's answer alone); saturation rounds at inf, with a
-    single-adapter run on the continuous server."""
+    first (the unloaded latency, and each request's answer alone); each rate's longest answer alone on the
+    continuous server (the p99 goal's floor); saturation rounds at inf, with a single-adapter run on the
+    continuous server."""
     send = {"continuous": streamed(servers["continuous"]), "request": whole(servers["request"])}
     rates = [float(r) for r in args.rates.split(",")]
     out = {"rates": args.rates.split(","), "requests_per_rate": args.sweep_requests, "by_rate": {}, "mismatched": []}
