@@ -332,7 +332,7 @@ def sweep(servers: dict, args) -> dict:
             f"{row[mode]['e2e_ms']['p99']:.0f} ms, {row[mode]['new_tokens_per_s']:.0f} tok/s, {row[mode]['errors']} errors"
             for mode in send), flush=True)
     # the p99 goal's floor: no load makes a request faster than alone, so the continuous server's p99 at a rate
-    # is at least its longest answer's latency alone (median of 3, streamed as in the sweep)
+    # (between its two slowest answers) can hardly be below its longest answer's time alone (median of 3)
     out["longest_alone_ms"] = {name: metrics(one_at_a_time(send["continuous"], [request] * 3))["e2e_ms"]["p50"]
                                for name, request in longest.items()}
     out["saturation"] = saturation({**send, "continuous_generate": whole(servers["continuous"])}, args)
